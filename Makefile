@@ -1,0 +1,34 @@
+# Two commands matter: `make run` and `make test`.  Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test setup sshd clean
+
+run: $(VENV)/.installed
+	$(PY) gpuqueue.py serve
+
+test: $(VENV)/.dev-installed sshd
+	$(PY) -m pytest -q tests
+
+setup: $(VENV)/.dev-installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The SSH tests start real OpenSSH servers on loopback; install sshd when missing.
+sshd:
+	@test -x /usr/sbin/sshd || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; \
+	  else echo "openssh-server is needed for the tests: run 'sudo apt-get install openssh-server'" >&2; exit 1; fi; }
+	@test -x /usr/sbin/sshd
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1621 @@
+#!/usr/bin/env python3
+"""gpuqueue: a GPU job queue server for a small team sharing a few GPU nodes.
+
+Users upload a Python script and a ``config.yaml``; the server queues the job on
+the node with the least queued work, runs it there, and hands back stdout,
+stderr and the exit code.  One module, read top to bottom:
+
+    configuration -> errors -> filesystem primitives -> spool -> tokens
+    -> executors -> scheduler -> HTTP API -> CLI
+
+The spool directory is the only state.  Its layout::
+
+    spool/
+      server.lock, server.pid   held by the one server using this spool
+      queue.lock                guards every queue decision (threads and processes)
+      tmp/<id>/                 an upload being written; never acknowledged yet
+      nodes/<n>/pending/<id>/   queued on node n, oldest id first
+      nodes/<n>/running/<id>/   claimed by node n's scheduler
+      done/<id>/                finished: completed, failed or cancelled
+      corrupt/<id>/             a folder that could not be understood, with a reason
+
+A job folder holds ``code.py`` and ``config.yaml`` (token removed), ``job.json``
+(the submit record), ``start.json`` once claimed, ``cancel`` once a cancel is
+asked for, and ``result.json`` plus capped ``stdout``/``stderr`` once finished.
+While a job runs, its work folder (``work/`` inside the job folder for local
+nodes) holds the files the job wrapper writes: ``launched``, ``pids``,
+``stdout``, ``stderr`` and ``result.json``.
+
+Every file is published by writing a temporary name, fsync, rename, then fsync
+of the directory; every state change is one rename.
+
+Recovery at start-up (what is on disk -> what happens):
+
+    tmp/<id>                              removed: its submit was never answered
+    any folder with result.json           moved to done/ (the move was cut short)
+    folder without a readable job.json    moved to corrupt/ with a reason file
+    running/<id> without start.json       back to pending/: it was never launched
+    running/<id>, wrapper never launched  claim the launch ourselves, back to pending/
+    running/<id>, wrapper still running   re-attached and followed to its end
+    running/<id>, wrapper left a result   its output and exit code collected
+    running/<id>, wrapper gone, no result failed with a clear error
+
+A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
+it starts the job, and recovery claims the same name before requeueing one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import bottle
+import click
+import filelock
+import yaml
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("gpuqueue")
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+#: Where ``--config`` points when not given and this file exists.
+DEFAULT_CONFIG_FILE = "gpuqueue.yaml"
+
+_REQUIRED = object()
+_NUMBER = (int, float)
+
+#: Top-level config keys: (accepted types, default).
+_CONFIG_KEYS = {
+    "host": (str, "0.0.0.0"),
+    "port": (int, 8000),
+    "spool": (str, "spool"),
+    "tokens": (str, "tokens.yaml"),
+    "timeout_multiplier": (_NUMBER, 2),
+    "max_expected_time": (_NUMBER, 86400),
+    "max_upload_bytes": (int, 16 * 1024 * 1024),
+    "output_limit_bytes": (int, 10 * 1024 * 1024),
+    "kill_grace": (_NUMBER, 10),
+    "log_level": (str, "INFO"),
+    "nodes": (list, None),
+}
+
+#: Keys of one entry under ``nodes``.
+_NODE_KEYS = {
+    "id": (int, _REQUIRED),
+    "host": (str, _REQUIRED),
+    "python": (str, None),
+    "gpus": (str, None),
+    "env": (dict, {}),
+}
+
+
+class ConfigError(Exception):
+    """The config file is wrong; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    id: int
+    host: str
+    python: str
+    gpus: str
+    env: dict
+
+    @property
+    def is_local(self):
+        return self.host == "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    spool: Path
+    tokens: Path
+    timeout_multiplier: float
+    max_expected_time: float
+    max_upload_bytes: int
+    output_limit_bytes: int
+    kill_grace: float
+    log_level: str
+    nodes: tuple
+
+    def time_limit(self, expected_time):
+        """Seconds a job may run before it is killed as a timeout."""
+        return self.timeout_multiplier * expected_time
+
+
+def _checked(mapping, schema, where):
+    """Return mapping with defaults filled in, refusing unknown keys and wrong types."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    unknown = sorted(set(map(str, mapping)) - set(schema))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+    out = {}
+    for key, (types, default) in schema.items():
+        if key not in mapping:
+            if default is _REQUIRED:
+                raise ConfigError(f"{where}: missing key {key!r}")
+            out[key] = default
+            continue
+        value = mapping[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = "number" if types is _NUMBER else types.__name__
+            raise ConfigError(f"{where}: {key!r} must be a {names}, not {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {key!r} must be finite")
+        out[key] = value
+    return out
+
+
+def _node(raw, where):
+    n = _checked(raw, _NODE_KEYS, where)
+    if not 0 <= n["id"] <= 9999:
+        raise ConfigError(f"{where}: 'id' must be between 0 and 9999")
+    if n["host"] != "local":
+        raise ConfigError(f"{where}: 'host' must be 'local' (SSH nodes are not supported yet)")
+    env = {str(k): str(v) for k, v in n["env"].items()}
+    return Node(id=n["id"], host=n["host"], python=n["python"] or sys.executable,
+                gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]), env=env)
+
+
+def load_config(path=None):
+    """Read the config file (or the built-in default: 8 local nodes) and check it."""
+    if path is None:
+        raw, base = {}, Path.cwd()
+    else:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        base = path.resolve().parent
+    c = _checked(raw, _CONFIG_KEYS, "config")
+    for key in ("timeout_multiplier", "max_expected_time", "kill_grace"):
+        if c[key] <= 0:
+            raise ConfigError(f"config: {key!r} must be above 0")
+    for key in ("max_upload_bytes", "output_limit_bytes"):
+        if c[key] < 1024:
+            raise ConfigError(f"config: {key!r} must be at least 1024")
+    if c["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("config: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+    raw_nodes = c["nodes"] if c["nodes"] is not None else [
+        {"id": i, "host": "local"} for i in range(8)]
+    if not raw_nodes:
+        raise ConfigError("config: 'nodes' must list at least one node")
+    nodes = tuple(_node(n, f"config: nodes[{i}]") for i, n in enumerate(raw_nodes))
+    if len({n.id for n in nodes}) != len(nodes):
+        raise ConfigError("config: node ids must be unique")
+    return Config(
+        host=c["host"], port=c["port"], spool=base / c["spool"], tokens=base / c["tokens"],
+        timeout_multiplier=float(c["timeout_multiplier"]),
+        max_expected_time=float(c["max_expected_time"]),
+        max_upload_bytes=c["max_upload_bytes"], output_limit_bytes=c["output_limit_bytes"],
+        kill_grace=float(c["kill_grace"]), log_level=c["log_level"].upper(),
+        nodes=tuple(sorted(nodes, key=lambda n: n.id)))
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class ApiError(Exception):
+    """An answer to the client: HTTP status and a message for ``{"error": ...}``."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SpoolBusy(Exception):
+    """Another server holds this spool."""
+
+
+###############################################################################
+# Filesystem primitives #######################################################
+###############################################################################
+
+
+def fsync_dir(path):
+    """Make a rename or create inside ``path`` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path, data, mode=0o644):
+    """Publish ``data`` at ``path`` atomically: temp name, fsync, rename, fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path, obj):
+    write_file(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def read_json(path):
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def read_capped(path, limit):
+    """Text of an output file, keeping its head and tail when over ``limit`` bytes.
+
+    The tail holds the traceback of a failed job, so it is kept as well as the head.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return ""
+    with open(path, "rb") as f:
+        if size <= limit:
+            data = f.read()
+        else:
+            half = limit // 2
+            head = f.read(half)
+            f.seek(size - half)
+            note = (f"\n[gpuqueue: output truncated, {size - 2 * half} of {size} bytes cut here;"
+                    f" the limit is {limit} bytes per stream]\n")
+            data = head + note.encode() + f.read(half)
+    return data.decode("utf-8", "replace")
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+def isotime(ts):
+    """ISO 8601 UTC for a Unix timestamp (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+###############################################################################
+# Spool #######################################################################
+###############################################################################
+
+#: Job ids: 14 hex digits of microseconds since the epoch, then 10 random ones,
+#: so that sorting ids sorts by submit time.
+JOB_ID_RE = re.compile(r"\A[0-9a-f]{24}\Z")
+
+STATES = ("pending", "running", "completed", "failed", "cancelled")
+
+
+def new_job_id():
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
+
+
+@dataclasses.dataclass
+class Job:
+    """One job as the API shows it; ``status`` mirrors the folder the job is in."""
+    id: str
+    user_id: str
+    competition_id: str
+    project_id: str
+    expected_time: float
+    submitted_at: float
+    node_id: int
+    status: str = "pending"
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+
+    META = ("id", "user_id", "competition_id", "project_id", "expected_time", "submitted_at")
+
+    def meta(self):
+        return {k: getattr(self, k) for k in self.META}
+
+    def public(self):
+        return {
+            "job_id": self.id, "status": self.status, "node_id": self.node_id,
+            "user_id": self.user_id, "competition_id": self.competition_id,
+            "project_id": self.project_id, "expected_time": self.expected_time,
+            "submitted_at": isotime(self.submitted_at), "started_at": isotime(self.started_at),
+            "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
+            "error": self.error,
+        }
+
+
+class Spool:
+    """The job folders on disk, and the one in-memory index of unfinished jobs.
+
+    Every queue decision happens under ``self.lock``: a threading lock taken
+    before the file lock, so threads of this process queue up without the file
+    lock's polling.  The lock is never held while a job runs or a node is asked
+    anything; fsyncs of whole job folders happen outside it.
+    """
+
+    def __init__(self, root, node_ids):
+        self.root = Path(root)
+        self.node_ids = tuple(node_ids)
+        self._tlock = threading.Lock()
+        self._flock = None
+        self._server_lock = None
+        self.changed = threading.Condition(self._tlock)
+        #: Unfinished jobs by id: the only in-memory copy of queue state.
+        self.active = {}
+        #: Pending job ids per node, oldest first.
+        self.queues = {n: [] for n in self.node_ids}
+        #: Finished-job counts per node and status, for /api/nodes.
+        self.finished = {n: {"completed": 0, "failed": 0, "cancelled": 0} for n in self.node_ids}
+        self.done_count = 0
+
+    # -- layout --------------------------------------------------------------
+
+    def pending_dir(self, node_id):
+        return self.root / "nodes" / str(node_id) / "pending"
+
+    def running_dir(self, node_id):
+        return self.root / "nodes" / str(node_id) / "running"
+
+    def folder(self, job):
+        """Where an unfinished job's folder is now."""
+        d = self.pending_dir if job.status == "pending" else self.running_dir
+        return d(job.node_id) / job.id
+
+    # -- opening and recovery ------------------------------------------------
+
+    def open(self):
+        """Take the spool for this server (or raise SpoolBusy), then recover it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._server_lock = filelock.FileLock(self.root / "server.lock")
+        try:
+            self._server_lock.acquire(timeout=0)
+        except filelock.Timeout:
+            try:
+                pid = (self.root / "server.pid").read_text().strip()
+            except OSError:
+                pid = "unknown"
+            raise SpoolBusy(f"another gpuqueue server (pid {pid}) is using the spool "
+                            f"{self.root}; stop it first or choose another spool") from None
+        write_file(self.root / "server.pid", f"{os.getpid()}\n")
+        self._flock = filelock.FileLock(self.root / "queue.lock")
+        for d in ("tmp", "done", "corrupt"):
+            (self.root / d).mkdir(exist_ok=True)
+        for n in self.node_ids:
+            self.pending_dir(n).mkdir(parents=True, exist_ok=True)
+            self.running_dir(n).mkdir(parents=True, exist_ok=True)
+        with self.lock():
+            self._recover()
+
+    def close(self):
+        if self._server_lock is not None:
+            self._server_lock.release()
+
+    def lock(self):
+        """The queue lock: this process's threads first, then other processes."""
+        spool = self
+
+        class _Both:
+            def __enter__(self):
+                spool._tlock.acquire()
+                try:
+                    spool._flock.acquire()
+                except BaseException:
+                    spool._tlock.release()
+                    raise
+
+            def __exit__(self, *exc):
+                spool._flock.release()
+                spool._tlock.release()
+
+        return _Both()
+
+    def _recover(self):
+        """Bring the folders back to a true state; see the module docstring."""
+        for leftover in (self.root / "tmp").iterdir():
+            log.warning("removing unacknowledged upload %s", leftover.name)
+            shutil.rmtree(leftover, ignore_errors=True)
+        for folder in sorted((self.root / "done").iterdir()):
+            if JOB_ID_RE.match(folder.name):
+                self._count_finished(folder)
+        for n in self.node_ids:
+            for status, d in (("pending", self.pending_dir(n)), ("running", self.running_dir(n))):
+                for folder in sorted(d.iterdir()):
+                    job = self._load(folder, n, status)
+                    if job is None:
+                        continue
+                    self.active[job.id] = job
+                    if status == "pending":
+                        self.queues[n].append(job.id)
+        for d in self.node_ids:
+            fsync_dir(self.pending_dir(d))
+
+    def _load(self, folder, node_id, status):
+        """Read an unfinished job's folder; finish interrupted moves; quarantine junk."""
+        if (folder / "result.json").exists():
+            self._move_to_done(folder)
+            return None
+        try:
+            meta = read_json(folder / "job.json")
+            job = Job(node_id=node_id, status=status, **{k: meta[k] for k in Job.META})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._quarantine(folder, f"unreadable job.json: {exc}")
+            return None
+        job.cancel_requested = (folder / "cancel").exists()
+        if status == "running":
+            try:
+                job.started_at = read_json(folder / "start.json")["started_at"]
+            except (OSError, ValueError, KeyError):
+                os.rename(folder, self.pending_dir(node_id) / folder.name)
+                job.status = "pending"
+                log.info("job %s was claimed but never started: queued again", job.id)
+        return job
+
+    def _move_to_done(self, folder):
+        dest = self.root / "done" / folder.name
+        os.rename(folder, dest)
+        fsync_dir(folder.parent)
+        self._count_finished(dest)
+
+    def _count_finished(self, folder):
+        try:
+            r = read_json(folder / "result.json")
+            self.finished[r["node_id"]][r["status"]] += 1
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self.done_count += 1
+
+    def _quarantine(self, folder, reason):
+        dest = self.root / "corrupt" / f"{folder.name}.{secrets.token_hex(3)}"
+        os.rename(folder, dest)
+        write_file(dest / "REASON", reason + "\n")
+        log.error("quarantined %s: %s", folder, reason)
+
+    # -- submit --------------------------------------------------------------
+
+    def stage(self, job, code, config_text):
+        """Write a new job's folder under tmp/, durably, before it is queued."""
+        folder = self.root / "tmp" / job.id
+        folder.mkdir()
+        write_file(folder / "code.py", code)
+        write_file(folder / "config.yaml", config_text)
+        write_json(folder / "job.json", job.meta())
+        return folder
+
+    def enqueue(self, job, staged, online):
+        """Queue a staged job on the least-loaded node; returns its queue position."""
+        with self.lock():
+            loads = self._queued_seconds()
+            candidates = [n for n in self.node_ids if n in online] or list(self.node_ids)
+            job.node_id = min(candidates, key=lambda n: (loads[n], n))
+            os.rename(staged, self.pending_dir(job.node_id) / job.id)
+            self.active[job.id] = job
+            self.queues[job.node_id].append(job.id)
+            position = len(self.queues[job.node_id]) - 1
+        fsync_dir(self.pending_dir(job.node_id))
+        fsync_dir(self.root / "tmp")
+        return position
+
+    def _queued_seconds(self):
+        now = time.time()
+        loads = dict.fromkeys(self.node_ids, 0.0)
+        for job in self.active.values():
+            if job.status == "pending":
+                loads[job.node_id] += job.expected_time
+            elif job.started_at is not None:
+                loads[job.node_id] += max(0.0, job.expected_time - (now - job.started_at))
+            else:
+                loads[job.node_id] += job.expected_time
+        return loads
+
+    # -- scheduler side ------------------------------------------------------
+
+    def claim(self, node_id):
+        """Move the oldest pending job of a node to running; None when there is none."""
+        with self.lock():
+            if not self.queues[node_id]:
+                return None
+            job = self.active[self.queues[node_id].pop(0)]
+            os.rename(self.pending_dir(node_id) / job.id, self.running_dir(node_id) / job.id)
+            job.status = "running"
+            job.started_at = time.time()
+        fsync_dir(self.running_dir(node_id))
+        fsync_dir(self.pending_dir(node_id))
+        write_json(self.folder(job) / "start.json", {"started_at": job.started_at, "node_id": node_id})
+        return job
+
+    def running(self, node_id):
+        return [j for j in self.active.values() if j.node_id == node_id and j.status == "running"]
+
+    def finish(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
+        """Record a job's outcome in its folder, then move the folder to done/."""
+        folder = self.folder(job)
+        job.finished_at = time.time()
+        write_file(folder / "stdout", stdout)
+        write_file(folder / "stderr", stderr)
+        write_json(folder / "result.json", {
+            "status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
+            "started_at": job.started_at, "finished_at": job.finished_at})
+        with self.lock():
+            os.rename(folder, self.root / "done" / job.id)
+            del self.active[job.id]
+            job.status, job.exit_code, job.error = status, exit_code, error
+            self.finished[job.node_id][status] += 1
+            self.done_count += 1
+            self.changed.notify_all()
+        fsync_dir(folder.parent)
+        shutil.rmtree(self.root / "done" / job.id / "work", ignore_errors=True)
+        log.info("job %s user=%s node=%s %s%s", job.id, job.user_id, job.node_id, status,
+                 f" ({error})" if error else "")
+
+    # -- API side ------------------------------------------------------------
+
+    def get(self, job_id):
+        """The job with this (already validated) id, or None."""
+        job = self.active.get(job_id)
+        if job is not None:
+            return job
+        folder = self.root / "done" / job_id
+        try:
+            meta = read_json(folder / "job.json")
+            r = read_json(folder / "result.json")
+        except (OSError, ValueError):
+            return None
+        return Job(node_id=r["node_id"], status=r["status"], started_at=r["started_at"],
+                   finished_at=r["finished_at"], exit_code=r["exit_code"], error=r["error"],
+                   **{k: meta[k] for k in Job.META})
+
+    def output(self, job_id):
+        folder = self.root / "done" / job_id
+        return ((folder / "stdout").read_text(errors="replace"),
+                (folder / "stderr").read_text(errors="replace"))
+
+    def queue_position(self, job):
+        try:
+            return self.queues[job.node_id].index(job.id)
+        except ValueError:
+            return None
+
+    def request_cancel(self, job):
+        """Cancel a pending job now, or mark a running one for its scheduler to kill.
+
+        Returns False when the job had already finished.
+        """
+        with self.lock():
+            if job.id not in self.active:
+                return False
+            job.cancel_requested = True
+            if job.status == "running":
+                write_file(self.folder(job) / "cancel", b"")
+                return True
+            self.queues[job.node_id].remove(job.id)
+        self.finish(job, "cancelled", error="cancelled while pending")
+        return True
+
+    def wait_finished(self, job, timeout):
+        with self.changed:
+            self.changed.wait_for(lambda: job.id not in self.active, timeout)
+        return job.id not in self.active
+
+    def job_ids(self):
+        """Every job id, newest first."""
+        ids = list(self.active)
+        ids += [n for n in os.listdir(self.root / "done") if JOB_ID_RE.match(n)]
+        ids.sort(reverse=True)
+        return ids
+
+    def node_stats(self):
+        loads = self._queued_seconds()
+        return {n: {"queued_jobs": len(self.queues[n]), "queued_seconds": round(loads[n], 3),
+                    "completed": self.finished[n]["completed"], "failed": self.finished[n]["failed"],
+                    "cancelled": self.finished[n]["cancelled"]} for n in self.node_ids}
+
+    def requeue(self, job):
+        """Put a claimed job that never launched back at its place in its node's queue."""
+        folder = self.folder(job)
+        shutil.rmtree(folder / "work", ignore_errors=True)
+        (folder / "start.json").unlink(missing_ok=True)
+        with self.lock():
+            os.rename(folder, self.pending_dir(job.node_id) / job.id)
+            job.status, job.started_at = "pending", None
+            self.queues[job.node_id].append(job.id)
+            self.queues[job.node_id].sort()
+        fsync_dir(self.pending_dir(job.node_id))
+        fsync_dir(self.running_dir(job.node_id))
+
+
+###############################################################################
+# Tokens ######################################################################
+###############################################################################
+
+#: User names: what may stand in ``user_id`` and in a token record.
+USER_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+
+#: A token chosen by an admin must be at least this long; generated ones are 43.
+MIN_TOKEN_LENGTH = 16
+
+
+def token_hash(token):
+    """SHA-256 of the token.  Tokens are long random strings, so a fast hash is
+    enough to make a stolen tokens.yaml useless, and a lookup stays cheap."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def fingerprint(hash_hex):
+    """A short name for a token that reveals nothing about it."""
+    return hash_hex[:12]
+
+
+class Tokens:
+    """The token file: hashes only, written atomically with mode 0600.
+
+    The server re-reads it whenever it changes on disk, so ``tokens`` commands
+    take effect at once without a restart.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._seen = None
+        self._records = []
+
+    def _read(self):
+        try:
+            data = yaml.safe_load(self.path.read_text()) or {}
+        except FileNotFoundError:
+            return []
+        records = data.get("tokens", []) if isinstance(data, dict) else None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{self.path} is not a gpuqueue token file")
+        return records
+
+    def records(self):
+        try:
+            st = os.stat(self.path)
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        with self._lock:
+            if seen != self._seen:
+                try:
+                    self._records = self._read()
+                except (OSError, ValueError, yaml.YAMLError) as exc:
+                    log.error("token file unreadable, refusing every token: %s", exc)
+                    self._records = []
+                self._seen = seen
+            return self._records
+
+    def authenticate(self, token):
+        """The record of a valid token; ApiError 401 otherwise."""
+        if not token:
+            raise ApiError(401, "missing token: send 'Authorization: Bearer <token>'")
+        digest = token_hash(token)
+        match = None
+        for rec in self.records():
+            if hmac.compare_digest(str(rec.get("sha256", "")), digest):
+                match = rec
+        if match is None:
+            raise ApiError(401, "invalid token")
+        if match.get("revoked"):
+            raise ApiError(401, "token revoked")
+        expires = match.get("expires")
+        if expires and datetime.fromisoformat(expires) <= utcnow():
+            raise ApiError(401, "token expired")
+        return match
+
+    # -- admin side (CLI) ----------------------------------------------------
+
+    def _change(self, edit):
+        """Read, edit and rewrite the file under a lock, so two admins lose nothing."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(self.path) + ".lock"):
+            records = self._read()
+            result = edit(records)
+            write_file(self.path, yaml.safe_dump({"tokens": records}, sort_keys=False), mode=0o600)
+        return result
+
+    def create(self, user, token, days, admin):
+        if not USER_RE.match(user):
+            raise click.ClickException("user must be 1-64 letters, digits or . _ @ - characters")
+        if token is None:
+            token = secrets.token_urlsafe(32)
+        elif len(token) < MIN_TOKEN_LENGTH:
+            raise click.ClickException(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
+        now = utcnow()
+        rec = {"sha256": token_hash(token), "user": user, "admin": bool(admin),
+               "created": now.isoformat(timespec="seconds"),
+               "expires": (now + timedelta(days=days)).isoformat(timespec="seconds"),
+               "revoked": None}
+
+        def add(records):
+            if any(r.get("sha256") == rec["sha256"] for r in records):
+                raise click.ClickException("that token already exists")
+            records.append(rec)
+        self._change(add)
+        return token, rec
+
+    def revoke(self, token_or_fingerprint):
+        def mark(records):
+            key = token_or_fingerprint
+            hits = [r for r in records
+                    if r.get("sha256") == token_hash(key)
+                    or (len(key) >= 6 and str(r.get("sha256", "")).startswith(key))]
+            if len(hits) != 1:
+                raise click.ClickException("no such token" if not hits else
+                                           "that fingerprint matches several tokens")
+            hits[0]["revoked"] = utcnow().isoformat(timespec="seconds")
+            return hits[0]
+        return self._change(mark)
+
+
+###############################################################################
+# Executors ###################################################################
+###############################################################################
+# An executor starts a job on its node and learns how it ended.  Every node
+# runs the same wrapper next to the job: it starts code.py in a session of its
+# own, enforces the time limit there, kills the job's whole process group on
+# SIGTERM (a cancel) or timeout, and leaves result.json behind.  The server
+# only launches the wrapper, signals it, and reads its files, so a job ends on
+# time even while the server is down, and a restarted server can pick it up.
+
+WRAPPER = r'''"""gpuqueue job wrapper, written by the server next to each job (no user data).
+
+argv: time limit and kill grace in seconds.  Runs code.py in its own session,
+kills its whole process group on SIGTERM (cancel) or at the time limit, then
+writes result.json: {"exit_code": N, "reason": null | "timeout" | "cancelled"}.
+"""
+import json, os, signal, subprocess, sys, time
+
+
+def put(name, obj):
+    with open("." + name, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename("." + name, name)
+
+
+def members(pgid):
+    """Live (not zombie) processes in the process group, from /proc."""
+    live = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            live.append(pid)
+    return live
+
+
+def kill_group(pgid, grace):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if not members(pgid):
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while members(pgid) and time.monotonic() < end:
+            time.sleep(0.02)
+
+
+def main():
+    limit, grace = float(sys.argv[1]), float(sys.argv[2])
+    try:
+        os.close(os.open("launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return 75  # launched before, or voided by a recovering server
+    env = dict(os.environ)
+    with open("env.json") as f:
+        env.update(json.load(f))
+    waited = {signal.SIGCHLD, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    with open("stdout", "wb") as out, open("stderr", "wb") as err:
+        job = subprocess.Popen(
+            [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            env=env, start_new_session=True,
+            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, waited))
+    pids = {"wrapper": os.getpid(), "job": job.pid}
+    put("pids", pids)
+    try:
+        print(json.dumps(pids), flush=True)
+    except OSError:
+        pass
+    deadline = time.monotonic() + limit
+    reason = None
+    while True:
+        pid, status = os.waitpid(job.pid, os.WNOHANG)
+        if pid:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = "timeout"
+        else:
+            got = signal.sigtimedwait(waited, min(left, 5.0))
+            if got is not None and got.si_signo == signal.SIGTERM:
+                reason = "cancelled"
+        if reason:
+            kill_group(job.pid, grace)
+            pid, status = os.waitpid(job.pid, 0)
+            break
+    kill_group(job.pid, grace)  # whatever the job left behind in its group
+    put("result.json", {"exit_code": os.waitstatus_to_exitcode(status), "reason": reason})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a run ended, as the wrapper left it."""
+    exit_code: int | None
+    reason: str | None  # None, "timeout", "cancelled" or "lost"
+    stdout: str
+    stderr: str
+
+
+class Run:
+    """A launched job; ``exited`` is set, and ``on_exit`` called, when its wrapper ends."""
+
+    def __init__(self, job, work, on_exit):
+        self.job = job
+        self.work = work
+        self.wrapper_pid = None
+        self.exited = threading.Event()
+        self._on_exit = on_exit
+
+    def ended(self):
+        self.exited.set()
+        self._on_exit()
+
+
+def job_env(node, job):
+    """Variables every job gets, whatever its node."""
+    return {**node.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": node.gpus,
+            "GPUQUEUE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
+
+
+class LocalExecutor:
+    """Runs jobs on this machine, detached from the server, in ``work/`` of the job folder."""
+
+    def __init__(self, node, config):
+        self.node = node
+        self.config = config
+
+    def start(self, job, folder, on_exit):
+        work = folder / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        shutil.copyfile(folder / "code.py", work / "code.py")
+        write_file(work / "env.json", json.dumps(job_env(self.node, job)))
+        write_file(work / "gq_wrap.py", WRAPPER)
+        with open(work / "wrapper.log", "wb") as errlog:
+            proc = subprocess.Popen(
+                [self.node.python, "gq_wrap.py", repr(self.config.time_limit(job.expected_time)),
+                 repr(self.config.kill_grace)],
+                cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog,
+                start_new_session=True)
+        run = Run(job, work, on_exit)
+        run.wrapper_pid = proc.pid
+        threading.Thread(target=lambda: (proc.wait(), run.ended()), daemon=True,
+                         name=f"wait-{job.id}").start()
+        return run
+
+    def reattach(self, job, folder, on_exit):
+        """Follow a job launched before a restart; None if it never launched."""
+        work = folder / "work"
+        if _void_launch(work):
+            return None
+        run = Run(job, work, on_exit)
+        pid = _wait_for_pids(work)
+        if pid is None or (work / "result.json").exists() or not _is_wrapper(pid, work):
+            run.ended()
+            return run
+        run.wrapper_pid = pid
+        pidfd = os.pidfd_open(pid)
+
+        def wait():
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
+            os.close(pidfd)
+            run.ended()
+        threading.Thread(target=wait, daemon=True, name=f"wait-{job.id}").start()
+        return run
+
+    def cancel(self, run):
+        try:
+            os.kill(run.wrapper_pid, signal.SIGTERM)
+        except (ProcessLookupError, TypeError):
+            pass
+
+    def collect(self, run):
+        limit = self.config.output_limit_bytes
+        out, err = read_capped(run.work / "stdout", limit), read_capped(run.work / "stderr", limit)
+        try:
+            r = read_json(run.work / "result.json")
+            return Outcome(r["exit_code"], r["reason"], out, err)
+        except (OSError, ValueError, KeyError):
+            return Outcome(None, "lost", out, err)
+
+
+def _void_launch(work):
+    """Claim a run's launch for ourselves; True means its wrapper never started the job."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(work / "launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _wait_for_pids(work, patience=2.0):
+    """The wrapper's pid; it writes it just after claiming the launch."""
+    end = time.monotonic() + patience
+    while True:
+        try:
+            return int(read_json(work / "pids")["wrapper"])
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > end:
+                return None
+            time.sleep(0.05)
+
+
+def _is_wrapper(pid, work):
+    """Is ``pid`` still this run's wrapper (not a reused pid)?"""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == str(work.resolve())
+    except OSError:
+        return False
+
+
+###############################################################################
+# Scheduler ###################################################################
+###############################################################################
+
+
+class NodeWorker:
+    """One thread per node: takes the node's next job, runs it, records how it ended.
+
+    It sleeps on ``wake``, which submit, cancel and a job's exit set, so a free
+    node starts its next job at once.
+    """
+
+    def __init__(self, node, spool, executor):
+        self.node = node
+        self.spool = spool
+        self.executor = executor
+        self.wake = threading.Event()
+        self.state = "online"
+        self.error = None
+
+    def start(self):
+        threading.Thread(target=self._loop, name=f"node-{self.node.id}", daemon=True).start()
+
+    def _loop(self):
+        for job in self.spool.running(self.node.id):
+            self._guarded(self._resume, job)
+        while True:
+            self.wake.clear()
+            job = self.spool.claim(self.node.id)
+            if job is None:
+                self.wake.wait()
+                continue
+            self._guarded(self._execute, job)
+
+    def _guarded(self, step, job):
+        """Run one job step; a bug fails that job, never the node's thread."""
+        try:
+            step(job)
+        except Exception as exc:
+            log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
+            if job.id in self.spool.active:
+                self.spool.finish(job, "failed", error=f"internal error: {exc}")
+
+    def _execute(self, job):
+        folder = self.spool.folder(job)
+        if job.cancel_requested:
+            self.spool.finish(job, "cancelled", error="cancelled before it started")
+            return
+        log.info("job %s user=%s node=%s running", job.id, job.user_id, self.node.id)
+        self._follow(job, self.executor.start(job, folder, self.wake.set))
+
+    def _resume(self, job):
+        run = self.executor.reattach(job, self.spool.folder(job), self.wake.set)
+        if run is None:
+            log.info("job %s never launched before the restart: queued again", job.id)
+            self.spool.requeue(job)
+            return
+        log.info("job %s re-attached on node %s", job.id, self.node.id)
+        self._follow(job, run)
+
+    def _follow(self, job, run):
+        cancel_sent = False
+        while not run.exited.is_set():
+            self.wake.clear()
+            if job.cancel_requested and not cancel_sent:
+                self.executor.cancel(run)
+                cancel_sent = True
+            if not run.exited.is_set():
+                self.wake.wait()
+        o = self.executor.collect(run)
+        if o.reason == "cancelled":
+            status, error = "cancelled", "cancelled while running"
+        elif o.reason == "timeout":
+            status, error = "failed", "timeout"
+        elif o.reason == "lost":
+            status, error = "failed", "the job's wrapper ended without a result (killed or crashed)"
+        elif o.exit_code == 0:
+            status, error = "completed", None
+        elif o.exit_code < 0:
+            status, error = "failed", f"killed by signal {-o.exit_code}"
+        else:
+            status, error = "failed", f"exit code {o.exit_code}"
+        self.spool.finish(job, status, o.exit_code, error, o.stdout, o.stderr)
+
+    def info(self):
+        running = self.spool.running(self.node.id)
+        return {"id": self.node.id, "host": self.node.host, "state": self.state,
+                "error": self.error, "running_job": running[0].id if running else None}
+
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
+#: The keys a job's config.yaml may hold: name -> (types, required).
+JOB_KEYS = {
+    "competition_id": (str, True),
+    "project_id": (str, True),
+    "user_id": (str, True),
+    "expected_time": (_NUMBER, True),
+    "token": (str, False),
+}
+
+#: Upper bound for free-text ids in a job's config.
+MAX_ID_LENGTH = 200
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_job_config(data, max_expected_time):
+    """The checked mapping from an uploaded config.yaml; ApiError 400 when wrong."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "config_file must be UTF-8 text") from None
+    try:
+        cfg = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ApiError(400, f"config_file is not valid YAML{where}") from None
+    except (yaml.YAMLError, RecursionError, ValueError, TypeError):
+        raise ApiError(400, "config_file is not valid YAML") from None
+    if not isinstance(cfg, dict):
+        raise ApiError(400, "config_file must be a YAML mapping of keys to values")
+    for key in cfg:
+        if key not in JOB_KEYS:
+            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "…"
+            raise ApiError(400, f"config_file: unknown key {shown!r}; allowed: {', '.join(JOB_KEYS)}")
+    for key, (types, required) in JOB_KEYS.items():
+        if key not in cfg:
+            if required:
+                raise ApiError(400, f"config_file: missing key {key!r}")
+            continue
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            kind = "a number" if types is _NUMBER else "a string (quote it)"
+            raise ApiError(400, f"config_file: {key!r} must be {kind}")
+        if isinstance(value, str) and key != "token" and not (
+                0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
+            raise ApiError(400, f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable characters")
+    t = cfg["expected_time"]
+    if not math.isfinite(t) or t <= 0 or t > max_expected_time:
+        raise ApiError(400, f"config_file: 'expected_time' must be seconds above 0 and at most "
+                            f"{max_expected_time:g}")
+    return cfg
+
+
+def _bearer():
+    header = bottle.request.get_header("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def _upload_part(name):
+    """The bytes of the one multipart part called ``name``."""
+    parts = bottle.request.POST.getall(name)
+    if not parts:
+        raise ApiError(400, f"missing multipart part {name!r}")
+    if len(parts) > 1:
+        raise ApiError(400, f"multipart part {name!r} given more than once")
+    part = parts[0]
+    if isinstance(part, bottle.FileUpload):
+        return part.file.read()
+    return part.encode("latin-1", "replace") if isinstance(part, str) else bytes(part)
+
+
+class Api:
+    """The HTTP routes.  Holds no state of its own: the spool, tokens and node
+    workers own everything it shows."""
+
+    def __init__(self, config, spool, tokens, workers):
+        self.config = config
+        self.spool = spool
+        self.tokens = tokens
+        self.workers = workers
+        self.app = bottle.Bottle(catchall=True)
+        self.app.default_error_handler = self._error_page
+        for method, path, handler in self.ROUTES:
+            self.app.route(path, method, self._json(getattr(self, handler)))
+        self.app.route("/docs", "GET", self.docs)
+        self.app.route("/openapi.json", "GET", lambda: OPENAPI)
+
+    ROUTES = (
+        ("GET", "/", "index"),
+        ("POST", "/api/submit", "submit"),
+        ("GET", "/api/status/<job_id>", "status"),
+        ("GET", "/api/results/<job_id>", "results"),
+        ("POST", "/api/cancel/<job_id>", "cancel"),
+        ("GET", "/api/nodes", "nodes"),
+        ("GET", "/api/jobs", "jobs"),
+    )
+
+    @staticmethod
+    def _json(handler):
+        def wrapped(**kw):
+            try:
+                return handler(**kw)
+            except ApiError as exc:
+                bottle.response.status = exc.status
+                return {"error": exc.message}
+            except Exception:
+                log.exception("internal error on %s %s", bottle.request.method, bottle.request.path)
+                bottle.response.status = 500
+                return {"error": "internal error; the server log has the details"}
+        return wrapped
+
+    @staticmethod
+    def _error_page(res):
+        """Bottle's own errors (404, 405, ...) as JSON instead of an HTML page."""
+        bottle.response.content_type = "application/json"
+        messages = {404: "no such route", 405: "method not allowed for this route"}
+        return json.dumps({"error": messages.get(res.status_code, res.status_line)})
+
+    # -- helpers -------------------------------------------------------------
+
+    def _user(self, token=None):
+        return self.tokens.authenticate(token or _bearer())
+
+    def _job(self, job_id, user):
+        """The job if this user may see it; 404 for unknown, malformed or not theirs."""
+        job = self.spool.get(job_id) if JOB_ID_RE.match(job_id) else None
+        if job is None or not (user["admin"] or job.user_id == user["user"]):
+            raise ApiError(404, "no such job")
+        return job
+
+    def _status(self, job):
+        out = job.public()
+        if job.status == "pending":
+            out["queue_position"] = self.spool.queue_position(job)
+        return out
+
+    # -- routes --------------------------------------------------------------
+
+    def index(self):
+        return {"name": "gpuqueue", "version": __version__, "nodes": len(self.workers),
+                "queue_length": sum(len(q) for q in self.spool.queues.values()),
+                "docs": "/docs"}
+
+    def submit(self):
+        req = bottle.request
+        if not req.content_type.lower().startswith("multipart/form-data"):
+            raise ApiError(415, "send multipart/form-data with parts 'code' and 'config_file'")
+        length = req.content_length
+        if length < 0:
+            raise ApiError(411, "Content-Length required")
+        if length > self.config.max_upload_bytes:
+            raise ApiError(413, f"upload larger than {self.config.max_upload_bytes} bytes")
+        try:
+            names = set(req.POST)
+        except Exception:
+            raise ApiError(400, "malformed multipart body") from None
+        extra = names - {"code", "config_file"}
+        if extra:
+            raise ApiError(400, "unexpected multipart part; send only 'code' and 'config_file'")
+        code = _upload_part("code")
+        config_data = _upload_part("config_file")
+        if not code.strip():
+            raise ApiError(400, "code is empty")
+        try:
+            code.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "code must be UTF-8 text") from None
+        cfg = parse_job_config(config_data, self.config.max_expected_time)
+        user = self._user(_bearer() or cfg.get("token"))
+        if cfg["user_id"] != user["user"] and not user["admin"]:
+            raise ApiError(403, "user_id in config_file is not the token's user")
+        job = Job(id=new_job_id(), user_id=cfg["user_id"], competition_id=cfg["competition_id"],
+                  project_id=cfg["project_id"], expected_time=float(cfg["expected_time"]),
+                  submitted_at=time.time(), node_id=-1)
+        kept = {k: cfg[k] for k in JOB_KEYS if k != "token"}
+        staged = self.spool.stage(job, code, "# token removed by gpuqueue\n" + yaml.safe_dump(kept))
+        online = {w.node.id for w in self.workers.values() if w.state == "online"}
+        position = self.spool.enqueue(job, staged, online)
+        self.workers[job.node_id].wake.set()
+        log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
+        bottle.response.status = 201
+        return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
+                "queue_position": position}
+
+    def status(self, job_id):
+        return self._status(self._job(job_id, self._user()))
+
+    def results(self, job_id):
+        job = self._job(job_id, self._user())
+        if job.status in ("pending", "running"):
+            raise ApiError(409, f"job is {job.status}; results are ready once it finishes")
+        stdout, stderr = self.spool.output(job.id)
+        return {"job_id": job.id, "status": job.status, "stdout": stdout, "stderr": stderr,
+                "exit_code": job.exit_code, "error": job.error}
+
+    def cancel(self, job_id):
+        job = self._job(job_id, self._user())
+        if not self.spool.request_cancel(job):
+            raise ApiError(409, f"job already {self.spool.get(job.id).status}")
+        self.workers[job.node_id].wake.set()
+        self.spool.wait_finished(job, self.config.kill_grace + 15)
+        return self._status(self.spool.get(job.id))
+
+    def nodes(self):
+        stats = self.spool.node_stats()
+        return {"nodes": [{**w.info(), **stats[n]} for n, w in sorted(self.workers.items())]}
+
+    def jobs(self):
+        user = self._user()
+        query = bottle.request.query
+        unknown = set(query) - {"user_id", "status", "limit", "cursor"}
+        if unknown:
+            raise ApiError(400, "unknown query parameter; use user_id, status, limit, cursor")
+        status = query.get("status")
+        if status is not None and status not in STATES:
+            raise ApiError(400, f"status must be one of {', '.join(STATES)}")
+        limit = query.get("limit", "100")
+        if not (limit.isdigit() and 1 <= int(limit) <= 1000):
+            raise ApiError(400, "limit must be a whole number from 1 to 1000")
+        limit = int(limit)
+        cursor = query.get("cursor")
+        if cursor is not None and not JOB_ID_RE.match(cursor):
+            raise ApiError(400, "malformed cursor")
+        owner = query.get("user_id")
+        if not user["admin"]:
+            if owner not in (None, user["user"]):
+                raise ApiError(403, "you may list only your own jobs")
+            owner = user["user"]
+        found = []
+        for job_id in self.spool.job_ids():
+            if cursor is not None and job_id >= cursor:
+                continue
+            job = self.spool.get(job_id)
+            if job is None or (owner and job.user_id != owner) or (status and job.status != status):
+                continue
+            if len(found) == limit:
+                return {"jobs": [self._status(j) for j in found], "next_cursor": found[-1].id}
+            found.append(job)
+        return {"jobs": [self._status(j) for j in found], "next_cursor": None}
+
+    def docs(self):
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return DOCS_PAGE
+
+
+def _openapi():
+    """The OpenAPI 3 document, built from small pieces so each shape is written once."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def answer(text, schema="Error"):
+        return {"description": text, "content": {"application/json": {"schema": ref(schema)}}}
+
+    errors = {"401": answer("missing, invalid, expired or revoked token")}
+    job_param = [{"name": "job_id", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}]
+    lenient_id = [{**job_param[0], "schema": {"type": "string"}}]
+    secured = [{"bearer": []}]
+    nullable_str = {"type": ["string", "null"]}
+    time_ = {"type": ["string", "null"], "format": "date-time"}
+    status = {"type": "string", "enum": list(STATES)}
+    job_status = {
+        "type": "object",
+        "required": ["job_id", "status", "node_id", "user_id", "competition_id", "project_id",
+                     "expected_time", "submitted_at", "started_at", "finished_at",
+                     "exit_code", "error"],
+        "properties": {
+            "job_id": {"type": "string"}, "status": status, "node_id": {"type": "integer"},
+            "queue_position": {"type": ["integer", "null"]}, "user_id": {"type": "string"},
+            "competition_id": {"type": "string"}, "project_id": {"type": "string"},
+            "expected_time": {"type": "number"}, "submitted_at": time_, "started_at": time_,
+            "finished_at": time_, "exit_code": {"type": ["integer", "null"]},
+            "error": nullable_str}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gpuqueue", "version": __version__,
+                 "description": "A GPU job queue: submit a Python script and a config.yaml, "
+                                "get back stdout, stderr and the exit code."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"],
+                          "properties": {"error": {"type": "string"}}},
+                "JobStatus": job_status,
+                "Submitted": {"type": "object",
+                              "required": ["job_id", "node_id", "status", "queue_position"],
+                              "properties": {"job_id": {"type": "string"},
+                                             "node_id": {"type": "integer"},
+                                             "status": {"const": "pending"},
+                                             "queue_position": {"type": "integer"}}},
+                "Results": {"type": "object",
+                            "required": ["job_id", "status", "stdout", "stderr", "exit_code", "error"],
+                            "properties": {"job_id": {"type": "string"}, "status": status,
+                                           "stdout": {"type": "string"}, "stderr": {"type": "string"},
+                                           "exit_code": {"type": ["integer", "null"]},
+                                           "error": nullable_str}},
+                "Node": {"type": "object",
+                         "required": ["id", "host", "state", "error", "running_job", "queued_jobs",
+                                      "queued_seconds", "completed", "failed", "cancelled"],
+                         "properties": {"id": {"type": "integer"}, "host": {"type": "string"},
+                                        "state": {"type": "string", "enum": ["online", "offline"]},
+                                        "error": nullable_str, "running_job": nullable_str,
+                                        "queued_jobs": {"type": "integer"},
+                                        "queued_seconds": {"type": "number"},
+                                        "completed": {"type": "integer"},
+                                        "failed": {"type": "integer"},
+                                        "cancelled": {"type": "integer"}}},
+            }},
+        "paths": {
+            "/": {"get": {"summary": "Service info", "responses": {"200": {
+                "description": "name, version, node count and queue length",
+                "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["name", "version", "nodes", "queue_length"],
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                   "nodes": {"type": "integer"},
+                                   "queue_length": {"type": "integer"},
+                                   "docs": {"type": "string"}}}}}}}}},
+            "/api/submit": {"post": {
+                "summary": "Submit a job",
+                "description": "The token comes from the Authorization header or, failing "
+                               "that, from the config's `token` key.",
+                "security": secured + [{}],
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["code", "config_file"],
+                    "properties": {
+                        "code": {"type": "string", "format": "binary",
+                                 "description": "the Python script (UTF-8)"},
+                        "config_file": {"type": "string", "format": "binary",
+                                        "description": "YAML mapping: competition_id, project_id, "
+                                                       "user_id, expected_time (seconds), token"}}}}}},
+                "responses": {"201": answer("queued", "Submitted"),
+                              "400": answer("bad upload or config"), **errors,
+                              "403": answer("user_id is not the token's user"),
+                              "411": answer("no Content-Length"),
+                              "413": answer("upload too large"),
+                              "415": answer("not multipart/form-data")}}},
+            "/api/status/{job_id}": {"get": {
+                "summary": "A job's status", "security": secured, "parameters": lenient_id,
+                "responses": {"200": answer("the job", "JobStatus"), **errors,
+                              "404": answer("no such job (or not yours)")}}},
+            "/api/results/{job_id}": {"get": {
+                "summary": "A finished job's output", "security": secured,
+                "parameters": lenient_id,
+                "responses": {"200": answer("stdout, stderr and exit code", "Results"), **errors,
+                              "404": answer("no such job (or not yours)"),
+                              "409": answer("the job has not finished")}}},
+            "/api/cancel/{job_id}": {"post": {
+                "summary": "Cancel a pending or running job", "security": secured,
+                "parameters": lenient_id,
+                "responses": {"200": answer("the job after the cancel", "JobStatus"), **errors,
+                              "404": answer("no such job (or not yours)"),
+                              "409": answer("the job had already finished")}}},
+            "/api/nodes": {"get": {
+                "summary": "Node statistics (no token needed)",
+                "responses": {"200": {"description": "every node", "content": {
+                    "application/json": {"schema": {
+                        "type": "object", "required": ["nodes"],
+                        "properties": {"nodes": {"type": "array", "items": ref("Node")}}}}}}}}},
+            "/api/jobs": {"get": {
+                "summary": "List jobs, newest first", "security": secured,
+                "description": "Users see their own jobs; admins see everyone's.",
+                "parameters": [
+                    {"name": "user_id", "in": "query", "schema": {"type": "string"}},
+                    {"name": "status", "in": "query", "schema": status},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    {"name": "cursor", "in": "query", "description": "next_cursor of the page before",
+                     "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}],
+                "responses": {"200": {"description": "a page of jobs", "content": {
+                    "application/json": {"schema": {
+                        "type": "object", "required": ["jobs", "next_cursor"],
+                        "properties": {"jobs": {"type": "array", "items": ref("JobStatus")},
+                                       "next_cursor": nullable_str}}}}},
+                    "400": answer("bad query parameter"), **errors,
+                    "403": answer("another user's jobs")}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": {"description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/docs": {"get": {"summary": "This document as a page", "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {
+                    "schema": {"type": "string"}}}}}}},
+        },
+    }
+
+
+OPENAPI = _openapi()
+
+#: /docs: renders /openapi.json with a few lines of script; no CDN, works offline.
+DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>gpuqueue API</title>
+<style>body{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
+h2{border-bottom:1px solid #ccc}.op{margin:1rem 0;padding:.6rem 1rem;background:#f6f8fa;border-radius:6px}
+.m{font-weight:bold;font-family:monospace;margin-right:.6rem}code,pre{font-family:monospace}
+pre{background:#fff;padding:.5rem;overflow:auto;max-height:20rem}</style></head>
+<body><h1>gpuqueue API</h1><p id="about">Loading <a href="/openapi.json">/openapi.json</a>…</p>
+<div id="ops"></div>
+<script>
+fetch('/openapi.json').then(r => r.json()).then(spec => {
+  const el = (tag, text) => { const e = document.createElement(tag); if (text) e.textContent = text; return e; };
+  document.getElementById('about').textContent = spec.info.description + ' Version ' + spec.info.version + '.';
+  const ops = document.getElementById('ops');
+  for (const [path, methods] of Object.entries(spec.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      const box = el('div'); box.className = 'op';
+      const head = el('div'); const m = el('span', method.toUpperCase()); m.className = 'm';
+      head.append(m, el('code', path), el('span', ' — ' + op.summary)); box.append(head);
+      if (op.description) box.append(el('p', op.description));
+      if (op.security && op.security.some(s => s.bearer)) box.append(el('p', 'Needs Authorization: Bearer <token>.'));
+      for (const p of op.parameters || []) box.append(el('div', p.in + ' parameter ' + p.name + ': ' + JSON.stringify(p.schema)));
+      for (const [code, r] of Object.entries(op.responses)) box.append(el('div', code + ' ' + r.description));
+      ops.append(box);
+    }
+  }
+  const h = el('h2', 'Schemas'); const pre = el('pre', JSON.stringify(spec.components.schemas, null, 2));
+  ops.append(h, pre);
+});
+</script></body></html>
+"""
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="GPUQUEUE_CONFIG", type=click.Path(dir_okay=False),
+              help=f"Config file (default: ./{DEFAULT_CONFIG_FILE} when present, else 8 local nodes).")
+@click.pass_context
+def cli(ctx, config_path):
+    """gpuqueue: a GPU job queue server."""
+    if config_path is None and Path(DEFAULT_CONFIG_FILE).exists():
+        config_path = DEFAULT_CONFIG_FILE
+    try:
+        ctx.obj = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.option("--host", help="Address to listen on (default: config 'host').")
+@click.option("--port", type=int, help="Port (default: config 'port'; 0 picks a free one).")
+@click.pass_obj
+def serve(config, host, port):
+    """Start the server and one scheduler thread per node."""
+    import waitress
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spool = Spool(config.spool, [n.id for n in config.nodes])
+    try:
+        spool.open()
+    except SpoolBusy as exc:
+        raise click.ClickException(str(exc)) from None
+    workers = {n.id: NodeWorker(n, spool, LocalExecutor(n, config)) for n in config.nodes}
+    api = Api(config, spool, Tokens(config.tokens), workers)
+    server = waitress.create_server(
+        api.app, host=host or config.host, port=config.port if port is None else port,
+        threads=8, max_request_body_size=config.max_upload_bytes + 65536,
+        channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
+    for w in workers.values():
+        w.start()
+    shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
+    click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
+               f"with {len(workers)} node(s); spool {config.spool}", err=False)
+    click.echo(f"create a token: python gpuqueue.py tokens create USER --days 30", err=False)
+    sys.stdout.flush()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        spool.close()
+
+
+@cli.group()
+def tokens():
+    """Create, list and revoke access tokens."""
+
+
+@tokens.command("create")
+@click.argument("user")
+@click.argument("token", required=False)
+@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True,
+              help="Days until the token expires.")
+@click.option("--admin", is_flag=True, help="May see and cancel every user's jobs.")
+@click.pass_obj
+def tokens_create(config, user, token, days, admin):
+    """Create a token for USER (a random one unless TOKEN is given)."""
+    generated = token is None
+    token, rec = Tokens(config.tokens).create(user, token, days, admin)
+    click.echo(f"created token {fingerprint(rec['sha256'])} for {user}"
+               f"{' (admin)' if admin else ''}, expires {rec['expires']}")
+    if generated:
+        click.echo(f"token (shown only now): {token}")
+
+
+@tokens.command("list")
+@click.pass_obj
+def tokens_list(config):
+    """List tokens: user, admin, dates and fingerprint; never the token."""
+    click.echo(f"{'FINGERPRINT':<13} {'USER':<20} {'ADMIN':<5} {'CREATED':<25} {'EXPIRES':<25} REVOKED")
+    for r in Tokens(config.tokens).records():
+        click.echo(f"{fingerprint(str(r.get('sha256'))):<13} {r.get('user', '?'):<20} "
+                   f"{'yes' if r.get('admin') else 'no':<5} {r.get('created', ''):<25} "
+                   f"{r.get('expires', ''):<25} {r.get('revoked') or '-'}")
+
+
+@tokens.command("revoke")
+@click.argument("token_or_fingerprint")
+@click.pass_obj
+def tokens_revoke(config, token_or_fingerprint):
+    """Revoke a token, given the token itself or its fingerprint."""
+    rec = Tokens(config.tokens).revoke(token_or_fingerprint)
+    click.echo(f"revoked token {fingerprint(rec['sha256'])} of {rec.get('user')}")
+
+
+if __name__ == "__main__":
+    cli()
