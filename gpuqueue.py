@@ -929,12 +929,18 @@ class LocalExecutor:
             proc = subprocess.Popen(
                 [self.node.python, "gq_wrap.py", repr(self.config.time_limit(job.expected_time)),
                  repr(self.config.kill_grace)],
-                cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog,
+                cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
                 start_new_session=True)
         run = Run(job, work, on_exit)
-        run.wrapper_pid = proc.pid
-        threading.Thread(target=lambda: (proc.wait(), run.ended()), daemon=True,
-                         name=f"wait-{job.id}").start()
+        # The wrapper prints its pids once it can take a SIGTERM as a cancel.
+        if proc.stdout.readline():
+            run.wrapper_pid = proc.pid
+
+        def wait():
+            proc.stdout.read()
+            proc.wait()
+            run.ended()
+        threading.Thread(target=wait, daemon=True, name=f"wait-{job.id}").start()
         return run
 
     def reattach(self, job, folder, on_exit):
