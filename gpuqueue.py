@@ -56,8 +56,10 @@ import os
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -67,7 +69,9 @@ from pathlib import Path
 
 import bottle
 import click
+import fabric
 import filelock
+import paramiko
 import yaml
 
 __version__ = "0.1.0"
@@ -97,20 +101,51 @@ _CONFIG_KEYS = {
     "kill_grace": (_NUMBER, 10),
     "log_level": (str, "INFO"),
     "nodes": (list, None),
+    "node_defaults": (dict, {}),
+    "jump": (dict, None),
+    "known_hosts": (str, "~/.ssh/known_hosts"),
+    "accept_new_host_keys": (bool, False),
+    "keep_remote_dirs": (bool, False),
+    "unreachable_grace": (_NUMBER, 300),
 }
 
-#: Keys of one entry under ``nodes``.
+#: Keys of one entry under ``nodes`` (and of ``node_defaults``, less id and host).
 _NODE_KEYS = {
     "id": (int, _REQUIRED),
     "host": (str, _REQUIRED),
+    "port": (int, 22),
+    "user": (str, None),
+    "key_file": (str, None),
+    "password_env": (str, None),
     "python": (str, None),
-    "gpus": (str, None),
+    "workdir": (str, "~/.gpuqueue"),
     "env": (dict, {}),
+    "setup": (str, None),
+    "gpus": (str, None),
+}
+
+#: Keys of ``jump``: the SSH host every node is reached through.
+_JUMP_KEYS = {
+    "host": (str, _REQUIRED),
+    "port": (int, 22),
+    "user": (str, None),
+    "key_file": (str, None),
+    "password_env": (str, None),
 }
 
 
 class ConfigError(Exception):
     """The config file is wrong; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SshTarget:
+    """Where and how to log in over SSH: a node or the jump host."""
+    host: str
+    port: int
+    user: str | None
+    key_file: str | None
+    password_env: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +155,13 @@ class Node:
     python: str
     gpus: str
     env: dict
+    workdir: str
+    setup: str | None
+    ssh: SshTarget | None  # None for a local node
 
     @property
     def is_local(self):
-        return self.host == "local"
+        return self.ssh is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +177,11 @@ class Config:
     kill_grace: float
     log_level: str
     nodes: tuple
+    jump: SshTarget | None
+    known_hosts: Path
+    accept_new_host_keys: bool
+    keep_remote_dirs: bool
+    unreachable_grace: float
 
     def time_limit(self, expected_time):
         """Seconds a job may run before it is killed as a timeout."""
@@ -160,7 +203,7 @@ def _checked(mapping, schema, where):
             out[key] = default
             continue
         value = mapping[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
             names = "number" if types is _NUMBER else types.__name__
             raise ConfigError(f"{where}: {key!r} must be a {names}, not {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -169,15 +212,30 @@ def _checked(mapping, schema, where):
     return out
 
 
-def _node(raw, where):
-    n = _checked(raw, _NODE_KEYS, where)
+def _path(value, base):
+    return str((base / Path(value).expanduser()).resolve()) if value is not None else None
+
+
+def _ssh_target(c, base):
+    return SshTarget(host=c["host"], port=c["port"], user=c["user"],
+                     key_file=_path(c["key_file"], base), password_env=c["password_env"])
+
+
+def _node(raw, defaults, base, where):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    n = _checked({**defaults, **raw}, _NODE_KEYS, where)
     if not 0 <= n["id"] <= 9999:
         raise ConfigError(f"{where}: 'id' must be between 0 and 9999")
-    if n["host"] != "local":
-        raise ConfigError(f"{where}: 'host' must be 'local' (SSH nodes are not supported yet)")
-    env = {str(k): str(v) for k, v in n["env"].items()}
-    return Node(id=n["id"], host=n["host"], python=n["python"] or sys.executable,
-                gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]), env=env)
+    if not 0 < n["port"] < 65536:
+        raise ConfigError(f"{where}: 'port' must be a TCP port")
+    local = n["host"] == "local"
+    return Node(id=n["id"], host=n["host"],
+                python=n["python"] or (sys.executable if local else "python3"),
+                gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]),
+                env={str(k): str(v) for k, v in n["env"].items()},
+                workdir=n["workdir"], setup=n["setup"],
+                ssh=None if local else _ssh_target(n, base))
 
 
 def load_config(path=None):
@@ -192,7 +250,7 @@ def load_config(path=None):
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         base = path.resolve().parent
     c = _checked(raw, _CONFIG_KEYS, "config")
-    for key in ("timeout_multiplier", "max_expected_time", "kill_grace"):
+    for key in ("timeout_multiplier", "max_expected_time", "kill_grace", "unreachable_grace"):
         if c[key] <= 0:
             raise ConfigError(f"config: {key!r} must be above 0")
     for key in ("max_upload_bytes", "output_limit_bytes"):
@@ -204,7 +262,10 @@ def load_config(path=None):
         {"id": i, "host": "local"} for i in range(8)]
     if not raw_nodes:
         raise ConfigError("config: 'nodes' must list at least one node")
-    nodes = tuple(_node(n, f"config: nodes[{i}]") for i, n in enumerate(raw_nodes))
+    defaults = c["node_defaults"]
+    if {"id", "host"} & set(defaults):
+        raise ConfigError("config: node_defaults may not set 'id' or 'host'")
+    nodes = tuple(_node(n, defaults, base, f"config: nodes[{i}]") for i, n in enumerate(raw_nodes))
     if len({n.id for n in nodes}) != len(nodes):
         raise ConfigError("config: node ids must be unique")
     return Config(
@@ -213,7 +274,11 @@ def load_config(path=None):
         max_expected_time=float(c["max_expected_time"]),
         max_upload_bytes=c["max_upload_bytes"], output_limit_bytes=c["output_limit_bytes"],
         kill_grace=float(c["kill_grace"]), log_level=c["log_level"].upper(),
-        nodes=tuple(sorted(nodes, key=lambda n: n.id)))
+        nodes=tuple(sorted(nodes, key=lambda n: n.id)),
+        jump=_ssh_target(_checked(c["jump"], _JUMP_KEYS, "config: jump"), base) if c["jump"] else None,
+        known_hosts=Path(_path(c["known_hosts"], base)),
+        accept_new_host_keys=c["accept_new_host_keys"], keep_remote_dirs=c["keep_remote_dirs"],
+        unreachable_grace=float(c["unreachable_grace"]))
 
 
 ###############################################################################
@@ -232,6 +297,10 @@ class ApiError(Exception):
 
 class SpoolBusy(Exception):
     """Another server holds this spool."""
+
+
+class NodeError(Exception):
+    """A node could not be reached or answered wrongly; the message is shown in /api/nodes."""
 
 
 ###############################################################################
@@ -640,6 +709,31 @@ class Spool:
                     "completed": self.finished[n]["completed"], "failed": self.finished[n]["failed"],
                     "cancelled": self.finished[n]["cancelled"]} for n in self.node_ids}
 
+    def move_pending(self, node_id, online):
+        """Move a node's pending jobs to the least-loaded of ``online``, oldest first.
+
+        Returns the nodes that received jobs.
+        """
+        if not online or not self.queues[node_id]:
+            return set()
+        moved = set()
+        with self.lock():
+            loads = self._queued_seconds()
+            for job_id in self.queues[node_id]:
+                job = self.active[job_id]
+                dest = min(online, key=lambda n: (loads[n], n))
+                os.rename(self.pending_dir(node_id) / job_id, self.pending_dir(dest) / job_id)
+                job.node_id = dest
+                loads[dest] += job.expected_time
+                self.queues[dest].append(job_id)
+                self.queues[dest].sort()
+                moved.add(dest)
+            self.queues[node_id].clear()
+        for n in moved | {node_id}:
+            fsync_dir(self.pending_dir(n))
+        log.info("node %s: pending jobs moved to nodes %s", node_id, sorted(moved))
+        return moved
+
     def requeue(self, job):
         """Put a claimed job that never launched back at its place in its node's queue."""
         folder = self.folder(job)
@@ -914,9 +1008,17 @@ def job_env(node, job):
 class LocalExecutor:
     """Runs jobs on this machine, detached from the server, in ``work/`` of the job folder."""
 
+    probe_interval = None  # this machine is always there
+
     def __init__(self, node, config):
         self.node = node
         self.config = config
+
+    def connect(self):
+        pass
+
+    def healthy(self):
+        return True
 
     def start(self, job, folder, on_exit):
         work = folder / "work"
@@ -1011,6 +1113,343 @@ def _is_wrapper(pid, work):
         return False
 
 
+#: Seconds allowed for TCP connect, SSH banner, authentication and channel opens.
+SSH_TIMEOUT = 10
+#: Seconds between SSH keepalives, so a dead link is noticed.
+SSH_KEEPALIVE = 5
+#: Seconds between health checks of an idle SSH node.
+SSH_PROBE_INTERVAL = 15
+#: Most seconds between reconnect attempts to an offline node.
+SSH_MAX_BACKOFF = 10
+#: Seconds a node's ``setup`` line and python start-up may take before the
+#: wrapper reports in.
+WRAPPER_START_TIMEOUT = 120
+
+_known_hosts_lock = threading.Lock()
+
+
+class _RecordNewKey(paramiko.MissingHostKeyPolicy):
+    """Trust on first use (``accept_new_host_keys``): append the new key to known_hosts."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        with _known_hosts_lock, open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("recorded new host key for %s in %s", hostname, self.path)
+
+
+class _Connection(fabric.Connection):
+    """A Fabric Connection with host keys checked and every wait bounded."""
+
+    def __init__(self, target, config, gateway=None):
+        connect_kwargs = {"banner_timeout": SSH_TIMEOUT, "auth_timeout": SSH_TIMEOUT,
+                          "channel_timeout": SSH_TIMEOUT}
+        if target.key_file:
+            connect_kwargs.update(key_filename=[target.key_file], look_for_keys=False,
+                                  allow_agent=False)
+        if target.password_env:
+            connect_kwargs["password"] = os.environ.get(target.password_env)
+        super().__init__(target.host, user=target.user, port=target.port, gateway=gateway,
+                         connect_timeout=SSH_TIMEOUT, connect_kwargs=connect_kwargs,
+                         config=fabric.Config(ssh_config=paramiko.SSHConfig()))
+        self.client = paramiko.SSHClient()
+        if config.known_hosts.exists():
+            self.client.load_host_keys(str(config.known_hosts))
+        self.client.set_missing_host_key_policy(
+            _RecordNewKey(config.known_hosts) if config.accept_new_host_keys
+            else paramiko.RejectPolicy())
+
+    def open(self):
+        super().open()
+        self.transport.set_keepalive(SSH_KEEPALIVE)
+        sock = self.transport.sock
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def open_gateway(self):
+        """Fabric's, but with a bounded wait for the jump host's forwarding channel."""
+        self.gateway.open()
+        return self.gateway.transport.open_channel(
+            "direct-tcpip", (self.host, int(self.port)), ("", 0), timeout=SSH_TIMEOUT)
+
+
+class SshExecutor:
+    """Runs jobs on a node over SSH, through the jump host when one is configured.
+
+    Owned by its node's scheduler thread: one persistent connection (and one to
+    the jump host), opened once and reused for every job.  Job files travel by
+    SFTP; the only values on a remote command line are the quoted work folder,
+    the node's own python and setup line, and numbers.
+    """
+
+    probe_interval = SSH_PROBE_INTERVAL
+
+    def __init__(self, node, config):
+        self.node = node
+        self.config = config
+        self.conn = None
+        self._sftp = None
+
+    # -- connection ----------------------------------------------------------
+
+    def connect(self):
+        """Make sure the connection is up; NodeError with the reason if not."""
+        if self.conn is not None and self.conn.is_connected and self.conn.transport.is_active():
+            return
+        self.close()
+        gateway = _Connection(self.config.jump, self.config) if self.config.jump else None
+        conn = _Connection(self.node.ssh, self.config, gateway=gateway)
+        try:
+            conn.open()
+            self._sftp = conn.sftp()
+            _mkdirs(self._sftp, self.node.workdir)
+        except Exception as exc:
+            conn.close()
+            if gateway is not None:
+                gateway.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+        self.conn = conn
+
+    def close(self):
+        if self.conn is not None:
+            gateway = self.conn.gateway
+            self.conn.close()
+            if gateway is not None:
+                gateway.close()
+        self.conn = self._sftp = None
+
+    def healthy(self):
+        try:
+            self._exec("true")
+            return True
+        except NodeError:
+            return False
+
+    def _exec(self, command, timeout=SSH_TIMEOUT):
+        """Run a short command on the node; its stdout, or NodeError."""
+        try:
+            self.connect()
+            result = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
+        except NodeError:
+            raise
+        except Exception as exc:
+            self.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+        return result.stdout
+
+    def _guard(self, step, *args):
+        """Run an SFTP step, turning any SSH failure into NodeError."""
+        try:
+            self.connect()
+            return step(self._sftp, *args)
+        except (NodeError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            self.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+
+    def _remote_dir(self, job):
+        return f"{_sftp_path(self.node.workdir)}/{job.id}"
+
+    # -- jobs ----------------------------------------------------------------
+
+    def start(self, job, folder, on_exit):
+        """Copy the job to a fresh remote folder and launch its wrapper there."""
+        remote = self._remote_dir(job)
+
+        def upload(sftp):
+            _rmtree(sftp, remote)
+            sftp.mkdir(remote)
+            sftp.put(str(folder / "code.py"), f"{remote}/code.py")
+            for name, text in (("env.json", json.dumps(job_env(self.node, job))),
+                               ("gq_wrap.py", WRAPPER)):
+                with sftp.open(f"{remote}/{name}", "w") as f:
+                    f.write(text)
+        self._guard(upload)
+        write_file(folder / "launching", remote)  # from here on the job may be running
+        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
+        command = (f"cd {shlex.quote(remote)} && {setup}exec {shlex.quote(self.node.python)} "
+                   f"gq_wrap.py {self.config.time_limit(job.expected_time)!r} "
+                   f"{self.config.kill_grace!r} 2>wrapper.log")
+        run = Run(job, remote, on_exit)
+        channel = self._channel(command)
+        try:
+            channel.settimeout(WRAPPER_START_TIMEOUT)
+            line = _readline(channel)
+            channel.settimeout(None)
+        except OSError as exc:
+            self.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+        try:
+            run.wrapper_pid = int(json.loads(line)["wrapper"])
+        except (ValueError, KeyError, TypeError):
+            pass  # the wrapper did not start; collect() says why
+        self._watch(run, channel)
+        return run
+
+    def reattach(self, job, folder, on_exit):
+        """Find a job launched before a restart or a lost connection; None if it never ran."""
+        if not (folder / "launching").exists():
+            return None
+        remote = self._remote_dir(job)
+
+        def claim(sftp):
+            try:
+                sftp.stat(remote)
+            except FileNotFoundError:
+                return True
+            try:
+                sftp.open(f"{remote}/launched", "x").close()
+                return True
+            except OSError:
+                return False
+        if self._guard(claim):
+            (folder / "launching").unlink()
+            return None
+        run = Run(job, remote, on_exit)
+        pid = None
+        end = time.monotonic() + 2
+        while pid is None and time.monotonic() < end:
+            try:
+                pid = int(json.loads(self._guard(_read_text, f"{remote}/pids"))["wrapper"])
+            except (FileNotFoundError, ValueError, KeyError):
+                time.sleep(0.05)
+        if pid is None:
+            run.ended()
+            return run
+        run.wrapper_pid = pid
+        q = shlex.quote(remote)
+        # Wait on the node until the wrapper (checked by its working folder) is gone.
+        command = (f"cd {q} && [ \"$(readlink /proc/{pid}/cwd)\" = \"$(pwd -P)\" ] && "
+                   f"while [ ! -f result.json ] && kill -0 {pid} 2>/dev/null; do sleep 0.05; done")
+        self._watch(run, self._channel(command))
+        return run
+
+    def _channel(self, command):
+        try:
+            self.connect()
+            channel = self.conn.transport.open_session(timeout=SSH_TIMEOUT)
+            channel.exec_command(command)
+            return channel
+        except NodeError:
+            raise
+        except Exception as exc:
+            self.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+
+    @staticmethod
+    def _watch(run, channel):
+        """End the run when the remote command exits or the connection drops."""
+        def wait():
+            channel.recv_exit_status()
+            channel.close()
+            run.ended()
+        threading.Thread(target=wait, daemon=True, name=f"wait-{run.job.id}").start()
+
+    def cancel(self, run):
+        if run.wrapper_pid is not None:
+            self._exec(f"kill -TERM {int(run.wrapper_pid)} 2>/dev/null; true")
+
+    def collect(self, run):
+        limit = self.config.output_limit_bytes
+
+        def fetch(sftp):
+            out = _read_capped_sftp(sftp, f"{run.work}/stdout", limit)
+            err = _read_capped_sftp(sftp, f"{run.work}/stderr", limit)
+            try:
+                r = json.loads(_read_text(sftp, f"{run.work}/result.json"))
+                return Outcome(r["exit_code"], r["reason"], out, err)
+            except (FileNotFoundError, ValueError, KeyError):
+                return Outcome(None, "lost", out, err)
+        outcome = self._guard(fetch)
+        if not self.config.keep_remote_dirs:
+            self._guard(_rmtree, run.work)
+        return outcome
+
+
+def _sftp_path(path):
+    """SFTP starts in the home folder and knows no ``~``."""
+    if path == "~":
+        return "."
+    return path[2:] if path.startswith("~/") else path
+
+
+def _mkdirs(sftp, path):
+    path = _sftp_path(path)
+    parts = path.split("/")
+    for i in range(1, len(parts) + 1):
+        sub = "/".join(parts[:i])
+        if not sub or sub == ".":
+            continue
+        try:
+            sftp.stat(sub)
+        except FileNotFoundError:
+            sftp.mkdir(sub)
+
+
+def _rmtree(sftp, path):
+    """Remove a remote job folder (it holds files only)."""
+    try:
+        names = sftp.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        sftp.remove(f"{path}/{name}")
+    sftp.rmdir(path)
+
+
+def _read_text(sftp, path):
+    with sftp.open(path, "r") as f:
+        return f.read().decode()
+
+
+def _read_capped_sftp(sftp, path, limit):
+    """read_capped for a file on a node: head and tail only, never the whole file."""
+    try:
+        size = sftp.stat(path).st_size
+    except FileNotFoundError:
+        return ""
+    with sftp.open(path, "r") as f:
+        if size <= limit:
+            data = f.read()
+        else:
+            half = limit // 2
+            head = f.read(half)
+            f.seek(size - half)
+            note = (f"\n[gpuqueue: output truncated, {size - 2 * half} of {size} bytes cut here;"
+                    f" the limit is {limit} bytes per stream]\n")
+            data = head + note.encode() + f.read(half)
+    return data.decode("utf-8", "replace")
+
+
+def _readline(channel):
+    """The first line a remote command prints ('' if it ends first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = channel.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+def _ssh_reason(exc, node, config):
+    """A short, secret-free reason for /api/nodes."""
+    hop = f"jump host {config.jump.host}:{config.jump.port}" if config.jump else "the node"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return f"host key changed for {exc.hostname}: refused (known_hosts {config.known_hosts})"
+    if "not found in known_hosts" in text:
+        return f"unknown host key: {text} (add it to {config.known_hosts})"
+    return f"{node.ssh.host}:{node.ssh.port} via {hop}: {type(exc).__name__}: {text}"
+
+
 ###############################################################################
 # Scheduler ###################################################################
 ###############################################################################
@@ -1020,16 +1459,20 @@ class NodeWorker:
     """One thread per node: takes the node's next job, runs it, records how it ended.
 
     It sleeps on ``wake``, which submit, cancel and a job's exit set, so a free
-    node starts its next job at once.
+    node starts its next job at once.  It alone uses its executor (and so its
+    SSH connection).  While its node is unreachable it is ``offline``: it hands
+    its pending jobs to online nodes and retries with backoff.
     """
 
-    def __init__(self, node, spool, executor):
+    def __init__(self, node, spool, executor, config, peers):
         self.node = node
         self.spool = spool
         self.executor = executor
+        self.config = config
+        self.peers = peers  # every node's worker, by id (this one included)
         self.wake = threading.Event()
-        self.state = "online"
-        self.error = None
+        self.state = "online" if node.is_local else "offline"
+        self.error = None if node.is_local else "connecting"
 
     def start(self):
         threading.Thread(target=self._loop, name=f"node-{self.node.id}", daemon=True).start()
@@ -1038,10 +1481,13 @@ class NodeWorker:
         for job in self.spool.running(self.node.id):
             self._guarded(self._resume, job)
         while True:
+            if self.state != "online":
+                self._bring_online()
             self.wake.clear()
             job = self.spool.claim(self.node.id)
             if job is None:
-                self.wake.wait()
+                if not self.wake.wait(self.executor.probe_interval) and not self.executor.healthy():
+                    self._set_offline("did not answer a health check")
                 continue
             self._guarded(self._execute, job)
 
@@ -1054,33 +1500,99 @@ class NodeWorker:
             if job.id in self.spool.active:
                 self.spool.finish(job, "failed", error=f"internal error: {exc}")
 
+    # -- node state ----------------------------------------------------------
+
+    def _bring_online(self):
+        backoff = 1.0
+        while True:
+            self._shed()
+            try:
+                self.executor.connect()
+                break
+            except NodeError as exc:
+                self._set_offline(str(exc))
+            self.wake.wait(backoff)
+            self.wake.clear()
+            backoff = min(backoff * 2, SSH_MAX_BACKOFF)
+        if self.state != "online":
+            log.info("node %s online", self.node.id)
+        self.state, self.error = "online", None
+
+    def _set_offline(self, reason):
+        if self.state != "offline" or self.error != reason:
+            log.warning("node %s offline: %s", self.node.id, reason)
+        self.state, self.error = "offline", reason
+        self._shed()
+
+    def _shed(self):
+        """Hand this node's pending jobs to online nodes, oldest first."""
+        online = [n for n, w in self.peers.items() if w.state == "online" and w is not self]
+        for n in self.spool.move_pending(self.node.id, online):
+            self.peers[n].wake.set()
+
+    # -- jobs ----------------------------------------------------------------
+
     def _execute(self, job):
-        folder = self.spool.folder(job)
         if job.cancel_requested:
             self.spool.finish(job, "cancelled", error="cancelled before it started")
             return
         log.info("job %s user=%s node=%s running", job.id, job.user_id, self.node.id)
-        self._follow(job, self.executor.start(job, folder, self.wake.set))
+        try:
+            run = self.executor.start(job, self.spool.folder(job), self.wake.set)
+        except NodeError as exc:
+            self._set_offline(str(exc))
+            run = self._reattach(job)
+        if run is not None:
+            self._follow(job, run)
 
     def _resume(self, job):
-        run = self.executor.reattach(job, self.spool.folder(job), self.wake.set)
+        """A job found running at start-up: follow it, or queue it again if it never ran."""
+        run = self._reattach(job)
+        if run is not None:
+            log.info("job %s re-attached on node %s", job.id, self.node.id)
+            self._follow(job, run)
+
+    def _reattach(self, job):
+        """Find a job on its node again after a restart or an outage.
+
+        Returns its Run, or None once the job is back in a queue (it never
+        launched) or failed (its node stayed away past ``unreachable_grace``
+        and past the job's own time limit).
+        """
+        limit_end = (job.started_at or time.time()) + self.config.time_limit(job.expected_time)
+        give_up = max(limit_end, time.time()) + self.config.unreachable_grace
+        backoff = 1.0
+        while True:
+            try:
+                run = self.executor.reattach(job, self.spool.folder(job), self.wake.set)
+                break
+            except NodeError as exc:
+                self._set_offline(str(exc))
+                if time.time() > give_up:
+                    self.spool.finish(job, "failed", error=f"node {self.node.id} unreachable "
+                                      f"while the job ran: {exc}")
+                    return None
+            self.wake.wait(backoff)
+            self.wake.clear()
+            backoff = min(backoff * 2, SSH_MAX_BACKOFF)
         if run is None:
-            log.info("job %s never launched before the restart: queued again", job.id)
+            log.info("job %s never launched: queued again", job.id)
             self.spool.requeue(job)
-            return
-        log.info("job %s re-attached on node %s", job.id, self.node.id)
-        self._follow(job, run)
+            if self.state != "online":
+                self._shed()
+        return run
 
     def _follow(self, job, run):
-        cancel_sent = False
-        while not run.exited.is_set():
-            self.wake.clear()
-            if job.cancel_requested and not cancel_sent:
-                self.executor.cancel(run)
-                cancel_sent = True
-            if not run.exited.is_set():
-                self.wake.wait()
-        o = self.executor.collect(run)
+        while True:
+            try:
+                self._wait(job, run)
+                o = self.executor.collect(run)
+                break
+            except NodeError as exc:
+                self._set_offline(str(exc))
+                run = self._reattach(job)
+                if run is None:
+                    return
         if o.reason == "cancelled":
             status, error = "cancelled", "cancelled while running"
         elif o.reason == "timeout":
@@ -1094,6 +1606,17 @@ class NodeWorker:
         else:
             status, error = "failed", f"exit code {o.exit_code}"
         self.spool.finish(job, status, o.exit_code, error, o.stdout, o.stderr)
+
+    def _wait(self, job, run):
+        """Sleep until the run ends, passing on a cancel once."""
+        cancel_sent = False
+        while not run.exited.is_set():
+            self.wake.clear()
+            if job.cancel_requested and not cancel_sent:
+                self.executor.cancel(run)
+                cancel_sent = True
+            if not run.exited.is_set():
+                self.wake.wait()
 
     def info(self):
         running = self.spool.running(self.node.id)
@@ -1560,7 +2083,10 @@ def serve(config, host, port):
         spool.open()
     except SpoolBusy as exc:
         raise click.ClickException(str(exc)) from None
-    workers = {n.id: NodeWorker(n, spool, LocalExecutor(n, config)) for n in config.nodes}
+    workers = {}
+    for n in config.nodes:
+        executor = (LocalExecutor if n.is_local else SshExecutor)(n, config)
+        workers[n.id] = NodeWorker(n, spool, executor, config, workers)
     api = Api(config, spool, Tokens(config.tokens), workers)
     server = waitress.create_server(
         api.app, host=host or config.host, port=config.port if port is None else port,

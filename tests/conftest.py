@@ -31,7 +31,8 @@ class Server:
         self.config_path = self.dir / "gpuqueue.yaml"
         cfg = {"host": "127.0.0.1", "port": 0, "spool": "spool", "tokens": "tokens.yaml",
                "kill_grace": 1, "timeout_multiplier": 2,
-               "nodes": [{"id": i, "host": "local"} for i in range(nodes)], **settings}
+               "nodes": nodes if isinstance(nodes, list) else [{"id": i, "host": "local"} for i in range(nodes)],
+               **settings}
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.proc = None
         self.url = None

@@ -1,0 +1,219 @@
+"""SSH nodes through a jump host, against real OpenSSH sshd processes on loopback."""
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from conftest import alive, kill_processes_under
+from sshcluster import Cluster, node_addr
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    c = Cluster(root).start()
+    yield c
+    c.stop()
+    kill_processes_under(root)
+
+
+@pytest.fixture
+def ssh_server(make_server, cluster):
+    """A server whose 8 nodes are the cluster's, reached through its jump host."""
+    def make(**settings):
+        cfg = cluster.config(**settings)
+        if "node_count" in settings:
+            cfg["nodes"] = cfg["nodes"][:cfg.pop("node_count")]
+        server = make_server(**cfg)
+        wait_nodes(server, "online", [n["id"] for n in cfg["nodes"]])
+        return server
+    yield make
+    for s in cluster.nodes + [cluster.jump]:  # a test may have stopped one
+        if s.proc.poll() is not None:
+            s.start()
+
+
+def wait_nodes(server, state, ids, timeout=60):
+    end = time.monotonic() + timeout
+    while True:
+        nodes = {n["id"]: n for n in server.get("/api/nodes").json()["nodes"]}
+        if all(nodes[i]["state"] == state for i in ids):
+            return nodes
+        assert time.monotonic() < end, f"nodes not {state}: {nodes}\n{server.log()}"
+        time.sleep(0.1)
+
+
+def group_members(pgid):
+    """Processes in a process group, as `ps` shows them (zombies left out)."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if int(line.split()[1]) == pgid and not line.split()[2].startswith("Z")]
+
+
+def test_eight_jobs_run_on_eight_nodes_through_the_jump_host(ssh_server):
+    server = ssh_server()
+    code = ("import os, sys\nprint(os.environ['SSH_CONNECTION'].split()[2])\n"
+            "print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['GPUQUEUE_JOB_ID'])\n"
+            "print('to stderr', file=sys.stderr)\nimport time; time.sleep(0.5)\nsys.exit(7)\n")
+    subs = [server.submit_ok(code, expected_time=60) for _ in range(8)]
+    assert sorted(s["node_id"] for s in subs) == list(range(8))
+    for s in subs:
+        st = server.wait(s["job_id"])
+        assert st["status"] == "failed" and st["exit_code"] == 7
+        res = server.results(s["job_id"])
+        where, ids = res["stdout"].splitlines()
+        assert where == node_addr(s["node_id"])  # it really ran on that node's sshd
+        assert ids == f"{s['node_id']} {s['job_id']}"
+        assert res["stderr"] == "to stderr\n"
+
+
+def test_remote_folders_are_removed_after_the_job(ssh_server, cluster):
+    server = ssh_server()
+    sub = server.submit_ok("print('hi')\n")
+    assert server.wait(sub["job_id"])["status"] == "completed"
+    workdir = cluster.root / "work" / f"node{sub['node_id']}"
+    assert not (workdir / sub["job_id"]).exists()
+    assert server.results(sub["job_id"])["stdout"] == "hi\n"
+
+
+def test_cancel_pending_on_ssh_node(ssh_server, tmp_path):
+    server = ssh_server(node_count=1)
+    marker = tmp_path / "ran"
+    first = server.submit_ok("import time\ntime.sleep(60)\n")
+    second = server.submit_ok(f"open({str(marker)!r}, 'w').write('x')\n")
+    server.wait(first["job_id"], ("running",))
+    r = server.post(f"/api/cancel/{second['job_id']}", server.token())
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    r = server.post(f"/api/cancel/{first['job_id']}", server.token())
+    assert r.json()["status"] == "cancelled"
+    assert not marker.exists()
+
+
+GRANDCHILD = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(300)"])
+with open(PIDS, "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+print("started", flush=True)
+time.sleep(300)
+"""
+
+
+def _pids(path):
+    end = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    return [int(p) for p in path.read_text().split()]
+
+
+def test_cancel_running_kills_the_remote_group(ssh_server, tmp_path):
+    server = ssh_server(node_count=2)
+    pids_file = tmp_path / "pids"
+    sub = server.submit_ok(f"PIDS = {str(pids_file)!r}\n" + GRANDCHILD)
+    job_pid, grandchild = _pids(pids_file)
+    assert group_members(job_pid)  # the job's own process group, grandchild included
+    r = server.post(f"/api/cancel/{sub['job_id']}", server.token())
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert group_members(job_pid) == []
+    assert not alive(job_pid) and not alive(grandchild)
+    assert server.results(sub["job_id"])["stdout"] == "started\n"
+
+
+def test_timeout_on_ssh_node(ssh_server, tmp_path):
+    server = ssh_server(node_count=2)
+    pids_file = tmp_path / "pids"
+    sub = server.submit_ok(f"PIDS = {str(pids_file)!r}\n" + GRANDCHILD, expected_time=1)
+    job_pid, grandchild = _pids(pids_file)
+    st = server.wait(sub["job_id"], timeout=60)
+    assert st["status"] == "failed" and st["error"] == "timeout"
+    assert group_members(job_pid) == [] and not alive(grandchild)
+
+
+def test_output_over_the_cap_is_cut_on_the_node(ssh_server):
+    server = ssh_server(node_count=1, output_limit_bytes=4096)
+    sub = server.submit_ok("import sys\nprint('HEAD')\nsys.stdout.write('y' * 500000)\nprint()\n"
+                           "print('TAIL')\nsys.stderr.write('e' * 10)\n")
+    server.wait(sub["job_id"])
+    res = server.results(sub["job_id"])
+    assert res["stdout"].startswith("HEAD\n") and res["stdout"].endswith("TAIL\n")
+    assert "[gpuqueue: output truncated" in res["stdout"] and len(res["stdout"]) < 4300
+    assert res["stderr"] == "e" * 10
+
+
+def test_node_down_mid_queue_moves_its_pending_jobs(ssh_server, cluster):
+    server = ssh_server(node_count=2, unreachable_grace=3)
+    # Fill node 1: one running job and two queued behind it.
+    long = "import time\ntime.sleep(300)\n"
+    blocker0 = server.submit_ok(long, expected_time=100)
+    running1 = server.submit_ok(long, expected_time=5)
+    assert (blocker0["node_id"], running1["node_id"]) == (0, 1)
+    server.wait(running1["job_id"], ("running",))
+    queued = [server.submit_ok("print('moved')\n", expected_time=5) for _ in range(2)]
+    assert [q["node_id"] for q in queued] == [1, 1]  # node 1's running job ends sooner
+    server.post(f"/api/cancel/{blocker0['job_id']}", server.token())
+
+    cluster.nodes[1].stop()
+    nodes = wait_nodes(server, "offline", [1])
+    assert nodes[1]["error"] and nodes[0]["state"] == "online"
+    for q in queued:
+        st = server.wait(q["job_id"])
+        assert st["status"] == "completed" and st["node_id"] == 0
+        assert server.results(q["job_id"])["stdout"] == "moved\n"
+    # The job that was running there died with its node: failed, with a clear reason.
+    st = server.wait(running1["job_id"], timeout=90)
+    assert st["status"] == "failed" and st["error"]
+
+    cluster.nodes[1].start()
+    wait_nodes(server, "online", [1])
+    sub = server.submit_ok("print('back')\n", expected_time=1)
+    assert server.wait(sub["job_id"])["status"] == "completed"
+
+
+def test_jump_host_down_jobs_wait_then_run(ssh_server, cluster):
+    server = ssh_server(node_count=3)
+    cluster.jump.stop()
+    subs = [server.submit_ok("print('after')\n", expected_time=5) for _ in range(3)]
+    # The first submits wake the nodes, which then find the jump host gone.
+    nodes = wait_nodes(server, "offline", [0, 1, 2])
+    assert all(n["error"] for n in nodes.values())
+    assert server.get("/").status_code == 200
+    for s in subs:
+        assert server.status(s["job_id"])["status"] in ("pending", "running")
+    cluster.jump.start()
+    wait_nodes(server, "online", [0, 1, 2])
+    for s in subs:
+        assert server.wait(s["job_id"])["status"] == "completed"
+        assert server.results(s["job_id"])["stdout"] == "after\n"
+
+
+def test_unknown_host_key_is_refused(ssh_server, cluster, tmp_path, make_server):
+    partial = tmp_path / "known_hosts"
+    # Node 0's key is missing: it must be refused, not silently trusted.
+    lines = cluster.known_hosts.read_text().splitlines(keepends=True)
+    partial.write_text("".join(l for l in lines if not l.startswith(f"[{node_addr(0)}]")))
+    cfg = cluster.config(known_hosts=str(partial))
+    cfg["nodes"] = cfg["nodes"][:2]
+    server = make_server(**cfg)
+    end = time.monotonic() + 60
+    while "unknown host key" not in (wait_nodes(server, "offline", [0])[0]["error"] or ""):
+        assert time.monotonic() < end, server.get("/api/nodes").text
+        time.sleep(0.1)
+    wait_nodes(server, "online", [1])
+    sub = server.submit_ok("print(1)\n")
+    assert sub["node_id"] == 1
+    assert server.wait(sub["job_id"])["status"] == "completed"
+    assert node_addr(0) not in partial.read_text()
+
+
+def test_accept_new_host_keys_records_them(cluster, tmp_path, make_server):
+    fresh = tmp_path / "known_hosts"
+    cfg = cluster.config(known_hosts=str(fresh), accept_new_host_keys=True)
+    cfg["nodes"] = cfg["nodes"][:1]
+    server = make_server(**cfg)
+    wait_nodes(server, "online", [0])
+    text = fresh.read_text()
+    assert f"[{node_addr(0)}]:{cluster.nodes[0].port}" in text
+    assert f"[127.0.0.1]:{cluster.jump.port}" in text
