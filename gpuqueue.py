@@ -72,6 +72,9 @@ import click
 import fabric
 import filelock
 import paramiko
+import waitress
+import waitress.channel
+import waitress.task
 import yaml
 
 __version__ = "0.1.0"
@@ -524,8 +527,9 @@ class Spool:
                     if job is None:
                         continue
                     self.active[job.id] = job
-                    if status == "pending":
+                    if job.status == "pending":
                         self.queues[n].append(job.id)
+            self.queues[n].sort()
         for d in self.node_ids:
             fsync_dir(self.pending_dir(d))
 
@@ -565,9 +569,10 @@ class Spool:
         self.done_count += 1
 
     def _quarantine(self, folder, reason):
+        """Set aside what cannot be understood, never delete it; the reason goes beside it."""
         dest = self.root / "corrupt" / f"{folder.name}.{secrets.token_hex(3)}"
         os.rename(folder, dest)
-        write_file(dest / "REASON", reason + "\n")
+        write_file(dest.with_name(dest.name + ".REASON"), reason + "\n")
         log.error("quarantined %s: %s", folder, reason)
 
     # -- submit --------------------------------------------------------------
@@ -770,6 +775,23 @@ def fingerprint(hash_hex):
     return hash_hex[:12]
 
 
+def _expiry(value):
+    """When a token record expires, read leniently: an admin may have edited the
+    file by hand (YAML turns unquoted dates into date objects).  A value that
+    cannot be read counts as already expired."""
+    if value is None:
+        return datetime.max.replace(tzinfo=timezone.utc)
+    try:
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        elif not isinstance(value, datetime):  # a bare date
+            value = datetime(value.year, value.month, value.day)
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    except (ValueError, TypeError, AttributeError):
+        log.error("token record has an unreadable 'expires': %r", value)
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
 class Tokens:
     """The token file: hashes only, written atomically with mode 0600.
 
@@ -822,8 +844,7 @@ class Tokens:
             raise ApiError(401, "invalid token")
         if match.get("revoked"):
             raise ApiError(401, "token revoked")
-        expires = match.get("expires")
-        if expires and datetime.fromisoformat(expires) <= utcnow():
+        if _expiry(match.get("expires")) <= utcnow():
             raise ApiError(401, "token expired")
         return match
 
@@ -842,7 +863,7 @@ class Tokens:
         if not USER_RE.match(user):
             raise click.ClickException("user must be 1-64 letters, digits or . _ @ - characters")
         if token is None:
-            token = secrets.token_urlsafe(32)
+            token = secrets.token_urlsafe(32).lstrip("-")  # a leading '-' reads as an option
         elif len(token) < MIN_TOKEN_LENGTH:
             raise click.ClickException(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
         now = utcnow()
@@ -1675,10 +1696,14 @@ def parse_job_config(data, max_expected_time):
         if isinstance(value, str) and key != "token" and not (
                 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
             raise ApiError(400, f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable characters")
-    t = cfg["expected_time"]
+    try:
+        t = float(cfg["expected_time"])
+    except OverflowError:
+        t = math.inf
     if not math.isfinite(t) or t <= 0 or t > max_expected_time:
         raise ApiError(400, f"config_file: 'expected_time' must be seconds above 0 and at most "
                             f"{max_expected_time:g}")
+    cfg["expected_time"] = t
     return cfg
 
 
@@ -1698,7 +1723,7 @@ def _upload_part(name):
     part = parts[0]
     if isinstance(part, bottle.FileUpload):
         return part.file.read()
-    return part.encode("latin-1", "replace") if isinstance(part, str) else bytes(part)
+    return part.encode("utf-8")  # a plain field, which Bottle decoded as UTF-8
 
 
 class Api:
@@ -1777,13 +1802,12 @@ class Api:
         req = bottle.request
         if not req.content_type.lower().startswith("multipart/form-data"):
             raise ApiError(415, "send multipart/form-data with parts 'code' and 'config_file'")
-        length = req.content_length
-        if length < 0:
+        if req.content_length < 0:  # waitress refuses bodies over max_upload_bytes itself
             raise ApiError(411, "Content-Length required")
-        if length > self.config.max_upload_bytes:
-            raise ApiError(413, f"upload larger than {self.config.max_upload_bytes} bytes")
         try:
             names = set(req.POST)
+        except UnicodeDecodeError:
+            raise ApiError(400, "a form field is not UTF-8 text; send code and config as files") from None
         except Exception:
             raise ApiError(400, "malformed multipart body") from None
         extra = names - {"code", "config_file"}
@@ -1802,7 +1826,7 @@ class Api:
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise ApiError(403, "user_id in config_file is not the token's user")
         job = Job(id=new_job_id(), user_id=cfg["user_id"], competition_id=cfg["competition_id"],
-                  project_id=cfg["project_id"], expected_time=float(cfg["expected_time"]),
+                  project_id=cfg["project_id"], expected_time=cfg["expected_time"],
                   submitted_at=time.time(), node_id=-1)
         kept = {k: cfg[k] for k in JOB_KEYS if k != "token"}
         staged = self.spool.stage(job, code, "# token removed by gpuqueue\n" + yaml.safe_dump(kept))
@@ -1847,7 +1871,7 @@ class Api:
         if status is not None and status not in STATES:
             raise ApiError(400, f"status must be one of {', '.join(STATES)}")
         limit = query.get("limit", "100")
-        if not (limit.isdigit() and 1 <= int(limit) <= 1000):
+        if not (re.fullmatch(r"[0-9]{1,4}", limit) and 1 <= int(limit) <= 1000):
             raise ApiError(400, "limit must be a whole number from 1 to 1000")
         limit = int(limit)
         cursor = query.get("cursor")
@@ -1873,6 +1897,27 @@ class Api:
     def docs(self):
         bottle.response.content_type = "text/html; charset=utf-8"
         return DOCS_PAGE
+
+
+class _JsonErrorTask(waitress.task.ErrorTask):
+    """waitress's own refusals (a body over the limit, a malformed request) as JSON too."""
+
+    def execute(self):
+        e = self.request.error
+        if e.code == 413:
+            message = f"upload larger than {self.channel.server.adj.max_request_body_size} bytes"
+        else:
+            message = f"{e.reason}: {e.body}"
+        body = json.dumps({"error": message}).encode()
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _JsonErrorChannel(waitress.channel.HTTPChannel):
+    error_task_class = _JsonErrorTask
 
 
 def _openapi():
@@ -2075,7 +2120,6 @@ def cli(ctx, config_path):
 @click.pass_obj
 def serve(config, host, port):
     """Start the server and one scheduler thread per node."""
-    import waitress
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spool = Spool(config.spool, [n.id for n in config.nodes])
@@ -2090,8 +2134,9 @@ def serve(config, host, port):
     api = Api(config, spool, Tokens(config.tokens), workers)
     server = waitress.create_server(
         api.app, host=host or config.host, port=config.port if port is None else port,
-        threads=8, max_request_body_size=config.max_upload_bytes + 65536,
+        threads=8, max_request_body_size=config.max_upload_bytes,
         channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
+    server.channel_class = _JsonErrorChannel
     for w in workers.values():
         w.start()
     shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
