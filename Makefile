@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup sshd clean
+.PHONY: run test setup sshd cluster clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
@@ -12,6 +12,10 @@ test: $(VENV)/.dev-installed sshd
 	$(PY) -m pytest -q tests
 
 setup: $(VENV)/.dev-installed
+
+# A loopback sshd cluster (jump host + 8 nodes) and a config for it, to try SSH mode by hand.
+cluster: $(VENV)/.dev-installed sshd
+	$(PY) tests/sshcluster.py .cluster
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,4 +35,4 @@ sshd:
 	@test -x /usr/sbin/sshd
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cluster

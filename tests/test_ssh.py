@@ -217,3 +217,33 @@ def test_accept_new_host_keys_records_them(cluster, tmp_path, make_server):
     text = fresh.read_text()
     assert f"[{node_addr(0)}]:{cluster.nodes[0].port}" in text
     assert f"[127.0.0.1]:{cluster.jump.port}" in text
+
+
+def test_running_job_is_reattached_after_the_link_drops(ssh_server, cluster, tmp_path):
+    server = ssh_server(node_count=1)
+    runs = tmp_path / "runs"
+    code = (f"import os, time\nopen({str(runs)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+            "print('before', flush=True)\ntime.sleep(4)\nprint('after')\n")
+    sub = server.submit_ok(code, expected_time=60)
+    server.wait(sub["job_id"], ("running",))
+    time.sleep(0.5)
+    cluster.jump.stop()  # the link drops; the job itself runs on
+    wait_nodes(server, "offline", [0])
+    assert server.status(sub["job_id"])["status"] == "running"
+    cluster.jump.start()
+    st = server.wait(sub["job_id"], timeout=60)
+    assert st["status"] == "completed", st
+    assert server.results(sub["job_id"])["stdout"] == "before\nafter\n"
+    assert len(runs.read_text().splitlines()) == 1  # followed again, not started again
+
+
+def test_node_setup_env_and_gpus_reach_the_job(cluster, make_server):
+    cfg = cluster.config()
+    cfg["nodes"] = [{**cfg["nodes"][0], "setup": "export FROM_SETUP='set up; ok'",
+                     "env": {"FROM_ENV": "x y"}, "gpus": "2,3"}]
+    server = make_server(**cfg)
+    wait_nodes(server, "online", [0])
+    sub = server.submit_ok("import os\nfor k in ('FROM_SETUP', 'FROM_ENV', 'CUDA_VISIBLE_DEVICES',"
+                           " 'CUDA_DEVICE_ORDER'):\n print(os.environ[k])\n")
+    assert server.wait(sub["job_id"])["status"] == "completed"
+    assert server.results(sub["job_id"])["stdout"] == "set up; ok\nx y\n2,3\nPCI_BUS_ID\n"
