@@ -60,6 +60,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -346,16 +347,17 @@ def read_json(path):
         return json.load(f)
 
 
-def read_capped(path, limit):
+def read_capped(path, limit, opener=open, size=None):
     """Text of an output file, keeping its head and tail when over ``limit`` bytes.
 
-    The tail holds the traceback of a failed job, so it is kept as well as the head.
+    The tail holds the traceback of a failed job, so it is kept as well as the
+    head.  ``opener`` and ``size`` let the same code read a file on a node by SFTP.
     """
     try:
-        size = os.path.getsize(path)
+        size = os.path.getsize(path) if size is None else size(path)
     except OSError:
         return ""
-    with open(path, "rb") as f:
+    with opener(path, "rb") as f:
         if size <= limit:
             data = f.read()
         else:
@@ -481,7 +483,7 @@ class Spool:
                             f"{self.root}; stop it first or choose another spool") from None
         write_file(self.root / "server.pid", f"{os.getpid()}\n")
         self._flock = filelock.FileLock(self.root / "queue.lock")
-        for d in ("tmp", "done", "corrupt"):
+        for d in ("tmp", "done", "corrupt", "incoming"):
             (self.root / d).mkdir(exist_ok=True)
         for n in self.node_ids:
             self.pending_dir(n).mkdir(parents=True, exist_ok=True)
@@ -1381,8 +1383,10 @@ class SshExecutor:
         limit = self.config.output_limit_bytes
 
         def fetch(sftp):
-            out = _read_capped_sftp(sftp, f"{run.work}/stdout", limit)
-            err = _read_capped_sftp(sftp, f"{run.work}/stderr", limit)
+            def size(path):
+                return sftp.stat(path).st_size
+            out = read_capped(f"{run.work}/stdout", limit, sftp.open, size)
+            err = read_capped(f"{run.work}/stderr", limit, sftp.open, size)
             try:
                 r = json.loads(_read_text(sftp, f"{run.work}/result.json"))
                 return Outcome(r["exit_code"], r["reason"], out, err)
@@ -1428,25 +1432,6 @@ def _rmtree(sftp, path):
 def _read_text(sftp, path):
     with sftp.open(path, "r") as f:
         return f.read().decode()
-
-
-def _read_capped_sftp(sftp, path, limit):
-    """read_capped for a file on a node: head and tail only, never the whole file."""
-    try:
-        size = sftp.stat(path).st_size
-    except FileNotFoundError:
-        return ""
-    with sftp.open(path, "r") as f:
-        if size <= limit:
-            data = f.read()
-        else:
-            half = limit // 2
-            head = f.read(half)
-            f.seek(size - half)
-            note = (f"\n[gpuqueue: output truncated, {size - 2 * half} of {size} bytes cut here;"
-                    f" the limit is {limit} bytes per stream]\n")
-            data = head + note.encode() + f.read(half)
-    return data.decode("utf-8", "replace")
 
 
 def _readline(channel):
@@ -1813,8 +1798,14 @@ class Api:
         extra = names - {"code", "config_file"}
         if extra:
             raise ApiError(400, "unexpected multipart part; send only 'code' and 'config_file'")
-        code = _upload_part("code")
-        config_data = _upload_part("config_file")
+        job, position = self.accept(_upload_part("code"), _upload_part("config_file"), _bearer())
+        bottle.response.status = 201
+        return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
+                "queue_position": position}
+
+    def accept(self, code, config_data, token=None, job_id=None):
+        """Check a job (script bytes, config.yaml bytes) and queue it; the one way in
+        for both uploads and dropped folders.  Returns (job, queue position)."""
         if not code.strip():
             raise ApiError(400, "code is empty")
         try:
@@ -1822,21 +1813,19 @@ class Api:
         except UnicodeDecodeError:
             raise ApiError(400, "code must be UTF-8 text") from None
         cfg = parse_job_config(config_data, self.config.max_expected_time)
-        user = self._user(_bearer() or cfg.get("token"))
+        user = self._user(token or cfg.get("token"))
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise ApiError(403, "user_id in config_file is not the token's user")
-        job = Job(id=new_job_id(), user_id=cfg["user_id"], competition_id=cfg["competition_id"],
-                  project_id=cfg["project_id"], expected_time=cfg["expected_time"],
-                  submitted_at=time.time(), node_id=-1)
+        job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
+                  competition_id=cfg["competition_id"], project_id=cfg["project_id"],
+                  expected_time=cfg["expected_time"], submitted_at=time.time(), node_id=-1)
         kept = {k: cfg[k] for k in JOB_KEYS if k != "token"}
         staged = self.spool.stage(job, code, "# token removed by gpuqueue\n" + yaml.safe_dump(kept))
         online = {w.node.id for w in self.workers.values() if w.state == "online"}
         position = self.spool.enqueue(job, staged, online)
         self.workers[job.node_id].wake.set()
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
-        bottle.response.status = 201
-        return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
-                "queue_position": position}
+        return job, position
 
     def status(self, job_id):
         return self._status(self._job(job_id, self._user()))
@@ -2096,6 +2085,160 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 
 
 ###############################################################################
+# Drop folders ################################################################
+###############################################################################
+
+#: Seconds a dropped folder must have stayed unchanged before it is taken.
+INCOMING_QUIET = 0.5
+#: Seconds between looks into incoming/.
+INCOMING_SCAN = 0.25
+
+
+class _Refused(Exception):
+    """A dropped folder that is not a job; the message goes into its reason file."""
+
+
+class Incoming:
+    """spool/incoming/: a folder dropped there holding one ``.py`` script and a
+    ``config.yaml`` (same keys as an upload, token included) becomes a job.
+
+    The outcome stays where the folder was dropped; nothing dropped is deleted::
+
+        NAME.<job id>.accepted/   the folder as dropped, and NAME.<job id>.receipt.json
+        NAME.<time>.refused/      the folder as dropped, and NAME.<time>.reason.txt
+
+    Names starting with '.' are never looked at: copy a folder in under a
+    dot-name, then rename it.  A folder must also have been still for
+    INCOMING_QUIET seconds.  It is claimed (renamed to .accepted, the job id in
+    its name) before its job is queued, so after a crash in between the job is
+    queued exactly once at the next start.
+    """
+
+    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json)|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
+    CLAIMED = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.accepted\Z")
+
+    def __init__(self, spool, api, max_bytes):
+        self.dir = spool.root / "incoming"
+        self.spool = spool
+        self.api = api
+        self.max_bytes = max_bytes
+
+    def start(self):
+        threading.Thread(target=self._loop, name="incoming", daemon=True).start()
+
+    def _loop(self):
+        for entry in os.scandir(self.dir):
+            m = self.CLAIMED.match(entry.name)
+            if m and not (self.dir / f"{m['name']}.{m['job_id']}.receipt.json").exists():
+                self._guarded(self._queue, entry.name, m["name"], m["job_id"])
+        while True:
+            for entry in os.scandir(self.dir):
+                if not (entry.name.startswith(".") or self.OUTCOME.search(entry.name)):
+                    self._guarded(self._take, entry.name)
+            # The standard library has no portable way to be told of a new
+            # folder; one listdir four times a second costs next to nothing.
+            time.sleep(INCOMING_SCAN)
+
+    def _guarded(self, step, *args):
+        try:
+            step(*args)
+        except Exception:
+            log.exception("incoming: could not handle %r", args[0])
+
+    def _take(self, name):
+        path = self.dir / name
+        if not self._quiet(path):
+            return
+        try:
+            self._files(path)
+        except _Refused as exc:
+            self._refuse(name, path, str(exc))
+            return
+        job_id = new_job_id()
+        claimed = f"{name}.{job_id}.accepted"
+        os.rename(path, self.dir / claimed)
+        fsync_dir(self.dir)
+        self._queue(claimed, name, job_id)
+
+    def _queue(self, claimed, name, job_id):
+        """Queue a claimed folder's job (unless a crash left it queued already), then
+        write its receipt."""
+        path = self.dir / claimed
+        job = self.spool.get(job_id)
+        if job is None:
+            try:
+                script, config = self._files(path)
+                job, position = self.api.accept(script, config, job_id=job_id)
+            except (_Refused, ApiError) as exc:
+                self._refuse(claimed, path, getattr(exc, "message", str(exc)), name)
+                return
+        else:
+            position = self.spool.queue_position(job)
+        write_json(self.dir / f"{name}.{job_id}.receipt.json", {
+            "job_id": job.id, "node_id": job.node_id, "status": "pending",
+            "queue_position": position, "submitted_at": isotime(job.submitted_at),
+            "user_id": job.user_id})
+        log.info("incoming: %r became job %s", name, job.id)
+
+    def _refuse(self, current, path, reason, name=None):
+        base = f"{name or current}.{utcnow().strftime('%Y%m%dT%H%M%S%f')}Z"
+        write_file(self.dir / f"{base}.reason.txt", f"refused: {reason}\n")
+        os.rename(path, self.dir / f"{base}.refused")
+        fsync_dir(self.dir)
+        log.warning("incoming: refused %r: %s", name or current, reason)
+
+    @staticmethod
+    def _quiet(path):
+        """Has nothing in the folder changed for INCOMING_QUIET seconds?"""
+        newest = os.lstat(path).st_mtime
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            for entry in os.scandir(path):
+                st = entry.stat(follow_symlinks=False)
+                newest = max(newest, st.st_mtime, st.st_ctime)
+        return time.time() - newest >= INCOMING_QUIET
+
+    def _files(self, path):
+        """(script bytes, config bytes) of a drop folder, or _Refused saying why not."""
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise _Refused("a symbolic link; drop a real folder")
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Refused("not a folder; drop a folder holding one .py script and config.yaml")
+        scripts, total = [], 0
+        names = sorted(os.listdir(path))
+        for n in names:
+            st = os.lstat(path / n)
+            if stat.S_ISLNK(st.st_mode):
+                raise _Refused(f"{n!r} is a symbolic link")
+            if stat.S_ISDIR(st.st_mode):
+                raise _Refused(f"{n!r} is a folder; nested folders are not accepted")
+            if not stat.S_ISREG(st.st_mode):
+                raise _Refused(f"{n!r} is not a regular file")
+            total += st.st_size
+            if total > self.max_bytes:
+                raise _Refused(f"larger than {self.max_bytes} bytes in all")
+            if n.endswith(".py"):
+                scripts.append(n)
+            elif n != "config.yaml":
+                raise _Refused(f"unexpected file {n!r}; a drop folder holds one .py script "
+                               "and config.yaml")
+        if len(scripts) != 1 or "config.yaml" not in names:
+            raise _Refused("a drop folder holds exactly one .py script and one config.yaml")
+        return _read_nofollow(path / scripts[0]), _read_nofollow(path / "config.yaml")
+
+
+def _read_nofollow(path):
+    """A file's bytes, refusing a symbolic link swapped in after it was checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise _Refused(f"cannot read {path.name!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
@@ -2139,6 +2282,7 @@ def serve(config, host, port):
     server.channel_class = _JsonErrorChannel
     for w in workers.values():
         w.start()
+    Incoming(spool, api, config.max_upload_bytes).start()
     shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
     click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
                f"with {len(workers)} node(s); spool {config.spool}", err=False)
