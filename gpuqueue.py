@@ -31,14 +31,21 @@ of the directory; every state change is one rename.
 
 Recovery at start-up (what is on disk -> what happens):
 
-    tmp/<id>                              removed: its submit was never answered
-    any folder with result.json           moved to done/ (the move was cut short)
-    folder without a readable job.json    moved to corrupt/ with a reason file
-    running/<id> without start.json       back to pending/: it was never launched
-    running/<id>, wrapper never launched  claim the launch ourselves, back to pending/
-    running/<id>, wrapper still running   re-attached and followed to its end
-    running/<id>, wrapper left a result   its output and exit code collected
-    running/<id>, wrapper gone, no result failed with a clear error
+    tmp/<id>                                 removed: its submit was never answered
+    any job folder with result.json          moved to done/ (the move was cut short)
+    folder without a readable job.json       moved to corrupt/, a .REASON file beside it
+    running/<id> without start.json          back to pending/: it was never launched
+    running/<id>, local, work/ not launched  claim the launch ourselves, back to pending/
+    running/<id>, SSH, no ``launching``      back to pending/: nothing reached the node
+    running/<id>, SSH, remote not launched   claim the launch there, back to pending/
+    running/<id>, wrapper still running      re-attached and followed to its end
+    running/<id>, wrapper left a result      its output and exit code collected
+    running/<id>, wrapper gone, no result    failed with a clear error
+    running/<id>, SSH node unreachable       retried with backoff; failed only once the
+                                             node stays away ``unreachable_grace``
+                                             seconds past the job's time limit
+    incoming/NAME.<id>.accepted, no receipt  its job queued (unless it already is), then
+                                             the receipt written
 
 A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
 it starts the job, and recovery claims the same name before requeueing one.
