@@ -118,6 +118,9 @@ _CONFIG_KEYS = {
     "accept_new_host_keys": (bool, False),
     "keep_remote_dirs": (bool, False),
     "unreachable_grace": (_NUMBER, 300),
+    "max_pending_per_user": (int, 100),
+    "min_free_bytes": (int, 1024 ** 3),
+    "auth_failures_per_minute": (int, 10),
 }
 
 #: Keys of one entry under ``nodes`` (and of ``node_defaults``, less id and host).
@@ -193,6 +196,9 @@ class Config:
     accept_new_host_keys: bool
     keep_remote_dirs: bool
     unreachable_grace: float
+    max_pending_per_user: int
+    min_free_bytes: int
+    auth_failures_per_minute: int
 
     def time_limit(self, expected_time):
         """Seconds a job may run before it is killed as a timeout."""
@@ -267,6 +273,9 @@ def load_config(path=None):
     for key in ("max_upload_bytes", "output_limit_bytes"):
         if c[key] < 1024:
             raise ConfigError(f"config: {key!r} must be at least 1024")
+    for key in ("max_pending_per_user", "auth_failures_per_minute", "min_free_bytes"):
+        if c[key] < (0 if key == "min_free_bytes" else 1):
+            raise ConfigError(f"config: {key!r} is too small")
     if c["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("config: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
     raw_nodes = c["nodes"] if c["nodes"] is not None else [
@@ -289,7 +298,9 @@ def load_config(path=None):
         jump=_ssh_target(_checked(c["jump"], _JUMP_KEYS, "config: jump"), base) if c["jump"] else None,
         known_hosts=Path(_path(c["known_hosts"], base)),
         accept_new_host_keys=c["accept_new_host_keys"], keep_remote_dirs=c["keep_remote_dirs"],
-        unreachable_grace=float(c["unreachable_grace"]))
+        unreachable_grace=float(c["unreachable_grace"]),
+        max_pending_per_user=c["max_pending_per_user"], min_free_bytes=c["min_free_bytes"],
+        auth_failures_per_minute=c["auth_failures_per_minute"])
 
 
 ###############################################################################
@@ -900,6 +911,38 @@ class Tokens:
             hits[0]["revoked"] = utcnow().isoformat(timespec="seconds")
             return hits[0]
         return self._change(mark)
+
+
+class AuthThrottle:
+    """Slows token guessing: an address that presents more than ``limit`` bad
+    tokens within a minute gets 429 until that minute is over."""
+
+    WINDOW = 60.0
+    #: Addresses remembered at most; the oldest windows are forgotten first.
+    MAX_ADDRESSES = 10000
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._failures = {}  # address -> [window start, count]
+
+    def check(self, addr):
+        with self._lock:
+            start, count = self._failures.get(addr, (0.0, 0))
+            if count >= self.limit and time.monotonic() - start < self.WINDOW:
+                raise ApiError(429, "too many failed authentications from this address; "
+                                    "try again in a minute")
+
+    def failed(self, addr):
+        now = time.monotonic()
+        with self._lock:
+            entry = self._failures.get(addr)
+            if entry is None or now - entry[0] >= self.WINDOW:
+                if len(self._failures) >= self.MAX_ADDRESSES:
+                    oldest = min(self._failures, key=lambda a: self._failures[a][0])
+                    del self._failures[oldest]
+                entry = self._failures[addr] = [now, 0]
+            entry[1] += 1
 
 
 ###############################################################################
@@ -1727,6 +1770,7 @@ class Api:
         self.spool = spool
         self.tokens = tokens
         self.workers = workers
+        self.throttle = AuthThrottle(config.auth_failures_per_minute)
         self.app = bottle.Bottle(catchall=True)
         self.app.default_error_handler = self._error_page
         for method, path, handler in self.ROUTES:
@@ -1767,8 +1811,21 @@ class Api:
 
     # -- helpers -------------------------------------------------------------
 
-    def _user(self, token=None):
-        return self.tokens.authenticate(token or _bearer())
+    def _authenticate(self, token, source):
+        """The token's record; 401 for a bad token, 429 for a source that keeps trying."""
+        self.throttle.check(source)
+        try:
+            return self.tokens.authenticate(token)
+        except ApiError:
+            if token:
+                self.throttle.failed(source)
+            raise
+
+    def _user(self):
+        """The caller of an HTTP route, from its Bearer token."""
+        user = self._authenticate(_bearer(), bottle.request.remote_addr or "-")
+        bottle.request.environ["gpuqueue.user"] = user["user"]
+        return user
 
     def _job(self, job_id, user):
         """The job if this user may see it; 404 for unknown, malformed or not theirs."""
@@ -1805,12 +1862,14 @@ class Api:
         extra = names - {"code", "config_file"}
         if extra:
             raise ApiError(400, "unexpected multipart part; send only 'code' and 'config_file'")
-        job, position = self.accept(_upload_part("code"), _upload_part("config_file"), _bearer())
+        job, position = self.accept(_upload_part("code"), _upload_part("config_file"), _bearer(),
+                                    source=req.remote_addr or "-")
+        req.environ["gpuqueue.user"] = job.user_id
         bottle.response.status = 201
         return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
                 "queue_position": position}
 
-    def accept(self, code, config_data, token=None, job_id=None):
+    def accept(self, code, config_data, token=None, job_id=None, source="incoming"):
         """Check a job (script bytes, config.yaml bytes) and queue it; the one way in
         for both uploads and dropped folders.  Returns (job, queue position)."""
         if not code.strip():
@@ -1820,9 +1879,17 @@ class Api:
         except UnicodeDecodeError:
             raise ApiError(400, "code must be UTF-8 text") from None
         cfg = parse_job_config(config_data, self.config.max_expected_time)
-        user = self._user(token or cfg.get("token"))
+        user = self._authenticate(token or cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise ApiError(403, "user_id in config_file is not the token's user")
+        pending = sum(1 for j in list(self.spool.active.values())
+                      if j.user_id == cfg["user_id"] and j.status == "pending")
+        if pending >= self.config.max_pending_per_user:
+            raise ApiError(429, f"{cfg['user_id']} already has {pending} pending jobs, the most "
+                                "allowed; submit more once some have started")
+        disk = os.statvfs(self.spool.root)
+        if disk.f_bavail * disk.f_frsize < self.config.min_free_bytes + len(code) + len(config_data):
+            raise ApiError(507, "the server's spool disk is nearly full; try again later")
         job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
                   competition_id=cfg["competition_id"], project_id=cfg["project_id"],
                   expected_time=cfg["expected_time"], submitted_at=time.time(), node_id=-1)
@@ -1895,6 +1962,26 @@ class Api:
         return DOCS_PAGE
 
 
+def logged(app):
+    """WSGI wrapper: one log line per request (address, method, path, status, user,
+    time); never a header, so never a token."""
+    def wsgi(environ, start_response):
+        began = time.monotonic()
+        status = []
+
+        def start(line, headers, exc_info=None):
+            status.append(line.split(" ", 1)[0])
+            return start_response(line, headers, exc_info)
+        try:
+            return app(environ, start)
+        finally:
+            log.info("%s %s %r %s user=%s %.1f ms", environ.get("REMOTE_ADDR", "-"),
+                     environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", ""),
+                     status[0] if status else "-", environ.get("gpuqueue.user", "-"),
+                     (time.monotonic() - began) * 1000)
+    return wsgi
+
+
 class _JsonErrorTask(waitress.task.ErrorTask):
     """waitress's own refusals (a body over the limit, a malformed request) as JSON too."""
 
@@ -1924,7 +2011,8 @@ def _openapi():
     def answer(text, schema="Error"):
         return {"description": text, "content": {"application/json": {"schema": ref(schema)}}}
 
-    errors = {"401": answer("missing, invalid, expired or revoked token")}
+    errors = {"401": answer("missing, invalid, expired or revoked token"),
+              "429": answer("too many failed authentications from this address")}
     job_param = [{"name": "job_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}]
     lenient_id = [{**job_param[0], "schema": {"type": "string"}}]
@@ -2004,6 +2092,9 @@ def _openapi():
                 "responses": {"201": answer("queued", "Submitted"),
                               "400": answer("bad upload or config"), **errors,
                               "403": answer("user_id is not the token's user"),
+                              "429": answer("too many failed authentications, or too many "
+                                            "pending jobs for this user"),
+                              "507": answer("the spool's disk is nearly full"),
                               "411": answer("no Content-Length"),
                               "413": answer("upload too large"),
                               "415": answer("not multipart/form-data")}}},
@@ -2283,7 +2374,7 @@ def serve(config, host, port):
         workers[n.id] = NodeWorker(n, spool, executor, config, workers)
     api = Api(config, spool, Tokens(config.tokens), workers)
     server = waitress.create_server(
-        api.app, host=host or config.host, port=config.port if port is None else port,
+        logged(api.app), host=host or config.host, port=config.port if port is None else port,
         threads=8, max_request_body_size=config.max_upload_bytes,
         channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
     server.channel_class = _JsonErrorChannel

@@ -30,7 +30,9 @@ class Server:
         self.dir.mkdir()
         self.config_path = self.dir / "gpuqueue.yaml"
         cfg = {"host": "127.0.0.1", "port": 0, "spool": "spool", "tokens": "tokens.yaml",
-               "kill_grace": 1, "timeout_multiplier": 2,
+               "kill_grace": 1, "timeout_multiplier": 2, "min_free_bytes": 0,
+               # The suites try many bad tokens on purpose; the throttle has tests of its own.
+               "auth_failures_per_minute": 100000,
                "nodes": nodes if isinstance(nodes, list) else [{"id": i, "host": "local"} for i in range(nodes)],
                **settings}
         self.config_path.write_text(yaml.safe_dump(cfg))
