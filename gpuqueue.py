@@ -321,6 +321,10 @@ class SpoolBusy(Exception):
     """Another server holds this spool."""
 
 
+class QueueFull(Exception):
+    """A user already has as many pending jobs as allowed."""
+
+
 class NodeError(Exception):
     """A node could not be reached or answered wrongly; the message is shown in /api/nodes."""
 
@@ -606,9 +610,17 @@ class Spool:
         write_json(folder / "job.json", job.meta())
         return folder
 
-    def enqueue(self, job, staged, online):
-        """Queue a staged job on the least-loaded node; returns its queue position."""
+    def enqueue(self, job, staged, online, max_pending):
+        """Queue a staged job on the least-loaded node; returns its queue position.
+
+        Raises QueueFull (and leaves the staged folder) when the job's user already
+        has ``max_pending`` pending jobs.
+        """
         with self.lock():
+            waiting = sum(1 for q in self.queues.values() for i in q
+                          if self.active[i].user_id == job.user_id)
+            if waiting >= max_pending:
+                raise QueueFull(waiting)
             loads = self._queued_seconds()
             candidates = [n for n in self.node_ids if n in online] or list(self.node_ids)
             job.node_id = min(candidates, key=lambda n: (loads[n], n))
@@ -955,13 +967,23 @@ class AuthThrottle:
 # only launches the wrapper, signals it, and reads its files, so a job ends on
 # time even while the server is down, and a restarted server can pick it up.
 
-WRAPPER = r'''"""gpuqueue job wrapper, written by the server next to each job (no user data).
+NODE_PROGRAM = r'''"""gpuqueue's program on a node, written there by the server (no user data in it).
 
-argv: time limit and kill grace in seconds.  Runs code.py in its own session,
-kills its whole process group on SIGTERM (cancel) or at the time limit, then
-writes result.json: {"exit_code": N, "reason": null | "timeout" | "cancelled"}.
+``python gq_node.py run LIMIT GRACE`` is a job's wrapper, in the job's folder: it runs
+code.py in a session of its own, kills the job's whole process group on SIGTERM (a
+cancel) or at the time limit, and leaves result.json: {"exit_code": N, "reason": null,
+"timeout" or "cancelled"}.  It prints {"wrapper": pid, "job": pid} once a SIGTERM
+would be taken as a cancel.
+
+``python gq_node.py serve`` is a node's agent, one per SSH connection, started in the
+node's workdir.  It reads one JSON command a line (start, cancel, watch, remove) and
+writes one JSON report a line (ready, started, exited).  It forks a wrapper for each
+job, so a job costs no shell or interpreter start-up beyond its own, and the wrappers
+live on if the agent or the link dies.
 """
-import json, os, signal, subprocess, sys, time
+import json, os, re, selectors, shutil, signal, subprocess, sys, time
+
+JOB_DIR = re.compile(r"\A[0-9a-f]{24}\Z")
 
 
 def put(name, obj):
@@ -972,16 +994,22 @@ def put(name, obj):
     os.rename("." + name, name)
 
 
+def proc_state(pid):
+    """(state letter, process group) of a process, or None when it is gone."""
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def members(pgid):
     """Live (not zombie) processes in the process group, from /proc."""
     live = []
     for pid in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        st = proc_state(pid) if pid.isdigit() else None
+        if st and st[0] != "Z" and st[1] == pgid:
             live.append(pid)
     return live
 
@@ -999,8 +1027,8 @@ def kill_group(pgid, grace):
             time.sleep(0.02)
 
 
-def main():
-    limit, grace = float(sys.argv[1]), float(sys.argv[2])
+def wrap(limit, grace, report):
+    """Run code.py in the current folder to its end, leaving result.json."""
     try:
         os.close(os.open("launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     except FileExistsError:
@@ -1017,10 +1045,7 @@ def main():
             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, waited))
     pids = {"wrapper": os.getpid(), "job": job.pid}
     put("pids", pids)
-    try:
-        print(json.dumps(pids), flush=True)
-    except OSError:
-        pass
+    report(pids)
     deadline = time.monotonic() + limit
     reason = None
     while True:
@@ -1043,8 +1068,105 @@ def main():
     return 0
 
 
+def say(obj):
+    os.write(1, (json.dumps(obj) + "\n").encode())
+
+
+def start(cmd):
+    """Fork a wrapper for a job folder; it gets a session of its own."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        os.setsid()
+        os.chdir(cmd["dir"])
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(os.open("wrapper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        code = wrap(float(cmd["limit"]), float(cmd["grace"]), lambda pids: None)
+    except BaseException as exc:
+        os.write(2, ("gq_node: %r\n" % (exc,)).encode())
+    finally:
+        os._exit(code)
+
+
+def serve():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    signal.set_wakeup_fd(wake_w)
+    sel = selectors.DefaultSelector()
+    sel.register(0, selectors.EVENT_READ, "command")
+    sel.register(wake_r, selectors.EVENT_READ, "child")
+    children, watched, pending = {}, {}, b""
+    say({"op": "ready", "python": sys.version.split()[0]})
+    while True:
+        for key, _ in sel.select(0.05 if watched else None):
+            if key.data == "child":
+                while os.read(wake_r, 512) == 512:
+                    pass
+                continue
+            data = os.read(0, 65536)
+            if not data:
+                return 0  # the server went away; the wrappers live on
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                cmd = json.loads(line)
+                op = cmd["op"]
+                if op != "cancel" and not JOB_DIR.match(cmd["dir"]):
+                    continue
+                if op == "start":
+                    pid = start(cmd)
+                    children[pid] = cmd["id"]
+                    say({"op": "started", "id": cmd["id"], "wrapper": pid})
+                elif op == "cancel":
+                    try:
+                        os.kill(int(cmd["wrapper"]), signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                elif op == "watch":
+                    pid = int(cmd["wrapper"])
+                    try:
+                        mine = os.readlink("/proc/%d/cwd" % pid) == os.path.realpath(cmd["dir"])
+                    except OSError:
+                        mine = False
+                    if mine:
+                        watched[pid] = cmd["id"]
+                    else:
+                        say({"op": "exited", "id": cmd["id"]})
+                elif op == "remove":
+                    shutil.rmtree(cmd["dir"], ignore_errors=True)
+        while children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            say({"op": "exited", "id": children.pop(pid)})
+        for pid in list(watched):
+            st = proc_state(pid)
+            if st is None or st[0] == "Z":
+                say({"op": "exited", "id": watched.pop(pid)})
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1] == "serve":
+        sys.exit(serve())
+
+    def show(pids):
+        try:
+            print(json.dumps(pids), flush=True)
+        except OSError:
+            pass
+    sys.exit(wrap(float(sys.argv[2]), float(sys.argv[3]), show))
 '''
 
 
@@ -1064,6 +1186,7 @@ class Run:
         self.job = job
         self.work = work
         self.wrapper_pid = None
+        self.link_lost = False  # ended because the link to its node broke, not by exiting
         self.exited = threading.Event()
         self._on_exit = on_exit
 
@@ -1099,11 +1222,11 @@ class LocalExecutor:
         work.mkdir()
         shutil.copyfile(folder / "code.py", work / "code.py")
         write_file(work / "env.json", json.dumps(job_env(self.node, job)))
-        write_file(work / "gq_wrap.py", WRAPPER)
+        write_file(work / "gq_node.py", NODE_PROGRAM)
         with open(work / "wrapper.log", "wb") as errlog:
             proc = subprocess.Popen(
-                [self.node.python, "gq_wrap.py", repr(self.config.time_limit(job.expected_time)),
-                 repr(self.config.kill_grace)],
+                [self.node.python, "gq_node.py", "run",
+                 repr(self.config.time_limit(job.expected_time)), repr(self.config.kill_grace)],
                 cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
                 start_new_session=True)
         run = Run(job, work, on_exit)
@@ -1252,13 +1375,72 @@ class _Connection(fabric.Connection):
             "direct-tcpip", (self.host, int(self.port)), ("", 0), timeout=SSH_TIMEOUT)
 
 
+class _Agent:
+    """``gq_node.py serve`` on one node, over one SSH channel: commands out, reports in.
+
+    A reader thread turns reports into replies (waited for by the scheduler thread)
+    and into ``Run.ended()`` calls.  When the channel ends, every run it followed
+    is marked ``link_lost`` and ended, so its scheduler finds it again.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.runs = {}  # job id -> Run
+        self.closed = False
+        self._replies = {}
+        self._cond = threading.Condition()
+        threading.Thread(target=self._listen, daemon=True, name="agent").start()
+
+    def send(self, **command):
+        self.channel.sendall((json.dumps(command) + "\n").encode())
+
+    def reply(self, key, timeout):
+        """The report called ``key`` (e.g. ("started", job id)), or None."""
+        with self._cond:
+            self._cond.wait_for(lambda: key in self._replies or self.closed, timeout)
+            return self._replies.pop(key, None)
+
+    def _listen(self):
+        pending = b""
+        try:
+            while True:
+                data = self.channel.recv(65536)
+                if not data:
+                    break
+                pending += data
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    self._report(json.loads(line))
+        except (OSError, ValueError, EOFError) as exc:
+            log.warning("node agent link broke: %s", exc)
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        for run in list(self.runs.values()):
+            run.link_lost = True
+            run.ended()
+        self.runs.clear()
+
+    def _report(self, msg):
+        if msg.get("op") == "exited":
+            run = self.runs.pop(msg.get("id"), None)
+            if run is not None:
+                run.ended()
+            return
+        with self._cond:
+            self._replies[(msg.get("op"), msg.get("id"))] = msg
+            self._cond.notify_all()
+
+
 class SshExecutor:
     """Runs jobs on a node over SSH, through the jump host when one is configured.
 
     Owned by its node's scheduler thread: one persistent connection (and one to
-    the jump host), opened once and reused for every job.  Job files travel by
-    SFTP; the only values on a remote command line are the quoted work folder,
-    the node's own python and setup line, and numbers.
+    the jump host), opened once and reused for every job.  On it runs the node's
+    agent (``gq_node.py serve``), started once per connection, which launches each
+    job and reports its exit at once: no shell start-up per job.  Job files travel
+    by SFTP; the only values on a remote command line are the quoted workdir and
+    the node's own python and setup line.
     """
 
     probe_interval = SSH_PROBE_INTERVAL
@@ -1268,26 +1450,41 @@ class SshExecutor:
         self.config = config
         self.conn = None
         self._sftp = None
+        self._agent = None
 
     # -- connection ----------------------------------------------------------
 
     def connect(self):
-        """Make sure the connection is up; NodeError with the reason if not."""
-        if self.conn is not None and self.conn.is_connected and self.conn.transport.is_active():
+        """Make sure the connection and the agent are up; NodeError with the reason if not."""
+        if self.conn is not None and self.conn.transport.is_active() and not self._agent.closed:
             return
         self.close()
         gateway = _Connection(self.config.jump, self.config) if self.config.jump else None
         conn = _Connection(self.node.ssh, self.config, gateway=gateway)
+        workdir = _sftp_path(self.node.workdir)
+        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
         try:
             conn.open()
-            self._sftp = conn.sftp()
-            _mkdirs(self._sftp, self.node.workdir)
+            sftp = conn.sftp()
+            _mkdirs(sftp, workdir)
+            with sftp.open(f"{workdir}/gq_node.py", "w") as f:
+                f.write(NODE_PROGRAM)
+            channel = conn.transport.open_session(timeout=SSH_TIMEOUT)
+            channel.exec_command(f"cd {shlex.quote(workdir)} && {setup}"
+                                 f"exec {shlex.quote(self.node.python)} gq_node.py serve")
+            agent = _Agent(channel)
+            if agent.reply(("ready", None), WRAPPER_START_TIMEOUT) is None:
+                channel.settimeout(1)
+                why = channel.recv_stderr(4096).decode(errors="replace").strip()
+                raise NodeError(f"the node's agent did not start: {why or 'no answer'}")
         except Exception as exc:
             conn.close()
             if gateway is not None:
                 gateway.close()
+            if isinstance(exc, NodeError):
+                raise
             raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-        self.conn = conn
+        self.conn, self._sftp, self._agent = conn, sftp, agent
 
     def close(self):
         if self.conn is not None:
@@ -1299,22 +1496,10 @@ class SshExecutor:
 
     def healthy(self):
         try:
-            self._exec("true")
+            self._guard(lambda sftp: sftp.stat("."))
             return True
         except NodeError:
             return False
-
-    def _exec(self, command, timeout=SSH_TIMEOUT):
-        """Run a short command on the node; its stdout, or NodeError."""
-        try:
-            self.connect()
-            result = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
-        except NodeError:
-            raise
-        except Exception as exc:
-            self.close()
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-        return result.stdout
 
     def _guard(self, step, *args):
         """Run an SFTP step, turning any SSH failure into NodeError."""
@@ -1327,47 +1512,45 @@ class SshExecutor:
             self.close()
             raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
 
+    def _send(self, run, **command):
+        """Tell the agent something about a run it follows."""
+        self.connect()
+        if run is not None:
+            self._agent.runs[run.job.id] = run
+        try:
+            self._agent.send(**command)
+        except (OSError, EOFError) as exc:
+            self.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+
     def _remote_dir(self, job):
         return f"{_sftp_path(self.node.workdir)}/{job.id}"
 
     # -- jobs ----------------------------------------------------------------
 
     def start(self, job, folder, on_exit):
-        """Copy the job to a fresh remote folder and launch its wrapper there."""
+        """Copy the job to a fresh remote folder and have the agent launch it there."""
         remote = self._remote_dir(job)
 
         def upload(sftp):
             _rmtree(sftp, remote)
             sftp.mkdir(remote)
             sftp.put(str(folder / "code.py"), f"{remote}/code.py")
-            for name, text in (("env.json", json.dumps(job_env(self.node, job))),
-                               ("gq_wrap.py", WRAPPER)):
-                with sftp.open(f"{remote}/{name}", "w") as f:
-                    f.write(text)
+            with sftp.open(f"{remote}/env.json", "w") as f:
+                f.write(json.dumps(job_env(self.node, job)))
         self._guard(upload)
         write_file(folder / "launching", remote)  # from here on the job may be running
-        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
-        command = (f"cd {shlex.quote(remote)} && {setup}exec {shlex.quote(self.node.python)} "
-                   f"gq_wrap.py {self.config.time_limit(job.expected_time)!r} "
-                   f"{self.config.kill_grace!r} 2>wrapper.log")
         run = Run(job, remote, on_exit)
-        channel = self._channel(command)
-        try:
-            channel.settimeout(WRAPPER_START_TIMEOUT)
-            line = _readline(channel)
-            channel.settimeout(None)
-        except OSError as exc:
-            self.close()
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-        try:
-            run.wrapper_pid = int(json.loads(line)["wrapper"])
-        except (ValueError, KeyError, TypeError):
-            pass  # the wrapper did not start; collect() says why
-        self._watch(run, channel)
+        self._send(run, op="start", id=job.id, dir=job.id,
+                   limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace)
+        reply = self._agent.reply(("started", job.id), WRAPPER_START_TIMEOUT)
+        if reply is None:
+            raise NodeError("the node's agent stopped answering")
+        run.wrapper_pid = int(reply["wrapper"])
         return run
 
     def reattach(self, job, folder, on_exit):
-        """Find a job launched before a restart or a lost connection; None if it never ran."""
+        """Find a job launched before a restart or a lost link; None if it never ran."""
         if not (folder / "launching").exists():
             return None
         remote = self._remote_dir(job)
@@ -1386,50 +1569,25 @@ class SshExecutor:
             (folder / "launching").unlink()
             return None
         run = Run(job, remote, on_exit)
-        pid = None
         end = time.monotonic() + 2
-        while pid is None and time.monotonic() < end:
+        while run.wrapper_pid is None and time.monotonic() < end:
             try:
-                pid = int(json.loads(self._guard(_read_text, f"{remote}/pids"))["wrapper"])
+                run.wrapper_pid = int(json.loads(self._guard(_read_text, f"{remote}/pids"))["wrapper"])
             except (FileNotFoundError, ValueError, KeyError):
                 time.sleep(0.05)
-        if pid is None:
+        if run.wrapper_pid is None:
             run.ended()
-            return run
-        run.wrapper_pid = pid
-        q = shlex.quote(remote)
-        # Wait on the node until the wrapper (checked by its working folder) is gone.
-        command = (f"cd {q} && [ \"$(readlink /proc/{pid}/cwd)\" = \"$(pwd -P)\" ] && "
-                   f"while [ ! -f result.json ] && kill -0 {pid} 2>/dev/null; do sleep 0.05; done")
-        self._watch(run, self._channel(command))
+        else:
+            self._send(run, op="watch", id=job.id, dir=job.id, wrapper=run.wrapper_pid)
         return run
-
-    def _channel(self, command):
-        try:
-            self.connect()
-            channel = self.conn.transport.open_session(timeout=SSH_TIMEOUT)
-            channel.exec_command(command)
-            return channel
-        except NodeError:
-            raise
-        except Exception as exc:
-            self.close()
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-
-    @staticmethod
-    def _watch(run, channel):
-        """End the run when the remote command exits or the connection drops."""
-        def wait():
-            channel.recv_exit_status()
-            channel.close()
-            run.ended()
-        threading.Thread(target=wait, daemon=True, name=f"wait-{run.job.id}").start()
 
     def cancel(self, run):
         if run.wrapper_pid is not None:
-            self._exec(f"kill -TERM {int(run.wrapper_pid)} 2>/dev/null; true")
+            self._send(None, op="cancel", wrapper=run.wrapper_pid)
 
     def collect(self, run):
+        if run.link_lost:
+            raise NodeError(f"lost the link to node {self.node.id} while job {run.job.id} ran")
         limit = self.config.output_limit_bytes
 
         def fetch(sftp):
@@ -1444,7 +1602,7 @@ class SshExecutor:
                 return Outcome(None, "lost", out, err)
         outcome = self._guard(fetch)
         if not self.config.keep_remote_dirs:
-            self._guard(_rmtree, run.work)
+            self._send(None, op="remove", dir=run.job.id)
         return outcome
 
 
@@ -1482,17 +1640,6 @@ def _rmtree(sftp, path):
 def _read_text(sftp, path):
     with sftp.open(path, "r") as f:
         return f.read().decode()
-
-
-def _readline(channel):
-    """The first line a remote command prints ('' if it ends first)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = channel.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace")
 
 
 def _ssh_reason(exc, node, config):
@@ -1882,11 +2029,6 @@ class Api:
         user = self._authenticate(token or cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise ApiError(403, "user_id in config_file is not the token's user")
-        pending = sum(1 for j in list(self.spool.active.values())
-                      if j.user_id == cfg["user_id"] and j.status == "pending")
-        if pending >= self.config.max_pending_per_user:
-            raise ApiError(429, f"{cfg['user_id']} already has {pending} pending jobs, the most "
-                                "allowed; submit more once some have started")
         disk = os.statvfs(self.spool.root)
         if disk.f_bavail * disk.f_frsize < self.config.min_free_bytes + len(code) + len(config_data):
             raise ApiError(507, "the server's spool disk is nearly full; try again later")
@@ -1896,7 +2038,12 @@ class Api:
         kept = {k: cfg[k] for k in JOB_KEYS if k != "token"}
         staged = self.spool.stage(job, code, "# token removed by gpuqueue\n" + yaml.safe_dump(kept))
         online = {w.node.id for w in self.workers.values() if w.state == "online"}
-        position = self.spool.enqueue(job, staged, online)
+        try:
+            position = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
+        except QueueFull as full:
+            shutil.rmtree(staged)
+            raise ApiError(429, f"{job.user_id} already has {full} pending jobs, the most "
+                                "allowed; submit more once some have started") from None
         self.workers[job.node_id].wake.set()
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         return job, position

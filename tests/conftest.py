@@ -123,10 +123,12 @@ class Server:
         return r.json()
 
     def spool_files(self):
-        """Every path under the spool except lock and pid files: 'nothing written' checks."""
+        """Every path under the spool, for 'nothing written' checks; lock and pid files
+        and the work folders of running jobs (which the jobs write) are left out."""
         root = self.dir / "spool"
         skip = {"server.lock", "queue.lock", "server.pid"}
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name not in skip)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.name not in skip and "work" not in p.relative_to(root).parts[4:5])
 
 
 def _auth(token):

@@ -23,15 +23,22 @@ def all_jobs(server, token):
 
 
 def test_kill_9_twenty_times_under_four_submitters(make_server, tmp_path):
-    server = make_server()
+    server = make_server(max_pending_per_user=100000)
     token = server.token("alice")
     admin = server.token("root", admin=True)
     runs = tmp_path / "runs"
     acked = {}  # job_id -> nonce
     lock = threading.Lock()
     stop = threading.Event()
+    errors = []
 
     def submitter(k):
+        try:
+            submit_until_stopped(k)
+        except BaseException as exc:  # a thread's failure must fail the test
+            errors.append(exc)
+
+    def submit_until_stopped(k):
         n = 0
         while not stop.is_set():
             nonce = f"s{k}-{n}"
@@ -62,6 +69,7 @@ def test_kill_9_twenty_times_under_four_submitters(make_server, tmp_path):
     stop.set()
     for t in threads:
         t.join(30)
+    assert not errors, errors
 
     assert len(acked) >= 20, "the submitters hardly got through"
     for job_id, nonce in acked.items():

@@ -64,3 +64,24 @@ def test_log_level_is_configurable(make_server):
     server.submit_ok("print(1)\n")
     time.sleep(0.3)
     assert "/api/submit" not in server.log()
+
+
+def test_pending_cap_holds_exactly_under_concurrent_submits(make_server):
+    import threading
+    server = make_server(nodes=1, max_pending_per_user=5)
+    blocker = server.submit_ok("import time\ntime.sleep(60)\n")
+    server.wait(blocker["job_id"], ("running",))
+    codes = []
+
+    def hammer():
+        for _ in range(5):
+            codes.append(server.submit("print(1)\n").status_code)
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes.count(201) == 5 and set(codes) == {201, 429}
+    jobs = server.get("/api/jobs?status=pending", server.token()).json()["jobs"]
+    assert len(jobs) == 5
+    assert list((server.dir / "spool" / "tmp").iterdir()) == []

@@ -40,7 +40,8 @@ def submit(spool, code="print(1)\n", expected_time=30, online=None, user="alice"
     """stage + enqueue, like Api.submit; returns (job, queue position)."""
     job = new_job(user, expected_time)
     staged = spool.stage(job, code, job_config(user, expected_time))
-    position = spool.enqueue(job, staged, set(spool.node_ids) if online is None else set(online))
+    position = spool.enqueue(job, staged, set(spool.node_ids) if online is None else set(online),
+                             max_pending=1000)
     return job, position
 
 
@@ -108,7 +109,7 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     assert (staged / "code.py").read_text() == "print('a')\n"
 
     # All nodes empty: the tie goes to the lowest id.
-    assert spool.enqueue(job, staged, {0, 1, 2}) == 0
+    assert spool.enqueue(job, staged, {0, 1, 2}, max_pending=1000) == 0
     assert job.node_id == 0
     folder = root / "nodes" / "0" / "pending" / job.id
     assert folder.is_dir() and not staged.exists()
@@ -512,7 +513,7 @@ def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_p
     work = folder / "work"
     work.mkdir()
     (work / "code.py").write_text(code)
-    (work / "gq_wrap.py").write_text(gpuqueue.WRAPPER)
+    (work / "gq_node.py").write_text(gpuqueue.NODE_PROGRAM)
     server.start()
     assert server.wait(job.id)["status"] == "completed"
     time.sleep(0.5)
