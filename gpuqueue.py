@@ -1367,6 +1367,12 @@ class _Connection(fabric.Connection):
         sock = self.transport.sock
         if isinstance(sock, socket.socket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # sshd turns Nagle off on its side only for a connection that holds a pty
+        # session; without it, a short report after a quiet spell waits for a
+        # delayed ACK (tens of ms).  One idle pty session per connection does it.
+        idle = self.transport.open_session(timeout=SSH_TIMEOUT)
+        idle.get_pty()
+        idle.exec_command("exec cat")
 
     def open_gateway(self):
         """Fabric's, but with a bounded wait for the jump host's forwarding channel."""
@@ -1905,7 +1911,7 @@ def _upload_part(name):
     part = parts[0]
     if isinstance(part, bottle.FileUpload):
         return part.file.read()
-    return part.encode("utf-8")  # a plain field, which Bottle decoded as UTF-8
+    return part.encode("latin-1")  # a plain field, which submit() had parsed as Latin-1
 
 
 class Api:
@@ -2000,10 +2006,11 @@ class Api:
             raise ApiError(415, "send multipart/form-data with parts 'code' and 'config_file'")
         if req.content_length < 0:  # waitress refuses bodies over max_upload_bytes itself
             raise ApiError(411, "Content-Length required")
+        # Parse as Latin-1, which maps every byte to a character and back: a filename
+        # in any encoding never fails the upload, and plain fields keep their bytes.
+        req.environ["CONTENT_TYPE"] = req.content_type + "; charset=latin1"
         try:
             names = set(req.POST)
-        except UnicodeDecodeError:
-            raise ApiError(400, "a form field is not UTF-8 text; send code and config as files") from None
         except Exception:
             raise ApiError(400, "malformed multipart body") from None
         extra = names - {"code", "config_file"}
@@ -2077,6 +2084,8 @@ class Api:
         unknown = set(query) - {"user_id", "status", "limit", "cursor"}
         if unknown:
             raise ApiError(400, "unknown query parameter; use user_id, status, limit, cursor")
+        if any(len(query.getall(k)) > 1 for k in query):
+            raise ApiError(400, "each query parameter may be given once")
         status = query.get("status")
         if status is not None and status not in STATES:
             raise ApiError(400, f"status must be one of {', '.join(STATES)}")
