@@ -53,8 +53,11 @@ it starts the job, and recovery claims the same name before requeueing one.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -467,13 +470,22 @@ class Spool:
         self._flock = None
         self._server_lock = None
         self.changed = threading.Condition(self._tlock)
-        #: Unfinished jobs by id: the only in-memory copy of queue state.
+        #: Unfinished jobs by id: the only in-memory copy of queue state.  What
+        #: follows is derived from it, kept up to date by _queue, _unqueue,
+        #: claim and finish, so a submit never walks every queued job.
         self.active = {}
         #: Pending job ids per node, oldest first.
         self.queues = {n: [] for n in self.node_ids}
+        #: Expected seconds of each node's pending jobs.
+        self.queued = dict.fromkeys(self.node_ids, 0.0)
+        #: Pending jobs per user.
+        self.waiting = collections.Counter()
+        #: Running jobs per node, by id.
+        self.running_jobs = {n: {} for n in self.node_ids}
+        #: Ids in done/, oldest first.
+        self.done_ids = []
         #: Finished-job counts per node and status, for /api/nodes.
         self.finished = {n: {"completed": 0, "failed": 0, "cancelled": 0} for n in self.node_ids}
-        self.done_count = 0
 
     # -- layout --------------------------------------------------------------
 
@@ -541,9 +553,9 @@ class Spool:
         for leftover in (self.root / "tmp").iterdir():
             log.warning("removing unacknowledged upload %s", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
-        for folder in sorted((self.root / "done").iterdir()):
-            if JOB_ID_RE.match(folder.name):
-                self._count_finished(folder)
+        for name in os.listdir(self.root / "done"):
+            if JOB_ID_RE.match(name):
+                self._count_finished(self.root / "done" / name)
         for n in self.node_ids:
             for status, d in (("pending", self.pending_dir(n)), ("running", self.running_dir(n))):
                 for folder in sorted(d.iterdir()):
@@ -552,8 +564,10 @@ class Spool:
                         continue
                     self.active[job.id] = job
                     if job.status == "pending":
-                        self.queues[n].append(job.id)
-            self.queues[n].sort()
+                        self._queue(job)
+                    else:
+                        self.running_jobs[n][job.id] = job
+        self.done_ids.sort()
         for d in self.node_ids:
             fsync_dir(self.pending_dir(d))
 
@@ -590,7 +604,19 @@ class Spool:
             self.finished[r["node_id"]][r["status"]] += 1
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        self.done_count += 1
+        self.done_ids.append(folder.name)
+
+    def _queue(self, job):
+        """Put a pending job into its node's queue (under the lock)."""
+        bisect.insort(self.queues[job.node_id], job.id)
+        self.queued[job.node_id] += job.expected_time
+        self.waiting[job.user_id] += 1
+
+    def _unqueue(self, job):
+        """Take a pending job out of its node's queue (under the lock)."""
+        self.queues[job.node_id].remove(job.id)
+        self.queued[job.node_id] -= job.expected_time
+        self.waiting[job.user_id] -= 1
 
     def _quarantine(self, folder, reason):
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
@@ -604,10 +630,16 @@ class Spool:
     def stage(self, job, code, config_text):
         """Write a new job's folder under tmp/, durably, before it is queued."""
         folder = self.root / "tmp" / job.id
-        folder.mkdir()
-        write_file(folder / "code.py", code)
-        write_file(folder / "config.yaml", config_text)
-        write_json(folder / "job.json", job.meta())
+        os.mkdir(folder)
+        # The folder is private until enqueue renames it into a queue, so its files
+        # need no temporary names: fsync each, then the folder once.
+        for name, data in (("code.py", code), ("config.yaml", config_text.encode()),
+                           ("job.json", json.dumps(job.meta()).encode())):
+            with open(folder / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(folder)
         return folder
 
     def enqueue(self, job, staged, online, max_pending):
@@ -617,31 +649,27 @@ class Spool:
         has ``max_pending`` pending jobs.
         """
         with self.lock():
-            waiting = sum(1 for q in self.queues.values() for i in q
-                          if self.active[i].user_id == job.user_id)
-            if waiting >= max_pending:
-                raise QueueFull(waiting)
+            if self.waiting[job.user_id] >= max_pending:
+                raise QueueFull(self.waiting[job.user_id])
             loads = self._queued_seconds()
             candidates = [n for n in self.node_ids if n in online] or list(self.node_ids)
             job.node_id = min(candidates, key=lambda n: (loads[n], n))
             os.rename(staged, self.pending_dir(job.node_id) / job.id)
             self.active[job.id] = job
-            self.queues[job.node_id].append(job.id)
-            position = len(self.queues[job.node_id]) - 1
+            self._queue(job)
+            position = self.queue_position(job)
+        # The rename is in the journal once this folder is synced; tmp/ needs no sync
+        # of its own: after a crash the job is in one place or the other, never both.
         fsync_dir(self.pending_dir(job.node_id))
-        fsync_dir(self.root / "tmp")
         return position
 
     def _queued_seconds(self):
+        """Per node: expected seconds of its pending jobs plus what remains of its running one."""
         now = time.time()
-        loads = dict.fromkeys(self.node_ids, 0.0)
-        for job in self.active.values():
-            if job.status == "pending":
-                loads[job.node_id] += job.expected_time
-            elif job.started_at is not None:
-                loads[job.node_id] += max(0.0, job.expected_time - (now - job.started_at))
-            else:
-                loads[job.node_id] += job.expected_time
+        loads = dict(self.queued)
+        for n, running in self.running_jobs.items():
+            for job in running.values():
+                loads[n] += max(0.0, job.expected_time - (now - (job.started_at or now)))
         return loads
 
     # -- scheduler side ------------------------------------------------------
@@ -651,34 +679,47 @@ class Spool:
         with self.lock():
             if not self.queues[node_id]:
                 return None
-            job = self.active[self.queues[node_id].pop(0)]
+            job = self.active[self.queues[node_id][0]]
             os.rename(self.pending_dir(node_id) / job.id, self.running_dir(node_id) / job.id)
+            self._unqueue(job)
             job.status = "running"
             job.started_at = time.time()
+            self.running_jobs[node_id][job.id] = job
         fsync_dir(self.running_dir(node_id))
         fsync_dir(self.pending_dir(node_id))
         write_json(self.folder(job) / "start.json", {"started_at": job.started_at, "node_id": node_id})
         return job
 
     def running(self, node_id):
-        return [j for j in self.active.values() if j.node_id == node_id and j.status == "running"]
+        return list(self.running_jobs[node_id].values())
 
     def finish(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
-        """Record a job's outcome in its folder, then move the folder to done/."""
+        """Record a running job's outcome in its folder, then move the folder to done/."""
         folder = self.folder(job)
+        self._write_result(job, folder, status, exit_code, error, stdout, stderr)
+        with self.lock():
+            del self.running_jobs[job.node_id][job.id]
+            self._retire(job, folder, status, exit_code, error)
+        self._finished(job, folder, status, error)
+
+    def _write_result(self, job, folder, status, exit_code, error, stdout, stderr):
         job.finished_at = time.time()
         write_file(folder / "stdout", stdout)
         write_file(folder / "stderr", stderr)
         write_json(folder / "result.json", {
             "status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
             "started_at": job.started_at, "finished_at": job.finished_at})
-        with self.lock():
-            os.rename(folder, self.root / "done" / job.id)
-            del self.active[job.id]
-            job.status, job.exit_code, job.error = status, exit_code, error
-            self.finished[job.node_id][status] += 1
-            self.done_count += 1
-            self.changed.notify_all()
+
+    def _retire(self, job, folder, status, exit_code, error):
+        """The one move to done/ (under the lock)."""
+        os.rename(folder, self.root / "done" / job.id)
+        del self.active[job.id]
+        job.status, job.exit_code, job.error = status, exit_code, error
+        self.finished[job.node_id][status] += 1
+        bisect.insort(self.done_ids, job.id)
+        self.changed.notify_all()
+
+    def _finished(self, job, folder, status, error):
         fsync_dir(folder.parent)
         shutil.rmtree(self.root / "done" / job.id / "work", ignore_errors=True)
         log.info("job %s user=%s node=%s %s%s", job.id, job.user_id, job.node_id, status,
@@ -707,10 +748,9 @@ class Spool:
                 (folder / "stderr").read_text(errors="replace"))
 
     def queue_position(self, job):
-        try:
-            return self.queues[job.node_id].index(job.id)
-        except ValueError:
-            return None
+        queue = self.queues[job.node_id]
+        i = bisect.bisect_left(queue, job.id)
+        return i if i < len(queue) and queue[i] == job.id else None
 
     def request_cancel(self, job):
         """Cancel a pending job now, or mark a running one for its scheduler to kill.
@@ -721,11 +761,15 @@ class Spool:
             if job.id not in self.active:
                 return False
             job.cancel_requested = True
+            folder = self.folder(job)
             if job.status == "running":
-                write_file(self.folder(job) / "cancel", b"")
+                write_file(folder / "cancel", b"")
                 return True
-            self.queues[job.node_id].remove(job.id)
-        self.finish(job, "cancelled", error="cancelled while pending")
+            # Done whole under the lock, so that no scheduler claims it half-way.
+            self._unqueue(job)
+            self._write_result(job, folder, "cancelled", None, "cancelled while pending", "", "")
+            self._retire(job, folder, "cancelled", None, "cancelled while pending")
+        self._finished(job, folder, "cancelled", "cancelled while pending")
         return True
 
     def wait_finished(self, job, timeout):
@@ -733,12 +777,15 @@ class Spool:
             self.changed.wait_for(lambda: job.id not in self.active, timeout)
         return job.id not in self.active
 
-    def job_ids(self):
-        """Every job id, newest first."""
-        ids = list(self.active)
-        ids += [n for n in os.listdir(self.root / "done") if JOB_ID_RE.match(n)]
-        ids.sort(reverse=True)
-        return ids
+    def job_ids(self, before=None):
+        """Job ids newest first, only those older than ``before`` when it is given."""
+        with self._tlock:
+            active = sorted(self.active)
+            done = self.done_ids[:bisect.bisect_left(self.done_ids, before)] if before \
+                else self.done_ids[:]
+        if before:
+            active = active[:bisect.bisect_left(active, before)]
+        return heapq.merge(reversed(active), reversed(done), reverse=True)
 
     def node_stats(self):
         loads = self._queued_seconds()
@@ -756,16 +803,15 @@ class Spool:
         moved = set()
         with self.lock():
             loads = self._queued_seconds()
-            for job_id in self.queues[node_id]:
+            for job_id in list(self.queues[node_id]):
                 job = self.active[job_id]
                 dest = min(online, key=lambda n: (loads[n], n))
                 os.rename(self.pending_dir(node_id) / job_id, self.pending_dir(dest) / job_id)
+                self._unqueue(job)
                 job.node_id = dest
+                self._queue(job)
                 loads[dest] += job.expected_time
-                self.queues[dest].append(job_id)
-                self.queues[dest].sort()
                 moved.add(dest)
-            self.queues[node_id].clear()
         for n in moved | {node_id}:
             fsync_dir(self.pending_dir(n))
         log.info("node %s: pending jobs moved to nodes %s", node_id, sorted(moved))
@@ -778,9 +824,9 @@ class Spool:
         (folder / "start.json").unlink(missing_ok=True)
         with self.lock():
             os.rename(folder, self.pending_dir(job.node_id) / job.id)
+            del self.running_jobs[job.node_id][job.id]
             job.status, job.started_at = "pending", None
-            self.queues[job.node_id].append(job.id)
-            self.queues[job.node_id].sort()
+            self._queue(job)
         fsync_dir(self.pending_dir(job.node_id))
         fsync_dir(self.running_dir(job.node_id))
 
@@ -1720,8 +1766,9 @@ class NodeWorker:
                 break
             except NodeError as exc:
                 self._set_offline(str(exc))
-            self.wake.wait(backoff)
-            self.wake.clear()
+            # Sleep out the backoff even when submits wake us: they cannot bring the
+            # node back, and a connect attempt per submit would burn the CPU.
+            time.sleep(backoff)
             backoff = min(backoff * 2, SSH_MAX_BACKOFF)
         if self.state != "online":
             log.info("node %s online", self.node.id)
@@ -1850,6 +1897,7 @@ JOB_KEYS = {
 MAX_ID_LENGTH = 200
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def parse_job_config(data, max_expected_time):
@@ -2043,7 +2091,8 @@ class Api:
                   competition_id=cfg["competition_id"], project_id=cfg["project_id"],
                   expected_time=cfg["expected_time"], submitted_at=time.time(), node_id=-1)
         kept = {k: cfg[k] for k in JOB_KEYS if k != "token"}
-        staged = self.spool.stage(job, code, "# token removed by gpuqueue\n" + yaml.safe_dump(kept))
+        staged = self.spool.stage(job, code, "# token removed by gpuqueue\n"
+                                  + yaml.dump(kept, Dumper=_YAML_DUMPER))
         online = {w.node.id for w in self.workers.values() if w.state == "online"}
         try:
             position = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
@@ -2102,9 +2151,7 @@ class Api:
                 raise ApiError(403, "you may list only your own jobs")
             owner = user["user"]
         found = []
-        for job_id in self.spool.job_ids():
-            if cursor is not None and job_id >= cursor:
-                continue
+        for job_id in self.spool.job_ids(before=cursor):
             job = self.spool.get(job_id)
             if job is None or (owner and job.user_id != owner) or (status and job.status != status):
                 continue

@@ -39,7 +39,7 @@ def new_job(user="alice", expected_time=30):
 def submit(spool, code="print(1)\n", expected_time=30, online=None, user="alice"):
     """stage + enqueue, like Api.submit; returns (job, queue position)."""
     job = new_job(user, expected_time)
-    staged = spool.stage(job, code, job_config(user, expected_time))
+    staged = spool.stage(job, code.encode(), job_config(user, expected_time))
     position = spool.enqueue(job, staged, set(spool.node_ids) if online is None else set(online),
                              max_pending=1000)
     return job, position
@@ -103,7 +103,7 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     root = spool.root
 
     job = new_job(expected_time=100)
-    staged = spool.stage(job, "print('a')\n", job_config("alice", 100))
+    staged = spool.stage(job, b"print('a')\n", job_config("alice", 100))
     assert staged == root / "tmp" / job.id
     assert listing(staged) == ["code.py", "config.yaml", "job.json"]
     assert (staged / "code.py").read_text() == "print('a')\n"
@@ -259,10 +259,10 @@ def test_job_ids_newest_first_and_queue_position(tmp_path, spools):
     spool.claim(0)
     spool.finish(jobs[0], "completed", 0)
     spool.request_cancel(jobs[2])
-    assert spool.job_ids() == ids[::-1]       # active and done together, newest first
+    assert list(spool.job_ids()) == ids[::-1]       # active and done together, newest first
     assert [spool.queue_position(j) for j in jobs] == [None, 0, None, 1]
     again = reopen(spools, spool)
-    assert again.job_ids() == ids[::-1]
+    assert list(again.job_ids()) == ids[::-1]
     assert again.queues[0] == [ids[1], ids[3]]
     assert again.queue_position(again.active[ids[3]]) == 1
 
@@ -335,14 +335,14 @@ def test_recovery_removes_tmp_leftovers(tmp_path, spools):
     spool = spools(tmp_path / "spool")
     kept, _ = submit(spool)
     job = new_job()
-    staged = spool.stage(job, "print(1)\n", job_config())
+    staged = spool.stage(job, b"print(1)\n", job_config())
     spools.close(spool)                       # "crash" between stage and enqueue
     assert staged.is_dir()
 
     again = spools(tmp_path / "spool")
     assert listing(again.root / "tmp") == []
     assert job.id not in again.active and again.get(job.id) is None
-    assert job.id not in again.job_ids()
+    assert job.id not in list(again.job_ids())
     assert kept.id in again.active            # a queued job is not touched
 
 
@@ -372,13 +372,13 @@ def test_recovery_moves_folder_with_result_to_done_exactly_once(tmp_path, spools
     assert got.status == status and got.node_id == 0
     assert again.output(job.id) == ("out\n", "")
     assert again.node_stats()[0][status] == 1
-    assert again.job_ids().count(job.id) == 1
+    assert list(again.job_ids()).count(job.id) == 1
     assert again.queues[0] == [other.id]
 
     # A second restart neither moves nor counts it again.
     third = reopen(spools, again)
     assert third.node_stats()[0][status] == 1
-    assert third.job_ids().count(job.id) == 1
+    assert list(third.job_ids()).count(job.id) == 1
     assert listing(third.root / "done") == [job.id]
     assert third.get(job.id).status == status
 

@@ -1,0 +1,55 @@
+"""What every benchmark shares: a real server, the loopback sshd cluster, timing helpers.
+
+Benchmarks measure; they assert nothing. Each prints the baseline it measured in the same
+run, gpuqueue's figure and their ratio, and returns rows for bench/RESULTS.md.
+"""
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import Server, job_config, kill_processes_under  # noqa: E402
+from sshcluster import Cluster  # noqa: E402
+
+__all__ = ["Server", "Cluster", "job_config", "kill_processes_under", "workdir", "pct",
+           "median", "machine", "Row"]
+
+
+def workdir(name):
+    return Path(tempfile.mkdtemp(prefix=f"gpuqueue-bench-{name}-"))
+
+
+def pct(values, p):
+    """The p-th percentile (nearest rank) of ``values``."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def machine():
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+class Row(dict):
+    """One line of the results table: benchmark, metric, baseline, gpuqueue, ratio, target."""
+
+    def __init__(self, bench, metric, baseline, value, ratio=None, target="", unit=""):
+        super().__init__(bench=bench, metric=metric, baseline=baseline, value=value,
+                         ratio=ratio, target=target, unit=unit)
+
+    def show(self):
+        def fmt(v):
+            return "–" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+        print(f"  {self['metric']:<38} baseline {fmt(self['baseline']):>9} {self['unit']:<6}"
+              f" gpuqueue {fmt(self['value']):>9} {self['unit']:<6} ratio {fmt(self['ratio']):>6}"
+              f"  {self['target']}", flush=True)
+        return self
