@@ -2566,6 +2566,8 @@ def serve(config, host, port):
     """Start the server and one scheduler thread per node."""
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("paramiko").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" per burst
     spool = Spool(config.spool, [n.id for n in config.nodes])
     try:
         spool.open()

@@ -53,3 +53,36 @@ class Row(dict):
               f" gpuqueue {fmt(self['value']):>9} {self['unit']:<6} ratio {fmt(self['ratio']):>6}"
               f"  {self['target']}", flush=True)
         return self
+
+
+def closed_port():
+    """A loopback port nothing listens on: SSH nodes there stay offline, so queued jobs
+    stay queued and no job competes with the server for the CPU."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def idle_nodes(n=8):
+    port = closed_port()
+    return [{"id": i, "host": "127.0.0.1", "port": port} for i in range(n)]
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def all_jobs(session, server, token):
+    jobs, cursor = [], None
+    while True:
+        q = "/api/jobs?limit=1000" + (f"&cursor={cursor}" if cursor else "")
+        page = session.get(server.url + q, headers={"Authorization": f"Bearer {token}"}).json()
+        jobs += page["jobs"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return jobs
