@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup sshd cluster clean
+.PHONY: run test bench setup sshd cluster clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
 
 test: $(VENV)/.dev-installed sshd
 	$(PY) -m pytest -q tests
+
+# Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~5 minutes).
+bench: $(VENV)/.dev-installed sshd
+	cd bench && ../$(PY) run_all.py
 
 setup: $(VENV)/.dev-installed
 

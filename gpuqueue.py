@@ -346,8 +346,11 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_file(path, data, mode=0o644):
-    """Publish ``data`` at ``path`` atomically: temp name, fsync, rename, fsync dir."""
+def write_file(path, data, mode=0o644, sync_dir=True):
+    """Publish ``data`` at ``path`` atomically: temp name, fsync, rename, fsync dir.
+
+    ``sync_dir=False`` leaves the directory's fsync to a later write in the same folder.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -360,7 +363,8 @@ def write_file(path, data, mode=0o644):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def write_json(path, obj):
@@ -704,8 +708,8 @@ class Spool:
 
     def _write_result(self, job, folder, status, exit_code, error, stdout, stderr):
         job.finished_at = time.time()
-        write_file(folder / "stdout", stdout)
-        write_file(folder / "stderr", stderr)
+        write_file(folder / "stdout", stdout, sync_dir=False)
+        write_file(folder / "stderr", stderr, sync_dir=False)
         write_json(folder / "result.json", {
             "status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
             "started_at": job.started_at, "finished_at": job.finished_at})
@@ -744,8 +748,7 @@ class Spool:
 
     def output(self, job_id):
         folder = self.root / "done" / job_id
-        return ((folder / "stdout").read_text(errors="replace"),
-                (folder / "stderr").read_text(errors="replace"))
+        return tuple(read_capped(folder / name, sys.maxsize) for name in ("stdout", "stderr"))
 
     def queue_position(self, job):
         queue = self.queues[job.node_id]
@@ -1416,9 +1419,12 @@ class _Connection(fabric.Connection):
         # sshd turns Nagle off on its side only for a connection that holds a pty
         # session; without it, a short report after a quiet spell waits for a
         # delayed ACK (tens of ms).  One idle pty session per connection does it.
-        idle = self.transport.open_session(timeout=SSH_TIMEOUT)
-        idle.get_pty()
-        idle.exec_command("exec cat")
+        # Keep a reference: Paramiko holds channels weakly, and a channel collected
+        # by the garbage collector closes itself from whatever thread is running,
+        # which deadlocks a thread already inside a send on this transport.
+        self.idle_pty = self.transport.open_session(timeout=SSH_TIMEOUT)
+        self.idle_pty.get_pty()
+        self.idle_pty.exec_command("exec cat")
 
     def open_gateway(self):
         """Fabric's, but with a bounded wait for the jump host's forwarding channel."""
@@ -1526,7 +1532,10 @@ class SshExecutor:
                                  f"exec {shlex.quote(self.node.python)} gq_node.py serve")
             agent = _Agent(channel)
             if agent.reply(("ready", None), WRAPPER_START_TIMEOUT) is None:
-                channel.settimeout(1)
+                if not agent.closed:
+                    raise NodeError(f"the node's agent did not report in within "
+                                    f"{WRAPPER_START_TIMEOUT} s: its login shell's start-up "
+                                    f"files or the setup line may hang")
                 why = channel.recv_stderr(4096).decode(errors="replace").strip()
                 raise NodeError(f"the node's agent did not start: {why or 'no answer'}")
         except Exception as exc:
@@ -1585,11 +1594,15 @@ class SshExecutor:
         remote = self._remote_dir(job)
 
         def upload(sftp):
-            _rmtree(sftp, remote)
-            sftp.mkdir(remote)
-            sftp.put(str(folder / "code.py"), f"{remote}/code.py")
-            with sftp.open(f"{remote}/env.json", "w") as f:
-                f.write(json.dumps(job_env(self.node, job)))
+            try:
+                sftp.mkdir(remote)
+            except OSError:  # left by an attempt that never launched
+                _rmtree(sftp, remote)
+                sftp.mkdir(remote)
+            for name, data in (("code.py", (folder / "code.py").read_bytes()),
+                               ("env.json", json.dumps(job_env(self.node, job)))):
+                with sftp.open(f"{remote}/{name}", "w") as f:
+                    f.write(data)
         self._guard(upload)
         write_file(folder / "launching", remote)  # from here on the job may be running
         run = Run(job, remote, on_exit)
