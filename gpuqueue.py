@@ -6,7 +6,7 @@ the node with the least queued work, runs it there, and hands back stdout,
 stderr and the exit code.  One module, read top to bottom:
 
     configuration -> errors -> filesystem primitives -> spool -> tokens
-    -> executors -> scheduler -> HTTP API -> CLI
+    -> executors -> scheduler -> HTTP API -> drop folders -> CLI
 
 The spool directory is the only state.  Its layout::
 
@@ -17,17 +17,20 @@ The spool directory is the only state.  Its layout::
       nodes/<n>/pending/<id>/   queued on node n, oldest id first
       nodes/<n>/running/<id>/   claimed by node n's scheduler
       done/<id>/                finished: completed, failed or cancelled
-      corrupt/<id>/             a folder that could not be understood, with a reason
+      corrupt/<id>.<x>/         a folder that could not be understood; <id>.<x>.REASON says why
+      incoming/                 drop folders (see the Drop folders section)
 
 A job folder holds ``code.py`` and ``config.yaml`` (token removed), ``job.json``
 (the submit record), ``start.json`` once claimed, ``cancel`` once a cancel is
 asked for, and ``result.json`` plus capped ``stdout``/``stderr`` once finished.
-While a job runs, its work folder (``work/`` inside the job folder for local
-nodes) holds the files the job wrapper writes: ``launched``, ``pids``,
-``stdout``, ``stderr`` and ``result.json``.
+While a job runs, its work folder (``work/`` inside the job folder on a local
+node, ``<workdir>/<id>`` on an SSH node) holds the files the job's wrapper
+(``gq_node.py``) writes: ``launched``, ``pids``, ``stdout``, ``stderr`` and
+``result.json``.
 
-Every file is published by writing a temporary name, fsync, rename, then fsync
-of the directory; every state change is one rename.
+Every file is published where no reader looks yet (a temporary name, or a
+folder still private to its writer), fsynced, renamed into place, and its
+directory fsynced; every state change is one rename.
 
 Recovery at start-up (what is on disk -> what happens):
 
@@ -1318,6 +1321,9 @@ class LocalExecutor:
         except (ProcessLookupError, TypeError):
             pass
 
+    def cleanup(self, run):
+        pass  # work/ goes with the job folder's move to done/
+
     def collect(self, run):
         limit = self.config.output_limit_bytes
         out, err = read_capped(run.work / "stdout", limit), read_capped(run.work / "stderr", limit)
@@ -1665,10 +1671,13 @@ class SshExecutor:
                 return Outcome(r["exit_code"], r["reason"], out, err)
             except (FileNotFoundError, ValueError, KeyError):
                 return Outcome(None, "lost", out, err)
-        outcome = self._guard(fetch)
+        return self._guard(fetch)
+
+    def cleanup(self, run):
+        """Remove the job's folder on the node, once its outcome is safe in the spool
+        (before that, a restart would read a missing folder as 'never launched')."""
         if not self.config.keep_remote_dirs:
             self._send(None, op="remove", dir=run.job.id)
-        return outcome
 
 
 def _sftp_path(path):
@@ -1875,6 +1884,10 @@ class NodeWorker:
         else:
             status, error = "failed", f"exit code {o.exit_code}"
         self.spool.finish(job, status, o.exit_code, error, o.stdout, o.stderr)
+        try:
+            self.executor.cleanup(run)
+        except NodeError as exc:
+            log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
 
     def _wait(self, job, run):
         """Sleep until the run ends, passing on a cancel once."""

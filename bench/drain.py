@@ -9,6 +9,7 @@ the last stragglers do not count. On a machine with
 few cores the nodes' job interpreters compete with the server for the CPU, which the
 ideal does not account for: the report shows the core count.
 """
+import os
 import random
 import time
 
@@ -54,10 +55,12 @@ def run():
                       for n in s.get(server.url + "/api/nodes").json()["nodes"]):
             time.sleep(0.05)
         all_online = time.time()
+        cpu_before = _cpu_ticks()
         while s.get(server.url + "/").json()["queue_length"] or any(
                 n["running_job"] for n in s.get(server.url + "/api/nodes").json()["nodes"]):
             time.sleep(0.5)
         total = time.perf_counter() - t0
+        busy = _busy(cpu_before, _cpu_ticks())
         jobs = all_jobs(s, server, token)
         server.kill()
     finally:
@@ -72,9 +75,22 @@ def run():
     lo = max(all_online, ends[len(ends) // 10])
     rate = sum(1 for e in ends if lo < e <= hi) / (hi - lo)
     print(f"3. drain rate ({JOBS} jobs of 10-100 ms on {NODES} SSH nodes; queued in "
-          f"{submitted:.1f} s, drained {total:.1f} s after the jump host came back)")
+          f"{submitted:.1f} s, drained {total:.1f} s after the jump host came back; "
+          f"CPU busy {busy:.0%} of {os.cpu_count()} cores while draining)")
     return [Row("drain", "completed jobs per second", ideal, rate, rate / ideal, ">= 0.8",
                 "jobs/s").show()]
+
+
+def _cpu_ticks():
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy(before, after):
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def body(config):
 
 
 BASELINE_APP = r'''
-import os, sys, secrets, bottle, waitress
+import logging, os, sys, secrets, bottle, waitress
+logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as gpuqueue does
 app = bottle.Bottle()
 root = sys.argv[1]
 

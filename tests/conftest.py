@@ -148,6 +148,28 @@ def kill_processes_under(path):
             pass
 
 
+#: A job that forks a grandchild which ignores SIGTERM, and writes both pids to PIDS
+#: (prepend "PIDS = '...'"), to prove a kill reaches the whole process group.
+GRANDCHILD = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(300)"])
+with open(PIDS, "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+print("started", flush=True)
+time.sleep(300)
+"""
+
+
+def job_pids(path):
+    """The pids a GRANDCHILD job wrote, once it has written them."""
+    end = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    return [int(p) for p in path.read_text().split()]
+
+
 def alive(pid):
     """True if ``pid`` runs and is not a zombie."""
     try:

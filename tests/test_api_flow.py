@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import alive, job_config
+from conftest import GRANDCHILD, alive, job_pids, job_config
 
 
 HELLO = 'import time\nprint("Hello from GPU!")\ntime.sleep(0.2)\nprint("Job complete!")\n'
@@ -123,29 +123,10 @@ def test_cancel_pending_job_never_runs(make_server, tmp_path):
     assert server.get("/api/nodes").json()["nodes"][0]["cancelled"] == 2
 
 
-GRANDCHILD = """
-import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c",
-    "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(300)"])
-with open(PIDS, "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-print("started", flush=True)
-time.sleep(300)
-"""
-
-
-def _pids_of(path):
-    end = time.monotonic() + 30
-    while not (path.exists() and path.read_text()):
-        assert time.monotonic() < end
-        time.sleep(0.05)
-    return [int(p) for p in path.read_text().split()]
-
-
 def test_cancel_running_job_kills_its_whole_group(server, tmp_path):
     pids_file = tmp_path / "pids"
     sub = server.submit_ok(f"PIDS = {str(pids_file)!r}\n" + GRANDCHILD)
-    pids = _pids_of(pids_file)
+    pids = job_pids(pids_file)
     assert all(alive(p) for p in pids)
     r = server.post(f"/api/cancel/{sub['job_id']}", server.token())
     assert r.status_code == 200, r.text
@@ -160,7 +141,7 @@ def test_timeout_kills_group_and_fails_job(server, tmp_path):
     pids_file = tmp_path / "pids"
     # expected_time 1 s x multiplier 2: killed after about 2 s.
     sub = server.submit_ok(f"PIDS = {str(pids_file)!r}\n" + GRANDCHILD, expected_time=1)
-    pids = _pids_of(pids_file)
+    pids = job_pids(pids_file)
     st = server.wait(sub["job_id"], timeout=60)
     assert st["status"] == "failed" and st["error"] == "timeout"
     assert not any(alive(p) for p in pids)
@@ -175,7 +156,7 @@ def test_leftover_background_processes_are_killed_when_job_ends(server, tmp_path
             f"open({str(pids_file)!r}, 'w').write(str(c.pid))\n")
     sub = server.submit_ok(code)
     assert server.wait(sub["job_id"])["status"] == "completed"
-    assert not alive(_pids_of(pids_file)[0])
+    assert not alive(job_pids(pids_file)[0])
 
 
 def test_output_is_capped_with_a_visible_note(make_server):

@@ -5,7 +5,7 @@ import time
 import pytest
 import yaml
 
-from conftest import alive, kill_processes_under
+from conftest import GRANDCHILD, alive, job_pids, kill_processes_under
 from sshcluster import Cluster, node_addr
 
 
@@ -90,30 +90,11 @@ def test_cancel_pending_on_ssh_node(ssh_server, tmp_path):
     assert not marker.exists()
 
 
-GRANDCHILD = """
-import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c",
-    "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(300)"])
-with open(PIDS, "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-print("started", flush=True)
-time.sleep(300)
-"""
-
-
-def _pids(path):
-    end = time.monotonic() + 30
-    while not (path.exists() and path.read_text()):
-        assert time.monotonic() < end
-        time.sleep(0.05)
-    return [int(p) for p in path.read_text().split()]
-
-
 def test_cancel_running_kills_the_remote_group(ssh_server, tmp_path):
     server = ssh_server(node_count=2)
     pids_file = tmp_path / "pids"
     sub = server.submit_ok(f"PIDS = {str(pids_file)!r}\n" + GRANDCHILD)
-    job_pid, grandchild = _pids(pids_file)
+    job_pid, grandchild = job_pids(pids_file)
     assert group_members(job_pid)  # the job's own process group, grandchild included
     r = server.post(f"/api/cancel/{sub['job_id']}", server.token())
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -126,7 +107,7 @@ def test_timeout_on_ssh_node(ssh_server, tmp_path):
     server = ssh_server(node_count=2)
     pids_file = tmp_path / "pids"
     sub = server.submit_ok(f"PIDS = {str(pids_file)!r}\n" + GRANDCHILD, expected_time=1)
-    job_pid, grandchild = _pids(pids_file)
+    job_pid, grandchild = job_pids(pids_file)
     st = server.wait(sub["job_id"], timeout=60)
     assert st["status"] == "failed" and st["error"] == "timeout"
     assert group_members(job_pid) == [] and not alive(grandchild)
