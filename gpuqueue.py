@@ -1792,6 +1792,9 @@ class NodeWorker:
             # node back, and a connect attempt per submit would burn the CPU.
             time.sleep(backoff)
             backoff = min(backoff * 2, SSH_MAX_BACKOFF)
+        self._set_online()
+
+    def _set_online(self):
         if self.state != "online":
             log.info("node %s online", self.node.id)
         self.state, self.error = "online", None
@@ -1858,6 +1861,8 @@ class NodeWorker:
             self.spool.requeue(job)
             if self.state != "online":
                 self._shed()
+        else:
+            self._set_online()  # it answered
         return run
 
     def _follow(self, job, run):
