@@ -682,18 +682,25 @@ class Spool:
     # -- scheduler side ------------------------------------------------------
 
     def claim(self, node_id):
-        """Move the oldest pending job of a node to running; None when there is none."""
+        """Move a node's next job to running: its own oldest pending job or, when its
+        queue is empty, the oldest one waiting behind a busy node (placement goes by
+        estimates, which are often wrong; no node should idle while work waits).
+        None when there is nothing to run."""
         with self.lock():
-            if not self.queues[node_id]:
+            donors = [node_id] if self.queues[node_id] else [
+                n for n in self.node_ids if self.queues[n] and self.running_jobs[n]]
+            if not donors:
                 return None
-            job = self.active[self.queues[node_id][0]]
-            os.rename(self.pending_dir(node_id) / job.id, self.running_dir(node_id) / job.id)
+            donor = min(donors, key=lambda n: self.queues[n][0])
+            job = self.active[self.queues[donor][0]]
+            os.rename(self.pending_dir(donor) / job.id, self.running_dir(node_id) / job.id)
             self._unqueue(job)
-            job.status = "running"
-            job.started_at = time.time()
+            job.node_id, job.status, job.started_at = node_id, "running", time.time()
             self.running_jobs[node_id][job.id] = job
         fsync_dir(self.running_dir(node_id))
-        fsync_dir(self.pending_dir(node_id))
+        fsync_dir(self.pending_dir(donor))
+        if donor != node_id:
+            log.info("job %s planned for node %s taken by idle node %s", job.id, donor, node_id)
         write_json(self.folder(job) / "start.json", {"started_at": job.started_at, "node_id": node_id})
         return job
 
@@ -2131,7 +2138,9 @@ class Api:
             shutil.rmtree(staged)
             raise ApiError(429, f"{job.user_id} already has {full} pending jobs, the most "
                                 "allowed; submit more once some have started") from None
-        self.workers[job.node_id].wake.set()
+        for n, worker in self.workers.items():  # its node, and any idle one that may take it
+            if n == job.node_id or not self.spool.running_jobs[n]:
+                worker.wake.set()
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         return job, position
 

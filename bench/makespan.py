@@ -47,7 +47,7 @@ def run():
                for j in jobs)
     makespan = last - t0
     print(f"5. makespan under wrong estimates ({JOBS} jobs, true time 0.3-3x expected, "
-          f"{NODES} local nodes, placement at submit)")
+          f"{NODES} local nodes)")
     return [Row("makespan", "makespan vs lower bound", bound, makespan, makespan / bound,
                 "(issue 7: <= 1.15)", "s").show()]
 

@@ -195,3 +195,17 @@ def test_second_server_on_same_spool_refuses(server):
     assert r.returncode != 0
     assert "another gpuqueue server" in r.stderr and str(server.proc.pid) in r.stderr
     assert server.get("/").status_code == 200
+
+
+def test_an_idle_node_takes_work_waiting_behind_a_busy_one(make_server):
+    server = make_server(nodes=2)
+    # Estimates are wrong both ways: X says 100 s and ends at once, Y says 1 s and runs on.
+    x = server.submit_ok("import time\ntime.sleep(0.5)\n", expected_time=100)
+    y = server.submit_ok("import time\ntime.sleep(60)\n", expected_time=1)
+    server.wait(y["job_id"], ("running",))
+    z = server.submit_ok("print('z')\n", expected_time=1)
+    assert (x["node_id"], y["node_id"], z["node_id"]) == (0, 1, 1)  # planned behind Y
+    st = server.wait(z["job_id"], timeout=30)
+    assert st["status"] == "completed" and st["node_id"] == 0  # node 0 took it
+    assert server.status(y["job_id"])["status"] == "running"
+    assert "taken by idle node 0" in server.log()
