@@ -1,8 +1,8 @@
 """5. Makespan under wrong estimates: a seeded mix of jobs whose true run times are 0.3-3x
 their expected_time, on 8 local nodes with scaled-down sleeps. Reported: makespan /
 lower bound, where the lower bound is max(total work / nodes, longest job). The baseline
-column is the lower bound itself, computed for the same workload. Placement uses the
-estimates only, so the ratio shows what wrong estimates cost.
+column is the lower bound itself, computed for the same workload. Placement goes by the
+estimates; a node that falls idle takes the oldest job waiting behind a busy one.
 """
 import random
 import time
