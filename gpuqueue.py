@@ -1306,7 +1306,7 @@ class LocalExecutor:
         if _void_launch(work):
             return None
         run = Run(job, work, on_exit)
-        pid = _wait_for_pids(work)
+        pid = wrapper_pid(lambda: (work / "pids").read_text())
         if pid is None or (work / "result.json").exists() or not _is_wrapper(pid, work):
             run.ended()
             return run
@@ -1351,13 +1351,18 @@ def _void_launch(work):
     return True
 
 
-def _wait_for_pids(work, patience=2.0):
-    """The wrapper's pid; it writes it just after claiming the launch."""
+def wrapper_pid(read_pids, patience=2.0):
+    """A launched wrapper's pid, from its pids file (read by ``read_pids``), or None.
+
+    The wrapper writes the file just after claiming the launch, so after a restart
+    it may be a moment late; a file cannot be waited on, so this looks again
+    briefly.  Only recovery comes here.
+    """
     end = time.monotonic() + patience
     while True:
         try:
-            return int(read_json(work / "pids")["wrapper"])
-        except (OSError, ValueError, KeyError):
+            return int(json.loads(read_pids())["wrapper"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             if time.monotonic() > end:
                 return None
             time.sleep(0.05)
@@ -1647,12 +1652,7 @@ class SshExecutor:
             (folder / "launching").unlink()
             return None
         run = Run(job, remote, on_exit)
-        end = time.monotonic() + 2
-        while run.wrapper_pid is None and time.monotonic() < end:
-            try:
-                run.wrapper_pid = int(json.loads(self._guard(_read_text, f"{remote}/pids"))["wrapper"])
-            except (FileNotFoundError, ValueError, KeyError):
-                time.sleep(0.05)
+        run.wrapper_pid = wrapper_pid(lambda: self._guard(_read_text, f"{remote}/pids"))
         if run.wrapper_pid is None:
             run.ended()
         else:
