@@ -520,14 +520,20 @@ def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_p
     assert ran.read_text() == "x\n"
 
 
-def test_wrapper_result_left_behind_is_collected_without_running_again(make_server, tmp_path):
-    ran = tmp_path / "ran"
-    server, job, folder = prepared_server(make_server, f"open({str(ran)!r}, 'a').write('x\\n')\n")
+def launched_by_a_dead_wrapper(folder):
+    """A job's work/ as a wrapper leaves it once launched, that wrapper now gone."""
     work = folder / "work"
     work.mkdir()
     pid = dead_pid()
     (work / "launched").touch()
     (work / "pids").write_text(json.dumps({"wrapper": pid, "job": pid}))
+    return work
+
+
+def test_wrapper_result_left_behind_is_collected_without_running_again(make_server, tmp_path):
+    ran = tmp_path / "ran"
+    server, job, folder = prepared_server(make_server, f"open({str(ran)!r}, 'a').write('x\\n')\n")
+    work = launched_by_a_dead_wrapper(folder)
     (work / "stdout").write_text("from the first server\n")
     (work / "stderr").write_text("a warning\n")
     (work / "result.json").write_text(json.dumps({"exit_code": 0, "reason": None}))
@@ -545,11 +551,7 @@ def test_wrapper_result_left_behind_is_collected_without_running_again(make_serv
 def test_wrapper_gone_without_result_fails_with_clear_error(make_server, tmp_path):
     ran = tmp_path / "ran"
     server, job, folder = prepared_server(make_server, f"open({str(ran)!r}, 'a').write('x\\n')\n")
-    work = folder / "work"
-    work.mkdir()
-    pid = dead_pid()
-    (work / "launched").touch()
-    (work / "pids").write_text(json.dumps({"wrapper": pid, "job": pid}))
+    work = launched_by_a_dead_wrapper(folder)
     (work / "stdout").write_text("partial\n")
     server.start()
     st = server.wait(job.id)
