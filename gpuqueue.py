@@ -2,11 +2,12 @@
 """gpuqueue: a GPU job queue server for a small team sharing a few GPU nodes.
 
 Users upload a Python script and a ``config.yaml``; the server queues the job on
-the node with the least queued work, runs it there, and hands back stdout,
-stderr and the exit code.  One module, read top to bottom:
+the node with the least queued work, runs it there (or on whichever node falls
+idle first, users taking turns), and hands back stdout, stderr and the exit
+code.  One module, read top to bottom:
 
     configuration -> errors -> filesystem primitives -> spool -> tokens
-    -> executors -> scheduler -> HTTP API -> drop folders -> CLI
+    -> executors -> scheduler -> HTTP API -> drop folders -> admin control -> CLI
 
 The spool directory is the only state.  Its layout::
 
@@ -14,11 +15,13 @@ The spool directory is the only state.  Its layout::
       server.lock, server.pid   held by the one server using this spool
       queue.lock                guards every queue decision (threads and processes)
       tmp/<id>/                 an upload being written; never acknowledged yet
-      nodes/<n>/pending/<id>/   queued on node n, oldest id first
+      nodes/<n>/pending/<id>/   queued on node n (its planned node)
       nodes/<n>/running/<id>/   claimed by node n's scheduler
+      nodes/<n>/drained         present while an admin has node n drained
       done/<id>/                finished: completed, failed or cancelled
       corrupt/<id>.<x>/         a folder that could not be understood; <id>.<x>.REASON says why
       incoming/                 drop folders (see the Drop folders section)
+      control/                  admin requests to the running server (Admin control)
 
 A job folder holds ``code.py`` and ``config.yaml`` (token removed), ``job.json``
 (the submit record), ``start.json`` once claimed, ``cancel`` once a cancel is
@@ -58,10 +61,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import heapq
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -438,6 +443,7 @@ class Job:
     expected_time: float
     submitted_at: float
     node_id: int
+    priority: int = 0
     status: str = "pending"
     started_at: float | None = None
     finished_at: float | None = None
@@ -445,20 +451,91 @@ class Job:
     error: str | None = None
     cancel_requested: bool = False
 
-    META = ("id", "user_id", "competition_id", "project_id", "expected_time", "submitted_at")
+    META = ("id", "user_id", "competition_id", "project_id", "expected_time", "submitted_at",
+            "priority")
 
     def meta(self):
         return {k: getattr(self, k) for k in self.META}
+
+    @classmethod
+    def from_meta(cls, meta, **state):
+        """The job a job.json describes; ``priority`` may be absent (0)."""
+        fields = {k: meta[k] for k in cls.META if k != "priority"}
+        return cls(priority=int(meta.get("priority", 0)), **fields, **state)
 
     def public(self):
         return {
             "job_id": self.id, "status": self.status, "node_id": self.node_id,
             "user_id": self.user_id, "competition_id": self.competition_id,
             "project_id": self.project_id, "expected_time": self.expected_time,
-            "submitted_at": isotime(self.submitted_at), "started_at": isotime(self.started_at),
+            "priority": self.priority, "submitted_at": isotime(self.submitted_at), "started_at": isotime(self.started_at),
             "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
             "error": self.error,
         }
+
+
+class FairQueue:
+    """One node's pending jobs in the order they are to run: higher ``priority``
+    first; within a priority, users take turns (round-robin), each user's own
+    jobs oldest first.  Whose turn it is comes from ``served`` ((priority, user)
+    -> ticket of that user's last started job of that priority, shared by every
+    node's queue): the user served longest ago goes next, so one user's 500 jobs
+    do not hold back another's 5.  Turns are kept per priority, so that what
+    runs first does not reorder what waits below it.
+    """
+
+    def __init__(self, served):
+        self.served = served
+        self.lanes = {}  # (priority, user) -> that user's pending ids, oldest first
+        self.count = 0
+
+    def __len__(self):
+        return self.count
+
+    def add(self, job):
+        bisect.insort(self.lanes.setdefault((job.priority, job.user_id), []), job.id)
+        self.count += 1
+
+    def remove(self, job):
+        key = (job.priority, job.user_id)
+        lane = self.lanes[key]
+        del lane[bisect.bisect_left(lane, job.id)]
+        if not lane:
+            del self.lanes[key]
+        self.count -= 1
+
+    def ids(self):
+        """Every pending id, oldest first."""
+        return sorted(i for lane in self.lanes.values() for i in lane)
+
+    def _turn(self, key):
+        """The sort key of a lane's oldest job: the smallest runs next."""
+        return (-key[0], self.served.get(key, 0), self.lanes[key][0])
+
+    def head(self):
+        """(turn, id) of the job to run next, or None when the queue is empty."""
+        if not self.lanes:
+            return None
+        turn = min(self._turn(key) for key in self.lanes)
+        return turn, turn[2]
+
+    def ahead(self, job):
+        """Ids of the jobs that run before ``job`` if no other job arrives, or None
+        when ``job`` is not in this queue.  Each round gives every user of a
+        priority one job, in the order of their turns."""
+        mine = (job.priority, job.user_id)
+        lane = self.lanes.get(mine, ())
+        k = bisect.bisect_left(lane, job.id)
+        if k == len(lane) or lane[k] != job.id:
+            return None
+        turn = self._turn(mine)
+        out = lane[:k]
+        for key, ids in self.lanes.items():
+            if key[0] > job.priority:
+                out += ids
+            elif key[0] == job.priority and key != mine:
+                out += ids[:k + (self._turn(key) < turn)]
+        return out
 
 
 class Spool:
@@ -481,8 +558,15 @@ class Spool:
         #: follows is derived from it, kept up to date by _queue, _unqueue,
         #: claim and finish, so a submit never walks every queued job.
         self.active = {}
-        #: Pending job ids per node, oldest first.
-        self.queues = {n: [] for n in self.node_ids}
+        #: Ticket of the last started job per (priority, user), for FairQueue's
+        #: turns.  Kept in memory only: after a restart every user starts even.
+        self.served = {}
+        self._tickets = itertools.count(1)
+        #: Pending jobs per node, in the order they are to run.
+        self.queues = {n: FairQueue(self.served) for n in self.node_ids}
+        #: Nodes an admin has drained: they start no job until resumed.  Each has
+        #: a ``nodes/<n>/drained`` file, so this survives a restart.
+        self.drained = set()
         #: Expected seconds of each node's pending jobs.
         self.queued = dict.fromkeys(self.node_ids, 0.0)
         #: Pending jobs per user.
@@ -524,7 +608,7 @@ class Spool:
                             f"{self.root}; stop it first or choose another spool") from None
         write_file(self.root / "server.pid", f"{os.getpid()}\n")
         self._flock = filelock.FileLock(self.root / "queue.lock")
-        for d in ("tmp", "done", "corrupt", "incoming"):
+        for d in ("tmp", "done", "corrupt", "incoming", "control"):
             (self.root / d).mkdir(exist_ok=True)
         for n in self.node_ids:
             self.pending_dir(n).mkdir(parents=True, exist_ok=True)
@@ -564,6 +648,8 @@ class Spool:
             if JOB_ID_RE.match(name):
                 self._count_finished(self.root / "done" / name)
         for n in self.node_ids:
+            if self._drained_marker(n).exists():
+                self.drained.add(n)
             for status, d in (("pending", self.pending_dir(n)), ("running", self.running_dir(n))):
                 for folder in sorted(d.iterdir()):
                     job = self._load(folder, n, status)
@@ -585,7 +671,7 @@ class Spool:
             return None
         try:
             meta = read_json(folder / "job.json")
-            job = Job(node_id=node_id, status=status, **{k: meta[k] for k in Job.META})
+            job = Job.from_meta(meta, node_id=node_id, status=status)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._quarantine(folder, f"unreadable job.json: {exc}")
             return None
@@ -615,13 +701,13 @@ class Spool:
 
     def _queue(self, job):
         """Put a pending job into its node's queue (under the lock)."""
-        bisect.insort(self.queues[job.node_id], job.id)
+        self.queues[job.node_id].add(job)
         self.queued[job.node_id] += job.expected_time
         self.waiting[job.user_id] += 1
 
     def _unqueue(self, job):
         """Take a pending job out of its node's queue (under the lock)."""
-        self.queues[job.node_id].remove(job.id)
+        self.queues[job.node_id].remove(job)
         self.queued[job.node_id] -= job.expected_time
         self.waiting[job.user_id] -= 1
 
@@ -650,7 +736,7 @@ class Spool:
         return folder
 
     def enqueue(self, job, staged, online, max_pending):
-        """Queue a staged job on the least-loaded node; returns its queue position.
+        """Queue a staged job on the least-loaded node; returns queue_position's pair.
 
         Raises QueueFull (and leaves the staged folder) when the job's user already
         has ``max_pending`` pending jobs.
@@ -659,44 +745,51 @@ class Spool:
             if self.waiting[job.user_id] >= max_pending:
                 raise QueueFull(self.waiting[job.user_id])
             loads = self._queued_seconds()
-            candidates = [n for n in self.node_ids if n in online] or list(self.node_ids)
+            open_ = [n for n in self.node_ids if n not in self.drained]
+            # Offline nodes only when none is online; drained ones only when all are.
+            candidates = [n for n in open_ if n in online] or open_ or list(self.node_ids)
             job.node_id = min(candidates, key=lambda n: (loads[n], n))
             os.rename(staged, self.pending_dir(job.node_id) / job.id)
             self.active[job.id] = job
             self._queue(job)
-            position = self.queue_position(job)
+            position = self._position(job)
         # The rename is in the journal once this folder is synced; tmp/ needs no sync
         # of its own: after a crash the job is in one place or the other, never both.
         fsync_dir(self.pending_dir(job.node_id))
         return position
 
-    def _queued_seconds(self):
-        """Per node: expected seconds of its pending jobs plus what remains of its running one."""
+    def _queued_seconds(self, node_id=None):
+        """Per node (or for one): expected seconds of its pending jobs plus what
+        remains of its running one."""
         now = time.time()
         loads = dict(self.queued)
         for n, running in self.running_jobs.items():
             for job in running.values():
                 loads[n] += max(0.0, job.expected_time - (now - (job.started_at or now)))
-        return loads
+        return loads if node_id is None else loads[node_id]
 
     # -- scheduler side ------------------------------------------------------
 
     def claim(self, node_id):
-        """Move a node's next job to running: its own oldest pending job or, when its
-        queue is empty, the oldest one waiting behind a busy node (placement goes by
-        estimates, which are often wrong; no node should idle while work waits).
-        None when there is nothing to run."""
+        """Move the job whose turn it is (see FairQueue) to this node's running/:
+        from its own queue, or from the queue of a node that cannot start it now
+        (busy or drained).  Placement goes by estimates, which are often wrong: no
+        node should idle, nor a user wait, while another node holds their job.
+        None when there is nothing to run, or the node is drained."""
         with self.lock():
-            donors = [node_id] if self.queues[node_id] else [
-                n for n in self.node_ids if self.queues[n] and self.running_jobs[n]]
-            if not donors:
+            if node_id in self.drained:
                 return None
-            donor = min(donors, key=lambda n: self.queues[n][0])
-            job = self.active[self.queues[donor][0]]
+            heads = [(q.head(), n) for n, q in self.queues.items() if len(q) and (
+                n == node_id or self.running_jobs[n] or n in self.drained)]
+            if not heads:
+                return None
+            (_, job_id), donor = min(heads)
+            job = self.active[job_id]
             os.rename(self.pending_dir(donor) / job.id, self.running_dir(node_id) / job.id)
             self._unqueue(job)
             job.node_id, job.status, job.started_at = node_id, "running", time.time()
             self.running_jobs[node_id][job.id] = job
+            self.served[job.priority, job.user_id] = next(self._tickets)
         fsync_dir(self.running_dir(node_id))
         fsync_dir(self.pending_dir(donor))
         if donor != node_id:
@@ -752,18 +845,28 @@ class Spool:
             r = read_json(folder / "result.json")
         except (OSError, ValueError):
             return None
-        return Job(node_id=r["node_id"], status=r["status"], started_at=r["started_at"],
-                   finished_at=r["finished_at"], exit_code=r["exit_code"], error=r["error"],
-                   **{k: meta[k] for k in Job.META})
+        return Job.from_meta(meta, node_id=r["node_id"], status=r["status"],
+                             started_at=r["started_at"], finished_at=r["finished_at"],
+                             exit_code=r["exit_code"], error=r["error"])
 
     def output(self, job_id):
         folder = self.root / "done" / job_id
         return tuple(read_capped(folder / name, sys.maxsize) for name in ("stdout", "stderr"))
 
     def queue_position(self, job):
-        queue = self.queues[job.node_id]
-        i = bisect.bisect_left(queue, job.id)
-        return i if i < len(queue) and queue[i] == job.id else None
+        """(jobs ahead of it in its node's queue, estimated start time), or
+        (None, None) when the job is not pending.  The estimate adds the expected
+        times of the running job's rest and of those ahead; work taken by idle
+        nodes can only make it earlier."""
+        with self._tlock:
+            return self._position(job)
+
+    def _position(self, job):
+        ahead = self.queues[job.node_id].ahead(job)
+        if ahead is None:
+            return None, None
+        running = self._queued_seconds(job.node_id) - self.queued[job.node_id]
+        return len(ahead), time.time() + running + sum(self.active[i].expected_time for i in ahead)
 
     def request_cancel(self, job):
         """Cancel a pending job now, or mark a running one for its scheduler to kill.
@@ -800,6 +903,20 @@ class Spool:
             active = active[:bisect.bisect_left(active, before)]
         return heapq.merge(reversed(active), reversed(done), reverse=True)
 
+    def find(self, user=None, status=None, limit=100, before=None):
+        """Up to ``limit`` jobs, newest first, of ``user`` and in ``status`` when
+        given, older than the id ``before``; and the cursor for the next page (None
+        on the last)."""
+        found = []
+        for job_id in self.job_ids(before=before):
+            job = self.get(job_id)
+            if job is None or (user and job.user_id != user) or (status and job.status != status):
+                continue
+            if len(found) == limit:
+                return found, found[-1].id
+            found.append(job)
+        return found, None
+
     def node_stats(self):
         loads = self._queued_seconds()
         return {n: {"queued_jobs": len(self.queues[n]), "queued_seconds": round(loads[n], 3),
@@ -807,16 +924,16 @@ class Spool:
                     "cancelled": self.finished[n]["cancelled"]} for n in self.node_ids}
 
     def move_pending(self, node_id, online):
-        """Move a node's pending jobs to the least-loaded of ``online``, oldest first.
-
-        Returns the nodes that received jobs.
+        """Move a node's pending jobs to the least-loaded of ``online`` nodes that
+        are not drained, oldest first.  Returns the nodes that received jobs.
         """
+        online = [n for n in online if n not in self.drained and n != node_id]
         if not online or not self.queues[node_id]:
             return set()
         moved = set()
         with self.lock():
             loads = self._queued_seconds()
-            for job_id in list(self.queues[node_id]):
+            for job_id in self.queues[node_id].ids():
                 job = self.active[job_id]
                 dest = min(online, key=lambda n: (loads[n], n))
                 os.rename(self.pending_dir(node_id) / job_id, self.pending_dir(dest) / job_id)
@@ -829,6 +946,21 @@ class Spool:
             fsync_dir(self.pending_dir(n))
         log.info("node %s: pending jobs moved to nodes %s", node_id, sorted(moved))
         return moved
+
+    def _drained_marker(self, node_id):
+        return self.root / "nodes" / str(node_id) / "drained"
+
+    def set_drained(self, node_id, drained):
+        """Drain a node (it starts no more jobs) or resume it; on disk first."""
+        marker = self._drained_marker(node_id)
+        with self.lock():
+            if drained:
+                write_file(marker, b"")
+                self.drained.add(node_id)
+            else:
+                marker.unlink(missing_ok=True)
+                fsync_dir(marker.parent)
+                self.drained.discard(node_id)
 
     def requeue(self, job):
         """Put a claimed job that never launched back at its place in its node's queue."""
@@ -1770,6 +1902,8 @@ class NodeWorker:
             self.wake.clear()
             job = self.spool.claim(self.node.id)
             if job is None:
+                if self.node.id in self.spool.drained:
+                    self._shed()
                 if not self.wake.wait(self.executor.probe_interval) and not self.executor.healthy():
                     self._set_offline("did not answer a health check")
                 continue
@@ -1813,7 +1947,7 @@ class NodeWorker:
         self._shed()
 
     def _shed(self):
-        """Hand this node's pending jobs to online nodes, oldest first."""
+        """Hand this node's pending jobs to online nodes that are not drained."""
         online = [n for n, w in self.peers.items() if w.state == "online" and w is not self]
         for n in self.spool.move_pending(self.node.id, online):
             self.peers[n].wake.set()
@@ -1915,7 +2049,8 @@ class NodeWorker:
     def info(self):
         running = self.spool.running(self.node.id)
         return {"id": self.node.id, "host": self.node.host, "state": self.state,
-                "error": self.error, "running_job": running[0].id if running else None}
+                "drained": self.node.id in self.spool.drained, "error": self.error,
+                "running_job": running[0].id if running else None}
 
 
 ###############################################################################
@@ -1928,8 +2063,12 @@ JOB_KEYS = {
     "project_id": (str, True),
     "user_id": (str, True),
     "expected_time": (_NUMBER, True),
+    "priority": (int, False),
     "token": (str, False),
 }
+
+#: A job's ``priority`` lies in this range; only admins may go above 0.
+PRIORITY_RANGE = (-100, 100)
 
 #: Upper bound for free-text ids in a job's config.
 MAX_ID_LENGTH = 200
@@ -1965,7 +2104,7 @@ def parse_job_config(data, max_expected_time):
             continue
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, types):
-            kind = "a number" if types is _NUMBER else "a string (quote it)"
+            kind = {_NUMBER: "a number", int: "a whole number"}.get(types, "a string (quote it)")
             raise ApiError(400, f"config_file: {key!r} must be {kind}")
         if isinstance(value, str) and key != "token" and not (
                 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
@@ -1978,6 +2117,9 @@ def parse_job_config(data, max_expected_time):
         raise ApiError(400, f"config_file: 'expected_time' must be seconds above 0 and at most "
                             f"{max_expected_time:g}")
     cfg["expected_time"] = t
+    lo, hi = PRIORITY_RANGE
+    if not lo <= cfg.get("priority", 0) <= hi:
+        raise ApiError(400, f"config_file: 'priority' must be from {lo} to {hi}")
     return cfg
 
 
@@ -2076,7 +2218,8 @@ class Api:
     def _status(self, job):
         out = job.public()
         if job.status == "pending":
-            out["queue_position"] = self.spool.queue_position(job)
+            position, start = self.spool.queue_position(job)
+            out["queue_position"], out["estimated_start"] = position, isotime(start)
         return out
 
     # -- routes --------------------------------------------------------------
@@ -2102,16 +2245,16 @@ class Api:
         extra = names - {"code", "config_file"}
         if extra:
             raise ApiError(400, "unexpected multipart part; send only 'code' and 'config_file'")
-        job, position = self.accept(_upload_part("code"), _upload_part("config_file"), _bearer(),
-                                    source=req.remote_addr or "-")
+        job, (position, start) = self.accept(_upload_part("code"), _upload_part("config_file"),
+                                             _bearer(), source=req.remote_addr or "-")
         req.environ["gpuqueue.user"] = job.user_id
         bottle.response.status = 201
         return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
-                "queue_position": position}
+                "queue_position": position, "estimated_start": isotime(start)}
 
     def accept(self, code, config_data, token=None, job_id=None, source="incoming"):
         """Check a job (script bytes, config.yaml bytes) and queue it; the one way in
-        for both uploads and dropped folders.  Returns (job, queue position)."""
+        for both uploads and dropped folders.  Returns (job, Spool.queue_position's pair)."""
         if not code.strip():
             raise ApiError(400, "code is empty")
         try:
@@ -2122,18 +2265,21 @@ class Api:
         user = self._authenticate(token or cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise ApiError(403, "user_id in config_file is not the token's user")
+        if cfg.get("priority", 0) > 0 and not user["admin"]:
+            raise ApiError(403, "only an admin may give a job a priority above 0")
         disk = os.statvfs(self.spool.root)
         if disk.f_bavail * disk.f_frsize < self.config.min_free_bytes + len(code) + len(config_data):
             raise ApiError(507, "the server's spool disk is nearly full; try again later")
         job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
                   competition_id=cfg["competition_id"], project_id=cfg["project_id"],
-                  expected_time=cfg["expected_time"], submitted_at=time.time(), node_id=-1)
-        kept = {k: cfg[k] for k in JOB_KEYS if k != "token"}
+                  expected_time=cfg["expected_time"], priority=cfg.get("priority", 0),
+                  submitted_at=time.time(), node_id=-1)
+        kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
         staged = self.spool.stage(job, code, "# token removed by gpuqueue\n"
                                   + yaml.dump(kept, Dumper=_YAML_DUMPER))
         online = {w.node.id for w in self.workers.values() if w.state == "online"}
         try:
-            position = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
+            estimate = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
         except QueueFull as full:
             shutil.rmtree(staged)
             raise ApiError(429, f"{job.user_id} already has {full} pending jobs, the most "
@@ -2142,7 +2288,7 @@ class Api:
             if n == job.node_id or not self.spool.running_jobs[n]:
                 worker.wake.set()
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
-        return job, position
+        return job, estimate
 
     def status(self, job_id):
         return self._status(self._job(job_id, self._user()))
@@ -2190,15 +2336,8 @@ class Api:
             if owner not in (None, user["user"]):
                 raise ApiError(403, "you may list only your own jobs")
             owner = user["user"]
-        found = []
-        for job_id in self.spool.job_ids(before=cursor):
-            job = self.spool.get(job_id)
-            if job is None or (owner and job.user_id != owner) or (status and job.status != status):
-                continue
-            if len(found) == limit:
-                return {"jobs": [self._status(j) for j in found], "next_cursor": found[-1].id}
-            found.append(job)
-        return {"jobs": [self._status(j) for j in found], "next_cursor": None}
+        found, next_cursor = self.spool.find(owner, status, limit, cursor)
+        return {"jobs": [self._status(j) for j in found], "next_cursor": next_cursor}
 
     def docs(self):
         bottle.response.content_type = "text/html; charset=utf-8"
@@ -2266,13 +2405,15 @@ def _openapi():
     job_status = {
         "type": "object",
         "required": ["job_id", "status", "node_id", "user_id", "competition_id", "project_id",
-                     "expected_time", "submitted_at", "started_at", "finished_at",
+                     "expected_time", "priority", "submitted_at", "started_at", "finished_at",
                      "exit_code", "error"],
         "properties": {
             "job_id": {"type": "string"}, "status": status, "node_id": {"type": "integer"},
-            "queue_position": {"type": ["integer", "null"]}, "user_id": {"type": "string"},
+            "queue_position": {"type": ["integer", "null"]}, "estimated_start": time_,
+            "user_id": {"type": "string"},
             "competition_id": {"type": "string"}, "project_id": {"type": "string"},
-            "expected_time": {"type": "number"}, "submitted_at": time_, "started_at": time_,
+            "expected_time": {"type": "number"}, "priority": {"type": "integer"},
+            "submitted_at": time_, "started_at": time_,
             "finished_at": time_, "exit_code": {"type": ["integer", "null"]},
             "error": nullable_str}}
     return {
@@ -2287,11 +2428,13 @@ def _openapi():
                           "properties": {"error": {"type": "string"}}},
                 "JobStatus": job_status,
                 "Submitted": {"type": "object",
-                              "required": ["job_id", "node_id", "status", "queue_position"],
+                              "required": ["job_id", "node_id", "status", "queue_position",
+                                           "estimated_start"],
                               "properties": {"job_id": {"type": "string"},
                                              "node_id": {"type": "integer"},
                                              "status": {"const": "pending"},
-                                             "queue_position": {"type": "integer"}}},
+                                             "queue_position": {"type": "integer"},
+                                             "estimated_start": time_}},
                 "Results": {"type": "object",
                             "required": ["job_id", "status", "stdout", "stderr", "exit_code", "error"],
                             "properties": {"job_id": {"type": "string"}, "status": status,
@@ -2299,10 +2442,12 @@ def _openapi():
                                            "exit_code": {"type": ["integer", "null"]},
                                            "error": nullable_str}},
                 "Node": {"type": "object",
-                         "required": ["id", "host", "state", "error", "running_job", "queued_jobs",
-                                      "queued_seconds", "completed", "failed", "cancelled"],
+                         "required": ["id", "host", "state", "drained", "error", "running_job",
+                                      "queued_jobs", "queued_seconds", "completed", "failed",
+                                      "cancelled"],
                          "properties": {"id": {"type": "integer"}, "host": {"type": "string"},
                                         "state": {"type": "string", "enum": ["online", "offline"]},
+                                        "drained": {"type": "boolean"},
                                         "error": nullable_str, "running_job": nullable_str,
                                         "queued_jobs": {"type": "integer"},
                                         "queued_seconds": {"type": "number"},
@@ -2331,7 +2476,9 @@ def _openapi():
                                  "description": "the Python script (UTF-8)"},
                         "config_file": {"type": "string", "format": "binary",
                                         "description": "YAML mapping: competition_id, project_id, "
-                                                       "user_id, expected_time (seconds), token"}}}}}},
+                                                       "user_id, expected_time (seconds), optional "
+                                                       "priority (-100 to 100; above 0 for admins "
+                                                       "only) and token"}}}}}},
                 "responses": {"201": answer("queued", "Submitted"),
                               "400": answer("bad upload or config"), **errors,
                               "403": answer("user_id is not the token's user"),
@@ -2431,8 +2578,28 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 
 #: Seconds a dropped folder must have stayed unchanged before it is taken.
 INCOMING_QUIET = 0.5
-#: Seconds between looks into incoming/.
-INCOMING_SCAN = 0.25
+#: Seconds between looks into incoming/ and control/.
+SPOOL_SCAN = 0.25
+
+
+def watch(*watchers):
+    """The thread that looks into incoming/ and control/.  The standard library
+    has no portable way to be told of a new file; one listdir each, four times a
+    second, costs next to nothing."""
+    for w in watchers:
+        _logged_step(w.recover)
+    while True:
+        for w in watchers:
+            _logged_step(w.scan)
+        time.sleep(SPOOL_SCAN)
+
+
+def _logged_step(step):
+    """A failed look is logged and tried again next time; the thread never dies."""
+    try:
+        step()
+    except Exception:
+        log.exception("%s failed", step.__qualname__)
 
 
 class _Refused(Exception):
@@ -2464,21 +2631,17 @@ class Incoming:
         self.api = api
         self.max_bytes = max_bytes
 
-    def start(self):
-        threading.Thread(target=self._loop, name="incoming", daemon=True).start()
-
-    def _loop(self):
+    def recover(self):
+        """Queue the jobs of folders claimed before a crash that have no receipt."""
         for entry in os.scandir(self.dir):
             m = self.CLAIMED.match(entry.name)
             if m and not (self.dir / f"{m['name']}.{m['job_id']}.receipt.json").exists():
                 self._guarded(self._queue, entry.name, m["name"], m["job_id"])
-        while True:
-            for entry in os.scandir(self.dir):
-                if not (entry.name.startswith(".") or self.OUTCOME.search(entry.name)):
-                    self._guarded(self._take, entry.name)
-            # The standard library has no portable way to be told of a new
-            # folder; one listdir four times a second costs next to nothing.
-            time.sleep(INCOMING_SCAN)
+
+    def scan(self):
+        for entry in os.scandir(self.dir):
+            if not (entry.name.startswith(".") or self.OUTCOME.search(entry.name)):
+                self._guarded(self._take, entry.name)
 
     def _guarded(self, step, *args):
         try:
@@ -2509,15 +2672,16 @@ class Incoming:
         if job is None:
             try:
                 script, config = self._files(path)
-                job, position = self.api.accept(script, config, job_id=job_id)
+                job, (position, start) = self.api.accept(script, config, job_id=job_id)
             except (_Refused, ApiError) as exc:
                 self._refuse(claimed, path, getattr(exc, "message", str(exc)), name)
                 return
         else:
-            position = self.spool.queue_position(job)
+            position, start = self.spool.queue_position(job)
         write_json(self.dir / f"{name}.{job_id}.receipt.json", {
             "job_id": job.id, "node_id": job.node_id, "status": "pending",
-            "queue_position": position, "submitted_at": isotime(job.submitted_at),
+            "queue_position": position, "estimated_start": isotime(start),
+            "submitted_at": isotime(job.submitted_at),
             "user_id": job.user_id})
         log.info("incoming: %r became job %s", name, job.id)
 
@@ -2578,6 +2742,169 @@ def _read_nofollow(path):
         return f.read()
 
 
+###############################################################################
+# Admin control ###############################################################
+###############################################################################
+
+#: Seconds an admin command waits for the running server's reply.
+CONTROL_TIMEOUT = 15
+#: Replies nobody collected (their command gave up waiting) go after this long.
+CONTROL_REPLY_TTL = 3600
+
+
+class Control:
+    """spool/control/: how the admin commands (``nodes ...``, ``jobs ...``) reach a
+    running server, without a restart or a token: whoever may write the spool is
+    an admin already.  A command writes ``<name>.request.json``; the server
+    carries it out, writes ``<name>.reply.json`` and removes the request.  Every
+    request may be carried out twice, so a crash in between does no harm: it is
+    carried out again at the next start.  With no server running, a command
+    opens the spool itself and carries its request out with this same class.
+    """
+
+    REQUEST = re.compile(r"\A(?P<name>[0-9a-f]{24})\.request\.json\Z")
+    REPLY = re.compile(r"\A[0-9a-f]{24}\.reply\.json\Z")
+
+    def __init__(self, config, spool, workers=None):
+        self.config = config
+        self.spool = spool
+        self.workers = workers  # None when no server runs
+        self.dir = spool.root / "control"
+
+    def recover(self):
+        """Requests written before a crash are carried out like new ones."""
+        self.scan()
+
+    def scan(self):
+        for name in sorted(os.listdir(self.dir)):
+            m = self.REQUEST.match(name)
+            if m:
+                self._answer(m["name"])
+            elif self.REPLY.match(name):
+                path = self.dir / name
+                with contextlib.suppress(FileNotFoundError):  # its command may take it now
+                    if time.time() - path.stat().st_mtime > CONTROL_REPLY_TTL:
+                        path.unlink()
+
+    def _answer(self, name):
+        path = self.dir / f"{name}.request.json"
+        try:
+            reply = self.apply(read_json(path))
+        except (OSError, ValueError) as exc:
+            reply = {"ok": False, "error": f"unreadable request: {exc}"}
+        except Exception as exc:
+            log.exception("control: request %s failed", name)
+            reply = {"ok": False, "error": f"internal error: {exc}"}
+        write_json(self.dir / f"{name}.reply.json", reply)
+        path.unlink()
+        fsync_dir(self.dir)
+
+    def apply(self, req):
+        """Carry out one request; returns the reply: ``ok``, then ``error`` or the data."""
+        op = req.get("op") if isinstance(req, dict) else None
+        try:
+            if op == "nodes":
+                return {"ok": True, "nodes": self._nodes()}
+            if op in ("drain", "resume"):
+                return self._drain(req.get("node"), op == "drain")
+            if op == "jobs":
+                return self._jobs(req.get("user"), req.get("status"), req.get("limit", 50))
+            if op == "cancel":
+                return self._cancel(req.get("job"))
+        except ApiError as exc:
+            return {"ok": False, "error": exc.message}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _wake(self, node_ids):
+        for n in node_ids if self.workers else ():
+            self.workers[n].wake.set()
+
+    def _nodes(self):
+        stats = self.spool.node_stats()
+        out = []
+        for n in self.config.nodes:
+            running = self.spool.running(n.id)
+            info = self.workers[n.id].info() if self.workers else {
+                "id": n.id, "host": n.host, "state": "server not running",
+                "drained": n.id in self.spool.drained, "error": None,
+                "running_job": running[0].id if running else None}
+            out.append({**info, **stats[n.id]})
+        return out
+
+    def _drain(self, node, drained):
+        if node not in self.spool.node_ids:
+            raise ApiError(404, f"no node {node!r}; the nodes are "
+                                f"{', '.join(map(str, self.spool.node_ids))}")
+        self.spool.set_drained(node, drained)
+        if not drained:
+            self._wake([node])
+            return {"ok": True, "message": f"node {node} resumed"}
+        online = [n for n, w in self.workers.items() if w.state == "online"] \
+            if self.workers else self.spool.node_ids
+        moved = self.spool.move_pending(node, online)
+        self._wake(moved)
+        running = self.spool.running(node)
+        message = f"node {node} drained: it starts no new job"
+        if running:
+            message += f"; job {running[0].id} runs to its end"
+        if moved:
+            message += f"; its pending jobs moved to node(s) {', '.join(map(str, sorted(moved)))}"
+        return {"ok": True, "message": message}
+
+    def _jobs(self, user, status, limit):
+        if status is not None and status not in STATES:
+            raise ApiError(400, f"status must be one of {', '.join(STATES)}")
+        if not (isinstance(limit, int) and limit > 0):
+            raise ApiError(400, "limit must be a whole number above 0")
+        found, _ = self.spool.find(user, status, limit)
+        jobs = []
+        for job in found:
+            jobs.append({**job.public(), "queue_position": self.spool.queue_position(job)[0]})
+        return {"ok": True, "jobs": jobs}
+
+    def _cancel(self, job_id):
+        job = self.spool.get(job_id) if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+        if job is None:
+            raise ApiError(404, f"no such job {job_id!r}")
+        if not self.spool.request_cancel(job):
+            raise ApiError(409, f"job {job.id} already {self.spool.get(job.id).status}")
+        if job.status != "running":
+            return {"ok": True, "message": f"job {job.id} cancelled"}
+        self._wake([job.node_id])
+        when = "now" if self.workers else "as soon as the server starts"
+        return {"ok": True, "message": f"job {job.id} is running on node {job.node_id}: "
+                                       f"it is being stopped {when}"}
+
+
+def control(config, request):
+    """Carry out an admin request: through the running server's control/ folder
+    or, with no server running, on the spool directly."""
+    spool = Spool(config.spool, [n.id for n in config.nodes])
+    try:
+        spool.open()
+    except SpoolBusy:
+        return _ask_server(spool.root / "control", request)
+    try:
+        return Control(config, spool).apply(request)
+    finally:
+        spool.close()
+
+
+def _ask_server(folder, request):
+    name = new_job_id()
+    write_json(folder / f"{name}.request.json", request)
+    reply = folder / f"{name}.reply.json"
+    deadline = time.monotonic() + CONTROL_TIMEOUT
+    while not reply.exists():
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"the server did not answer within {CONTROL_TIMEOUT} s; the request stays in "
+                f"{folder} and is carried out when it does")
+        time.sleep(0.1)  # a command's own wait, not the server's: nothing to be woken by
+    answer = read_json(reply)
+    reply.unlink()
+    return answer
+
 
 ###############################################################################
 # CLI #########################################################################
@@ -2625,7 +2952,8 @@ def serve(config, host, port):
     server.channel_class = _JsonErrorChannel
     for w in workers.values():
         w.start()
-    Incoming(spool, api, config.max_upload_bytes).start()
+    threading.Thread(target=watch, name="watch", daemon=True, args=(
+        Incoming(spool, api, config.max_upload_bytes), Control(config, spool, workers))).start()
     shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
     click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
                f"with {len(workers)} node(s); spool {config.spool}", err=False)
@@ -2679,6 +3007,87 @@ def tokens_revoke(config, token_or_fingerprint):
     """Revoke a token, given the token itself or its fingerprint."""
     rec = Tokens(config.tokens).revoke(token_or_fingerprint)
     click.echo(f"revoked token {fingerprint(rec['sha256'])} of {rec.get('user')}")
+
+
+def _admin(config, request):
+    """An admin request's reply, or the command's error."""
+    reply = control(config, request)
+    if not reply.get("ok"):
+        raise click.ClickException(reply.get("error", "failed"))
+    return reply
+
+
+@cli.group()
+def nodes():
+    """See, drain and resume nodes on a running server (admins: run where the spool is)."""
+
+
+@nodes.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def nodes_list(config, as_json):
+    """Each node: state, drained, running job, queue."""
+    found = _admin(config, {"op": "nodes"})["nodes"]
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+        return
+    click.echo(f"{'NODE':<5} {'HOST':<20} {'STATE':<18} {'DRAINED':<8} {'RUNNING':<25} "
+               f"{'QUEUED':>6} {'QUEUED_S':>9}  ERROR")
+    for n in found:
+        click.echo(f"{n['id']:<5} {n['host'][:20]:<20} {n['state']:<18} "
+                   f"{'yes' if n['drained'] else 'no':<8} {n['running_job'] or '-':<25} "
+                   f"{n['queued_jobs']:>6} {n['queued_seconds']:>9g}  {n['error'] or ''}")
+
+
+@nodes.command("drain")
+@click.argument("node", type=int)
+@click.pass_obj
+def nodes_drain(config, node):
+    """Let NODE finish its running job and start no new one; its pending jobs move elsewhere."""
+    click.echo(_admin(config, {"op": "drain", "node": node})["message"])
+
+
+@nodes.command("resume")
+@click.argument("node", type=int)
+@click.pass_obj
+def nodes_resume(config, node):
+    """Let a drained NODE start jobs again."""
+    click.echo(_admin(config, {"op": "resume", "node": node})["message"])
+
+
+@cli.group()
+def jobs():
+    """List and cancel any user's jobs (admins: run where the spool is)."""
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--user", help="Only this user's jobs.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def jobs_list(config, status, user, limit, as_json):
+    """Jobs newest first."""
+    found = _admin(config, {"op": "jobs", "status": status, "user": user, "limit": limit})["jobs"]
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+        return
+    click.echo(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'POS':>4} {'PRIO':>4} "
+               f"{'EXPECTED':>8} {'SUBMITTED':<20} EXIT")
+    for j in found:
+        position = "-" if j["queue_position"] is None else j["queue_position"]
+        click.echo(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
+                   f"{position:>4} {j['priority']:>4} {j['expected_time']:>8g} "
+                   f"{j['submitted_at'][:19]:<20} "
+                   f"{'-' if j['exit_code'] is None else j['exit_code']}")
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+def jobs_cancel(config, job_id):
+    """Cancel any user's job, pending or running."""
+    click.echo(_admin(config, {"op": "cancel", "job": job_id})["message"])
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def submit(spool, code="print(1)\n", expected_time=30, online=None, user="alice"
     """stage + enqueue, like Api.submit; returns (job, queue position)."""
     job = new_job(user, expected_time)
     staged = spool.stage(job, code.encode(), job_config(user, expected_time))
-    position = spool.enqueue(job, staged, set(spool.node_ids) if online is None else set(online),
-                             max_pending=1000)
+    position, _ = spool.enqueue(job, staged, set(spool.node_ids) if online is None else set(online),
+                                max_pending=1000)
     return job, position
 
 
@@ -109,7 +109,7 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     assert (staged / "code.py").read_text() == "print('a')\n"
 
     # All nodes empty: the tie goes to the lowest id.
-    assert spool.enqueue(job, staged, {0, 1, 2}, max_pending=1000) == 0
+    assert spool.enqueue(job, staged, {0, 1, 2}, max_pending=1000)[0] == 0
     assert job.node_id == 0
     folder = root / "nodes" / "0" / "pending" / job.id
     assert folder.is_dir() and not staged.exists()
@@ -125,13 +125,13 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     e, pe = submit(spool, expected_time=5)    # loads 100/20/10 -> node 2
     assert [(j.node_id, p) for j, p in ((b, pb), (c, pc), (d, pd), (e, pe))] == \
         [(1, 0), (2, 0), (1, 1), (2, 1)]
-    assert spool.queues == {0: [job.id], 1: [b.id, d.id], 2: [c.id, e.id]}
+    assert {n: q.ids() for n, q in spool.queues.items()} == {0: [job.id], 1: [b.id, d.id], 2: [c.id, e.id]}
     assert listing(root / "tmp") == []
     assert listing(spool.pending_dir(1)) == sorted([b.id, d.id])
     stats = spool.node_stats()
     assert [stats[n]["queued_jobs"] for n in (0, 1, 2)] == [1, 2, 2]
     assert [stats[n]["queued_seconds"] for n in (0, 1, 2)] == [100, 20, 15]
-    assert spool.queue_position(d) == 1 and spool.queue_position(job) == 0
+    assert spool.queue_position(d)[0] == 1 and spool.queue_position(job)[0] == 0
 
 
 def test_enqueue_places_only_on_online_nodes(tmp_path, spools):
@@ -142,7 +142,7 @@ def test_enqueue_places_only_on_online_nodes(tmp_path, spools):
     assert j.node_id == 1 and pos == 0        # least loaded of the online ones
     k, pos = submit(spool, expected_time=10, online={2})
     assert k.node_id == 2 and pos == 1        # node 2 carries 1000 s but is the only one up
-    assert spool.queues[0] == []
+    assert spool.queues[0].ids() == []
     assert listing(spool.pending_dir(0)) == []
     assert listing(spool.pending_dir(2)) == sorted([big.id, k.id])
 
@@ -162,8 +162,8 @@ def test_claim_takes_the_oldest_pending_job(tmp_path, spools):
     start = gpuqueue.read_json(folder / "start.json")
     assert start == {"started_at": a.started_at, "node_id": 0}
     assert before <= a.started_at <= time.time()
-    assert spool.queues[0] == [b.id]
-    assert spool.queue_position(b) == 0 and spool.queue_position(a) is None
+    assert spool.queues[0].ids() == [b.id]
+    assert spool.queue_position(b)[0] == 0 and spool.queue_position(a)[0] is None
     assert spool.running(0) == [a] and spool.running(1) == []
 
     assert spool.claim(0) is b
@@ -221,7 +221,7 @@ def test_request_cancel_pending_running_and_finished(tmp_path, spools):
 
     # pending: finished at once as cancelled, gone from its queue
     assert spool.request_cancel(pend) is True
-    assert spool.queues[0] == [later.id] and spool.queue_position(later) == 0
+    assert spool.queues[0].ids() == [later.id] and spool.queue_position(later)[0] == 0
     assert pend.id not in spool.active
     assert not (spool.pending_dir(0) / pend.id).exists()
     done = spool.root / "done" / pend.id
@@ -260,11 +260,11 @@ def test_job_ids_newest_first_and_queue_position(tmp_path, spools):
     spool.finish(jobs[0], "completed", 0)
     spool.request_cancel(jobs[2])
     assert list(spool.job_ids()) == ids[::-1]       # active and done together, newest first
-    assert [spool.queue_position(j) for j in jobs] == [None, 0, None, 1]
+    assert [spool.queue_position(j)[0] for j in jobs] == [None, 0, None, 1]
     again = reopen(spools, spool)
     assert list(again.job_ids()) == ids[::-1]
-    assert again.queues[0] == [ids[1], ids[3]]
-    assert again.queue_position(again.active[ids[3]]) == 1
+    assert again.queues[0].ids() == [ids[1], ids[3]]
+    assert again.queue_position(again.active[ids[3]])[0] == 1
 
 
 def test_second_spool_on_same_root_is_refused_naming_the_first_pid(tmp_path, spools):
@@ -367,13 +367,13 @@ def test_recovery_moves_folder_with_result_to_done_exactly_once(tmp_path, spools
     again = spools(tmp_path / "spool", nodes=(0,))
     done = again.root / "done" / job.id
     assert done.is_dir() and not folder.exists()
-    assert job.id not in again.active and job.id not in again.queues[0]
+    assert job.id not in again.active and job.id not in again.queues[0].ids()
     got = again.get(job.id)
     assert got.status == status and got.node_id == 0
     assert again.output(job.id) == ("out\n", "")
     assert again.node_stats()[0][status] == 1
     assert list(again.job_ids()).count(job.id) == 1
-    assert again.queues[0] == [other.id]
+    assert again.queues[0].ids() == [other.id]
 
     # A second restart neither moves nor counts it again.
     third = reopen(spools, again)
@@ -417,7 +417,7 @@ def test_recovery_quarantines_folders_without_readable_job_json(tmp_path, spools
         assert job_id not in again.active and again.get(job_id) is None
     assert listing(again.pending_dir(0)) == [good.id]
     assert listing(again.running_dir(0)) == []
-    assert again.queues[0] == [good.id] and list(again.active) == [good.id]
+    assert again.queues[0].ids() == [good.id] and list(again.active) == [good.id]
     # Nothing quarantined comes back at the next start, and nothing is lost.
     third = reopen(spools, again)
     assert sorted(p.name for p in corrupt.iterdir() if not p.name.endswith(".REASON")) == \
@@ -434,7 +434,7 @@ def test_recovery_survives_a_stray_file_in_a_queue_folder(tmp_path, spools):
     stray.write_text("left here by hand\n")
 
     again = spools(tmp_path / "spool", nodes=(0,))   # must not raise
-    assert again.queues[0] == [good.id]
+    assert again.queues[0].ids() == [good.id]
     kept = [p for p in again.root.rglob("*") if p.is_file() and p.read_text() == "left here by hand\n"]
     assert kept, "the stray file was deleted"
 
@@ -454,10 +454,10 @@ def test_recovery_requeues_running_job_without_start_json(tmp_path, spools):
     job = again.active[claimed.id]
     assert job.status == "pending" and job.started_at is None
     assert again.running(0) == []
-    assert claimed.id in again.queues[0], \
-        f"requeued job {claimed.id} is pending but missing from the queue {again.queues[0]}"
-    assert again.queues[0] == [claimed.id, waiting.id]      # oldest id first
-    assert again.queue_position(job) == 0
+    assert claimed.id in again.queues[0].ids(), \
+        f"requeued job {claimed.id} is pending but missing from the queue {again.queues[0].ids()}"
+    assert again.queues[0].ids() == [claimed.id, waiting.id]      # oldest id first
+    assert again.queue_position(job)[0] == 0
     assert again.node_stats()[0]["queued_jobs"] == 2
     assert again.claim(0) is job
 
