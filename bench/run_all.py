@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dispatch
 import drain
+import fairness
 import makespan
 import scale
 import submit
@@ -17,7 +18,8 @@ def main():
     only = set(sys.argv[1:])
     rows = []
     for name, module in (("dispatch", dispatch), ("submit", submit), ("drain", drain),
-                         ("scale", scale), ("makespan", makespan)):
+                         ("scale", scale), ("makespan", makespan),
+                         ("fairness", fairness)):
         if not only or name in only:
             rows += module.run()
     if only:
