@@ -63,6 +63,7 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import heapq
 import hmac
@@ -83,6 +84,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -427,6 +431,7 @@ def isotime(ts):
 JOB_ID_RE = re.compile(r"\A[0-9a-f]{24}\Z")
 
 STATES = ("pending", "running", "completed", "failed", "cancelled")
+FINAL_STATES = STATES[2:]
 
 
 def new_job_id():
@@ -1463,6 +1468,15 @@ class LocalExecutor:
     def cleanup(self, run):
         pass  # work/ goes with the job folder's move to done/
 
+    def read_output(self, job, folder, stream, offset, limit):
+        """Up to ``limit`` bytes of a running job's stream from ``offset``."""
+        try:
+            with open(folder / "work" / stream, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
     def collect(self, run):
         limit = self.config.output_limit_bytes
         out, err = read_capped(run.work / "stdout", limit), read_capped(run.work / "stderr", limit)
@@ -1818,6 +1832,23 @@ class SshExecutor:
         if not self.config.keep_remote_dirs:
             self._send(None, op="remove", dir=run.job.id)
 
+    def read_output(self, job, folder, stream, offset, limit):
+        """Up to ``limit`` bytes of a running job's stream from ``offset``, read over
+        the node's live connection.  Called from HTTP threads: it opens an SFTP
+        channel of its own, leaving the scheduler's channel to the scheduler."""
+        conn = self.conn
+        if conn is None or not conn.is_connected:
+            raise NodeError(f"node {self.node.id} is not connected")
+        try:
+            with conn.client.open_sftp() as sftp, \
+                    sftp.open(f"{self._remote_dir(job)}/{stream}", "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+
 
 def _sftp_path(path):
     """SFTP starts in the home folder and knows no ``~``."""
@@ -1871,6 +1902,24 @@ def _ssh_reason(exc, node, config):
 ###############################################################################
 
 
+class Histogram:
+    """Seconds counted into cumulative buckets, as Prometheus histograms are."""
+
+    BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self):
+        self.buckets = [0] * len(self.BOUNDS)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds):
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+        self.count += 1
+        self.sum += seconds
+
+
 class NodeWorker:
     """One thread per node: takes the node's next job, runs it, records how it ended.
 
@@ -1889,6 +1938,8 @@ class NodeWorker:
         self.wake = threading.Event()
         self.state = "online" if node.is_local else "offline"
         self.error = None if node.is_local else "connecting"
+        self.started = 0  # jobs launched since the server started
+        self.dispatch = Histogram()  # seconds from claim to the job's wrapper running
 
     def start(self):
         threading.Thread(target=self._loop, name=f"node-{self.node.id}", daemon=True).start()
@@ -1961,6 +2012,8 @@ class NodeWorker:
         log.info("job %s user=%s node=%s running", job.id, job.user_id, self.node.id)
         try:
             run = self.executor.start(job, self.spool.folder(job), self.wake.set)
+            self.started += 1
+            self.dispatch.observe(time.time() - job.started_at)
         except NodeError as exc:
             self._set_offline(str(exc))
             run = self._reattach(job)
@@ -2073,6 +2126,13 @@ PRIORITY_RANGE = (-100, 100)
 #: Upper bound for free-text ids in a job's config.
 MAX_ID_LENGTH = 200
 
+#: Bytes of output one /api/logs answer or follow line carries at most.
+LOG_CHUNK = 64 * 1024
+#: Seconds between looks at a followed job's output while it has nothing new.
+LOG_POLL = 0.5
+#: Follows served at once (each holds one of waitress's 8 threads).
+LOG_FOLLOWERS = 4
+
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
@@ -2123,6 +2183,18 @@ def parse_job_config(data, max_expected_time):
     return cfg
 
 
+def _whole_utf8(data):
+    """``data`` less a UTF-8 character cut off at its end (it comes in the next read)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return data
+        if byte >= 0xC0:  # the start byte of the last character: is it complete?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= need else data[:-back]
+    return data
+
+
 def _bearer():
     header = bottle.request.get_header("Authorization", "")
     scheme, _, value = header.partition(" ")
@@ -2152,6 +2224,9 @@ class Api:
         self.tokens = tokens
         self.workers = workers
         self.throttle = AuthThrottle(config.auth_failures_per_minute)
+        # A follow holds one of waitress's threads while its job runs: cap them, so
+        # that followers never take every thread from submit and status.
+        self.followers = threading.BoundedSemaphore(LOG_FOLLOWERS)
         self.app = bottle.Bottle(catchall=True)
         self.app.default_error_handler = self._error_page
         for method, path, handler in self.ROUTES:
@@ -2167,6 +2242,8 @@ class Api:
         ("POST", "/api/cancel/<job_id>", "cancel"),
         ("GET", "/api/nodes", "nodes"),
         ("GET", "/api/jobs", "jobs"),
+        ("GET", "/api/logs/<job_id>", "logs"),
+        ("GET", "/metrics", "metrics"),
     )
 
     @staticmethod
@@ -2338,6 +2415,119 @@ class Api:
             owner = user["user"]
         found, next_cursor = self.spool.find(owner, status, limit, cursor)
         return {"jobs": [self._status(j) for j in found], "next_cursor": next_cursor}
+
+    def logs(self, job_id):
+        """What a job has written so far to stdout or stderr, from a byte offset; or,
+        with follow=1, a stream of NDJSON lines until the job ends."""
+        job = self._job(job_id, self._user())
+        query = bottle.request.query
+        if set(query) - {"stream", "offset", "follow"}:
+            raise ApiError(400, "unknown query parameter; use stream, offset, follow")
+        if any(len(query.getall(k)) > 1 for k in query):
+            raise ApiError(400, "each query parameter may be given once")
+        stream = query.get("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise ApiError(400, "stream must be stdout or stderr")
+        offset = query.get("offset", "0")
+        if not re.fullmatch(r"[0-9]{1,15}", offset):
+            raise ApiError(400, "offset must be a whole number of bytes")
+        follow = query.get("follow", "0")
+        if follow not in ("0", "1"):
+            raise ApiError(400, "follow must be 0 or 1")
+        if follow == "1":
+            return self._follow_log(job, stream, int(offset))
+        data, job = self._read_log(job, stream, int(offset))
+        return {"job_id": job.id, "status": job.status, "stream": stream, "offset": int(offset),
+                "next_offset": int(offset) + len(data), "data": data.decode("utf-8", "replace"),
+                "complete": job.status in FINAL_STATES and not data}
+
+    def _read_log(self, job, stream, offset):
+        """(bytes from ``offset``, the job as it was when they were read)."""
+        for _ in range(3):  # the job may finish, and its folder move, while we read
+            job = self.spool.get(job.id)
+            if job.status == "pending":
+                return b"", job
+            if job.status == "running":
+                worker = self.workers[job.node_id]
+                try:
+                    data = worker.executor.read_output(job, self.spool.folder(job), stream,
+                                                       offset, LOG_CHUNK)
+                except NodeError as exc:
+                    raise ApiError(503, f"cannot read the job's output now: {exc}") from None
+                if self.spool.get(job.id).status == "running":
+                    return _whole_utf8(data), job
+                continue
+            try:
+                with open(self.spool.root / "done" / job.id / stream, "rb") as f:
+                    f.seek(offset)
+                    return _whole_utf8(f.read(LOG_CHUNK)), job
+            except FileNotFoundError:
+                return b"", job
+        raise ApiError(503, "the job changed state while its output was read; try again")
+
+    def _follow_log(self, job, stream, offset):
+        if not self.followers.acquire(blocking=False):
+            raise ApiError(503, f"{LOG_FOLLOWERS} outputs are followed already; try again later "
+                                "or read with offsets")
+        bottle.response.content_type = "application/x-ndjson"
+
+        def lines(job, offset):
+            try:
+                while True:
+                    try:
+                        data, job = self._read_log(job, stream, offset)
+                    except ApiError as exc:
+                        yield json.dumps({"error": exc.message}) + "\n"
+                        return
+                    if data:
+                        yield json.dumps({"offset": offset, "data": data.decode("utf-8", "replace")}) + "\n"
+                        offset += len(data)
+                    elif job.status in FINAL_STATES:
+                        yield json.dumps({"end": True, "status": job.status, "exit_code": job.exit_code,
+                                          "error": job.error, "next_offset": offset}) + "\n"
+                        return
+                    else:
+                        self.spool.wait_finished(job, LOG_POLL)
+            finally:
+                self.followers.release()
+        return lines(job, offset)
+
+    def metrics(self):
+        """Prometheus text format; no token, like /api/nodes, and no user names."""
+        spool = self.spool
+        stats = spool.node_stats()
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.extend((f"# HELP gpuqueue_{name} {help_}", f"# TYPE gpuqueue_{name} {kind}"))
+            lines.extend(f"gpuqueue_{name}{labels} {value}" for labels, value in samples)
+
+        nodes = sorted(self.workers.items())
+        metric("jobs", "gauge", "Unfinished jobs by state.", [
+            ('{state="pending"}', sum(len(q) for q in spool.queues.values())),
+            ('{state="running"}', sum(len(r) for r in spool.running_jobs.values()))])
+        metric("jobs_started_total", "counter", "Jobs launched since the server started.",
+               [(f'{{node="{n}"}}', w.started) for n, w in nodes])
+        metric("jobs_finished_total", "counter", "Finished jobs in the spool, by node and status.",
+               [(f'{{node="{n}",status="{st}"}}', stats[n][st]) for n, _ in nodes
+                for st in FINAL_STATES])
+        metric("node_queue_jobs", "gauge", "Pending jobs planned for each node.",
+               [(f'{{node="{n}"}}', stats[n]["queued_jobs"]) for n, _ in nodes])
+        metric("node_queue_seconds", "gauge", "Expected seconds of work queued on each node.",
+               [(f'{{node="{n}"}}', stats[n]["queued_seconds"]) for n, _ in nodes])
+        metric("node_up", "gauge", "1 when the node is online.",
+               [(f'{{node="{n}"}}', int(w.state == "online")) for n, w in nodes])
+        metric("node_drained", "gauge", "1 while an admin has the node drained.",
+               [(f'{{node="{n}"}}', int(n in spool.drained)) for n, _ in nodes])
+        samples = []
+        for n, w in nodes:
+            h = w.dispatch
+            samples += [(f'_bucket{{node="{n}",le="{b:g}"}}', c) for b, c in zip(h.BOUNDS, h.buckets)]
+            samples += [(f'_bucket{{node="{n}",le="+Inf"}}', h.count),
+                        (f'_sum{{node="{n}"}}', round(h.sum, 6)), (f'_count{{node="{n}"}}', h.count)]
+        metric("dispatch_seconds", "histogram", "From a job's claim to its wrapper running.", samples)
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return "\n".join(lines) + "\n"
 
     def docs(self):
         bottle.response.content_type = "text/html; charset=utf-8"
@@ -2527,6 +2717,32 @@ def _openapi():
                                        "next_cursor": nullable_str}}}}},
                     "400": answer("bad query parameter"), **errors,
                     "403": answer("another user's jobs")}}},
+            "/api/logs/{job_id}": {"get": {
+                "summary": "A job's output so far",
+                "description": "Bytes of stdout or stderr from `offset`, read from the node while "
+                               "the job runs. With follow=1: NDJSON lines ({offset, data}...) until "
+                               "a last line {end, status, exit_code, error} or {error}.",
+                "security": secured,
+                "parameters": lenient_id + [
+                    {"name": "stream", "in": "query",
+                     "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
+                "responses": {"200": {"description": "output", "content": {
+                    "application/json": {"schema": {
+                        "type": "object",
+                        "required": ["job_id", "status", "stream", "offset", "next_offset", "data",
+                                     "complete"],
+                        "properties": {"job_id": {"type": "string"}, "status": status,
+                                       "stream": {"type": "string"}, "offset": {"type": "integer"},
+                                       "next_offset": {"type": "integer"}, "data": {"type": "string"},
+                                       "complete": {"type": "boolean"}}}},
+                    "application/x-ndjson": {"schema": {"type": "string"}}}},
+                    "400": answer("bad query parameter"), **errors, "404": answer("no such job"),
+                    "503": answer("the node cannot be read now, or too many follows")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "Prometheus text format 0.0.4", "content": {
+                    "text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {
                 "200": {"description": "OpenAPI 3.1",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
@@ -3009,6 +3225,220 @@ def tokens_revoke(config, token_or_fingerprint):
     click.echo(f"revoked token {fingerprint(rec['sha256'])} of {rec.get('user')}")
 
 
+# -- client commands: the HTTP API for people and scripts ----------------------
+
+
+class Client:
+    """The HTTP API as the client commands call it (the standard library's urllib:
+    nothing more to install on a user's machine)."""
+
+    def __init__(self, server, token):
+        self.server = server.rstrip("/")
+        self.token = token
+
+    def _request(self, method, path, body=None, headers=None):
+        if not self.token:
+            raise click.ClickException("no token: pass --token or set GPUQUEUE_TOKEN")
+        return urllib.request.Request(
+            self.server + path, data=body, method=method,
+            headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
+
+    def _open(self, request, timeout=60):
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.load(exc)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+            raise click.ClickException(f"{message} (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise click.ClickException(f"cannot reach {self.server}: "
+                                       f"{getattr(exc, 'reason', exc)}") from None
+
+    def call(self, method, path, body=None, headers=None):
+        with self._open(self._request(method, path, body, headers)) as r:
+            return json.load(r)
+
+    def lines(self, path):
+        """The NDJSON lines of a streamed answer, as they arrive."""
+        try:
+            with self._open(self._request("GET", path), timeout=None) as r:
+                for line in r:
+                    yield json.loads(line)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"the stream from {self.server} broke: {exc}") from None
+
+    def submit(self, script, config):
+        boundary = secrets.token_hex(16)
+        body = b""
+        for name, filename, data in (("code", Path(script).name, Path(script).read_bytes()),
+                                     ("config_file", Path(config).name, Path(config).read_bytes())):
+            body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                     f"filename=\"{urllib.parse.quote(filename)}\"\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        return self.call("POST", "/api/submit", body,
+                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _client_options(command):
+    """--server, --token and --json, for a command that talks to the server; the
+    command gets ``client`` (a Client) and ``as_json``."""
+    @click.option("--server", envvar="GPUQUEUE_URL", default="http://127.0.0.1:8000",
+                  show_default=True, help="The server's URL (or GPUQUEUE_URL).")
+    @click.option("--token", envvar="GPUQUEUE_TOKEN", help="Your token (or GPUQUEUE_TOKEN).")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+    @functools.wraps(command)
+    def with_client(*args, server, token, **kw):
+        return command(*args, client=Client(server, token), **kw)
+    return with_client
+
+
+def _show(job):
+    """A job's status, for people."""
+    line = f"{job['job_id']}  {job['status']}  node {job['node_id']}  user {job['user_id']}"
+    if job["status"] == "pending" and job.get("queue_position") is not None:
+        line += (f"\n  queue position {job['queue_position']}, estimated start "
+                 f"{job.get('estimated_start') or '-'}")
+    for key in ("submitted_at", "started_at", "finished_at"):
+        if job.get(key):
+            line += f"\n  {key.replace('_at', ''):<9} {job[key]}"
+    if job["status"] in FINAL_STATES:
+        line += f"\n  exit code {job['exit_code']}"
+        if job["error"] and job["error"] != f"exit code {job['exit_code']}":
+            line += f": {job['error']}"
+    return line
+
+
+def _exit_status(results):
+    """The shell status that stands for a job's end: its exit code, 128 + the
+    signal that killed it, or 1 when it has none (cancelled, timeout, lost)."""
+    code = results["exit_code"]
+    if code is None:
+        return 1
+    return 128 - code if code < 0 else min(code, 255)
+
+
+def _print_results(results, as_json):
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+        return
+    click.echo(results["stdout"], nl=False)
+    click.echo(results["stderr"], nl=False, err=True)
+    if results["error"]:
+        click.echo(f"gpuqueue: job {results['job_id']} {results['status']}: {results['error']}",
+                   err=True)
+
+
+@cli.command()
+@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.option("-c", "--config", "job_config", required=True,
+              type=click.Path(exists=True, dir_okay=False), help="The job's config.yaml.")
+@click.option("--wait", is_flag=True, help="Wait for the job, show its progress, print its "
+                                           "output and exit with its exit code.")
+@_client_options
+def submit(script, job_config, wait, client, as_json):
+    """Submit SCRIPT with its config.yaml."""
+    job = client.submit(script, job_config)
+    if not wait:
+        click.echo(json.dumps(job, indent=1) if as_json else
+                   f"{job['job_id']}  pending on node {job['node_id']}, queue position "
+                   f"{job['queue_position']}, estimated start {job['estimated_start']}")
+        return
+    if not as_json:
+        click.echo(f"job {job['job_id']} queued on node {job['node_id']}", err=True)
+    results = _wait(client, job["job_id"], show=not as_json)
+    _print_results(results, as_json)
+    sys.exit(_exit_status(results))
+
+
+def _wait(client, job_id, show):
+    """Poll a job until it ends, with one progress line on stderr; its results."""
+    tty = sys.stderr.isatty()
+    last = None
+    while True:
+        job = client.call("GET", f"/api/status/{job_id}")
+        if job["status"] in FINAL_STATES:
+            if show and tty and last:
+                click.echo("", err=True)
+            return client.call("GET", f"/api/results/{job_id}")
+        if job["status"] == "pending":
+            line = (f"pending: queue position {job['queue_position']}, "
+                    f"estimated start {job['estimated_start']}")
+        else:
+            started = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+            elapsed = (datetime.now(timezone.utc) - started).total_seconds()
+            line = (f"running on node {job['node_id']}: {elapsed:.0f} s of "
+                    f"{job['expected_time']:g} s expected")
+        if show and line != last:
+            click.echo(("\r\033[K" + line) if tty else line, err=True, nl=not tty)
+            last = line
+        time.sleep(1)  # a client's poll; the server holds no connection open for it
+
+
+@cli.command()
+@click.argument("job_id")
+@_client_options
+def status(job_id, client, as_json):
+    """A job's status."""
+    job = client.call("GET", f"/api/status/{urllib.parse.quote(job_id)}")
+    click.echo(json.dumps(job, indent=1) if as_json else _show(job))
+
+
+@cli.command()
+@click.argument("job_id")
+@_client_options
+def results(job_id, client, as_json):
+    """A finished job's stdout (and stderr, on stderr)."""
+    _print_results(client.call("GET", f"/api/results/{urllib.parse.quote(job_id)}"), as_json)
+
+
+@cli.command()
+@click.argument("job_id")
+@_client_options
+def cancel(job_id, client, as_json):
+    """Cancel a pending or running job."""
+    job = client.call("POST", f"/api/cancel/{urllib.parse.quote(job_id)}")
+    click.echo(json.dumps(job, indent=1) if as_json else _show(job))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--stream", type=click.Choice(["stdout", "stderr"]), default="stdout", show_default=True)
+@_client_options
+def logs(job_id, follow, stream, client, as_json):
+    """What a job has written so far, read from its node while it runs."""
+    path = f"/api/logs/{urllib.parse.quote(job_id)}?stream={stream}"
+    out = sys.stdout
+    if not follow:
+        offset = 0
+        while True:
+            part = client.call("GET", f"{path}&offset={offset}")
+            if as_json:
+                click.echo(json.dumps(part))
+            else:
+                out.write(part["data"])
+            if part["next_offset"] == offset:
+                return
+            offset = part["next_offset"]
+    for line in client.lines(f"{path}&follow=1"):
+        if as_json:
+            click.echo(json.dumps(line))
+        elif "data" in line:
+            out.write(line["data"])
+            out.flush()
+        if line.get("end"):
+            return
+        if "error" in line:
+            raise click.ClickException(f"following the output failed: {line['error']}")
+    raise click.ClickException("the output stream ended before the job did")
+
+
+# -- admin commands: through the spool, on the server's machine -----------------
+
+
 def _admin(config, request):
     """An admin request's reply, or the command's error."""
     reply = control(config, request)
@@ -3055,9 +3485,27 @@ def nodes_resume(config, node):
     click.echo(_admin(config, {"op": "resume", "node": node})["message"])
 
 
-@cli.group()
-def jobs():
-    """List and cancel any user's jobs (admins: run where the spool is)."""
+@cli.group(invoke_without_command=True)
+@click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--user", help="Only this user's jobs (admins).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@_client_options
+@click.pass_context
+def jobs(ctx, status, user, limit, client, as_json):
+    """Your jobs from the server, newest first (admins on the server's machine also
+    have 'jobs list' and 'jobs cancel', which go through the spool)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    query = urllib.parse.urlencode({k: v for k, v in (("status", status), ("user_id", user),
+                                                      ("limit", limit)) if v is not None})
+    found = client.call("GET", f"/api/jobs?{query}")["jobs"]
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+        return
+    click.echo(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'SUBMITTED':<20} EXIT")
+    for j in found:
+        click.echo(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
+                   f"{j['submitted_at'][:19]:<20} {'-' if j['exit_code'] is None else j['exit_code']}")
 
 
 @jobs.command("list")

@@ -1,8 +1,10 @@
 """SSH nodes through a jump host, against real OpenSSH sshd processes on loopback."""
+import json
 import subprocess
 import time
 
 import pytest
+import requests
 import yaml
 
 from conftest import GRANDCHILD, alive, job_pids, kill_processes_under
@@ -228,3 +230,24 @@ def test_node_setup_env_and_gpus_reach_the_job(cluster, make_server):
                            " 'CUDA_DEVICE_ORDER'):\n print(os.environ[k])\n")
     assert server.wait(sub["job_id"])["status"] == "completed"
     assert server.results(sub["job_id"])["stdout"] == "set up; ok\nx y\n2,3\nPCI_BUS_ID\n"
+
+
+def test_live_output_is_read_from_the_node_and_followed(ssh_server):
+    server = ssh_server(node_count=1)
+    code = ("import time\nprint('one', flush=True)\ntime.sleep(1.5)\nprint('two', flush=True)\n"
+            "time.sleep(30)\n")
+    sub = server.submit_ok(code, expected_time=60)
+    token = server.token()
+    path = f"/api/logs/{sub['job_id']}"
+    end = time.monotonic() + 30
+    while (part := server.get(path, token).json())["data"] != "one\n":
+        assert time.monotonic() < end, part
+        time.sleep(0.1)
+    assert part["status"] == "running" and part["next_offset"] == 4
+    r = requests.get(server.url + path + "?follow=1&offset=4", stream=True, timeout=60,
+                     headers={"Authorization": f"Bearer {token}"})
+    lines = r.iter_lines()
+    assert json.loads(next(lines)) == {"offset": 4, "data": "two\n"}
+    server.post(f"/api/cancel/{sub['job_id']}", token)
+    last = json.loads(next(lines))
+    assert last["end"] and last["status"] == "cancelled"

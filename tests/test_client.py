@@ -1,0 +1,153 @@
+"""For people: the client commands, live output (/api/logs) and /metrics, against a
+real server over real HTTP; the client commands run as real subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import requests
+
+from conftest import GPUQUEUE, job_config
+
+SLOW = ("import sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
+        "time.sleep({})\nprint('second é')\nsys.exit(3)\n")
+
+
+def client(server, *args, token=None, user="alice", timeout=60):
+    """Run a client command with the server and token from the environment, as a user would."""
+    env = {**os.environ, "GPUQUEUE_URL": server.url,
+           "GPUQUEUE_TOKEN": token if token is not None else server.token(user)}
+    return subprocess.run([sys.executable, str(GPUQUEUE), *args], cwd=server.dir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_files(tmp_path, code, user="alice", expected_time=30):
+    (tmp_path / "job.py").write_text(code)
+    (tmp_path / "config.yaml").write_text(job_config(user, expected_time))
+    return str(tmp_path / "job.py"), str(tmp_path / "config.yaml")
+
+
+def metrics(server):
+    """{'name{labels}': value} from /metrics."""
+    text = server.get("/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_submit_wait_prints_output_and_exits_with_the_jobs_code(make_server, tmp_path):
+    server = make_server(nodes=1)
+    script, config = job_files(tmp_path, SLOW.format(0.5))
+    r = client(server, "submit", script, "-c", config, "--wait")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "first\nsecond é\n"
+    assert "oops" in r.stderr and "queued on node 0" in r.stderr and "running on node 0" in r.stderr
+    assert "exit code 3" in r.stderr
+
+
+def test_submit_then_status_results_jobs_as_json(make_server, tmp_path):
+    server = make_server(nodes=1)
+    script, config = job_files(tmp_path, "print('hello')\n")
+    sub = json.loads(client(server, "submit", script, "-c", config, "--json").stdout)
+    assert sub["status"] == "pending" and sub["estimated_start"].endswith("Z")
+    server.wait(sub["job_id"])
+    st = json.loads(client(server, "status", sub["job_id"], "--json").stdout)
+    assert st["status"] == "completed" and st["exit_code"] == 0
+    res = client(server, "results", sub["job_id"])
+    assert res.returncode == 0 and res.stdout == "hello\n"
+    listed = json.loads(client(server, "jobs", "--status", "completed", "--json").stdout)
+    assert [j["job_id"] for j in listed] == [sub["job_id"]]
+    table = client(server, "jobs").stdout
+    assert sub["job_id"] in table and "completed" in table
+
+
+def test_client_errors_are_clear_and_nonzero(make_server, tmp_path):
+    server = make_server(nodes=1)
+    r = client(server, "status", "0" * 24)
+    assert r.returncode == 1 and "no such job (HTTP 404)" in r.stderr
+    r = client(server, "status", "0" * 24, token="x" * 20)
+    assert r.returncode == 1 and "HTTP 401" in r.stderr
+    r = client(server, "status", "0" * 24, token="")
+    assert r.returncode == 1 and "no token" in r.stderr
+    server.kill()
+    r = client(server, "jobs")
+    assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cancel_from_the_client(make_server, tmp_path):
+    server = make_server(nodes=1)
+    script, config = job_files(tmp_path, "import time\ntime.sleep(60)\n")
+    sub = json.loads(client(server, "submit", script, "-c", config, "--json").stdout)
+    server.wait(sub["job_id"], ("running",))
+    r = client(server, "cancel", sub["job_id"])
+    assert r.returncode == 0 and "cancelled" in r.stdout
+    assert client(server, "cancel", sub["job_id"]).returncode == 1
+
+
+def test_logs_read_live_output_by_offset_then_the_stored_output(server):
+    sub = server.submit_ok(SLOW.format(30), expected_time=60)
+    token = server.token()
+    path = f"/api/logs/{sub['job_id']}"
+    server.wait(sub["job_id"], ("running",))
+    for _ in range(200):  # the job prints its first line soon after it starts
+        part = server.get(path, token).json()
+        if part["data"]:
+            break
+    assert part == {"job_id": sub["job_id"], "status": "running", "stream": "stdout", "offset": 0,
+                    "next_offset": 6, "data": "first\n", "complete": False}
+    assert server.get(path + "?offset=6", token).json()["data"] == ""
+    assert server.get(path + "?stream=stderr", token).json()["data"] == "oops\n"
+    server.post(f"/api/cancel/{sub['job_id']}", token)
+    done = server.get(path + "?offset=6", token).json()
+    assert done["status"] == "cancelled" and done["complete"] and done["data"] == ""
+    assert server.get(path, token).json()["data"] == "first\n"  # now from the spool
+
+
+def test_logs_follow_streams_until_the_job_ends(server):
+    sub = server.submit_ok(SLOW.format(1), expected_time=30)
+    r = requests.get(server.url + f"/api/logs/{sub['job_id']}?follow=1",
+                     headers={"Authorization": f"Bearer {server.token()}"}, stream=True, timeout=60)
+    assert r.headers["Content-Type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.iter_lines()]
+    assert "".join(line.get("data", "") for line in lines) == "first\nsecond é\n"
+    assert lines[-1] == {"end": True, "status": "failed", "exit_code": 3, "error": "exit code 3",
+                         "next_offset": len("first\nsecond é\n".encode())}
+
+
+def test_logs_follow_from_the_client_and_bad_queries(server, tmp_path):
+    sub = server.submit_ok(SLOW.format(0.5), expected_time=30)
+    r = client(server, "logs", sub["job_id"], "-f")
+    assert r.returncode == 0 and r.stdout == "first\nsecond é\n", r.stderr
+    token = server.token()
+    for query in ("stream=stdin", "offset=-1", "offset=x", "follow=yes", "what=1",
+                  "offset=1&offset=2"):
+        resp = server.get(f"/api/logs/{sub['job_id']}?{query}", token)
+        assert resp.status_code == 400 and resp.json()["error"], query
+    assert server.get(f"/api/logs/{sub['job_id']}", server.token("bob")).status_code == 404
+
+
+def test_whole_utf8_never_splits_a_character():
+    sys.path.insert(0, str(GPUQUEUE.parent))
+    import gpuqueue
+    text = "aé€😀".encode()
+    for cut in range(len(text) + 1):
+        kept = gpuqueue._whole_utf8(text[:cut])
+        assert text.startswith(kept) and len(text[:cut]) - len(kept) < 4
+        kept.decode("utf-8")  # never raises
+
+
+def test_metrics_count_jobs_nodes_and_dispatch(make_server):
+    closed = {"id": 1, "host": "127.0.0.1", "port": 9, "user": "nobody"}  # nothing listens
+    server = make_server(nodes=[{"id": 0, "host": "local"}, closed])
+    ok = server.submit_ok("print(1)\n")
+    bad = server.submit_ok("raise SystemExit(2)\n")
+    for sub in (ok, bad):
+        server.wait(sub["job_id"])
+    m = metrics(server)
+    assert m['gpuqueue_jobs_finished_total{node="0",status="completed"}'] == 1
+    assert m['gpuqueue_jobs_finished_total{node="0",status="failed"}'] == 1
+    assert m['gpuqueue_jobs_started_total{node="0"}'] == 2
+    assert m['gpuqueue_jobs{state="pending"}'] == 0 and m['gpuqueue_jobs{state="running"}'] == 0
+    assert m['gpuqueue_node_up{node="0"}'] == 1 and m['gpuqueue_node_up{node="1"}'] == 0
+    assert m['gpuqueue_dispatch_seconds_count{node="0"}'] == 2
+    assert m['gpuqueue_dispatch_seconds_bucket{node="0",le="+Inf"}'] == 2
+    assert server.get("/metrics").headers["Content-Type"].startswith("text/plain; version=0.0.4")
