@@ -13,7 +13,6 @@ The spool directory is the only state.  Its layout::
 
     spool/
       server.lock, server.pid   held by the one server using this spool
-      queue.lock                guards every queue decision (threads and processes)
       tmp/<id>/                 an upload being written; never acknowledged yet
       nodes/<n>/pending/<id>/   queued on node n (its planned node)
       nodes/<n>/running/<id>/   claimed by node n's scheduler
@@ -492,30 +491,50 @@ class FairQueue:
     def __init__(self, served):
         self.served = served
         self.lanes = {}  # (priority, user) -> that user's pending ids, oldest first
-        self.count = 0
+        self.seconds = {}  # pending id -> its expected_time
+        # Per lane, expected seconds of its first 0, 1, 2... jobs, so that a status
+        # costs O(users), not O(jobs); extended on append, rebuilt after other changes.
+        self._sums = {}
 
     def __len__(self):
-        return self.count
+        return len(self.seconds)
 
     def add(self, job):
-        bisect.insort(self.lanes.setdefault((job.priority, job.user_id), []), job.id)
-        self.count += 1
+        key = (job.priority, job.user_id)
+        lane = self.lanes.setdefault(key, [])
+        self.seconds[job.id] = job.expected_time
+        if lane and lane[-1] > job.id:  # back into its place (a requeue)
+            bisect.insort(lane, job.id)
+            self._sums.pop(key, None)
+            return
+        lane.append(job.id)
+        if key in self._sums:
+            self._sums[key].append(self._sums[key][-1] + job.expected_time)
 
     def remove(self, job):
         key = (job.priority, job.user_id)
         lane = self.lanes[key]
         del lane[bisect.bisect_left(lane, job.id)]
+        del self.seconds[job.id]
+        self._sums.pop(key, None)
         if not lane:
             del self.lanes[key]
-        self.count -= 1
 
     def ids(self):
         """Every pending id, oldest first."""
-        return sorted(i for lane in self.lanes.values() for i in lane)
+        return sorted(self.seconds)
 
     def _turn(self, key):
         """The sort key of a lane's oldest job: the smallest runs next."""
         return (-key[0], self.served.get(key, 0), self.lanes[key][0])
+
+    def _first(self, key, n):
+        """(n, expected seconds) of a lane's first n jobs."""
+        sums = self._sums.get(key)
+        if sums is None:
+            sums = self._sums[key] = list(itertools.accumulate(
+                (self.seconds[i] for i in self.lanes[key]), initial=0.0))
+        return n, sums[n]
 
     def head(self):
         """(turn, id) of the job to run next, or None when the queue is empty."""
@@ -525,38 +544,40 @@ class FairQueue:
         return turn, turn[2]
 
     def ahead(self, job):
-        """Ids of the jobs that run before ``job`` if no other job arrives, or None
-        when ``job`` is not in this queue.  Each round gives every user of a
-        priority one job, in the order of their turns."""
+        """(how many jobs run before ``job`` if no other job arrives, their expected
+        seconds), or None when ``job`` is not in this queue.  Each round gives
+        every user of a priority one job, in the order of their turns."""
         mine = (job.priority, job.user_id)
         lane = self.lanes.get(mine, ())
         k = bisect.bisect_left(lane, job.id)
         if k == len(lane) or lane[k] != job.id:
             return None
         turn = self._turn(mine)
-        out = lane[:k]
+        count, seconds = self._first(mine, k)
         for key, ids in self.lanes.items():
             if key[0] > job.priority:
-                out += ids
+                n, t = self._first(key, len(ids))
             elif key[0] == job.priority and key != mine:
-                out += ids[:k + (self._turn(key) < turn)]
-        return out
+                n, t = self._first(key, min(len(ids), k + (self._turn(key) < turn)))
+            else:
+                continue
+            count, seconds = count + n, seconds + t
+        return count, seconds
 
 
 class Spool:
     """The job folders on disk, and the one in-memory index of unfinished jobs.
 
-    Every queue decision happens under ``self.lock``: a threading lock taken
-    before the file lock, so threads of this process queue up without the file
-    lock's polling.  The lock is never held while a job runs or a node is asked
-    anything; fsyncs of whole job folders happen outside it.
+    Every queue decision happens under ``self.lock``, a threading lock; the
+    file lock server.lock, held from open() to close(), keeps other processes
+    out.  The lock is never held while a job runs or a node is asked anything;
+    fsyncs of whole job folders happen outside it.
     """
 
     def __init__(self, root, node_ids):
         self.root = Path(root)
         self.node_ids = tuple(node_ids)
         self._tlock = threading.Lock()
-        self._flock = None
         self._server_lock = None
         self.changed = threading.Condition(self._tlock)
         #: Unfinished jobs by id: the only in-memory copy of queue state.  What
@@ -612,7 +633,6 @@ class Spool:
             raise SpoolBusy(f"another gpuqueue server (pid {pid}) is using the spool "
                             f"{self.root}; stop it first or choose another spool") from None
         write_file(self.root / "server.pid", f"{os.getpid()}\n")
-        self._flock = filelock.FileLock(self.root / "queue.lock")
         for d in ("tmp", "done", "corrupt", "incoming", "control"):
             (self.root / d).mkdir(exist_ok=True)
         for n in self.node_ids:
@@ -626,23 +646,9 @@ class Spool:
             self._server_lock.release()
 
     def lock(self):
-        """The queue lock: this process's threads first, then other processes."""
-        spool = self
-
-        class _Both:
-            def __enter__(self):
-                spool._tlock.acquire()
-                try:
-                    spool._flock.acquire()
-                except BaseException:
-                    spool._tlock.release()
-                    raise
-
-            def __exit__(self, *exc):
-                spool._flock.release()
-                spool._tlock.release()
-
-        return _Both()
+        """The queue lock.  A threading lock is enough: server.lock, a file lock held
+        for the server's whole life, keeps every other process out of the spool."""
+        return self._tlock
 
     def _recover(self):
         """Bring the folders back to a true state; see the module docstring."""
@@ -725,13 +731,13 @@ class Spool:
 
     # -- submit --------------------------------------------------------------
 
-    def stage(self, job, code, config_text):
+    def stage(self, job, code, config_data):
         """Write a new job's folder under tmp/, durably, before it is queued."""
         folder = self.root / "tmp" / job.id
         os.mkdir(folder)
         # The folder is private until enqueue renames it into a queue, so its files
         # need no temporary names: fsync each, then the folder once.
-        for name, data in (("code.py", code), ("config.yaml", config_text.encode()),
+        for name, data in (("code.py", code), ("config.yaml", config_data),
                            ("job.json", json.dumps(job.meta()).encode())):
             with open(folder / name, "xb") as f:
                 f.write(data)
@@ -871,7 +877,7 @@ class Spool:
         if ahead is None:
             return None, None
         running = self._queued_seconds(job.node_id) - self.queued[job.node_id]
-        return len(ahead), time.time() + running + sum(self.active[i].expected_time for i in ahead)
+        return ahead[0], time.time() + running + ahead[1]
 
     def request_cancel(self, job):
         """Cancel a pending job now, or mark a running one for its scheduler to kill.
@@ -2351,9 +2357,11 @@ class Api:
                   competition_id=cfg["competition_id"], project_id=cfg["project_id"],
                   expected_time=cfg["expected_time"], priority=cfg.get("priority", 0),
                   submitted_at=time.time(), node_id=-1)
-        kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
-        staged = self.spool.stage(job, code, "# token removed by gpuqueue\n"
-                                  + yaml.dump(kept, Dumper=_YAML_DUMPER))
+        if "token" in cfg:  # the token never reaches the disk
+            kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
+            config_data = ("# token removed by gpuqueue\n"
+                           + yaml.dump(kept, Dumper=_YAML_DUMPER)).encode()
+        staged = self.spool.stage(job, code, config_data)
         online = {w.node.id for w in self.workers.values() if w.state == "online"}
         try:
             estimate = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)

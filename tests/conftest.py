@@ -126,7 +126,7 @@ class Server:
         """Every path under the spool, for 'nothing written' checks; lock and pid files
         and the work folders of running jobs (which the jobs write) are left out."""
         root = self.dir / "spool"
-        skip = {"server.lock", "queue.lock", "server.pid"}
+        skip = {"server.lock", "server.pid"}
         return sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.name not in skip and "work" not in p.relative_to(root).parts[4:5])
 

@@ -599,7 +599,8 @@ def test_unknown_route_and_wrong_method_are_json(shared, method, path, expected)
 # -- 4. OpenAPI ----------------------------------------------------------------
 
 EXPECTED_PATHS = {"/", "/api/submit", "/api/status/{job_id}", "/api/results/{job_id}",
-                  "/api/cancel/{job_id}", "/api/nodes", "/api/jobs", "/openapi.json", "/docs"}
+                  "/api/cancel/{job_id}", "/api/nodes", "/api/jobs", "/api/logs/{job_id}",
+                  "/metrics", "/openapi.json", "/docs"}
 
 #: Response codes the tests in this file (and test_api_flow) see from each operation.
 SEEN_CODES = {
@@ -610,10 +611,13 @@ SEEN_CODES = {
     ("post", "/api/cancel/{job_id}"): {200, 401, 404, 409},
     ("get", "/api/nodes"): {200},
     ("get", "/api/jobs"): {200, 400, 401, 403},
+    ("get", "/api/logs/{job_id}"): {200, 400, 404},  # tests/test_client.py
+    ("get", "/metrics"): {200},
     ("get", "/openapi.json"): {200},
     ("get", "/docs"): {200},
 }
-PUBLIC = {("get", "/"), ("get", "/api/nodes"), ("get", "/openapi.json"), ("get", "/docs")}
+PUBLIC = {("get", "/"), ("get", "/api/nodes"), ("get", "/metrics"), ("get", "/openapi.json"),
+          ("get", "/docs")}
 
 
 def _server_routes():

@@ -28,7 +28,7 @@ def make_job(user="alice", priority=0, expected_time=10.0):
 
 
 def queue(spool, job, online=None):
-    staged = spool.stage(job, b"print(1)\n", job_config(job.user_id, job.expected_time))
+    staged = spool.stage(job, b"print(1)\n", job_config(job.user_id, job.expected_time).encode())
     return spool.enqueue(job, staged, set(spool.node_ids) if online is None else online,
                          max_pending=10 ** 6)
 

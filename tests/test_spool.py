@@ -39,7 +39,7 @@ def new_job(user="alice", expected_time=30):
 def submit(spool, code="print(1)\n", expected_time=30, online=None, user="alice"):
     """stage + enqueue, like Api.submit; returns (job, queue position)."""
     job = new_job(user, expected_time)
-    staged = spool.stage(job, code.encode(), job_config(user, expected_time))
+    staged = spool.stage(job, code.encode(), job_config(user, expected_time).encode())
     position, _ = spool.enqueue(job, staged, set(spool.node_ids) if online is None else set(online),
                                 max_pending=1000)
     return job, position
@@ -103,7 +103,7 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     root = spool.root
 
     job = new_job(expected_time=100)
-    staged = spool.stage(job, b"print('a')\n", job_config("alice", 100))
+    staged = spool.stage(job, b"print('a')\n", job_config("alice", 100).encode())
     assert staged == root / "tmp" / job.id
     assert listing(staged) == ["code.py", "config.yaml", "job.json"]
     assert (staged / "code.py").read_text() == "print('a')\n"
@@ -335,7 +335,7 @@ def test_recovery_removes_tmp_leftovers(tmp_path, spools):
     spool = spools(tmp_path / "spool")
     kept, _ = submit(spool)
     job = new_job()
-    staged = spool.stage(job, b"print(1)\n", job_config())
+    staged = spool.stage(job, b"print(1)\n", job_config().encode())
     spools.close(spool)                       # "crash" between stage and enqueue
     assert staged.is_dir()
 
