@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench setup sshd cluster clean
+.PHONY: run test bench setup sshd chromium cluster clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
 
-test: $(VENV)/.dev-installed sshd
+test: $(VENV)/.dev-installed sshd chromium
 	$(PY) -m pytest -q tests
 
 # Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~5 minutes).
@@ -37,6 +37,14 @@ sshd:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; \
 	  else echo "openssh-server is needed for the tests: run 'sudo apt-get install openssh-server'" >&2; exit 1; fi; }
 	@test -x /usr/sbin/sshd
+
+# The dashboard tests drive Debian's headless Chromium; install it when missing.
+chromium:
+	@test -x /usr/lib/chromium/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is needed for the tests: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
+	@test -x /usr/lib/chromium/chromium
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cluster

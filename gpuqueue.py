@@ -1179,14 +1179,24 @@ cancel) or at the time limit, and leaves result.json: {"exit_code": N, "reason":
 would be taken as a cancel.
 
 ``python gq_node.py serve`` is a node's agent, one per SSH connection, started in the
-node's workdir.  It reads one JSON command a line (start, cancel, watch, remove) and
-writes one JSON report a line (ready, started, exited).  It forks a wrapper for each
+node's workdir.  It reads one JSON command a line (start, cancel, watch, remove, gpus)
+and writes one JSON report a line (ready, started, exited, gpus).  It forks a wrapper for each
 job, so a job costs no shell or interpreter start-up beyond its own, and the wrappers
 live on if the agent or the link dies.
 """
 import base64, json, os, re, selectors, shutil, signal, subprocess, sys, time
 
 JOB_DIR = re.compile(r"\A[0-9a-f]{24}\Z")
+GPU_QUERY = @GPU_QUERY@
+
+
+def gpu_csv():
+    """nvidia-smi's reading of this machine's GPUs, or None where there is none."""
+    try:
+        r = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
 
 
 def put(name, obj):
@@ -1343,7 +1353,7 @@ def serve():
                 line, pending = pending.split(b"\n", 1)
                 cmd = json.loads(line)
                 op = cmd["op"]
-                if op != "cancel" and not JOB_DIR.match(cmd["dir"]):
+                if op in ("start", "watch", "remove") and not JOB_DIR.match(cmd["dir"]):
                     continue
                 if op == "start":
                     pid = start(cmd)
@@ -1366,6 +1376,8 @@ def serve():
                         say({"op": "exited", "id": cmd["id"]})
                 elif op == "remove":
                     shutil.rmtree(cmd["dir"], ignore_errors=True)
+                elif op == "gpus":
+                    say({"op": "gpus", "csv": gpu_csv()})
         while children:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -1392,6 +1404,38 @@ if __name__ == "__main__":
             pass
     sys.exit(wrap(float(sys.argv[2]), float(sys.argv[3]), show))
 '''
+
+#: What every node's GPUs are read with, here and in the node program.
+GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu",
+             "--format=csv,noheader,nounits"]
+NODE_PROGRAM = NODE_PROGRAM.replace("@GPU_QUERY@", repr(GPU_QUERY))
+
+
+def gpu_csv():
+    """nvidia-smi's reading of this machine's GPUs, or None where there is none
+    (for local nodes; the node program has the same function for SSH nodes)."""
+    try:
+        r = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def parse_gpus(csv, visible):
+    """The GPUs a node's jobs see (``visible``: its CUDA_VISIBLE_DEVICES, indexes or
+    UUIDs) from nvidia-smi's CSV; [] when there are none."""
+    wanted = {v.strip() for v in visible.split(",")}
+    found = []
+    for line in (csv or "").splitlines():
+        f = [x.strip() for x in line.split(",")]
+        if len(f) != 6 or not wanted & {f[0], f[1]}:
+            continue
+        try:
+            found.append({"index": int(f[0]), "name": f[2], "memory_used_mib": int(f[3]),
+                          "memory_total_mib": int(f[4]), "utilization_pct": int(f[5])})
+        except ValueError:  # "[N/A]" on some boards
+            continue
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1497,6 +1541,9 @@ class LocalExecutor:
     def cleanup(self, run):
         pass  # work/ goes with the job folder's move to done/
 
+    def gpu_csv(self):
+        return gpu_csv()
+
     def read_output(self, job, folder, stream, offset, limit):
         """Up to ``limit`` bytes of a running job's stream from ``offset``."""
         try:
@@ -1562,6 +1609,9 @@ SSH_MAX_BACKOFF = 10
 #: Seconds a node's ``setup`` line and python start-up may take before the
 #: wrapper reports in.
 WRAPPER_START_TIMEOUT = 120
+#: Seconds between GPU readings of a node, and the most one may take.
+GPU_REFRESH = 30
+GPU_TIMEOUT = 15
 #: Output up to this many bytes (both streams) comes with a job's exit report from
 #: the node's agent; more is read over SFTP.  Saves a dozen round trips per job.
 INLINE_OUTPUT = 64 * 1024
@@ -1643,10 +1693,12 @@ class _Agent:
         self.closed = False
         self._replies = {}
         self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
         threading.Thread(target=self._listen, daemon=True, name="agent").start()
 
     def send(self, **command):
-        self.channel.sendall((json.dumps(command) + "\n").encode())
+        with self._send_lock:  # the scheduler and the GPU telemetry both send
+            self.channel.sendall((json.dumps(command) + "\n").encode())
 
     def reply(self, key, timeout):
         """The report called ``key`` (e.g. ("started", job id)), or None."""
@@ -1873,6 +1925,21 @@ class SshExecutor:
         if not self.config.keep_remote_dirs:
             self._send(None, op="remove", dir=run.job.id)
 
+    def gpu_csv(self):
+        """nvidia-smi's reading on the node, asked of its agent.  Called from the
+        telemetry thread: it uses the agent as it is and never connects."""
+        agent = self._agent
+        if agent is None or agent.closed:
+            raise NodeError(f"node {self.node.id} is not connected")
+        try:
+            agent.send(op="gpus")
+        except (OSError, EOFError) as exc:
+            raise NodeError(str(exc)) from None
+        reply = agent.reply(("gpus", None), GPU_TIMEOUT)
+        if reply is None:
+            raise NodeError(f"node {self.node.id} did not report its GPUs")
+        return reply.get("csv")
+
     def read_output(self, job, folder, stream, offset, limit):
         """Up to ``limit`` bytes of a running job's stream from ``offset``, read over
         the node's live connection.  Called from HTTP threads: it opens an SFTP
@@ -1979,6 +2046,7 @@ class NodeWorker:
         self.wake = threading.Event()
         self.state = "online" if node.is_local else "offline"
         self.error = None if node.is_local else "connecting"
+        self.gpus = []  # what nvidia-smi last said of the node's GPUs (see watch_gpus)
         self.started = 0  # jobs launched since the server started
         self.dispatch = Histogram()  # seconds from claim to the job's wrapper running
 
@@ -2142,9 +2210,34 @@ class NodeWorker:
 
     def info(self):
         running = self.spool.running(self.node.id)
-        return {"id": self.node.id, "host": self.node.host, "state": self.state,
+        info = {"id": self.node.id, "host": self.node.host, "state": self.state,
                 "drained": self.node.id in self.spool.drained, "error": self.error,
                 "running_job": running[0].id if running else None}
+        if self.gpus:
+            info["gpus"] = self.gpus
+        return info
+
+
+def watch_gpus(workers):
+    """The thread that reads every online node's GPUs with nvidia-smi, each about
+    every GPU_REFRESH seconds (a node not read yet: every 2 s), over the node's
+    existing connection.  A node without nvidia-smi simply shows none."""
+    due = dict.fromkeys(workers, 0.0)
+    while True:
+        for n, w in workers.items():
+            now = time.monotonic()
+            if w.state != "online":
+                due[n] = 0.0  # read again as soon as it is back
+            elif now >= due[n]:
+                try:
+                    w.gpus = parse_gpus(w.executor.gpu_csv(), w.node.gpus)
+                    due[n] = now + GPU_REFRESH
+                except NodeError:
+                    due[n] = now + 2
+                except Exception:
+                    log.exception("node %s: reading its GPUs failed", n)
+                    due[n] = now + GPU_REFRESH
+        time.sleep(1)  # a clock for readings that are due, not a wait for an event
 
 
 ###############################################################################
@@ -2273,6 +2366,8 @@ class Api:
         for method, path, handler in self.ROUTES:
             self.app.route(path, method, self._json(getattr(self, handler)))
         self.app.route("/docs", "GET", self.docs)
+        self.app.route("/ui", "GET", self.ui)
+        self.app.route("/ui/job/<job_id>", "GET", self.ui)
         self.app.route("/openapi.json", "GET", lambda: OPENAPI)
 
     ROUTES = (
@@ -2576,6 +2671,22 @@ class Api:
         bottle.response.content_type = "text/html; charset=utf-8"
         return DOCS_PAGE
 
+    def ui(self, job_id=None):
+        """The dashboard (see the Dashboard section); a job's page at /ui/job/<id>."""
+        if job_id is not None and not JOB_ID_RE.match(job_id):
+            raise bottle.HTTPError(404)
+        nonce = secrets.token_urlsafe(16)
+        res = bottle.response
+        res.content_type = "text/html; charset=utf-8"
+        res.set_header("Content-Security-Policy", f"default-src 'none'; script-src 'nonce-{nonce}'; "
+                       f"style-src 'nonce-{nonce}'; connect-src 'self'; img-src 'self'; "
+                       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        res.set_header("X-Content-Type-Options", "nosniff")
+        res.set_header("Referrer-Policy", "no-referrer")
+        return DASHBOARD.render(nonce=nonce, version=__version__, job_id=job_id,
+                                json_job_id=json.dumps(job_id), nodes=self.nodes()["nodes"],
+                                gpu_text=gpu_text, duration=duration)
+
 
 def logged(app):
     """WSGI wrapper: one log line per request (address, method, path, status, user,
@@ -2681,6 +2792,16 @@ def _openapi():
                          "properties": {"id": {"type": "integer"}, "host": {"type": "string"},
                                         "state": {"type": "string", "enum": ["online", "offline"]},
                                         "drained": {"type": "boolean"},
+                                        "gpus": {"type": "array", "items": {
+                                            "type": "object",
+                                            "required": ["index", "name", "memory_used_mib",
+                                                         "memory_total_mib", "utilization_pct"],
+                                            "properties": {
+                                                "index": {"type": "integer"},
+                                                "name": {"type": "string"},
+                                                "memory_used_mib": {"type": "integer"},
+                                                "memory_total_mib": {"type": "integer"},
+                                                "utilization_pct": {"type": "integer"}}}},
                                         "error": nullable_str, "running_job": nullable_str,
                                         "queued_jobs": {"type": "integer"},
                                         "queued_seconds": {"type": "number"},
@@ -2829,6 +2950,166 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 });
 </script></body></html>
 """
+
+
+###############################################################################
+# Dashboard ###################################################################
+###############################################################################
+
+#: /ui and /ui/job/<id>: one Bottle template.  The server renders the page and
+#: what anyone may see (the nodes); the script fills in what needs the token,
+#: which is entered once, kept in the browser's localStorage and sent only as a
+#: Bearer header.  No external assets: a cluster's head node is often offline.
+#: Data reaches the page through textContent only, never as HTML.
+DASHBOARD = bottle.SimpleTemplate(r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gpuqueue{{" – job " + job_id if job_id else ""}}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style nonce="{{nonce}}">
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+header{display:flex;gap:1rem;align-items:center;padding:.6rem 1.2rem;background:#24292f;color:#fff}
+header h1{font-size:1.1rem;margin:0}header a{color:#fff;text-decoration:none}
+header form{margin-left:auto;display:flex;gap:.4rem;align-items:center}
+main{padding:0 1.2rem 2rem;max-width:80rem}section{background:#fff;border:1px solid #d0d7de;border-radius:6px;margin:1rem 0;padding:.4rem 1rem 1rem}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #eaeef2;font-variant-numeric:tabular-nums}
+th{font-weight:600;color:#57606a}code,pre,.id{font-family:ui-monospace,monospace;font-size:13px}
+pre{background:#f6f8fa;padding:.6rem;max-height:28rem;overflow:auto;white-space:pre-wrap;word-break:break-all}
+.online,.completed{color:#1a7f37}.offline,.failed{color:#cf222e}.running{color:#0969da}.pending{color:#9a6700}.cancelled{color:#57606a}
+#error{color:#cf222e;min-height:1.2rem;margin:.6rem 0 0}dl{display:grid;grid-template-columns:9rem 1fr;gap:.2rem .8rem}dd{margin:0}
+button{cursor:pointer}
+</style></head>
+<body><header><h1><a href="/ui">gpuqueue</a></h1><span>{{version}}</span>
+<form id="login"><span id="who">no token</span>
+<input id="token" type="password" placeholder="your token" autocomplete="off" aria-label="token">
+<button id="save" type="submit">Use token</button><button id="forget" type="button">Forget</button></form></header>
+<main><p id="error" role="alert"></p>
+% if job_id is None:
+<section><h2>Nodes</h2><table id="nodes"><thead><tr><th>Node</th><th>Host</th><th>State</th>
+<th>Running job</th><th>Queued</th><th>Queued work</th><th>GPUs</th></tr></thead><tbody>
+% for n in nodes:
+<tr><td>{{n["id"]}}</td><td>{{n["host"]}}</td><td class="{{n["state"]}}">{{n["state"]}}{{" (drained)" if n["drained"] else ""}}</td>
+<td class="id">{{n["running_job"] or "–"}}</td><td>{{n["queued_jobs"]}}</td><td>{{duration(n["queued_seconds"])}}</td><td>{{gpu_text(n)}}</td></tr>
+% end
+</tbody></table></section>
+<section><h2>Jobs</h2><p>Yours (an admin's token shows everyone's), newest first; your pending ones in each node's queue show their place.</p>
+<table id="jobs"><thead><tr><th>Job</th><th>User</th><th>Status</th><th>Node</th><th>Queue</th>
+<th>Submitted</th><th>Exit</th></tr></thead><tbody></tbody></table></section>
+% else:
+<section><h2>Job <span class="id" id="job-id">{{job_id}}</span></h2>
+<dl id="job"></dl><button id="cancel" type="button">Cancel this job</button>
+<h3>stdout</h3><pre id="stdout"></pre><h3>stderr</h3><pre id="stderr"></pre></section>
+% end
+</main>
+<script nonce="{{nonce}}">
+"use strict";
+const $ = id => document.getElementById(id);
+const JOB = {{!json_job_id}};
+let token = localStorage.getItem("gpuqueue.token") || "";
+function showError(text) { $("error").textContent = text || ""; }
+async function api(path, options) {
+  const r = await fetch(path, Object.assign({headers: {"Authorization": "Bearer " + token}}, options || {}));
+  const body = await r.json().catch(() => ({error: "HTTP " + r.status}));
+  if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+  return body;
+}
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const [text, cls, href] of cells) {
+    const td = document.createElement("td");
+    if (cls) td.className = cls;
+    if (href) { const a = document.createElement("a"); a.href = href; a.textContent = text; td.append(a); }
+    else td.textContent = text === null || text === undefined ? "–" : String(text);
+    tr.append(td);
+  }
+  return tr;
+}
+function duration(s) {
+  return s < 90 ? Math.round(s) + " s" : s < 5400 ? Math.round(s / 60) + " min" : (s / 3600).toFixed(1) + " h";
+}
+const clock = iso => iso ? new Date(iso).toLocaleString() : null;
+function gpuText(n) {
+  return (n.gpus || []).map(g => g.name + " " + g.memory_used_mib + "/" + g.memory_total_mib + " MiB " + g.utilization_pct + "%").join("; ") || "–";
+}
+async function refreshNodes() {
+  const r = await fetch("/api/nodes");
+  const {nodes} = await r.json();
+  $("nodes").tBodies[0].replaceChildren(...nodes.map(n => row([
+    [n.id], [n.host], [n.state + (n.drained ? " (drained)" : ""), n.state], [n.running_job, "id"],
+    [n.queued_jobs], [duration(n.queued_seconds)], [gpuText(n)]])));
+}
+async function refreshJobs() {
+  const {jobs} = await api("/api/jobs?limit=50");
+  $("jobs").tBodies[0].replaceChildren(...jobs.map(j => {
+    const queue = j.status === "pending" ? "#" + j.queue_position + ", starts ≈ " + clock(j.estimated_start) : null;
+    const tr = row([[j.job_id, "id", "/ui/job/" + j.job_id], [j.user_id], [j.status, "status " + j.status],
+                    [j.node_id], [queue], [clock(j.submitted_at)], [j.exit_code]]);
+    tr.dataset.job = j.job_id;
+    return tr;
+  }));
+}
+const offsets = {stdout: 0, stderr: 0};
+async function refreshJob() {
+  const j = await api("/api/status/" + JOB);
+  const items = [["status", j.status], ["user", j.user_id], ["node", j.node_id], ["priority", j.priority],
+    ["queue position", j.queue_position], ["estimated start", clock(j.estimated_start)],
+    ["expected", duration(j.expected_time)], ["submitted", clock(j.submitted_at)],
+    ["started", clock(j.started_at)], ["finished", clock(j.finished_at)],
+    ["exit code", j.exit_code], ["error", j.error]];
+  $("job").replaceChildren(...items.filter(([, v]) => v !== null && v !== undefined).flatMap(([k, v]) => {
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = String(v); dd.id = "job-" + k.replace(" ", "-");
+    if (k === "status") dd.className = v;
+    return [dt, dd];
+  }));
+  $("cancel").hidden = !["pending", "running"].includes(j.status);
+  for (const stream of ["stdout", "stderr"]) {
+    for (;;) {  // everything new, a chunk at a time
+      const part = await api("/api/logs/" + JOB + "?stream=" + stream + "&offset=" + offsets[stream]);
+      if (!part.data) break;
+      $(stream).append(part.data);
+      offsets[stream] = part.next_offset;
+    }
+  }
+}
+async function refresh() {
+  $("who").textContent = token ? "token set" : "no token";
+  $("token").hidden = $("save").hidden = !!token;
+  $("forget").hidden = !token;
+  try {
+    if (JOB === null) await refreshNodes();
+    if (!token) return showError("Enter your token to see your jobs.");
+    await (JOB === null ? refreshJobs() : refreshJob());
+    showError("");
+  } catch (e) { showError(e.message); }
+}
+$("login").addEventListener("submit", ev => {
+  ev.preventDefault();
+  token = $("token").value.trim();
+  $("token").value = "";
+  localStorage.setItem("gpuqueue.token", token);
+  refresh();
+});
+$("forget").addEventListener("click", () => { token = ""; localStorage.removeItem("gpuqueue.token"); refresh(); });
+if (JOB !== null) $("cancel").addEventListener("click", async () => {
+  try { await api("/api/cancel/" + JOB, {method: "POST"}); } catch (e) { showError(e.message); }
+  refresh();
+});
+refresh();
+setInterval(refresh, 2000);
+</script></body></html>
+""")
+
+
+def duration(seconds):
+    """Seconds for people, as the page's script writes them too."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def gpu_text(node):
+    """A node's GPU figures in one line, as the page's script writes them too."""
+    return "; ".join(f"{g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB "
+                     f"{g['utilization_pct']}%" for g in node.get("gpus") or ()) or "–"
 
 
 ###############################################################################
@@ -3211,6 +3492,7 @@ def serve(config, host, port):
     _logged_step(control.scan)  # requests left from before a restart: before any job starts
     for w in workers.values():
         w.start()
+    threading.Thread(target=watch_gpus, args=(workers,), name="gpus", daemon=True).start()
     threading.Thread(target=watch, name="watch", daemon=True, args=(
         Incoming(spool, api, config.max_upload_bytes), control)).start()
     shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import requests
 
@@ -151,3 +152,39 @@ def test_metrics_count_jobs_nodes_and_dispatch(make_server):
     assert m['gpuqueue_dispatch_seconds_count{node="0"}'] == 2
     assert m['gpuqueue_dispatch_seconds_bucket{node="0",le="+Inf"}'] == 2
     assert server.get("/metrics").headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# Stands in for nvidia-smi: two GPUs, whatever it is asked.
+echo "0, GPU-aaaa-0000, NVIDIA A100-SXM4-40GB, 1024, 40960, 37"
+echo "1, GPU-bbbb-1111, NVIDIA A100-SXM4-40GB, 0, 40960, [N/A]"
+echo "2, GPU-cccc-2222, NVIDIA A100-SXM4-40GB, 512, 40960, 5"
+"""
+
+
+def fake_nvidia_smi(tmp_path):
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return bin_dir
+
+
+def test_gpu_figures_on_local_nodes(make_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path)}:{os.environ['PATH']}")
+    # Nodes are read in config order: 2 and 3 are read before 0 and 1 show figures.
+    server = make_server(nodes=[{"id": 2, "host": "local", "gpus": "1"}, {"id": 3, "host": "local", "gpus": "7"},
+                                {"id": 0, "host": "local"}, {"id": 1, "host": "local", "gpus": "GPU-cccc-2222"}])
+    end = time.monotonic() + 30
+    while True:
+        nodes = server.get("/api/nodes").json()["nodes"]
+        if "gpus" in nodes[0] and "gpus" in nodes[1]:
+            break
+        assert time.monotonic() < end, nodes
+        time.sleep(0.1)
+    assert nodes[0]["gpus"] == [{"index": 0, "name": "NVIDIA A100-SXM4-40GB", "memory_used_mib": 1024,
+                                 "memory_total_mib": 40960, "utilization_pct": 37}]
+    assert [g["index"] for g in nodes[1]["gpus"]] == [2]  # chosen by UUID
+    # A reading it cannot use ([N/A]) and a node whose GPU is not there: no figures, no error.
+    assert "gpus" not in nodes[2] and "gpus" not in nodes[3]
+    assert all(n["error"] is None for n in nodes)

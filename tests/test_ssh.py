@@ -251,3 +251,21 @@ def test_live_output_is_read_from_the_node_and_followed(ssh_server):
     server.post(f"/api/cancel/{sub['job_id']}", token)
     last = json.loads(next(lines))
     assert last["end"] and last["status"] == "cancelled"
+
+
+def test_gpu_figures_come_over_the_nodes_connection(ssh_server, cluster, tmp_path):
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho '0, GPU-aaaa, NVIDIA H100 80GB HBM3, 2048, 81559, 91'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    defaults = {**cluster.config()["node_defaults"], "setup": f"export PATH={fake}:$PATH", "gpus": "0"}
+    server = ssh_server(node_count=2, node_defaults=defaults)
+    end = time.monotonic() + 30
+    while "gpus" not in (node := server.get("/api/nodes").json()["nodes"][0]):
+        assert time.monotonic() < end, node
+        time.sleep(0.1)
+    assert node["gpus"] == [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mib": 2048,
+                             "memory_total_mib": 81559, "utilization_pct": 91}]
+    # Jobs still run while the telemetry shares the agent's channel.
+    sub = server.submit_ok("print('fine')\n")
+    assert server.wait(sub["job_id"])["status"] == "completed"
