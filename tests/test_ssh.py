@@ -269,3 +269,17 @@ def test_gpu_figures_come_over_the_nodes_connection(ssh_server, cluster, tmp_pat
     # Jobs still run while the telemetry shares the agent's channel.
     sub = server.submit_ok("print('fine')\n")
     assert server.wait(sub["job_id"])["status"] == "completed"
+
+
+def test_a_follow_broken_by_its_node_going_away_ends_with_an_error(ssh_server, cluster):
+    server = ssh_server(node_count=1, unreachable_grace=2)
+    sub = server.submit_ok("import time\nprint('up', flush=True)\ntime.sleep(300)\n", expected_time=5)
+    token = server.token()
+    r = requests.get(server.url + f"/api/logs/{sub['job_id']}?follow=1", stream=True, timeout=60,
+                     headers={"Authorization": f"Bearer {token}"})
+    lines = r.iter_lines()
+    assert json.loads(next(lines)) == {"offset": 0, "data": "up\n"}
+    cluster.nodes[0].stop()
+    last = json.loads(next(lines))
+    assert "error" in last and "end" not in last, last
+    assert list(lines) == []  # and nothing after it
