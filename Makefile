@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench setup sshd chromium cluster clean
+.PHONY: run test bench setup sshd chromium slurm cluster clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
 
-test: $(VENV)/.dev-installed sshd chromium
+test: $(VENV)/.dev-installed sshd chromium slurm
 	$(PY) -m pytest -q tests
 
 # Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~5 minutes).
@@ -45,6 +45,14 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is needed for the tests: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
 	@test -x /usr/lib/chromium/chromium
+
+# The Slurm tests start a real single-node Slurm on loopback; install it when missing.
+slurm:
+	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	  else echo "slurm-wlm and munge are needed for the tests: run 'sudo apt-get install slurm-wlm munge'" >&2; exit 1; fi; }
+	@test -x /usr/sbin/slurmctld
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cluster

@@ -151,7 +151,17 @@ _NODE_KEYS = {
     "env": (dict, {}),
     "setup": (str, None),
     "gpus": (str, None),
+    "kind": (str, None),
+    "partition": (str, None),
+    "account": (str, None),
+    "gres": (str, None),
+    "max_jobs": (int, 50),
 }
+
+#: What a node is: ``local`` (this machine; host "local"), ``ssh`` (a GPU machine
+#: reached over SSH) or ``slurm`` (a Slurm cluster's login host, reached over SSH:
+#: jobs go to sbatch; partition, account, gres and max_jobs are for this kind).
+NODE_KINDS = ("local", "ssh", "slurm")
 
 #: Keys of ``jump``: the SSH host every node is reached through.
 _JUMP_KEYS = {
@@ -187,6 +197,8 @@ class Node:
     workdir: str
     setup: str | None
     ssh: SshTarget | None  # None for a local node
+    kind: str = "local"
+    slurm: dict | None = None  # partition, account, gres, max_jobs of a slurm node
 
     @property
     def is_local(self):
@@ -262,12 +274,19 @@ def _node(raw, defaults, base, where):
     if not 0 < n["port"] < 65536:
         raise ConfigError(f"{where}: 'port' must be a TCP port")
     local = n["host"] == "local"
+    kind = n["kind"] or ("local" if local else "ssh")
+    if kind not in NODE_KINDS or (kind == "local") != local:
+        raise ConfigError(f"{where}: 'kind' must be local (with host: local), ssh or slurm")
+    if kind == "slurm" and n["max_jobs"] < 1:
+        raise ConfigError(f"{where}: 'max_jobs' must be at least 1")
+    slurm = {k: n[k] for k in ("partition", "account", "gres", "max_jobs")}
     return Node(id=n["id"], host=n["host"],
                 python=n["python"] or (sys.executable if local else "python3"),
                 gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]),
                 env={str(k): str(v) for k, v in n["env"].items()},
                 workdir=n["workdir"], setup=n["setup"],
-                ssh=None if local else _ssh_target(n, base))
+                ssh=None if local else _ssh_target(n, base),
+                kind=kind, slurm=slurm if kind == "slurm" else None)
 
 
 def load_config(path=None):
@@ -455,6 +474,7 @@ class Job:
     exit_code: int | None = None
     error: str | None = None
     cancel_requested: bool = False
+    slurm: dict | None = None  # on a slurm node: Slurm's id, state and reason, in memory
 
     META = ("id", "user_id", "competition_id", "project_id", "expected_time", "submitted_at",
             "priority")
@@ -468,15 +488,28 @@ class Job:
         fields = {k: meta[k] for k in cls.META if k != "priority"}
         return cls(priority=int(meta.get("priority", 0)), **fields, **state)
 
+    @property
+    def state(self):
+        """The status users see: a job that Slurm still holds back shows as pending."""
+        if self.status == "running" and self.slurm and self.slurm["state"] in SLURM_WAITING:
+            return "pending"
+        return self.status
+
     def public(self):
-        return {
-            "job_id": self.id, "status": self.status, "node_id": self.node_id,
+        state = self.state
+        out = {
+            "job_id": self.id, "status": state, "node_id": self.node_id,
             "user_id": self.user_id, "competition_id": self.competition_id,
             "project_id": self.project_id, "expected_time": self.expected_time,
-            "priority": self.priority, "submitted_at": isotime(self.submitted_at), "started_at": isotime(self.started_at),
+            "priority": self.priority, "submitted_at": isotime(self.submitted_at),
+            "started_at": None if state == "pending" else isotime(self.started_at),
             "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
             "error": self.error,
         }
+        if self.slurm:
+            out.update(slurm_job_id=self.slurm["id"], slurm_state=self.slurm["state"],
+                       slurm_reason=self.slurm["reason"])
+        return out
 
 
 class FairQueue:
@@ -825,9 +858,11 @@ class Spool:
         job.finished_at = time.time()
         write_file(folder / "stdout", stdout, sync_dir=False)
         write_file(folder / "stderr", stderr, sync_dir=False)
-        write_json(folder / "result.json", {
-            "status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
-            "started_at": job.started_at, "finished_at": job.finished_at})
+        result = {"status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
+                  "started_at": job.started_at, "finished_at": job.finished_at}
+        if job.slurm:
+            result["slurm"] = {k: job.slurm[k] for k in ("id", "state", "reason")}
+        write_json(folder / "result.json", result)
 
     def _retire(self, job, folder, status, exit_code, error):
         """The one move to done/ (under the lock)."""
@@ -859,7 +894,7 @@ class Spool:
             return None
         return Job.from_meta(meta, node_id=r["node_id"], status=r["status"],
                              started_at=r["started_at"], finished_at=r["finished_at"],
-                             exit_code=r["exit_code"], error=r["error"])
+                             exit_code=r["exit_code"], error=r["error"], slurm=r.get("slurm"))
 
     def output(self, job_id):
         folder = self.root / "done" / job_id
@@ -922,7 +957,7 @@ class Spool:
         found = []
         for job_id in self.job_ids(before=before):
             job = self.get(job_id)
-            if job is None or (user and job.user_id != user) or (status and job.status != status):
+            if job is None or (user and job.user_id != user) or (status and job.state != status):
                 continue
             if len(found) == limit:
                 return found, found[-1].id
@@ -1609,6 +1644,10 @@ SSH_MAX_BACKOFF = 10
 #: Seconds a node's ``setup`` line and python start-up may take before the
 #: wrapper reports in.
 WRAPPER_START_TIMEOUT = 120
+#: Seconds a Slurm command (sbatch, squeue, scancel) may take on the login host.
+SLURM_TIMEOUT = 60
+#: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
+SLURM_POLL = 2
 #: Seconds between GPU readings of a node, and the most one may take.
 GPU_REFRESH = 30
 GPU_TIMEOUT = 15
@@ -1762,32 +1801,21 @@ class SshExecutor:
 
     # -- connection ----------------------------------------------------------
 
+    def _up(self):
+        return self.conn is not None and self.conn.transport.is_active() and not self._agent.closed
+
     def connect(self):
         """Make sure the connection and the agent are up; NodeError with the reason if not."""
-        if self.conn is not None and self.conn.transport.is_active() and not self._agent.closed:
+        if self._up():
             return
         self.close()
         gateway = _Connection(self.config.jump, self.config) if self.config.jump else None
         conn = _Connection(self.node.ssh, self.config, gateway=gateway)
-        workdir = _sftp_path(self.node.workdir)
-        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
         try:
             conn.open()
             sftp = conn.sftp()
-            _mkdirs(sftp, workdir)
-            with sftp.open(f"{workdir}/gq_node.py", "w") as f:
-                f.write(NODE_PROGRAM)
-            channel = conn.transport.open_session(timeout=SSH_TIMEOUT)
-            channel.exec_command(f"cd {shlex.quote(workdir)} && {setup}"
-                                 f"exec {shlex.quote(self.node.python)} gq_node.py serve")
-            agent = _Agent(channel)
-            if agent.reply(("ready", None), WRAPPER_START_TIMEOUT) is None:
-                if not agent.closed:
-                    raise NodeError(f"the node's agent did not report in within "
-                                    f"{WRAPPER_START_TIMEOUT} s: its login shell's start-up "
-                                    f"files or the setup line may hang")
-                why = channel.recv_stderr(4096).decode(errors="replace").strip()
-                raise NodeError(f"the node's agent did not start: {why or 'no answer'}")
+            _mkdirs(sftp, _sftp_path(self.node.workdir))
+            agent = self._start_agent(conn, sftp)
         except Exception as exc:
             conn.close()
             if gateway is not None:
@@ -1796,6 +1824,24 @@ class SshExecutor:
                 raise
             raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
         self.conn, self._sftp, self._agent = conn, sftp, agent
+
+    def _start_agent(self, conn, sftp):
+        workdir = _sftp_path(self.node.workdir)
+        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
+        with sftp.open(f"{workdir}/gq_node.py", "w") as f:
+            f.write(NODE_PROGRAM)
+        channel = conn.transport.open_session(timeout=SSH_TIMEOUT)
+        channel.exec_command(f"cd {shlex.quote(workdir)} && {setup}"
+                             f"exec {shlex.quote(self.node.python)} gq_node.py serve")
+        agent = _Agent(channel)
+        if agent.reply(("ready", None), WRAPPER_START_TIMEOUT) is None:
+            if not agent.closed:
+                raise NodeError(f"the node's agent did not report in within "
+                                f"{WRAPPER_START_TIMEOUT} s: its login shell's start-up "
+                                f"files or the setup line may hang")
+            why = channel.recv_stderr(4096).decode(errors="replace").strip()
+            raise NodeError(f"the node's agent did not start: {why or 'no answer'}")
+        return agent
 
     def close(self):
         if self.conn is not None:
@@ -1956,6 +2002,124 @@ class SshExecutor:
             return b""
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+
+
+class SlurmRefused(Exception):
+    """sbatch said no (a bad partition, account or gres): the job fails with its words."""
+
+
+#: Slurm job states that are not over yet; PENDING and the like show as pending.
+SLURM_WAITING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESV_DEL_HOLD", "SUSPENDED", "STOPPED", "SIGNALING", "RESIZING")
+SLURM_ACTIVE = SLURM_WAITING + ("RUNNING", "COMPLETING", "STAGE_OUT")
+
+
+class SlurmExecutor(SshExecutor):
+    """A Slurm cluster's login host, over the same kind of SSH connection as a node
+    (no agent: Slurm runs the jobs).  Each job gets a folder in the workdir, which
+    the compute nodes must share (a home folder usually is), holding code.py and
+    job.sh; ``sbatch --job-name gq-<id>`` queues it, so that it can be found by
+    gpuqueue's id after a crash between sbatch and recording Slurm's id.  Every
+    value on a command line is quoted.
+    """
+
+    def _up(self):
+        return self.conn is not None and self.conn.transport.is_active()
+
+    def _start_agent(self, conn, sftp):
+        return None
+
+    def gpu_csv(self):
+        return None  # the login host's GPUs are not the jobs' GPUs
+
+    def command(self, *argv):
+        """Run a Slurm command on the login host: (exit status, stdout, stderr)."""
+        env = "".join(f"{k}={shlex.quote(v)} " for k, v in self.node.env.items())
+        line = env + " ".join(shlex.quote(str(a)) for a in argv)
+        self.connect()
+        try:
+            r = self.conn.run(line, hide=True, warn=True, in_stream=False, timeout=SLURM_TIMEOUT)
+        except Exception as exc:
+            self.close()
+            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+        if r.exited == 127:
+            raise NodeError(f"{argv[0]} not found on {self.node.host}: is Slurm's client "
+                            "installed there, and on the login shell's PATH?")
+        return r.exited, r.stdout, r.stderr
+
+    def submit(self, job, folder):
+        """Queue the job with sbatch; Slurm's job id."""
+        remote = self._remote_dir(job)
+        env = {k: v for k, v in job_env(self.node, job).items() if k != "CUDA_VISIBLE_DEVICES"}
+        script = "#!/bin/sh\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()) \
+            + f"exec {shlex.quote(self.node.python)} code.py\n"
+
+        def upload(sftp):
+            _rmtree(sftp, remote)  # left by an attempt that never reached Slurm
+            sftp.mkdir(remote)
+            for name, data in (("code.py", (folder / "code.py").read_bytes()), ("job.sh", script)):
+                with sftp.open(f"{remote}/{name}", "w") as f:
+                    f.write(data)
+        self._guard(upload)
+        write_file(folder / "launching", remote)  # from here on Slurm may have it
+        limit = math.ceil(self.config.time_limit(job.expected_time))
+        argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
+                f"--output={remote}/stdout", f"--error={remote}/stderr",
+                f"--time={limit // 60}:{limit % 60:02d}"]
+        argv += [f"--{k}={self.node.slurm[k]}" for k in ("partition", "account", "gres")
+                 if self.node.slurm[k]]
+        code, out, err = self.command(*argv, f"{remote}/job.sh")
+        slurm_id = out.strip().split(";")[0]
+        if code != 0 or not slurm_id.isdigit():
+            raise SlurmRefused(err.strip() or out.strip() or f"sbatch exited with {code}")
+        return slurm_id
+
+    def states(self, job_ids):
+        """What Slurm says of gpuqueue's jobs, found by name: {gpuqueue id: (Slurm id,
+        state, reason, wait status)}.  A job Slurm no longer remembers is missing."""
+        found = {}
+        for i in range(0, len(job_ids), 200):  # keep the command line short
+            names = ",".join(f"gq-{j}" for j in job_ids[i:i + 200])
+            code, out, err = self.command("squeue", "-h", "-t", "all", f"--name={names}",
+                                          "-O", "JobID:|,Name:|,State:|,Reason:|,exit_code:|")
+            if code != 0:
+                raise NodeError(f"squeue failed on {self.node.host}: {err.strip()[:300]}")
+            for line in out.splitlines():
+                f = [x.strip() for x in line.split("|")]
+                if len(f) >= 5 and f[1].startswith("gq-") and f[0].isdigit():
+                    wait = int(f[4]) if f[4].lstrip("-").isdigit() else 0
+                    found[f[1][3:]] = (f[0], f[2].split()[0] if f[2] else "", f[3], wait)
+        return found
+
+    def cancel(self, slurm_ids):
+        code, _, err = self.command("scancel", *slurm_ids)
+        if code != 0:
+            log.warning("node %s: scancel %s: %s", self.node.id, " ".join(slurm_ids), err.strip())
+
+    def outputs(self, job):
+        """(stdout, stderr) of a job's files, capped like every job's."""
+        limit = self.config.output_limit_bytes
+        remote = self._remote_dir(job)
+
+        def fetch(sftp):
+            def size(path):
+                return sftp.stat(path).st_size
+            return tuple(read_capped(f"{remote}/{s}", limit, sftp.open, size)
+                         for s in ("stdout", "stderr"))
+        return self._guard(fetch)
+
+    def ran(self, job):
+        """Did Slurm ever start the job?  It creates the output files when it does."""
+        remote = self._remote_dir(job)
+        try:
+            self._guard(lambda sftp: sftp.stat(f"{remote}/stdout"))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def remove(self, job):
+        if not self.config.keep_remote_dirs:
+            self._guard(_rmtree, self._remote_dir(job))
 
 
 def _sftp_path(path):
@@ -2215,6 +2379,148 @@ class NodeWorker:
                 "running_job": running[0].id if running else None}
         if self.gpus:
             info["gpus"] = self.gpus
+        return info
+
+
+class SlurmWorker(NodeWorker):
+    """A Slurm cluster as one node: it hands up to ``max_jobs`` jobs at a time to
+    sbatch and lets Slurm decide when and where each runs.  Every SLURM_POLL
+    seconds (and at once when woken) it asks squeue about them, passes cancels
+    on to scancel, and records the ones that ended.
+
+    A job's Slurm id is recorded in ``slurm.json`` in its folder once sbatch
+    answers.  A claimed job without one (a crash or a lost link right around
+    sbatch) is looked up by its name, ``gq-<id>``, before anything is sent again,
+    so it never becomes two Slurm jobs.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.counts = {}  # Slurm's pending and running counts of our jobs, at the last look
+
+    def _loop(self):
+        while True:
+            if self.state != "online":
+                self._bring_online()
+            self.wake.clear()
+            try:
+                self._recover()
+                self._fill()
+                self._poll()
+            except NodeError as exc:
+                self._set_offline(str(exc))
+                continue
+            self.wake.wait(SLURM_POLL)
+
+    def _step(self, step, job):
+        """Like _guarded, but a NodeError goes up: the node is away, the job waits."""
+        try:
+            step(job)
+        except NodeError:
+            raise
+        except Exception as exc:
+            log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
+            if job.id in self.spool.active:
+                self.spool.finish(job, "failed", error=f"internal error: {exc}")
+
+    def _fill(self):
+        while len(self.spool.running(self.node.id)) < self.node.slurm["max_jobs"]:
+            job = self.spool.claim(self.node.id)
+            if job is None:
+                return
+            self._step(self._submit, job)
+
+    def _submit(self, job):
+        if job.cancel_requested:
+            self.spool.finish(job, "cancelled", error="cancelled before it started")
+            return
+        try:
+            slurm_id = self.executor.submit(job, self.spool.folder(job))
+        except SlurmRefused as exc:
+            self.spool.finish(job, "failed", error=f"sbatch refused the job: {exc}")
+            return
+        self._record(job, slurm_id)
+        self.started += 1
+        self.dispatch.observe(time.time() - job.started_at)
+        log.info("job %s user=%s node=%s is Slurm job %s", job.id, job.user_id, self.node.id, slurm_id)
+
+    def _record(self, job, slurm_id):
+        write_json(self.spool.folder(job) / "slurm.json", {"slurm_id": slurm_id})
+        job.slurm = {"id": slurm_id, "state": "PENDING", "reason": None, "wait": 0,
+                     "scancel_sent": False}
+
+    def _recover(self):
+        """Settle claimed jobs with no Slurm id in memory: read slurm.json, else
+        ask Slurm by name, else queue the job again (it never reached Slurm)."""
+        asked = []
+        for job in self.spool.running(self.node.id):
+            if job.slurm is None:
+                try:
+                    self._record(job, read_json(self.spool.folder(job) / "slurm.json")["slurm_id"])
+                except (OSError, ValueError, KeyError):
+                    asked.append(job)
+        found = self.executor.states([j.id for j in asked]) if asked else {}
+        for job in asked:
+            launching = self.spool.folder(job) / "launching"
+            if job.id in found:
+                self._record(job, found[job.id][0])
+                log.info("job %s found again in Slurm as job %s", job.id, found[job.id][0])
+            elif launching.exists() and self.executor.ran(job):
+                self._end(job, "failed", None, "Slurm ran the job but no longer knows how it ended")
+            else:
+                launching.unlink(missing_ok=True)
+                self.spool.requeue(job)
+                log.info("job %s never reached Slurm: queued again", job.id)
+
+    def _poll(self):
+        jobs = [j for j in self.spool.running(self.node.id) if j.slurm is not None]
+        cancel = [j for j in jobs if j.cancel_requested and not j.slurm["scancel_sent"]]
+        if cancel:
+            self.executor.cancel([j.slurm["id"] for j in cancel])
+            for j in cancel:
+                j.slurm["scancel_sent"] = True
+        found = self.executor.states([j.id for j in jobs]) if jobs else {}
+        self.counts = collections.Counter("pending" if st in SLURM_WAITING else "running"
+                                          for _, st, _, _ in found.values() if st in SLURM_ACTIVE)
+        for job in jobs:
+            if job.id not in found:
+                self._step(lambda j: self._end(j, "failed", None, f"Slurm no longer knows job "
+                                               f"{j.slurm['id']}"), job)
+                continue
+            _, state, reason, wait = found[job.id]
+            job.slurm.update(state=state, reason=None if reason in ("", "None") else reason, wait=wait)
+            if state not in SLURM_ACTIVE:
+                self._step(self._finish, job)
+
+    def _finish(self, job):
+        """How Slurm says the job ended, in gpuqueue's terms; Slurm's reason in ``error``."""
+        state, reason, wait = job.slurm["state"], job.slurm["reason"], job.slurm["wait"]
+        code = -(wait & 0x7F) if wait & 0x7F else (wait >> 8) & 0xFF
+        because = f" (Slurm: {reason})" if reason and reason != "NonZeroExitCode" else ""
+        if state == "COMPLETED":
+            self._end(job, "completed", 0, None)
+        elif state == "CANCELLED" and job.cancel_requested:
+            self._end(job, "cancelled", None, "cancelled while running")
+        elif state == "TIMEOUT":
+            self._end(job, "failed", code, "timeout")
+        elif state == "FAILED":
+            what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            self._end(job, "failed", code, what + because)
+        else:  # CANCELLED by someone else, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED...
+            self._end(job, "failed", code, f"Slurm: {state}{because}")
+
+    def _end(self, job, status, exit_code, error):
+        out, err = self.executor.outputs(job)
+        self.spool.finish(job, status, exit_code, error, out, err)
+        try:
+            self.executor.remove(job)
+        except NodeError as exc:
+            log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
+
+    def info(self):
+        info = super().info()
+        info["slurm"] = {"pending": self.counts.get("pending", 0),
+                         "running": self.counts.get("running", 0)}
         return info
 
 
@@ -3479,9 +3785,11 @@ def serve(config, host, port):
     except SpoolBusy as exc:
         raise click.ClickException(str(exc)) from None
     workers = {}
+    kinds = {"local": (LocalExecutor, NodeWorker), "ssh": (SshExecutor, NodeWorker),
+             "slurm": (SlurmExecutor, SlurmWorker)}
     for n in config.nodes:
-        executor = (LocalExecutor if n.is_local else SshExecutor)(n, config)
-        workers[n.id] = NodeWorker(n, spool, executor, config, workers)
+        executor_class, worker_class = kinds[n.kind]
+        workers[n.id] = worker_class(n, spool, executor_class(n, config), config, workers)
     api = Api(config, spool, Tokens(config.tokens), workers)
     server = waitress.create_server(
         logged(api.app), host=host or config.host, port=config.port if port is None else port,
