@@ -23,8 +23,10 @@ The spool directory is the only state.  Its layout::
       control/                  admin requests to the running server (Admin control)
 
 A job folder holds ``code.py`` and ``config.yaml`` (token removed), ``job.json``
-(the submit record), ``start.json`` once claimed, ``cancel`` once a cancel is
-asked for, and ``result.json`` plus capped ``stdout``/``stderr`` once finished.
+(the submit record), ``start.json`` once claimed, ``launching`` once it may have
+reached its node, ``slurm.json`` (Slurm's job id) on a Slurm node once sbatch
+answered, ``cancel`` once a cancel is asked for, and ``result.json`` plus capped
+``stdout``/``stderr`` once finished.
 While a job runs, its work folder (``work/`` inside the job folder on a local
 node, ``<workdir>/<id>`` on an SSH node) holds the files the job's wrapper
 (``gq_node.py``) writes: ``launched``, ``pids``, ``stdout``, ``stderr`` and
@@ -49,11 +51,17 @@ Recovery at start-up (what is on disk -> what happens):
     running/<id>, SSH node unreachable       retried with backoff; failed only once the
                                              node stays away ``unreachable_grace``
                                              seconds past the job's time limit
+    running/<id>, Slurm, slurm.json          followed in Slurm by that id
+    running/<id>, Slurm, launching, no id    looked up in Slurm by name (gq-<id>): followed
+                                             if found; failed if it ran and Slurm forgot
+                                             it; else back to pending/
+    running/<id>, Slurm, no ``launching``    back to pending/: nothing reached sbatch
     incoming/NAME.<id>.accepted, no receipt  its job queued (unless it already is), then
                                              the receipt written
 
 A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
-it starts the job, and recovery claims the same name before requeueing one.
+it starts the job, and recovery claims the same name before requeueing one; a
+Slurm job is looked up by name before it is submitted again.
 """
 
 from __future__ import annotations
@@ -1350,7 +1358,7 @@ def outcome(cmd):
     then reads the files)."""
     try:
         paths = [os.path.join(cmd["dir"], name) for name in ("stdout", "stderr")]
-        if sum(os.path.getsize(p) for p in paths) > cmd["inline"]:
+        if sum(os.path.getsize(p) for p in paths) > cmd.get("inline", 0):
             return {}
         with open(os.path.join(cmd["dir"], "result.json")) as f:
             found = {"result": json.load(f)}
@@ -1411,7 +1419,7 @@ def serve():
                         say({"op": "exited", "id": cmd["id"]})
                 elif op == "remove":
                     shutil.rmtree(cmd["dir"], ignore_errors=True)
-                elif op == "gpus":
+                elif op == "gpus":  # holds the agent while nvidia-smi runs: at most 10 s
                     say({"op": "gpus", "csv": gpu_csv()})
         while children:
             try:
@@ -1815,7 +1823,7 @@ class SshExecutor:
             conn.open()
             sftp = conn.sftp()
             _mkdirs(sftp, _sftp_path(self.node.workdir))
-            agent = self._start_agent(conn, sftp)
+            agent = self._prepare(conn, sftp)
         except Exception as exc:
             conn.close()
             if gateway is not None:
@@ -1825,7 +1833,8 @@ class SshExecutor:
             raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
         self.conn, self._sftp, self._agent = conn, sftp, agent
 
-    def _start_agent(self, conn, sftp):
+    def _prepare(self, conn, sftp):
+        """Start the node's agent on a fresh connection; it is returned."""
         workdir = _sftp_path(self.node.workdir)
         setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
         with sftp.open(f"{workdir}/gq_node.py", "w") as f:
@@ -2026,8 +2035,22 @@ class SlurmExecutor(SshExecutor):
     def _up(self):
         return self.conn is not None and self.conn.transport.is_active()
 
-    def _start_agent(self, conn, sftp):
+    def __init__(self, node, config):
+        super().__init__(node, config)
+        self._home = None
+
+    def _prepare(self, conn, sftp):
+        """No agent; learn the home folder, as Slurm wants absolute paths."""
+        self._home = sftp.normalize(".")
         return None
+
+    def _remote_dir(self, job):
+        path = super()._remote_dir(job)
+        if path.startswith("/"):
+            return path
+        if self._home is None:
+            raise NodeError(f"node {self.node.id} is not connected")
+        return f"{self._home}/{path}"
 
     def gpu_csv(self):
         return None  # the login host's GPUs are not the jobs' GPUs
@@ -2049,6 +2072,7 @@ class SlurmExecutor(SshExecutor):
 
     def submit(self, job, folder):
         """Queue the job with sbatch; Slurm's job id."""
+        self.connect()
         remote = self._remote_dir(job)
         env = {k: v for k, v in job_env(self.node, job).items() if k != "CUDA_VISIBLE_DEVICES"}
         script = "#!/bin/sh\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()) \
@@ -2063,9 +2087,10 @@ class SlurmExecutor(SshExecutor):
         self._guard(upload)
         write_file(folder / "launching", remote)  # from here on Slurm may have it
         limit = math.ceil(self.config.time_limit(job.expected_time))
+        days, rest = divmod(limit, 86400)
         argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
                 f"--output={remote}/stdout", f"--error={remote}/stderr",
-                f"--time={limit // 60}:{limit % 60:02d}"]
+                f"--time={days}-{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"]
         argv += [f"--{k}={self.node.slurm[k]}" for k in ("partition", "account", "gres")
                  if self.node.slurm[k]]
         code, out, err = self.command(*argv, f"{remote}/job.sh")
@@ -2500,7 +2525,7 @@ class SlurmWorker(NodeWorker):
         if state == "COMPLETED":
             self._end(job, "completed", 0, None)
         elif state == "CANCELLED" and job.cancel_requested:
-            self._end(job, "cancelled", None, "cancelled while running")
+            self._end(job, "cancelled", None, "cancelled while in Slurm")
         elif state == "TIMEOUT":
             self._end(job, "failed", code, "timeout")
         elif state == "FAILED":
@@ -2881,7 +2906,7 @@ class Api:
         if follow == "1":
             return self._follow_log(job, stream, int(offset))
         data, job = self._read_log(job, stream, int(offset))
-        return {"job_id": job.id, "status": job.status, "stream": stream, "offset": int(offset),
+        return {"job_id": job.id, "status": job.state, "stream": stream, "offset": int(offset),
                 "next_offset": int(offset) + len(data), "data": data.decode("utf-8", "replace"),
                 "complete": job.status in FINAL_STATES and not data}
 
@@ -3065,7 +3090,8 @@ def _openapi():
             "expected_time": {"type": "number"}, "priority": {"type": "integer"},
             "submitted_at": time_, "started_at": time_,
             "finished_at": time_, "exit_code": {"type": ["integer", "null"]},
-            "error": nullable_str}}
+            "error": nullable_str, "slurm_job_id": {"type": "string"},
+            "slurm_state": {"type": "string"}, "slurm_reason": nullable_str}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpuqueue", "version": __version__,
@@ -3098,6 +3124,9 @@ def _openapi():
                          "properties": {"id": {"type": "integer"}, "host": {"type": "string"},
                                         "state": {"type": "string", "enum": ["online", "offline"]},
                                         "drained": {"type": "boolean"},
+                                        "slurm": {"type": "object", "properties": {
+                                            "pending": {"type": "integer"},
+                                            "running": {"type": "integer"}}},
                                         "gpus": {"type": "array", "items": {
                                             "type": "object",
                                             "required": ["index", "name", "memory_used_mib",

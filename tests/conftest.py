@@ -161,6 +161,18 @@ time.sleep(300)
 """
 
 
+def wait_for(predicate, what="a condition", timeout=30):
+    """Poll ``predicate`` until it is truthy, and return it (a generous bound, not a
+    timing test)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def job_pids(path):
     """The pids a GRANDCHILD job wrote, once it has written them."""
     end = time.monotonic() + 30

@@ -60,6 +60,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sshcluster import _descendants, until_interrupted
+
 NEEDED = ("slurmctld", "slurmd", "munged", "sbatch")
 PACKAGES = ("slurm-wlm", "munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -124,23 +126,6 @@ def _tail(path, n=4000):
         return Path(path).read_text(errors="replace")[-n:]
     except OSError as e:
         return f"({path}: {e})"
-
-
-def _descendants(pid):
-    children = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(p))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _environ(pid):
@@ -530,16 +515,7 @@ def main(folder):
           f"{cluster.cpus} CPUs, {cluster.gpus} fake GPUs")
     print(f"in another terminal:\n  export SLURM_CONF={cluster.conf}\n"
           f"  sbatch --gres=gpu:1 --wrap 'echo $CUDA_VISIBLE_DEVICES'; squeue -t all")
-    print("Ctrl-C stops the cluster.", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background
-        signal.signal(sig, signal.default_int_handler)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
+    until_interrupted(cluster)
 
 
 if __name__ == "__main__":

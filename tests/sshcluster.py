@@ -7,6 +7,7 @@ are fresh too.  Nodes are reached only through the jump host in the config
 this writes.
 """
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -181,7 +182,14 @@ def main(folder):
           f"{node_addr(0)}-{node_addr(len(cluster.nodes) - 1)} port {cluster.nodes[0].port}")
     print(f"in another terminal:\n  .venv/bin/python gpuqueue.py --config {root}/gpuqueue.yaml "
           f"tokens create alice\n  .venv/bin/python gpuqueue.py --config {root}/gpuqueue.yaml serve")
+    until_interrupted(cluster)
+
+
+def until_interrupted(cluster):
+    """Keep a cluster started by hand up until Ctrl-C (or SIGTERM), then stop it."""
     print("Ctrl-C stops the cluster.", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background
+        signal.signal(sig, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from conftest import GRANDCHILD, ROOT, alive, job_config, job_pids
+from conftest import GRANDCHILD, ROOT, alive, job_config, job_pids, wait_for
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -18,17 +18,6 @@ import gpuqueue  # noqa: E402  (only for new_job_id: request names like the CLI'
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def wait_for(predicate, what, timeout=30):
-    """Poll ``predicate`` until it is true (a generous bound, not a timing test)."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Gate:

@@ -7,6 +7,7 @@ time-limit test takes a minute or more. Nothing here skips: no Slurm is a failur
 """
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,8 +74,11 @@ def in_slurm(slurm, job_id):
     return [tuple(line.split()) for line in out.splitlines()]
 
 
-def test_a_job_runs_in_slurm_and_its_output_comes_back(slurm_server, slurm):
-    server = slurm_server(gres="gpu:1")
+def test_a_job_runs_in_slurm_and_its_output_comes_back(slurm_server, slurm, tmp_path):
+    # A workdir under the login user's home, written with ~, as most configs have it:
+    # Slurm gets absolute paths all the same.
+    home_dir = Path.home() / f"gq-slurm-test-{tmp_path.name}"
+    server = slurm_server(gres="gpu:1", workdir=f"~/{home_dir.name}")
     sub = server.submit_ok("import os\nprint('hello from slurm', os.environ['CUDA_VISIBLE_DEVICES'],"
                            " os.environ['GPUQUEUE_JOB_ID'])\n", expected_time=60)
     st = server.wait(sub["job_id"], timeout=90)
@@ -87,6 +91,9 @@ def test_a_job_runs_in_slurm_and_its_output_comes_back(slurm_server, slurm):
     assert info["Partition"] == "debug" and "gpu:1" in info.get("TresPerNode", info.get("Gres", ""))
     # The time limit Slurm got is timeout_multiplier x expected_time: 2 x 60 s.
     assert info["TimeLimit"] == "00:02:00"
+    assert info["WorkDir"] == str(home_dir / sub["job_id"])
+    assert not (home_dir / sub["job_id"]).exists()  # removed once the job was recorded
+    home_dir.rmdir()
 
 
 def test_a_failing_job_reports_its_exit_code_and_stderr(slurm_server):

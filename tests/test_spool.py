@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, alive, job_config
+from conftest import ROOT, alive, job_config, wait_for
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -47,16 +47,6 @@ def submit(spool, code="print(1)\n", expected_time=30, online=None, user="alice"
 
 def listing(path):
     return sorted(p.name for p in Path(path).iterdir())
-
-
-def wait_for(predicate, timeout=30, what="condition"):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def dead_pid():
