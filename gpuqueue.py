@@ -2121,6 +2121,20 @@ class SlurmExecutor(SshExecutor):
                     found[f[1][3:]] = (f[0], f[2].split()[0] if f[2] else "", f[3], wait)
         return found
 
+    def accounting(self, slurm_id):
+        """(state, reason, wait status) of a job the controller has forgotten, from
+        sacct; None where Slurm keeps no accounting (sacct then fails)."""
+        code, out, _ = self.command("sacct", "-n", "-P", "-X", "-j", slurm_id,
+                                    "--format=State,ExitCode")
+        lines = out.strip().splitlines() if code == 0 else []
+        if not lines or "|" not in lines[0]:
+            return None
+        state, exit_code = lines[0].split("|")[:2]
+        status, _, sig = exit_code.partition(":")
+        wait = int(sig) & 0x7F if sig.isdigit() and int(sig) else \
+            (int(status) & 0xFF) << 8 if status.isdigit() else 0
+        return (state.split() or [""])[0], None, wait
+
     def cancel(self, slurm_ids):
         code, _, err = self.command("scancel", *slurm_ids)
         if code != 0:
@@ -2513,14 +2527,21 @@ class SlurmWorker(NodeWorker):
         self.counts = collections.Counter("pending" if st in SLURM_WAITING else "running"
                                           for _, st, _, _ in found.values() if st in SLURM_ACTIVE)
         for job in jobs:
-            if job.id not in found:
-                self._step(lambda j: self._end(j, "failed", None, f"Slurm no longer knows job "
-                                               f"{j.slurm['id']}"), job)
-                continue
-            _, state, reason, wait = found[job.id]
+            if job.id in found:
+                _, state, reason, wait = found[job.id]
+            else:  # the controller forgot it (MinJobAge): accounting may remember
+                known = self.executor.accounting(job.slurm["id"])
+                if known is None:
+                    self._step(self._forgotten, job)
+                    continue
+                state, reason, wait = known
             job.slurm.update(state=state, reason=None if reason in ("", "None") else reason, wait=wait)
             if state not in SLURM_ACTIVE:
                 self._step(self._finish, job)
+
+    def _forgotten(self, job):
+        self._end(job, "failed", None, f"Slurm no longer knows job {job.slurm['id']}, and "
+                                       "keeps no accounting")
 
     def _finish(self, job):
         """How Slurm says the job ended, in gpuqueue's terms; Slurm's reason in ``error``."""

@@ -10,7 +10,7 @@ spool, logs, the generated slurm.conf and gres.conf) lives in the folder given;
 nothing is written to /etc/slurm.  Client commands (sbatch, squeue, scontrol,
 scancel) find the cluster through ``SLURM_CONF``: see ``env()``.  There is no
 slurmdbd, so ``sacct`` does not work; a finished job stays in ``scontrol show
-job`` for ``MinJobAge`` seconds (an hour here) and is also written to the
+job`` for ``MinJobAge`` seconds (``min_job_age``) and is also written to the
 jobcomp/filetxt log (``jobcomp_log``) for good.
 
 The node has ``gpus`` fake GPUs (gres "gpu", backed by empty files under
@@ -249,7 +249,7 @@ class SlurmCluster:
     every job, stops the daemons and kills whatever job processes are left.
     """
 
-    def __init__(self, root, cpus=None, gpus=2, kill_wait=2, name="gpuqtest"):
+    def __init__(self, root, cpus=None, gpus=2, kill_wait=2, name="gpuqtest", min_job_age=3600):
         self.root = Path(root).resolve()
         if any(c.isspace() for c in str(self.root)):
             raise ValueError(f"slurm.conf paths cannot hold spaces: {self.root}")
@@ -257,6 +257,7 @@ class SlurmCluster:
         self.cpus = cpus or max(8, os.cpu_count() or 1)
         self.gpus = gpus
         self.kill_wait = kill_wait
+        self.min_job_age = min_job_age
         self.name = name
         self.conf = self.root / "slurm.conf"
         self.gres_conf = self.root / "gres.conf"
@@ -338,7 +339,7 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.jobcomp_log}",
-            "MinJobAge=3600",
+            f"MinJobAge={self.min_job_age}",
             # Fast, predictable timers.
             f"KillWait={self.kill_wait}",
             "OverTimeLimit=0",

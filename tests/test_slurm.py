@@ -18,7 +18,9 @@ from slurmcluster import SlurmCluster
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    # Slurm forgets a finished job after MinJobAge seconds (60 here, its purge runs about
+    # once a minute): long enough for every check below, short enough to test forgetting.
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), min_job_age=60).start()
     yield cluster
     cluster.stop()
 
@@ -226,3 +228,20 @@ def test_a_claimed_job_that_never_reached_slurm_is_queued_again(slurm_server, sl
 def test_slurm_listens_on_loopback_only(slurm):
     listening = slurm.listening()
     assert len(listening) == 2 and all(line.startswith("127.0.0.1:") for line in listening), listening
+
+
+def test_a_job_slurm_forgot_while_the_server_was_down_fails_with_its_output(slurm_server, slurm):
+    server = slurm_server()
+    sub = server.submit_ok("import time\ntime.sleep(2)\nprint('left behind')\n", expected_time=60)
+    st = wait_slurm_state(server, sub["job_id"], "RUNNING")
+    server.kill()
+    end = time.monotonic() + 300  # MinJobAge, then Slurm's next purge
+    while in_slurm(slurm, sub["job_id"]):
+        assert time.monotonic() < end, in_slurm(slurm, sub["job_id"])
+        time.sleep(2)
+    server.start()
+    done = server.wait(sub["job_id"], timeout=60)
+    # No accounting here to ask (sacct is off): a clear failure that keeps the output.
+    assert done["status"] == "failed", done
+    assert done["error"] == f"Slurm no longer knows job {st['slurm_job_id']}, and keeps no accounting"
+    assert server.results(sub["job_id"])["stdout"] == "left behind\n"
