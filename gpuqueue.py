@@ -13,6 +13,7 @@ The spool directory is the only state.  Its layout::
 
     spool/
       server.lock, server.pid   held by the one server using this spool
+      gq_node.py                the node program local jobs' wrappers run
       tmp/<id>/                 an upload being written; never acknowledged yet
       nodes/<n>/pending/<id>/   queued on node n (its planned node)
       nodes/<n>/running/<id>/   claimed by node n's scheduler
@@ -1272,6 +1273,10 @@ def members(pgid):
 
 
 def kill_group(pgid, grace):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return  # nothing left in the group: no need to read /proc
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         if not members(pgid):
             return
@@ -1525,6 +1530,9 @@ class LocalExecutor:
     def __init__(self, node, config):
         self.node = node
         self.config = config
+        # One copy for every local job's wrapper, rewritten at each start.
+        self.program = config.spool / "gq_node.py"
+        write_file(self.program, NODE_PROGRAM)
 
     def connect(self):
         pass
@@ -1536,13 +1544,14 @@ class LocalExecutor:
         work = folder / "work"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
+        # work/ is this launch's own: no temporary names or fsyncs needed (after a
+        # crash, recovery voids a launch that never claimed ``launched``).
         shutil.copyfile(folder / "code.py", work / "code.py")
-        write_file(work / "env.json", json.dumps(job_env(self.node, job)))
-        write_file(work / "gq_node.py", NODE_PROGRAM)
+        (work / "env.json").write_text(json.dumps(job_env(self.node, job)))
         with open(work / "wrapper.log", "wb") as errlog:
             proc = subprocess.Popen(
                 # -S: the wrapper needs only the standard library, and starts faster.
-                [self.node.python, "-S", "gq_node.py", "run",
+                [self.node.python, "-S", str(self.program), "run",
                  repr(self.config.time_limit(job.expected_time)), repr(self.config.kill_grace)],
                 cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
                 start_new_session=True)
