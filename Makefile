@@ -46,13 +46,16 @@ chromium:
 	  else echo "chromium is needed for the tests: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
 	@test -x /usr/lib/chromium/chromium
 
-# The Slurm tests start a real single-node Slurm on loopback; install it when missing.
+# The Slurm tests start a real single-node Slurm on loopback, one with accounting
+# (slurmdbd and a private MariaDB) too; install them when missing.
+SLURM_PACKAGES := slurm-wlm munge slurmdbd mariadb-server
 slurm:
-	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged || { \
+	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged \
+	  -a -x /usr/sbin/slurmdbd -a -x /usr/sbin/mariadbd || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
-	  else echo "slurm-wlm and munge are needed for the tests: run 'sudo apt-get install slurm-wlm munge'" >&2; exit 1; fi; }
-	@test -x /usr/sbin/slurmctld
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null; \
+	  else echo "$(SLURM_PACKAGES) are needed for the tests: run 'sudo apt-get install $(SLURM_PACKAGES)'" >&2; exit 1; fi; }
+	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmdbd
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cluster

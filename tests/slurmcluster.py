@@ -8,10 +8,14 @@ slurmctld and slurmd, each in the foreground under this process, all talking
 over 127.0.0.1 only, on ports chosen free.  Everything Slurm writes (state,
 spool, logs, the generated slurm.conf and gres.conf) lives in the folder given;
 nothing is written to /etc/slurm.  Client commands (sbatch, squeue, scontrol,
-scancel) find the cluster through ``SLURM_CONF``: see ``env()``.  There is no
-slurmdbd, so ``sacct`` does not work; a finished job stays in ``scontrol show
-job`` for ``MinJobAge`` seconds (``min_job_age``) and is also written to the
+scancel) find the cluster through ``SLURM_CONF``: see ``env()``.  By default there
+is no slurmdbd, so ``sacct`` does not work; a finished job stays in ``scontrol
+show job`` for ``MinJobAge`` seconds (``min_job_age``) and is also written to the
 jobcomp/filetxt log (``jobcomp_log``) for good.
+
+``accounting=True`` adds slurmdbd (on 127.0.0.1 too) and a private MariaDB (data
+under DIR, a unix socket only, no TCP port), so that ``sacct`` still knows a job
+after slurmctld has forgotten it.  It adds about 1-2 s to the start.
 
 The node has ``gpus`` fake GPUs (gres "gpu", backed by empty files under
 DIR/dev, named nvidia0...), so ``sbatch --gres=gpu:1`` is accepted and the job
@@ -20,9 +24,9 @@ more than a small machine has, via ``SlurmdParameters=config_overrides``) so
 that several one-CPU jobs run at once.
 
 Slurm is a system package: ``ensure_installed()`` installs slurm-wlm and munge
-with apt-get when they are missing (as root); importing this module installs
-nothing, ``start()`` calls it.  Starting fails loudly, with the daemons' log
-tails, never skips.
+(and slurmdbd and mariadb-server for accounting) with apt-get when they are
+missing (as root); importing this module installs nothing, ``start()`` calls it.
+Starting fails loudly, with the daemons' log tails, never skips.
 
 As a fixture::
 
@@ -43,6 +47,10 @@ Facts the slurm node kind can rely on (Slurm 22.05, Debian 12):
   -j ID -O JobID:|,State:|,Reason:|,exit_code:`` where exit_code is the raw wait
   status (3 << 8 for ``exit 3``); or ``squeue --json -t all``.  Both forget the
   job MinJobAge seconds after it ends; the jobcomp log keeps it.
+* With accounting, ``sacct -n -P -X -j ID --format=State,ExitCode`` knows a job as
+  soon as it ends and after MinJobAge: ``FAILED|3:0`` for ``exit 3``,
+  ``COMPLETED|0:0``, ``CANCELLED by 0|0:0`` after scancel (the state has the
+  canceller's uid; ExitCode 0:0 where scontrol says 0:15).
 * A job is started about 1-2 s after sbatch; a pending job's Reason is None until
   the scheduler has looked at it (about 2 s), then e.g. Resources.
 * slurmctld checks time limits only about every 30 s: a 10 s limit ends as TIMEOUT
@@ -64,10 +72,13 @@ from sshcluster import _descendants, until_interrupted
 
 NEEDED = ("slurmctld", "slurmd", "munged", "sbatch")
 PACKAGES = ("slurm-wlm", "munge")
+ACCT_NEEDED = ("slurmdbd", "mariadbd", "mariadb-install-db", "mariadb-admin", "sacct")
+ACCT_PACKAGES = ("slurmdbd", "mariadb-server")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
 ADDR = "127.0.0.1"
 SPOOL_MAX = 60  # characters; see SlurmCluster.__init__
+SUN_PATH_MAX = 107  # characters in a unix socket's path
 NODE = "localhost"  # NodeName; resolves to 127.0.0.1, and slurmctld accepts it as its own name
 
 
@@ -82,31 +93,35 @@ def _which(name):
     return None
 
 
-def missing():
-    return [n for n in NEEDED if not _which(n)]
+def missing(accounting=False):
+    return [n for n in NEEDED + (ACCT_NEEDED if accounting else ()) if not _which(n)]
 
 
-def ensure_installed():
-    """Install slurm-wlm and munge with apt-get when any of NEEDED is missing.
+def ensure_installed(accounting=False):
+    """Install slurm-wlm and munge (and ACCT_PACKAGES for accounting) with apt-get
+    when any of NEEDED (and ACCT_NEEDED) is missing.
 
     Returns the seconds spent (0.0 when nothing was missing).  ``apt-get update``
-    runs only when a first install fails (a stale or empty package list).
+    runs only when a first install fails (a stale or empty package list).  Where
+    services may start (systemd, no policy-rc.d), mariadb-server also starts the
+    system MariaDB; the cluster does not use it.
     """
-    if not missing():
+    if not missing(accounting):
         return 0.0
     t0 = time.monotonic()
+    packages = PACKAGES + (ACCT_PACKAGES if accounting else ())
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError(f"Slurm is missing ({', '.join(missing())}): "
-                           f"run 'sudo apt-get install {' '.join(PACKAGES)}'")
+        raise RuntimeError(f"Slurm is missing ({', '.join(missing(accounting))}): "
+                           f"run 'sudo apt-get install {' '.join(packages)}'")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", *PACKAGES]
+    install = ["apt-get", "install", "-y", "-q", *packages]
     r = subprocess.run(install, env=env, capture_output=True, text=True)
-    if r.returncode != 0 or missing():
+    if r.returncode != 0 or missing(accounting):
         u = subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
         r = subprocess.run(install, env=env, capture_output=True, text=True)
-        if r.returncode != 0 or missing():
-            raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed; still missing "
-                               f"{missing()}:\n{u.stdout[-2000:]}{u.stderr[-2000:]}"
+        if r.returncode != 0 or missing(accounting):
+            raise RuntimeError(f"apt-get install {' '.join(packages)} failed; still missing "
+                               f"{missing(accounting)}:\n{u.stdout[-2000:]}{u.stderr[-2000:]}"
                                f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
     return time.monotonic() - t0
 
@@ -247,9 +262,11 @@ class SlurmCluster:
 
     ``start()`` returns self once ``sinfo`` shows the node idle; ``stop()`` cancels
     every job, stops the daemons and kills whatever job processes are left.
+    ``accounting=True`` adds slurmdbd and MariaDB, so ``sacct`` works.
     """
 
-    def __init__(self, root, cpus=None, gpus=2, kill_wait=2, name="gpuqtest", min_job_age=3600):
+    def __init__(self, root, cpus=None, gpus=2, kill_wait=2, name="gpuqtest", min_job_age=3600,
+                 accounting=False):
         self.root = Path(root).resolve()
         if any(c.isspace() for c in str(self.root)):
             raise ValueError(f"slurm.conf paths cannot hold spaces: {self.root}")
@@ -262,14 +279,10 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.gres_conf = self.root / "gres.conf"
         self.state_dir = self.root / "state"
-        self.spool_dir = self.root / "spool"
-        self._short_spool = None
-        if len(str(self.spool_dir)) > SPOOL_MAX:
-            # slurmstepd's socket SPOOL/localhost_JOBID.4294967291 must fit in a
-            # 108-byte sun_path: a long pytest tmp_path gets a short spool in /tmp.
-            self._short_spool = Path(tempfile.mkdtemp(prefix="slurmd-", dir="/tmp"))
-            self.spool_dir.symlink_to(self._short_spool)
-            self.spool_dir = self._short_spool
+        self._short_dirs = []
+        # slurmstepd's socket SPOOL/localhost_JOBID.4294967291 must fit in a
+        # 108-byte sun_path: a long pytest tmp_path gets a short spool in /tmp.
+        self.spool_dir = self._short_dir("spool", SPOOL_MAX, "slurmd-")
         self.log_dir = self.root / "log"
         self.dev_dir = self.root / "dev"
         self.jobcomp_log = self.log_dir / "jobcomp.log"
@@ -277,10 +290,32 @@ class SlurmCluster:
         self.slurmd_log = self.log_dir / "slurmd.log"
         self.ctld_port = _free_port()
         self.slurmd_port = _free_port(avoid=(self.ctld_port,))
+        self.accounting = accounting
+        if accounting:
+            self.dbd_conf = self.root / "slurmdbd.conf"  # slurmdbd looks next to SLURM_CONF
+            self.dbd_log = self.log_dir / "slurmdbd.log"
+            self.dbd_port = _free_port(avoid=(self.ctld_port, self.slurmd_port))
+            self.mysql_data = self.root / "mysql-data"
+            self.mysql_log = self.log_dir / "mariadb.log"
+            sock = "mysqld.sock"
+            self.mysql_sock = self._short_dir("mysql-run", SUN_PATH_MAX - len(sock) - 1,
+                                              "mariadb-") / sock
         self.munge = Munge(self.log_dir / "munged.log")
-        self.ctld = self.slurmd = None
+        self.ctld = self.slurmd = self.dbd = self.mysql = None
         self.startup_seconds = None
+        self.accounting_seconds = None
         self.install_seconds = None
+
+    def _short_dir(self, name, limit, prefix):
+        """root/name; a new folder in /tmp that root/name links to when root/name is
+        longer than ``limit`` characters (for unix sockets in it)."""
+        path = self.root / name
+        if len(str(path)) <= limit:
+            return path
+        short = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        path.symlink_to(short)
+        self._short_dirs.append(short)
+        return short
 
     # -- configuration ---------------------------------------------------------
 
@@ -295,6 +330,13 @@ class SlurmCluster:
     def _write_config(self):
         for d in (self.state_dir, self.spool_dir, self.log_dir, self.dev_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if self.accounting:
+            self.mysql_sock.parent.mkdir(exist_ok=True)
+            self._write_dbd_config()
+            acct = ["AccountingStorageType=accounting_storage/slurmdbd",
+                    f"AccountingStorageHost={ADDR}", f"AccountingStoragePort={self.dbd_port}"]
+        else:
+            acct = ["AccountingStorageType=accounting_storage/none"]
         gres = []
         if self.gpus:
             for i in range(self.gpus):
@@ -333,9 +375,9 @@ class SlurmCluster:
             "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill",
             "SchedulerParameters=sched_interval=2,bf_interval=2",
-            # No slurmdbd: sacct does not work; finished jobs stay in
+            # Without accounting sacct does not work; finished jobs stay in
             # `scontrol show job` for MinJobAge seconds, and go to the jobcomp log.
-            "AccountingStorageType=accounting_storage/none",
+            *acct,
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.jobcomp_log}",
@@ -358,6 +400,27 @@ class SlurmCluster:
         ]
         self.conf.write_text("\n".join(lines))
 
+    def _write_dbd_config(self):
+        lines = [
+            "AuthType=auth/munge",
+            "DbdHost=localhost", f"DbdAddr={ADDR}", f"DbdPort={self.dbd_port}",
+            # Bind to gethostname()'s address, not INADDR_ANY: see _start_accounting().
+            "CommunicationParameters=NoInAddrAny",
+            "SlurmUser=root",
+            "DebugLevel=info",
+            f"LogFile={self.dbd_log}",
+            f"PidFile={self.root / 'slurmdbd.pid'}",
+            # "localhost": the unix socket in MYSQL_UNIX_PORT; root gets in by unix_socket.
+            "StorageType=accounting_storage/mysql",
+            "StorageHost=localhost", "StorageUser=root", "StorageLoc=slurm_acct_db",
+            "",
+        ]
+        # slurmdbd refuses a slurmdbd.conf that others may read.
+        fd = os.open(self.dbd_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            f.write("\n".join(lines))
+        os.chmod(self.dbd_conf, 0o600)
+
     # -- processes -------------------------------------------------------------
 
     def _daemon_env(self):
@@ -374,9 +437,12 @@ class SlurmCluster:
         return r
 
     def logs(self):
+        acct = (f"\n--- slurmdbd.log\n{_tail(self.dbd_log)}"
+                f"\n--- slurmdbd.out\n{_tail(self.log_dir / 'slurmdbd.out')}"
+                f"\n--- mariadb.log\n{_tail(self.mysql_log)}") if self.accounting else ""
         return (f"--- slurmctld.log\n{_tail(self.ctld_log)}\n"
                 f"--- slurmd.log\n{_tail(self.slurmd_log)}"
-                f"\n--- munged.log\n{_tail(self.munge.log)}")
+                f"\n--- munged.log\n{_tail(self.munge.log)}{acct}")
 
     def _fail(self, what):
         msg = f"{what}\n{self.logs()}"
@@ -398,11 +464,13 @@ class SlurmCluster:
             time.sleep(0.1)
 
     def start(self, timeout=60):
-        self.install_seconds = ensure_installed()
+        self.install_seconds = ensure_installed(self.accounting)
         t0 = time.monotonic()
         self._write_config()
         self.munge.start()
         env = self._daemon_env()
+        if self.accounting:
+            self._start_accounting(env, timeout)
         self.ctld = subprocess.Popen(
             [_which("slurmctld"), "-D", "-f", str(self.conf)], env=env, cwd=self.root,
             start_new_session=True, stdin=subprocess.DEVNULL,
@@ -417,6 +485,49 @@ class SlurmCluster:
         self._wait(f"node {NODE} did not become idle", self._node_idle, self.slurmd, timeout)
         self.startup_seconds = time.monotonic() - t0
         return self
+
+    def _start_accounting(self, env, timeout):
+        """MariaDB on a unix socket only, then slurmdbd on 127.0.0.1 only.
+
+        ``--no-defaults`` (first) keeps /etc/mysql's options (system socket, log
+        file, bind-address) out.  slurmdbd.conf has no socket option: slurmdbd's
+        client library takes it from ``MYSQL_UNIX_PORT``, and lets slurmdbd in as
+        the MariaDB user root by unix_socket auth since it runs as root; slurmdbd
+        creates its database, slurmctld registers the cluster.  slurmdbd ignores
+        DbdAddr and binds to INADDR_ANY, or with ``NoInAddrAny`` to what its
+        hostname resolves to, which may be a public address: so it runs in a UTS
+        namespace of its own, named "localhost".
+        """
+        t0 = time.monotonic()
+        if not (self.mysql_data / "mysql").is_dir():
+            r = subprocess.run([_which("mariadb-install-db"), "--no-defaults", "--user=root",
+                                f"--datadir={self.mysql_data}", "--skip-test-db",
+                                "--auth-root-authentication-method=socket"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                self._fail(f"mariadb-install-db exited {r.returncode}:\n{r.stdout}{r.stderr}")
+        self.mysql = subprocess.Popen(
+            [_which("mariadbd"), "--no-defaults", "--user=root", f"--datadir={self.mysql_data}",
+             f"--socket={self.mysql_sock}", "--skip-networking",
+             f"--pid-file={self.root / 'mariadb.pid'}", f"--log-error={self.mysql_log}"],
+            cwd=self.root, start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=open(self.log_dir / "mariadb.out", "ab"), stderr=subprocess.STDOUT)
+        ping = [_which("mariadb-admin"), "--no-defaults", f"--socket={self.mysql_sock}",
+                "--user=root", "ping"]
+        self._wait("MariaDB did not answer `mariadb-admin ping`",
+                   lambda: subprocess.run(ping, capture_output=True, timeout=5).returncode == 0,
+                   self.mysql, timeout)
+        self.dbd = subprocess.Popen(
+            [_which("unshare"), "--uts", "sh", "-c", 'hostname localhost && exec "$@"', "sh",
+             _which("slurmdbd"), "-D"],
+            env={**env, "MYSQL_UNIX_PORT": str(self.mysql_sock)}, cwd=self.root,
+            start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=open(self.log_dir / "slurmdbd.out", "ab"), stderr=subprocess.STDOUT)
+        self._wait("slurmdbd did not answer `sacctmgr show cluster`",
+                   lambda: self.run("sacctmgr", "-n", "show", "cluster", check=False,
+                                    timeout=5).returncode == 0,
+                   self.dbd, timeout)
+        self.accounting_seconds = time.monotonic() - t0
 
     def _node_idle(self):
         state = self.node_state()
@@ -439,7 +550,8 @@ class SlurmCluster:
         return out
 
     def stop(self):
-        """Cancel all jobs, stop slurmd and slurmctld, kill leftovers; munged too if ours."""
+        """Cancel all jobs, stop slurmd and slurmctld, kill leftovers; then slurmdbd and
+        MariaDB; munged too if ours."""
         if self.ctld and self.ctld.poll() is None:
             try:
                 end = time.monotonic() + 10
@@ -459,13 +571,17 @@ class SlurmCluster:
         stepds = self._stepds()
         _kill([c for p in stepds for c in _descendants(p)] + stepds
               + [p for p in helpers if _comm(p).startswith("slurm")])
+        for proc in (self.dbd, self.mysql):  # after slurmctld, which reports to them
+            _stop_proc(proc)
         self.munge.stop()
-        if self._short_spool:
-            shutil.rmtree(self._short_spool, ignore_errors=True)
+        for d in self._short_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def listening(self):
-        """``ss`` lines for the TCP sockets slurmctld and slurmd listen on."""
-        pids = {str(p.pid) for p in (self.ctld, self.slurmd) if p and p.poll() is None}
+        """``ss`` lines for the TCP sockets slurmctld, slurmd, slurmdbd and mariadbd
+        listen on (mariadbd: none)."""
+        pids = {str(p.pid) for p in (self.ctld, self.slurmd, self.dbd, self.mysql)
+                if p and p.poll() is None}
         out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
         return [line.split()[3] + " " + line.split()[-1] for line in out.splitlines()
                 if any(f"pid={pid}," in line for pid in pids)]

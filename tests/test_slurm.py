@@ -63,6 +63,8 @@ def wait_online(server, timeout=60):
 
 
 def wait_slurm_state(server, job_id, state, timeout=60):
+    """Poll status until Slurm's state is ``state``.  gpuqueue looks every 2 s, so a
+    RUNNING state a test waits for must last well beyond that (the jobs sleep 8 s)."""
     end = time.monotonic() + timeout
     while (st := server.status(job_id)).get("slurm_state") != state:
         assert time.monotonic() < end, st
@@ -170,7 +172,7 @@ def test_time_limit_ends_as_timeout(slurm_server):
 
 def test_kill_9_then_restart_reattaches_by_recorded_id(slurm_server, slurm):
     server = slurm_server()
-    sub = server.submit_ok("import time\ntime.sleep(4)\nprint('survived')\n", expected_time=60)
+    sub = server.submit_ok("import time\ntime.sleep(8)\nprint('survived')\n", expected_time=60)
     st = wait_slurm_state(server, sub["job_id"], "RUNNING")
     server.kill()
     server.start()
@@ -187,7 +189,7 @@ def test_crash_between_sbatch_and_recording_never_submits_twice(slurm_server, sl
     server = slurm_server(start=False)
     server.start()
     wait_online(server)
-    blocker = server.submit_ok("import time\ntime.sleep(3)\nprint('first')\n", expected_time=60)
+    blocker = server.submit_ok("import time\ntime.sleep(8)\nprint('first')\n", expected_time=60)
     wait_slurm_state(server, blocker["job_id"], "RUNNING")
     server.kill()
     # Put the spool where the crash would have left it: slurm.json not yet written.
@@ -232,7 +234,7 @@ def test_slurm_listens_on_loopback_only(slurm):
 
 def test_a_job_slurm_forgot_while_the_server_was_down_fails_with_its_output(slurm_server, slurm):
     server = slurm_server()
-    sub = server.submit_ok("import time\ntime.sleep(2)\nprint('left behind')\n", expected_time=60)
+    sub = server.submit_ok("import time\ntime.sleep(8)\nprint('left behind')\n", expected_time=60)
     st = wait_slurm_state(server, sub["job_id"], "RUNNING")
     server.kill()
     end = time.monotonic() + 300  # MinJobAge, then Slurm's next purge

@@ -1,0 +1,44 @@
+"""A Slurm node whose cluster keeps accounting (slurmdbd with a private MariaDB on its
+unix socket only): a job that ended and was forgotten by slurmctld while gpuqueue was
+down is learned from sacct, with its real outcome.
+
+The fixtures and helpers are test_slurm.py's; this module only brings its own Slurm.
+"""
+import time
+
+import pytest
+
+from slurmcluster import SlurmCluster
+from test_slurm import in_slurm, slurm_server, ssh, wait_slurm_state  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-acct"), min_job_age=10,
+                           accounting=True).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_accounting_daemons_listen_on_loopback_only(slurm):
+    listening = slurm.listening()
+    # slurmctld, slurmd and slurmdbd on 127.0.0.1; MariaDB on its unix socket only.
+    assert len(listening) == 3 and all(line.startswith("127.0.0.1:") for line in listening), listening
+
+
+def test_a_forgotten_job_is_learned_from_sacct(slurm_server, slurm):
+    server = slurm_server()
+    sub = server.submit_ok("import sys, time\ntime.sleep(8)\nprint('from the past')\nsys.exit(3)\n",
+                           expected_time=60)
+    st = wait_slurm_state(server, sub["job_id"], "RUNNING")
+    server.kill()
+    end = time.monotonic() + 300  # MinJobAge, then slurmctld's next purge
+    while in_slurm(slurm, sub["job_id"]):
+        assert time.monotonic() < end, in_slurm(slurm, sub["job_id"])
+        time.sleep(2)
+    server.start()
+    done = server.wait(sub["job_id"], timeout=60)
+    assert done["status"] == "failed" and done["exit_code"] == 3, done
+    assert done["error"] == "exit code 3" and done["slurm_state"] == "FAILED"
+    assert done["slurm_job_id"] == st["slurm_job_id"]
+    assert server.results(sub["job_id"])["stdout"] == "from the past\n"
