@@ -232,18 +232,25 @@ def test_slurm_listens_on_loopback_only(slurm):
     assert len(listening) == 2 and all(line.startswith("127.0.0.1:") for line in listening), listening
 
 
-def test_a_job_slurm_forgot_while_the_server_was_down_fails_with_its_output(slurm_server, slurm):
-    server = slurm_server()
-    sub = server.submit_ok("import time\ntime.sleep(8)\nprint('left behind')\n", expected_time=60)
-    st = wait_slurm_state(server, sub["job_id"], "RUNNING")
+def forgotten_while_down(server, slurm, code):
+    """Run ``code`` in Slurm, kill the server while it runs, wait until slurmctld has
+    purged the ended job (MinJobAge, then its next purge), restart the server.
+    Returns (the status seen while it ran, the status it ends with)."""
+    sub = server.submit_ok(code, expected_time=60)
+    running = wait_slurm_state(server, sub["job_id"], "RUNNING")
     server.kill()
-    end = time.monotonic() + 300  # MinJobAge, then Slurm's next purge
+    end = time.monotonic() + 300
     while in_slurm(slurm, sub["job_id"]):
         assert time.monotonic() < end, in_slurm(slurm, sub["job_id"])
         time.sleep(2)
     server.start()
-    done = server.wait(sub["job_id"], timeout=60)
+    return running, server.wait(sub["job_id"], timeout=60)
+
+
+def test_a_job_slurm_forgot_while_the_server_was_down_fails_with_its_output(slurm_server, slurm):
+    server = slurm_server()
+    st, done = forgotten_while_down(server, slurm, "import time\ntime.sleep(8)\nprint('left behind')\n")
     # No accounting here to ask (sacct is off): a clear failure that keeps the output.
     assert done["status"] == "failed", done
     assert done["error"] == f"Slurm no longer knows job {st['slurm_job_id']}, and keeps no accounting"
-    assert server.results(sub["job_id"])["stdout"] == "left behind\n"
+    assert server.results(done["job_id"])["stdout"] == "left behind\n"

@@ -4,12 +4,10 @@ down is learned from sacct, with its real outcome.
 
 The fixtures and helpers are test_slurm.py's; this module only brings its own Slurm.
 """
-import time
-
 import pytest
 
 from slurmcluster import SlurmCluster
-from test_slurm import in_slurm, slurm_server, ssh, wait_slurm_state  # noqa: F401  (fixtures)
+from test_slurm import forgotten_while_down, slurm_server, ssh  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +26,9 @@ def test_accounting_daemons_listen_on_loopback_only(slurm):
 
 def test_a_forgotten_job_is_learned_from_sacct(slurm_server, slurm):
     server = slurm_server()
-    sub = server.submit_ok("import sys, time\ntime.sleep(8)\nprint('from the past')\nsys.exit(3)\n",
-                           expected_time=60)
-    st = wait_slurm_state(server, sub["job_id"], "RUNNING")
-    server.kill()
-    end = time.monotonic() + 300  # MinJobAge, then slurmctld's next purge
-    while in_slurm(slurm, sub["job_id"]):
-        assert time.monotonic() < end, in_slurm(slurm, sub["job_id"])
-        time.sleep(2)
-    server.start()
-    done = server.wait(sub["job_id"], timeout=60)
+    st, done = forgotten_while_down(
+        server, slurm, "import sys, time\ntime.sleep(8)\nprint('from the past')\nsys.exit(3)\n")
     assert done["status"] == "failed" and done["exit_code"] == 3, done
     assert done["error"] == "exit code 3" and done["slurm_state"] == "FAILED"
     assert done["slurm_job_id"] == st["slurm_job_id"]
-    assert server.results(sub["job_id"])["stdout"] == "from the past\n"
+    assert server.results(done["job_id"])["stdout"] == "from the past\n"
