@@ -386,6 +386,13 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def write_all(fd, data):
+    """os.write until all of ``data`` is written (a write may stop short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_file(path, data, mode=0o644, sync_dir=True):
     """Publish ``data`` at ``path`` atomically: temp name, fsync, rename, fsync dir.
 
@@ -644,6 +651,9 @@ class Spool:
         self.running_jobs = {n: {} for n in self.node_ids}
         #: Ids in done/, oldest first.
         self.done_ids = []
+        #: An open fd of each node's pending/ folder: fsyncing a queue after a rename
+        #: is then one syscall, not three, on the submit path.
+        self._queue_fds = {}
         #: Finished-job counts per node and status, for /api/nodes.
         self.finished = {n: {"completed": 0, "failed": 0, "cancelled": 0} for n in self.node_ids}
 
@@ -681,10 +691,14 @@ class Spool:
         for n in self.node_ids:
             self.pending_dir(n).mkdir(parents=True, exist_ok=True)
             self.running_dir(n).mkdir(parents=True, exist_ok=True)
+            self._queue_fds[n] = os.open(self.pending_dir(n), os.O_RDONLY | os.O_DIRECTORY)
         with self.lock():
             self._recover()
 
     def close(self):
+        for fd in self._queue_fds.values():
+            os.close(fd)
+        self._queue_fds.clear()
         if self._server_lock is not None:
             self._server_lock.release()
 
@@ -716,7 +730,7 @@ class Spool:
                         self.running_jobs[n][job.id] = job
         self.done_ids.sort()
         for d in self.node_ids:
-            fsync_dir(self.pending_dir(d))
+            self._sync_queue(d)
 
     def _load(self, folder, node_id, status):
         """Read an unfinished job's folder; finish interrupted moves; quarantine junk."""
@@ -779,13 +793,20 @@ class Spool:
         folder = self.root / "tmp" / job.id
         os.mkdir(folder)
         # The folder is private until enqueue renames it into a queue, so its files
-        # need no temporary names: fsync each, then the folder once.
-        for name, data in (("code.py", code), ("config.yaml", config_data),
-                           ("job.json", json.dumps(job.meta()).encode())):
-            with open(folder / name, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        # need no temporary names.  All three are written before any is fsynced, so
+        # that one journal commit can carry them all; and plain fds, since each extra
+        # syscall is a GIL hand-off between eight busy threads.
+        fds = []
+        try:
+            for name, data in (("code.py", code), ("config.yaml", config_data),
+                               ("job.json", json.dumps(job.meta()).encode())):
+                fds.append(os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                write_all(fds[-1], data)
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
         fsync_dir(folder)
         return folder
 
@@ -809,8 +830,12 @@ class Spool:
             position = self._position(job)
         # The rename is in the journal once this folder is synced; tmp/ needs no sync
         # of its own: after a crash the job is in one place or the other, never both.
-        fsync_dir(self.pending_dir(job.node_id))
+        self._sync_queue(job.node_id)
         return position
+
+    def _sync_queue(self, node_id):
+        """Make renames into and out of a node's pending/ survive a power cut."""
+        os.fsync(self._queue_fds[node_id])
 
     def _queued_seconds(self, node_id=None):
         """Per node (or for one): expected seconds of its pending jobs plus what
@@ -845,7 +870,7 @@ class Spool:
             self.running_jobs[node_id][job.id] = job
             self.served[job.priority, job.user_id] = next(self._tickets)
         fsync_dir(self.running_dir(node_id))
-        fsync_dir(self.pending_dir(donor))
+        self._sync_queue(donor)
         if donor != node_id:
             log.info("job %s planned for node %s taken by idle node %s", job.id, donor, node_id)
         write_json(self.folder(job) / "start.json", {"started_at": job.started_at, "node_id": node_id})
@@ -999,7 +1024,7 @@ class Spool:
                 loads[dest] += job.expected_time
                 moved.add(dest)
         for n in moved | {node_id}:
-            fsync_dir(self.pending_dir(n))
+            self._sync_queue(n)
         log.info("node %s: pending jobs moved to nodes %s", node_id, sorted(moved))
         return moved
 
@@ -1028,7 +1053,7 @@ class Spool:
             del self.running_jobs[job.node_id][job.id]
             job.status, job.started_at = "pending", None
             self._queue(job)
-        fsync_dir(self.pending_dir(job.node_id))
+        self._sync_queue(job.node_id)
         fsync_dir(self.running_dir(job.node_id))
 
 
