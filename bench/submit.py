@@ -116,7 +116,7 @@ def run():
         base.kill()
         synced.kill()
         server.kill()
-    assert not b["errors"] and not s["errors"] and not g["errors"], (b["errors"][:3], g["errors"][:3])
+    assert not (b["errors"] or s["errors"] or g["errors"]), [r["errors"][:3] for r in (b, s, g)]
     b_rate, s_rate, g_rate = (len(r["latencies"]) / SECONDS for r in (b, s, g))
     print(f"2. submit throughput ({CLIENTS} clients, {SECONDS} s)")
     return [
