@@ -6,59 +6,73 @@ the node with the least queued work, runs it there (or on whichever node falls
 idle first, users taking turns), and hands back stdout, stderr and the exit
 code.  One module, read top to bottom:
 
-    configuration -> errors -> filesystem primitives -> spool -> tokens
-    -> executors -> scheduler -> HTTP API -> drop folders -> admin control -> CLI
+    errors -> configuration -> filesystem primitives -> node program -> spool
+    -> tokens -> executors -> scheduler (its front door: Scheduler)
+    -> HTTP API -> dashboard -> drop folders -> admin control -> CLI
 
 The spool directory is the only state.  Its layout::
 
     spool/
       server.lock, server.pid   held by the one server using this spool
-      gq_node.py                the node program local jobs' wrappers run
       tmp/<id>/                 an upload being written; never acknowledged yet
       nodes/<n>/pending/<id>/   queued on node n (its planned node)
       nodes/<n>/running/<id>/   claimed by node n's scheduler
       nodes/<n>/drained         present while an admin has node n drained
+      nodes/<n>/work/           a local node's workdir, unless its config names one
       done/<id>/                finished: completed, failed or cancelled
-      corrupt/<id>.<x>/         a folder that could not be understood; <id>.<x>.REASON says why
+      corrupt/<name>.<x>/       what could not be understood; <name>.<x>.REASON says why
       incoming/                 drop folders (see the Drop folders section)
       control/                  admin requests to the running server (Admin control)
 
-A job folder holds ``code.py`` and ``config.yaml`` (token removed), ``job.json``
-(the submit record), ``start.json`` once claimed, ``launching`` once it may have
-reached its node, ``slurm.json`` (Slurm's job id) on a Slurm node once sbatch
-answered, ``cancel`` once a cancel is asked for, and ``result.json`` plus capped
-``stdout``/``stderr`` once finished.
-While a job runs, its work folder (``work/`` inside the job folder on a local
-node, ``<workdir>/<id>`` on an SSH node) holds the files the job's wrapper
-(``gq_node.py``) writes: ``launched``, ``pids``, ``stdout``, ``stderr`` and
-``result.json``.
+What a job folder holds is JobFolder's to know (see its names).  Every node,
+local or remote, runs the node program (its own section below): one agent per
+node and a wrapper per job, in ``<workdir>/<id>`` on the node, where the
+wrapper leaves ``launched``, ``pids``, ``stdout``, ``stderr`` and ``result.json``.
 
 Every file is published where no reader looks yet (a temporary name, or a
 folder still private to its writer), fsynced, renamed into place, and its
 directory fsynced; every state change is one rename.
 
-Recovery at start-up (what is on disk -> what happens):
+Recovery at start-up: what is on disk -> what happens, and the one method
+that does it:
 
     tmp/<id>                                 removed: its submit was never answered
-    any job folder with result.json          moved to done/ (the move was cut short)
-    folder without a readable job.json       moved to corrupt/, a .REASON file beside it
+                                             (Spool._recover)
+    any job folder with result.json          moved to done/: the move was cut short
+                                             (Spool._load)
+    not a job: no or bad job.json, a name    moved to corrupt/ with a .REASON file
+    that is no id, an id other than its own, (Spool._load, via JobFolder.load)
+    a second copy of a job, a stray file
     running/<id> without start.json          back to pending/: it was never launched
-    running/<id>, local, work/ not launched  claim the launch ourselves, back to pending/
-    running/<id>, SSH, no ``launching``      back to pending/: nothing reached the node
-    running/<id>, SSH, remote not launched   claim the launch there, back to pending/
-    running/<id>, wrapper still running      re-attached and followed to its end
+                                             (Spool._load)
+    running/<id>, no ``launching``           back to pending/: nothing reached the node
+                                             (AgentExecutor.reattach -> Spool.requeue)
+    running/<id>, node folder not launched   the launch claimed here, back to pending/
+                                             (AgentExecutor.reattach -> Spool.requeue)
+    running/<id>, wrapper still running      followed to its end (AgentExecutor.reattach)
+    running/<id>, wrapper of an unknown      stopped, the job failed with the reason
+    node protocol                            (AgentExecutor.reattach)
+    running/<id>, local, work/ inside it     left by a release before node protocol 2:
+                                             its result collected, else stopped and
+                                             failed with the reason
+                                             (AgentExecutor._old_local_run)
     running/<id>, wrapper left a result      its output and exit code collected
-    running/<id>, wrapper gone, no result    failed with a clear error
-    running/<id>, SSH node unreachable       retried with backoff; failed only once the
+                                             (AgentExecutor.collect)
+    running/<id>, wrapper gone, no result    failed with a clear error (AgentExecutor.collect)
+    running/<id>, node unreachable           retried with backoff; failed only once the
                                              node stays away ``unreachable_grace``
                                              seconds past the job's time limit
+                                             (NodeWorker._reattach)
     running/<id>, Slurm, slurm.json          followed in Slurm by that id
+                                             (SlurmWorker._recover)
     running/<id>, Slurm, launching, no id    looked up in Slurm by name (gq-<id>): followed
                                              if found; failed if it ran and Slurm forgot
                                              it; else back to pending/
+                                             (SlurmWorker._recover)
     running/<id>, Slurm, no ``launching``    back to pending/: nothing reached sbatch
+                                             (SlurmWorker._recover)
     incoming/NAME.<id>.accepted, no receipt  its job queued (unless it already is), then
-                                             the receipt written
+                                             the receipt written (Incoming.recover)
 
 A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
 it starts the job, and recovery claims the same name before requeueing one; a
@@ -83,7 +97,7 @@ import math
 import os
 import re
 import secrets
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -101,9 +115,7 @@ from pathlib import Path
 
 import bottle
 import click
-import fabric
 import filelock
-import paramiko
 import waitress
 import waitress.channel
 import waitress.task
@@ -112,6 +124,72 @@ import yaml
 __version__ = "0.1.0"
 
 log = logging.getLogger("gpuqueue")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class GpuqueueError(Exception):
+    """Every refusal gpuqueue makes, raised by the core without knowing who asked.
+
+    The HTTP API turns each kind into a status code (one table: HTTP_STATUS), the
+    CLI into its one-line error, a drop folder into its reason file.  The message
+    is for people: it says what was wrong and, where it can, what to do instead.
+    """
+
+    @property
+    def message(self):
+        return str(self)
+
+
+class BadRequest(GpuqueueError):
+    """What was sent cannot be a job or a request: the message names the part."""
+
+
+class Unauthorized(GpuqueueError):
+    """No token, or one that is unknown, expired or revoked."""
+
+
+class Forbidden(GpuqueueError):
+    """A valid token that may not do this."""
+
+
+class NotFound(GpuqueueError):
+    """No such job or node (or not one this caller may see)."""
+
+
+class Conflict(GpuqueueError):
+    """Not possible in the job's present state (e.g. results of a running job)."""
+
+
+class TooMany(GpuqueueError):
+    """A limit on how much one caller may have or do at once."""
+
+
+class Unavailable(GpuqueueError):
+    """Cannot be done now; the same request may work later."""
+
+
+class DiskFull(Unavailable):
+    """The spool's disk is too full to accept more."""
+
+
+class NodeError(Unavailable):
+    """A node could not be reached or answered wrongly; shown in /api/nodes."""
+
+
+class ConfigError(GpuqueueError):
+    """The config file is wrong; the message names the key."""
+
+
+class SpoolBusy(GpuqueueError):
+    """Another server holds this spool."""
+
+
+class SlurmRefused(GpuqueueError):
+    """sbatch said no (a bad partition, account or gres): the job fails with its words."""
+
 
 ###############################################################################
 # Configuration ###############################################################
@@ -156,7 +234,7 @@ _NODE_KEYS = {
     "key_file": (str, None),
     "password_env": (str, None),
     "python": (str, None),
-    "workdir": (str, "~/.gpuqueue"),
+    "workdir": (str, None),  # ssh: ~/.gpuqueue; local: nodes/<id>/work in the spool
     "env": (dict, {}),
     "setup": (str, None),
     "gpus": (str, None),
@@ -182,10 +260,6 @@ _JUMP_KEYS = {
 }
 
 
-class ConfigError(Exception):
-    """The config file is wrong; the message names the key."""
-
-
 @dataclasses.dataclass(frozen=True)
 class SshTarget:
     """Where and how to log in over SSH: a node or the jump host."""
@@ -203,7 +277,7 @@ class Node:
     python: str
     gpus: str
     env: dict
-    workdir: str
+    workdir: str | None  # None: the default (see _NODE_KEYS)
     setup: str | None
     ssh: SshTarget | None  # None for a local node
     kind: str = "local"
@@ -293,7 +367,7 @@ def _node(raw, defaults, base, where):
                 python=n["python"] or (sys.executable if local else "python3"),
                 gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]),
                 env={str(k): str(v) for k, v in n["env"].items()},
-                workdir=n["workdir"], setup=n["setup"],
+                workdir=n["workdir"] or (None if local else "~/.gpuqueue"), setup=n["setup"],
                 ssh=None if local else _ssh_target(n, base),
                 kind=kind, slurm=slurm if kind == "slurm" else None)
 
@@ -347,32 +421,6 @@ def load_config(path=None):
 
 
 ###############################################################################
-# Errors ######################################################################
-###############################################################################
-
-
-class ApiError(Exception):
-    """An answer to the client: HTTP status and a message for ``{"error": ...}``."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class SpoolBusy(Exception):
-    """Another server holds this spool."""
-
-
-class QueueFull(Exception):
-    """A user already has as many pending jobs as allowed."""
-
-
-class NodeError(Exception):
-    """A node could not be reached or answered wrongly; the message is shown in /api/nodes."""
-
-
-###############################################################################
 # Filesystem primitives #######################################################
 ###############################################################################
 
@@ -423,6 +471,73 @@ def read_json(path):
         return json.load(f)
 
 
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+def isotime(ts):
+    """ISO 8601 UTC for a Unix timestamp (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+###############################################################################
+# Node program ################################################################
+###############################################################################
+# What runs on a node beside its jobs.  The server ships this section's own
+# source to every node (node_program() makes it a script), so it uses the
+# standard library alone and nothing else of this module.
+#
+# The agent runs once per node, in the node's workdir, over an SSH channel or,
+# on this machine, a pipe.  It reads one JSON command a line and writes one
+# JSON report a line:
+#
+#   (at start)                          -> ready {protocol, python}
+#   start {id, dir, env, limit, grace, inline}
+#                                       -> started {id, wrapper}, later exited
+#   watch {id, dir, wrapper}            follow a wrapper launched before -> exited
+#   cancel {wrapper}                    SIGTERM: the wrapper kills its job's group
+#   remove {dir}                        a finished job's folder
+#   gpus                                -> gpus {csv}: nvidia-smi's reading, or null
+#   ping                                -> pong, at once: proof the node is alive
+#                                       exited {id[, result, stdout, stderr]}: a
+#                                       wrapper ended; small output comes along
+#
+# A job's wrapper is forked from the agent into a session of its own, in the
+# job's folder.  It claims ``launched`` (O_EXCL) before it starts code.py, so a
+# job never starts twice; it kills the job's whole process group on SIGTERM or
+# at the time limit, and leaves result.json.  Wrappers outlive the agent and
+# the server, so a restarted server finds them and follows them to their end.
+
+#: The node protocol: sent in ``ready`` and written into each wrapper's ``pids``,
+#: so that a server can tell which release started a wrapper it finds running.
+PROTOCOL = 2
+#: Protocols whose wrappers this release follows to their end.  Protocol 1 left
+#: the same files (its ``pids`` named no protocol).
+PROTOCOLS_FOLLOWED = (1, 2)
+
+#: What every node's GPUs are read with.
+GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu",
+             "--format=csv,noheader,nounits"]
+
+
+def gpu_csv():
+    """nvidia-smi's reading of this machine's GPUs, or None where there is none."""
+    try:
+        r = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def exit_code_of(wait_status):
+    """A wait status as gpuqueue reports it: the exit status, or minus the signal
+    that killed the process.  Slurm reports the same wait status."""
+    signo = wait_status & 0x7F
+    return -signo if signo else (wait_status >> 8) & 0xFF
+
+
 def read_capped(path, limit, opener=open, size=None):
     """Text of an output file, keeping its head and tail when over ``limit`` bytes.
 
@@ -440,21 +555,219 @@ def read_capped(path, limit, opener=open, size=None):
             half = limit // 2
             head = f.read(half)
             f.seek(size - half)
-            note = (f"\n[gpuqueue: output truncated, {size - 2 * half} of {size} bytes cut here;"
-                    f" the limit is {limit} bytes per stream]\n")
+            note = ("\n[gpuqueue: output truncated, %d of %d bytes cut here; the limit is %d "
+                    "bytes per stream]\n" % (size - 2 * half, size, limit))
             data = head + note.encode() + f.read(half)
     return data.decode("utf-8", "replace")
 
 
-def utcnow():
-    return datetime.now(timezone.utc)
+def publish(name, obj):
+    """Write JSON to ``name`` in the current folder: temp name, fsync, rename."""
+    with open("." + name, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename("." + name, name)
 
 
-def isotime(ts):
-    """ISO 8601 UTC for a Unix timestamp (None stays None)."""
-    if ts is None:
+def proc_state(pid):
+    """(state letter, process group) of a process, or None when it is gone."""
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def group_members(pgid):
+    """Live (not zombie) processes in the process group, from /proc."""
+    live = []
+    for pid in os.listdir("/proc"):
+        st = proc_state(pid) if pid.isdigit() else None
+        if st and st[0] != "Z" and st[1] == pgid:
+            live.append(pid)
+    return live
+
+
+def is_wrapper_of(pid, folder):
+    """Is ``pid`` the wrapper working in ``folder``, not a process that reused its pid?"""
+    try:
+        return os.readlink("/proc/%d/cwd" % pid) == os.path.realpath(folder)
+    except OSError:
+        return False
+
+
+def kill_group(pgid, grace):
+    """SIGTERM a job's whole process group, then SIGKILL what is left after ``grace``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return  # nothing left in the group: no need to read /proc
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if not group_members(pgid):
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while group_members(pgid) and time.monotonic() < end:
+            time.sleep(0.02)  # no event tells that a whole group has gone
+
+
+def wrap(limit, grace, env):
+    """Run code.py in the current folder to its end, leaving result.json; the exit
+    status of the wrapper process itself.  SIGTERM and SIGCHLD arrive blocked."""
+    try:
+        os.close(os.open("launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return 75  # launched before, or voided by a recovering server
+    waited = {signal.SIGCHLD, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    with open("stdout", "wb") as out, open("stderr", "wb") as err:
+        job = subprocess.Popen(
+            [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            env=dict(os.environ, **env), start_new_session=True,
+            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, waited))
+    publish("pids", {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
+    deadline = time.monotonic() + limit
+    reason = None
+    while True:
+        pid, status = os.waitpid(job.pid, os.WNOHANG)
+        if pid:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = "timeout"
+        else:
+            got = signal.sigtimedwait(waited, min(left, 5.0))
+            if got is not None and got.si_signo == signal.SIGTERM:
+                reason = "cancelled"
+        if reason:
+            kill_group(job.pid, grace)
+            pid, status = os.waitpid(job.pid, 0)
+            break
+    kill_group(job.pid, grace)  # whatever the job left behind in its group
+    publish("result.json", {"exit_code": exit_code_of(status), "reason": reason})
+    return 0
+
+
+def fork_wrapper(cmd):
+    """Fork a wrapper for a job folder, in a session of its own; its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        os.setsid()
+        os.chdir(cmd["dir"])
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(os.open("wrapper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        code = wrap(float(cmd["limit"]), float(cmd["grace"]), cmd["env"])
+    except BaseException as exc:
+        os.write(2, ("gq_node: %r\n" % (exc,)).encode())
+    finally:
+        os._exit(code)
+
+
+def outcome(cmd):
+    """A finished wrapper's result and output, for its exit report, when the output
+    is small enough to travel on the agent's channel; else nothing (the server
+    then reads the files)."""
+    try:
+        paths = [os.path.join(cmd["dir"], name) for name in ("stdout", "stderr")]
+        if sum(os.path.getsize(p) for p in paths) > cmd.get("inline", 0):
+            return {}
+        with open(os.path.join(cmd["dir"], "result.json")) as f:
+            found = {"result": json.load(f)}
+        for name, path in zip(("stdout", "stderr"), paths):
+            with open(path, "rb") as f:
+                found[name] = base64.b64encode(f.read()).decode()
+        return found
+    except (OSError, ValueError):
+        return {}
+
+
+def say(obj):
+    data = (json.dumps(obj) + "\n").encode()
+    while data:
+        data = data[os.write(1, data):]
+
+
+def obey(cmd, children, watched):
+    """Carry out one command from the server."""
+    op = cmd.get("op")
+    if op in ("start", "watch", "remove") and not re.match(r"\A[0-9a-f]{24}\Z", cmd["dir"]):
+        return  # a job's folder, and nothing else, directly in the workdir
+    if op == "start":
+        pid = fork_wrapper(cmd)
+        children[pid] = cmd
+        say({"op": "started", "id": cmd["id"], "wrapper": pid})
+    elif op == "cancel":
+        try:
+            os.kill(int(cmd["wrapper"]), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    elif op == "watch":
+        pid = int(cmd["wrapper"])
+        if is_wrapper_of(pid, cmd["dir"]):
+            watched[pid] = cmd["id"]
+        else:
+            say({"op": "exited", "id": cmd["id"]})
+    elif op == "remove":
+        shutil.rmtree(cmd["dir"], ignore_errors=True)
+    elif op == "gpus":  # holds the agent while nvidia-smi runs: at most 10 s
+        say({"op": "gpus", "csv": gpu_csv()})
+    elif op == "ping":
+        say({"op": "pong"})
+
+
+def agent():
+    """A node's agent: see this section's head."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    signal.set_wakeup_fd(wake_w)
+    sel = selectors.DefaultSelector()
+    sel.register(0, selectors.EVENT_READ, "command")
+    sel.register(wake_r, selectors.EVENT_READ, "child")
+    children, watched, pending = {}, {}, b""
+    say({"op": "ready", "protocol": PROTOCOL, "python": sys.version.split()[0]})
+    while True:
+        # A watched wrapper is no child of ours: nothing signals its end, so look.
+        for key, _ in sel.select(0.05 if watched else None):
+            if key.data == "child":
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                continue
+            data = os.read(0, 65536)
+            if not data:
+                return 0  # the server went away; the wrappers live on
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                obey(json.loads(line), children, watched)
+        while children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            cmd = children.pop(pid)
+            say(dict(outcome(cmd), op="exited", id=cmd["id"]))
+        for pid in list(watched):
+            st = proc_state(pid)
+            if st is None or st[0] == "Z":
+                say({"op": "exited", "id": watched.pop(pid)})
 
 
 ###############################################################################
@@ -500,25 +813,40 @@ class Job:
 
     @classmethod
     def from_meta(cls, meta, **state):
-        """The job a job.json describes; ``priority`` may be absent (0)."""
+        """The job a job.json describes; ValueError naming the field that is wrong.
+        ``priority`` may be absent (0): job.json files from before it had none."""
+        if not isinstance(meta, dict):
+            raise ValueError("job.json is not a mapping")
+        for key in ("id", "user_id", "competition_id", "project_id"):
+            if not isinstance(meta.get(key), str):
+                raise ValueError(f"job.json: {key!r} must be a string")
+        for key in ("expected_time", "submitted_at"):
+            value = meta.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"job.json: {key!r} must be a number")
+        priority = meta.get("priority", 0)
+        if type(priority) is not int:
+            raise ValueError("job.json: 'priority' must be a whole number")
         fields = {k: meta[k] for k in cls.META if k != "priority"}
-        return cls(priority=int(meta.get("priority", 0)), **fields, **state)
+        fields["expected_time"] = float(fields["expected_time"])
+        return cls(priority=priority, **fields, **state)
 
     @property
-    def state(self):
+    def shown_status(self):
         """The status users see: a job that Slurm still holds back shows as pending."""
         if self.status == "running" and self.slurm and self.slurm["state"] in SLURM_WAITING:
             return "pending"
         return self.status
 
     def public(self):
-        state = self.state
+        shown = self.shown_status
         out = {
-            "job_id": self.id, "status": state, "node_id": self.node_id,
+            "job_id": self.id, "status": shown, "node_id": self.node_id,
             "user_id": self.user_id, "competition_id": self.competition_id,
             "project_id": self.project_id, "expected_time": self.expected_time,
             "priority": self.priority, "submitted_at": isotime(self.submitted_at),
-            "started_at": None if state == "pending" else isotime(self.started_at),
+            "started_at": None if shown == "pending" else isotime(self.started_at),
             "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
             "error": self.error,
         }
@@ -615,6 +943,163 @@ class FairQueue:
         return count, seconds
 
 
+class JobFolder:
+    """One job's folder: the only code that knows the names inside it.
+
+    The Spool moves job folders between queues; everything read or written
+    inside one goes through here, executors included (they get a JobFolder,
+    never a path), so that each file name means one thing everywhere.
+    """
+
+    CODE = "code.py"          # the script as uploaded
+    CONFIG = "config.yaml"    # the config as uploaded, token removed
+    META = "job.json"         # the submit record (Job.META)
+    START = "start.json"      # claimed by a node: when, and which node
+    LAUNCHING = "launching"   # may have reached its node: where it runs there
+    SLURM = "slurm.json"      # on a Slurm node, once sbatch answered: Slurm's job id
+    CANCEL = "cancel"         # a cancel was asked for
+    RESULT = "result.json"    # finished: how (written last; the move to done/ follows)
+    STREAMS = ("stdout", "stderr")  # finished: the output, capped
+    #: A local job's work folder inside its job folder, as releases before node
+    #: protocol 2 made it; recovery meets it after an upgrade.
+    OLD_WORK = "work"
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @property
+    def id(self):
+        return self.path.name
+
+    # -- a new job -----------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, job, code, config_data):
+        """Write a new job's folder, durably.  ``path`` must still be private
+        (under tmp/), so its files need no temporary names."""
+        os.mkdir(path)
+        # All three files are written before any is fsynced, so that one journal
+        # commit can carry them all; plain fds, as each extra syscall is a GIL
+        # hand-off between eight busy threads.
+        fds = []
+        try:
+            for name, data in ((cls.CODE, code), (cls.CONFIG, config_data),
+                               (cls.META, json.dumps(job.meta()).encode())):
+                fds.append(os.open(Path(path) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                write_all(fds[-1], data)
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        fsync_dir(path)
+        return cls(path)
+
+    def load(self, **state):
+        """The job this folder holds; ValueError saying why when it cannot be one.
+        Ids are checked at this boundary: the folder's name must be a job id, and
+        the id inside job.json the same (a copied folder is not a second job)."""
+        if not JOB_ID_RE.match(self.id):
+            raise ValueError("the folder's name is not a job id")
+        try:
+            meta = read_json(self.path / self.META)
+        except OSError as exc:
+            raise ValueError(f"no readable job.json: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"unreadable job.json: {exc}") from None
+        job = Job.from_meta(meta, **state)
+        if job.id != self.id:
+            raise ValueError(f"job.json names job {job.id!r}, not the folder's {self.id!r}")
+        return job
+
+    def code(self):
+        return (self.path / self.CODE).read_bytes()
+
+    # -- claim, launch, cancel -----------------------------------------------
+
+    def started_at(self):
+        """When the job was claimed, or None when the claim was cut short."""
+        try:
+            value = read_json(self.path / self.START)["started_at"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def mark_started(self, job):
+        write_json(self.path / self.START, {"started_at": job.started_at, "node_id": job.node_id})
+
+    def launched_where(self):
+        """Where on its node the job may run, once an executor said so; else None."""
+        try:
+            return (self.path / self.LAUNCHING).read_text()
+        except FileNotFoundError:
+            return None
+
+    def mark_launching(self, where):
+        """From here on the job may be running on its node."""
+        write_file(self.path / self.LAUNCHING, where)
+
+    def slurm_id(self):
+        try:
+            return str(read_json(self.path / self.SLURM)["slurm_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_slurm(self, slurm_id):
+        write_json(self.path / self.SLURM, {"slurm_id": slurm_id})
+
+    def cancel_requested(self):
+        return (self.path / self.CANCEL).exists()
+
+    def mark_cancel(self):
+        write_file(self.path / self.CANCEL, b"")
+
+    def old_run(self, limit):
+        """What a local job of a release before node protocol 2 left in its work
+        folder here: {"result": its result.json or None, "stdout", "stderr" (capped),
+        "wrapper": its wrapper's pid, when it is still that wrapper}; None when
+        there is no such folder."""
+        work = self.path / self.OLD_WORK
+        if not work.is_dir():
+            return None
+        found = {s: read_capped(work / s, limit) for s in self.STREAMS}
+        found["result"] = found["wrapper"] = None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            found["result"] = read_json(work / "result.json")
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            pid = int(read_json(work / "pids")["wrapper"])
+            found["wrapper"] = pid if is_wrapper_of(pid, work) else None
+        return found
+
+    def reset(self):
+        """Forget a claim that never launched, before the job is queued again."""
+        for name in (self.START, self.LAUNCHING, self.SLURM):
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / self.OLD_WORK, ignore_errors=True)
+
+    # -- the end -------------------------------------------------------------
+
+    def has_result(self):
+        return (self.path / self.RESULT).exists()
+
+    def write_result(self, result, stdout, stderr):
+        """The outcome, output first: result.json is the mark of a finished job."""
+        for name, text in zip(self.STREAMS, (stdout, stderr)):
+            write_file(self.path / name, text, sync_dir=False)
+        write_json(self.path / self.RESULT, result)
+
+    def read_result(self):
+        return read_json(self.path / self.RESULT)
+
+    def stream(self, name):
+        """The path of a finished job's stdout or stderr."""
+        assert name in self.STREAMS
+        return self.path / name
+
+    def discard_old_work(self):
+        shutil.rmtree(self.path / self.OLD_WORK, ignore_errors=True)
+
+
 class Spool:
     """The job folders on disk, and the one in-memory index of unfinished jobs.
 
@@ -627,12 +1112,12 @@ class Spool:
     def __init__(self, root, node_ids):
         self.root = Path(root)
         self.node_ids = tuple(node_ids)
-        self._tlock = threading.Lock()
+        self.lock = threading.Lock()
         self._server_lock = None
-        self.changed = threading.Condition(self._tlock)
+        self.changed = threading.Condition(self.lock)
         #: Unfinished jobs by id: the only in-memory copy of queue state.  What
-        #: follows is derived from it, kept up to date by _queue, _unqueue,
-        #: claim and finish, so a submit never walks every queued job.
+        #: follows is derived from it, kept up to date by _index, _unindex,
+        #: claim and _retire, so a submit never walks every queued job.
         self.active = {}
         #: Ticket of the last started job per (priority, user), for FairQueue's
         #: turns.  Kept in memory only: after a restart every user starts even.
@@ -640,22 +1125,22 @@ class Spool:
         self._tickets = itertools.count(1)
         #: Pending jobs per node, in the order they are to run.
         self.queues = {n: FairQueue(self.served) for n in self.node_ids}
+        #: Expected seconds of each node's pending jobs.
+        self.pending_seconds = dict.fromkeys(self.node_ids, 0.0)
+        #: Pending jobs per user.
+        self.pending_per_user = collections.Counter()
+        #: Running jobs per node, by id.
+        self.running = {n: {} for n in self.node_ids}
         #: Nodes an admin has drained: they start no job until resumed.  Each has
         #: a ``nodes/<n>/drained`` file, so this survives a restart.
         self.drained = set()
-        #: Expected seconds of each node's pending jobs.
-        self.queued = dict.fromkeys(self.node_ids, 0.0)
-        #: Pending jobs per user.
-        self.waiting = collections.Counter()
-        #: Running jobs per node, by id.
-        self.running_jobs = {n: {} for n in self.node_ids}
         #: Ids in done/, oldest first.
         self.done_ids = []
+        #: Finished-job counts per node and status, for /api/nodes.
+        self.final_counts = {n: dict.fromkeys(FINAL_STATES, 0) for n in self.node_ids}
         #: An open fd of each node's pending/ folder: fsyncing a queue after a rename
         #: is then one syscall, not three, on the submit path.
         self._queue_fds = {}
-        #: Finished-job counts per node and status, for /api/nodes.
-        self.finished = {n: {"completed": 0, "failed": 0, "cancelled": 0} for n in self.node_ids}
 
     # -- layout --------------------------------------------------------------
 
@@ -665,10 +1150,17 @@ class Spool:
     def running_dir(self, node_id):
         return self.root / "nodes" / str(node_id) / "running"
 
+    def work_dir(self, node_id):
+        """Where a local node's agent runs its jobs (a node's workdir by default)."""
+        return self.root / "nodes" / str(node_id) / "work"
+
     def folder(self, job):
-        """Where an unfinished job's folder is now."""
+        """The folder of an unfinished job, where it is now."""
         d = self.pending_dir if job.status == "pending" else self.running_dir
-        return d(job.node_id) / job.id
+        return JobFolder(d(job.node_id) / job.id)
+
+    def done_folder(self, job_id):
+        return JobFolder(self.root / "done" / job_id)
 
     # -- opening and recovery ------------------------------------------------
 
@@ -692,7 +1184,7 @@ class Spool:
             self.pending_dir(n).mkdir(parents=True, exist_ok=True)
             self.running_dir(n).mkdir(parents=True, exist_ok=True)
             self._queue_fds[n] = os.open(self.pending_dir(n), os.O_RDONLY | os.O_DIRECTORY)
-        with self.lock():
+        with self.lock:
             self._recover()
 
     def close(self):
@@ -702,132 +1194,120 @@ class Spool:
         if self._server_lock is not None:
             self._server_lock.release()
 
-    def lock(self):
-        """The queue lock.  A threading lock is enough: server.lock, a file lock held
-        for the server's whole life, keeps every other process out of the spool."""
-        return self._tlock
-
     def _recover(self):
-        """Bring the folders back to a true state; see the module docstring."""
+        """Bring the folders back to a true state: the first rows of the recovery
+        table in the module docstring; the rest belong to the node workers."""
         for leftover in (self.root / "tmp").iterdir():
             log.warning("removing unacknowledged upload %s", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
         for name in os.listdir(self.root / "done"):
             if JOB_ID_RE.match(name):
-                self._count_finished(self.root / "done" / name)
+                self._count_final(self.done_folder(name))
         for n in self.node_ids:
             if self._drained_marker(n).exists():
                 self.drained.add(n)
             for status, d in (("pending", self.pending_dir(n)), ("running", self.running_dir(n))):
-                for folder in sorted(d.iterdir()):
-                    job = self._load(folder, n, status)
+                for path in sorted(d.iterdir()):
+                    job = self._load(JobFolder(path), n, status)
                     if job is None:
                         continue
                     self.active[job.id] = job
                     if job.status == "pending":
-                        self._queue(job)
+                        self._index(job)
                     else:
-                        self.running_jobs[n][job.id] = job
+                        self.running[n][job.id] = job
         self.done_ids.sort()
         for d in self.node_ids:
             self._sync_queue(d)
 
     def _load(self, folder, node_id, status):
-        """Read an unfinished job's folder; finish interrupted moves; quarantine junk."""
-        if (folder / "result.json").exists():
+        """An unfinished job's folder read back, or None once it was moved on: to
+        done/ (its move was cut short), to corrupt/ (not a job) or, if it was claimed
+        but never started, back to pending/."""
+        if not folder.path.is_dir():
+            self._quarantine(folder.path, "not a job folder")
+            return None
+        if folder.has_result():
             self._move_to_done(folder)
             return None
         try:
-            meta = read_json(folder / "job.json")
-            job = Job.from_meta(meta, node_id=node_id, status=status)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._quarantine(folder, f"unreadable job.json: {exc}")
+            job = folder.load(node_id=node_id, status=status)
+        except ValueError as exc:
+            self._quarantine(folder.path, str(exc))
             return None
-        job.cancel_requested = (folder / "cancel").exists()
+        if job.id in self.active:
+            self._quarantine(folder.path, f"a second copy of job {job.id}")
+            return None
+        job.cancel_requested = folder.cancel_requested()
         if status == "running":
-            try:
-                job.started_at = read_json(folder / "start.json")["started_at"]
-            except (OSError, ValueError, KeyError):
-                os.rename(folder, self.pending_dir(node_id) / folder.name)
+            job.started_at = folder.started_at()
+            if job.started_at is None:
+                os.rename(folder.path, self.pending_dir(node_id) / job.id)
                 job.status = "pending"
                 log.info("job %s was claimed but never started: queued again", job.id)
         return job
 
     def _move_to_done(self, folder):
-        dest = self.root / "done" / folder.name
-        os.rename(folder, dest)
-        fsync_dir(folder.parent)
-        self._count_finished(dest)
+        dest = self.done_folder(folder.id)
+        os.rename(folder.path, dest.path)
+        fsync_dir(folder.path.parent)
+        self._count_final(dest)
 
-    def _count_finished(self, folder):
+    def _count_final(self, folder):
         try:
-            r = read_json(folder / "result.json")
-            self.finished[r["node_id"]][r["status"]] += 1
+            r = folder.read_result()
+            self.final_counts[r["node_id"]][r["status"]] += 1
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        self.done_ids.append(folder.name)
+        self.done_ids.append(folder.id)
 
-    def _queue(self, job):
+    def _index(self, job):
         """Put a pending job into its node's queue (under the lock)."""
         self.queues[job.node_id].add(job)
-        self.queued[job.node_id] += job.expected_time
-        self.waiting[job.user_id] += 1
+        self.pending_seconds[job.node_id] += job.expected_time
+        self.pending_per_user[job.user_id] += 1
 
-    def _unqueue(self, job):
+    def _unindex(self, job):
         """Take a pending job out of its node's queue (under the lock)."""
         self.queues[job.node_id].remove(job)
-        self.queued[job.node_id] -= job.expected_time
-        self.waiting[job.user_id] -= 1
+        self.pending_seconds[job.node_id] -= job.expected_time
+        self.pending_per_user[job.user_id] -= 1
 
-    def _quarantine(self, folder, reason):
+    def _quarantine(self, path, reason):
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
-        dest = self.root / "corrupt" / f"{folder.name}.{secrets.token_hex(3)}"
-        os.rename(folder, dest)
+        dest = self.root / "corrupt" / f"{path.name}.{secrets.token_hex(3)}"
+        os.rename(path, dest)
         write_file(dest.with_name(dest.name + ".REASON"), reason + "\n")
-        log.error("quarantined %s: %s", folder, reason)
+        log.error("quarantined %s: %s", path, reason)
 
     # -- submit --------------------------------------------------------------
 
     def stage(self, job, code, config_data):
         """Write a new job's folder under tmp/, durably, before it is queued."""
-        folder = self.root / "tmp" / job.id
-        os.mkdir(folder)
-        # The folder is private until enqueue renames it into a queue, so its files
-        # need no temporary names.  All three are written before any is fsynced, so
-        # that one journal commit can carry them all; and plain fds, since each extra
-        # syscall is a GIL hand-off between eight busy threads.
-        fds = []
-        try:
-            for name, data in (("code.py", code), ("config.yaml", config_data),
-                               ("job.json", json.dumps(job.meta()).encode())):
-                fds.append(os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                write_all(fds[-1], data)
-            for fd in fds:
-                os.fsync(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        fsync_dir(folder)
-        return folder
+        return JobFolder.create(self.root / "tmp" / job.id, job, code, config_data)
 
     def enqueue(self, job, staged, online, max_pending):
         """Queue a staged job on the least-loaded node; returns queue_position's pair.
 
-        Raises QueueFull (and leaves the staged folder) when the job's user already
+        Raises TooMany (and removes the staged folder) when the job's user already
         has ``max_pending`` pending jobs.
         """
-        with self.lock():
-            if self.waiting[job.user_id] >= max_pending:
-                raise QueueFull(self.waiting[job.user_id])
-            loads = self._queued_seconds()
-            open_ = [n for n in self.node_ids if n not in self.drained]
-            # Offline nodes only when none is online; drained ones only when all are.
-            candidates = [n for n in open_ if n in online] or open_ or list(self.node_ids)
-            job.node_id = min(candidates, key=lambda n: (loads[n], n))
-            os.rename(staged, self.pending_dir(job.node_id) / job.id)
-            self.active[job.id] = job
-            self._queue(job)
-            position = self._position(job)
+        with self.lock:
+            waiting = self.pending_per_user[job.user_id]
+            if waiting < max_pending:
+                loads = self._loads()
+                open_ = [n for n in self.node_ids if n not in self.drained]
+                # Offline nodes only when none is online; drained ones only when all are.
+                candidates = [n for n in open_ if n in online] or open_ or list(self.node_ids)
+                job.node_id = min(candidates, key=lambda n: (loads[n], n))
+                os.rename(staged.path, self.pending_dir(job.node_id) / job.id)
+                self.active[job.id] = job
+                self._index(job)
+                position = self._position(job)
+        if waiting >= max_pending:
+            shutil.rmtree(staged.path)
+            raise TooMany(f"{job.user_id} already has {waiting} pending jobs, the most "
+                          "allowed; submit more once some have started")
         # The rename is in the journal once this folder is synced; tmp/ needs no sync
         # of its own: after a crash the job is in one place or the other, never both.
         self._sync_queue(job.node_id)
@@ -837,12 +1317,12 @@ class Spool:
         """Make renames into and out of a node's pending/ survive a power cut."""
         os.fsync(self._queue_fds[node_id])
 
-    def _queued_seconds(self, node_id=None):
+    def _loads(self, node_id=None):
         """Per node (or for one): expected seconds of its pending jobs plus what
-        remains of its running one."""
+        remains of its running ones."""
         now = time.time()
-        loads = dict(self.queued)
-        for n, running in self.running_jobs.items():
+        loads = dict(self.pending_seconds)
+        for n, running in self.running.items():
             for job in running.values():
                 loads[n] += max(0.0, job.expected_time - (now - (job.started_at or now)))
         return loads if node_id is None else loads[node_id]
@@ -855,98 +1335,98 @@ class Spool:
         (busy or drained).  Placement goes by estimates, which are often wrong: no
         node should idle, nor a user wait, while another node holds their job.
         None when there is nothing to run, or the node is drained."""
-        with self.lock():
+        with self.lock:
             if node_id in self.drained:
                 return None
             heads = [(q.head(), n) for n, q in self.queues.items() if len(q) and (
-                n == node_id or self.running_jobs[n] or n in self.drained)]
+                n == node_id or self.running[n] or n in self.drained)]
             if not heads:
                 return None
             (_, job_id), donor = min(heads)
             job = self.active[job_id]
             os.rename(self.pending_dir(donor) / job.id, self.running_dir(node_id) / job.id)
-            self._unqueue(job)
+            self._unindex(job)
             job.node_id, job.status, job.started_at = node_id, "running", time.time()
-            self.running_jobs[node_id][job.id] = job
+            self.running[node_id][job.id] = job
             self.served[job.priority, job.user_id] = next(self._tickets)
         fsync_dir(self.running_dir(node_id))
         self._sync_queue(donor)
         if donor != node_id:
             log.info("job %s planned for node %s taken by idle node %s", job.id, donor, node_id)
-        write_json(self.folder(job) / "start.json", {"started_at": job.started_at, "node_id": node_id})
+        self.folder(job).mark_started(job)
         return job
 
-    def running(self, node_id):
-        return list(self.running_jobs[node_id].values())
+    def running_on(self, node_id):
+        return list(self.running[node_id].values())
 
     def finish(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
         """Record a running job's outcome in its folder, then move the folder to done/."""
         folder = self.folder(job)
         self._write_result(job, folder, status, exit_code, error, stdout, stderr)
-        with self.lock():
-            del self.running_jobs[job.node_id][job.id]
+        with self.lock:
+            del self.running[job.node_id][job.id]
             self._retire(job, folder, status, exit_code, error)
-        self._finished(job, folder, status, error)
+        self._synced_final(job, folder, status, error)
 
     def _write_result(self, job, folder, status, exit_code, error, stdout, stderr):
         job.finished_at = time.time()
-        write_file(folder / "stdout", stdout, sync_dir=False)
-        write_file(folder / "stderr", stderr, sync_dir=False)
         result = {"status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
                   "started_at": job.started_at, "finished_at": job.finished_at}
         if job.slurm:
             result["slurm"] = {k: job.slurm[k] for k in ("id", "state", "reason")}
-        write_json(folder / "result.json", result)
+        folder.write_result(result, stdout, stderr)
 
     def _retire(self, job, folder, status, exit_code, error):
         """The one move to done/ (under the lock)."""
-        os.rename(folder, self.root / "done" / job.id)
+        os.rename(folder.path, self.done_folder(job.id).path)
         del self.active[job.id]
         job.status, job.exit_code, job.error = status, exit_code, error
-        self.finished[job.node_id][status] += 1
+        self.final_counts[job.node_id][status] += 1
         bisect.insort(self.done_ids, job.id)
         self.changed.notify_all()
 
-    def _finished(self, job, folder, status, error):
-        fsync_dir(folder.parent)
-        shutil.rmtree(self.root / "done" / job.id / "work", ignore_errors=True)
+    def _synced_final(self, job, folder, status, error):
+        """After the move to done/: make it durable, and log it."""
+        fsync_dir(folder.path.parent)
+        self.done_folder(job.id).discard_old_work()
         log.info("job %s user=%s node=%s %s%s", job.id, job.user_id, job.node_id, status,
                  f" ({error})" if error else "")
 
-    # -- API side ------------------------------------------------------------
+    # -- front-door side -----------------------------------------------------
 
     def get(self, job_id):
         """The job with this (already validated) id, or None."""
         job = self.active.get(job_id)
         if job is not None:
             return job
-        folder = self.root / "done" / job_id
+        folder = self.done_folder(job_id)
         try:
-            meta = read_json(folder / "job.json")
-            r = read_json(folder / "result.json")
-        except (OSError, ValueError):
+            job = folder.load(node_id=-1)  # node and status come from result.json
+        except ValueError:
             return None
-        return Job.from_meta(meta, node_id=r["node_id"], status=r["status"],
-                             started_at=r["started_at"], finished_at=r["finished_at"],
-                             exit_code=r["exit_code"], error=r["error"], slurm=r.get("slurm"))
-
-    def output(self, job_id):
-        folder = self.root / "done" / job_id
-        return tuple(read_capped(folder / name, sys.maxsize) for name in ("stdout", "stderr"))
+        try:
+            r = folder.read_result()
+            job.node_id, job.status, job.exit_code, job.error = (
+                r["node_id"], r["status"], r["exit_code"], r["error"])
+            job.started_at, job.finished_at, job.slurm = (
+                r["started_at"], r["finished_at"], r.get("slurm"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return job
 
     def queue_position(self, job):
         """(jobs ahead of it in its node's queue, estimated start time), or
         (None, None) when the job is not pending.  The estimate adds the expected
         times of the running job's rest and of those ahead; work taken by idle
         nodes can only make it earlier."""
-        with self._tlock:
+        with self.lock:
             return self._position(job)
 
     def _position(self, job):
         ahead = self.queues[job.node_id].ahead(job)
         if ahead is None:
             return None, None
-        running = self._queued_seconds(job.node_id) - self.queued[job.node_id]
+        running = self._loads(job.node_id) - self.pending_seconds[job.node_id]
         return ahead[0], time.time() + running + ahead[1]
 
     def request_cancel(self, job):
@@ -954,19 +1434,19 @@ class Spool:
 
         Returns False when the job had already finished.
         """
-        with self.lock():
+        with self.lock:
             if job.id not in self.active:
                 return False
             job.cancel_requested = True
             folder = self.folder(job)
             if job.status == "running":
-                write_file(folder / "cancel", b"")
+                folder.mark_cancel()
                 return True
             # Done whole under the lock, so that no scheduler claims it half-way.
-            self._unqueue(job)
+            self._unindex(job)
             self._write_result(job, folder, "cancelled", None, "cancelled while pending", "", "")
             self._retire(job, folder, "cancelled", None, "cancelled while pending")
-        self._finished(job, folder, "cancelled", "cancelled while pending")
+        self._synced_final(job, folder, "cancelled", "cancelled while pending")
         return True
 
     def wait_finished(self, job, timeout):
@@ -976,7 +1456,7 @@ class Spool:
 
     def job_ids(self, before=None):
         """Job ids newest first, only those older than ``before`` when it is given."""
-        with self._tlock:
+        with self.lock:
             active = sorted(self.active)
             done = self.done_ids[:bisect.bisect_left(self.done_ids, before)] if before \
                 else self.done_ids[:]
@@ -991,18 +1471,22 @@ class Spool:
         found = []
         for job_id in self.job_ids(before=before):
             job = self.get(job_id)
-            if job is None or (user and job.user_id != user) or (status and job.state != status):
+            if job is None or (user and job.user_id != user) or (status and job.shown_status != status):
                 continue
             if len(found) == limit:
                 return found, found[-1].id
             found.append(job)
         return found, None
 
+    def counts(self):
+        """(pending, running) jobs over all nodes."""
+        return (sum(len(q) for q in self.queues.values()),
+                sum(len(r) for r in self.running.values()))
+
     def node_stats(self):
-        loads = self._queued_seconds()
+        loads = self._loads()
         return {n: {"queued_jobs": len(self.queues[n]), "queued_seconds": round(loads[n], 3),
-                    "completed": self.finished[n]["completed"], "failed": self.finished[n]["failed"],
-                    "cancelled": self.finished[n]["cancelled"]} for n in self.node_ids}
+                    **self.final_counts[n]} for n in self.node_ids}
 
     def move_pending(self, node_id, online):
         """Move a node's pending jobs to the least-loaded of ``online`` nodes that
@@ -1012,15 +1496,15 @@ class Spool:
         if not online or not self.queues[node_id]:
             return set()
         moved = set()
-        with self.lock():
-            loads = self._queued_seconds()
+        with self.lock:
+            loads = self._loads()
             for job_id in self.queues[node_id].ids():
                 job = self.active[job_id]
                 dest = min(online, key=lambda n: (loads[n], n))
                 os.rename(self.pending_dir(node_id) / job_id, self.pending_dir(dest) / job_id)
-                self._unqueue(job)
+                self._unindex(job)
                 job.node_id = dest
-                self._queue(job)
+                self._index(job)
                 loads[dest] += job.expected_time
                 moved.add(dest)
         for n in moved | {node_id}:
@@ -1034,7 +1518,7 @@ class Spool:
     def set_drained(self, node_id, drained):
         """Drain a node (it starts no more jobs) or resume it; on disk first."""
         marker = self._drained_marker(node_id)
-        with self.lock():
+        with self.lock:
             if drained:
                 write_file(marker, b"")
                 self.drained.add(node_id)
@@ -1046,13 +1530,12 @@ class Spool:
     def requeue(self, job):
         """Put a claimed job that never launched back at its place in its node's queue."""
         folder = self.folder(job)
-        shutil.rmtree(folder / "work", ignore_errors=True)
-        (folder / "start.json").unlink(missing_ok=True)
-        with self.lock():
-            os.rename(folder, self.pending_dir(job.node_id) / job.id)
-            del self.running_jobs[job.node_id][job.id]
+        folder.reset()
+        with self.lock:
+            os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
+            del self.running[job.node_id][job.id]
             job.status, job.started_at = "pending", None
-            self._queue(job)
+            self._index(job)
         self._sync_queue(job.node_id)
         fsync_dir(self.running_dir(job.node_id))
 
@@ -1066,6 +1549,8 @@ USER_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 
 #: A token chosen by an admin must be at least this long; generated ones are 43.
 MIN_TOKEN_LENGTH = 16
+#: Seconds between looks at the token file for changes.
+TOKENS_RECHECK = 1.0
 
 
 def token_hash(token):
@@ -1107,6 +1592,7 @@ class Tokens:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._seen = None
+        self._looked = -math.inf
         self._records = []
 
     def _read(self):
@@ -1119,13 +1605,20 @@ class Tokens:
             raise ValueError(f"{self.path} is not a gpuqueue token file")
         return records
 
-    def records(self):
-        try:
-            st = os.stat(self.path)
-            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            seen = None
+    def records(self, fresh=True):
+        """The current records.  Unless ``fresh``, the file is looked at (one stat)
+        at most once a second, not on every request: revocations are seen within a
+        second, and a token not found is looked for again at once."""
+        now = time.monotonic()
         with self._lock:
+            if not fresh and now - self._looked < TOKENS_RECHECK:
+                return self._records
+            self._looked = now
+            try:
+                st = os.stat(self.path)
+                seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                seen = None
             if seen != self._seen:
                 try:
                     self._records = self._read()
@@ -1136,20 +1629,25 @@ class Tokens:
             return self._records
 
     def authenticate(self, token):
-        """The record of a valid token; ApiError 401 otherwise."""
+        """The record of a valid token; Unauthorized otherwise."""
         if not token:
-            raise ApiError(401, "missing token: send 'Authorization: Bearer <token>'")
+            raise Unauthorized("missing token: send 'Authorization: Bearer <token>'")
         digest = token_hash(token)
+        match = self._find(digest, self.records(fresh=False)) or self._find(digest, self.records())
+        if match is None:
+            raise Unauthorized("invalid token")
+        if match.get("revoked"):
+            raise Unauthorized("token revoked")
+        if _expiry(match.get("expires")) <= utcnow():
+            raise Unauthorized("token expired")
+        return match
+
+    @staticmethod
+    def _find(digest, records):
         match = None
-        for rec in self.records():
+        for rec in records:  # every record compared, in constant time each
             if hmac.compare_digest(str(rec.get("sha256", "")), digest):
                 match = rec
-        if match is None:
-            raise ApiError(401, "invalid token")
-        if match.get("revoked"):
-            raise ApiError(401, "token revoked")
-        if _expiry(match.get("expires")) <= utcnow():
-            raise ApiError(401, "token expired")
         return match
 
     # -- admin side (CLI) ----------------------------------------------------
@@ -1165,11 +1663,11 @@ class Tokens:
 
     def create(self, user, token, days, admin):
         if not USER_RE.match(user):
-            raise click.ClickException("user must be 1-64 letters, digits or . _ @ - characters")
+            raise BadRequest("user must be 1-64 letters, digits or . _ @ - characters")
         if token is None:
             token = secrets.token_urlsafe(32).lstrip("-")  # a leading '-' reads as an option
         elif len(token) < MIN_TOKEN_LENGTH:
-            raise click.ClickException(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
+            raise BadRequest(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
         now = utcnow()
         rec = {"sha256": token_hash(token), "user": user, "admin": bool(admin),
                "created": now.isoformat(timespec="seconds"),
@@ -1178,7 +1676,7 @@ class Tokens:
 
         def add(records):
             if any(r.get("sha256") == rec["sha256"] for r in records):
-                raise click.ClickException("that token already exists")
+                raise Conflict("that token already exists")
             records.append(rec)
         self._change(add)
         return token, rec
@@ -1190,8 +1688,8 @@ class Tokens:
                     if r.get("sha256") == token_hash(key)
                     or (len(key) >= 6 and str(r.get("sha256", "")).startswith(key))]
             if len(hits) != 1:
-                raise click.ClickException("no such token" if not hits else
-                                           "that fingerprint matches several tokens")
+                raise NotFound("no such token") if not hits else \
+                    Conflict("that fingerprint matches several tokens")
             hits[0]["revoked"] = utcnow().isoformat(timespec="seconds")
             return hits[0]
         return self._change(mark)
@@ -1214,8 +1712,8 @@ class AuthThrottle:
         with self._lock:
             start, count = self._failures.get(addr, (0.0, 0))
             if count >= self.limit and time.monotonic() - start < self.WINDOW:
-                raise ApiError(429, "too many failed authentications from this address; "
-                                    "try again in a minute")
+                raise TooMany("too many failed authentications from this address; "
+                              "try again in a minute")
 
     def failed(self, addr):
         now = time.monotonic()
@@ -1232,270 +1730,56 @@ class AuthThrottle:
 ###############################################################################
 # Executors ###################################################################
 ###############################################################################
-# An executor starts a job on its node and learns how it ended.  Every node
-# runs the same wrapper next to the job: it starts code.py in a session of its
-# own, enforces the time limit there, kills the job's whole process group on
-# SIGTERM (a cancel) or timeout, and leaves result.json behind.  The server
-# only launches the wrapper, signals it, and reads its files, so a job ends on
-# time even while the server is down, and a restarted server can pick it up.
+# An executor runs one node's jobs and learns how they ended.  Local and SSH
+# nodes share one, AgentExecutor: it talks to the node's agent (the Node
+# program above) over a link, either a pipe to a process on this machine
+# (LocalLink) or a channel of a persistent SSH connection through the jump host
+# (SshLink); both links also reach the files in the node's workdir.  A Slurm
+# node's executor uses an SshLink too, but no agent: Slurm runs the jobs.
+# Executors read and write spool files only through the JobFolder they are
+# given.
 
-NODE_PROGRAM = r'''"""gpuqueue's program on a node, written there by the server (no user data in it).
-
-``python gq_node.py run LIMIT GRACE`` is a job's wrapper, in the job's folder: it runs
-code.py in a session of its own, kills the job's whole process group on SIGTERM (a
-cancel) or at the time limit, and leaves result.json: {"exit_code": N, "reason": null,
-"timeout" or "cancelled"}.  It prints {"wrapper": pid, "job": pid} once a SIGTERM
-would be taken as a cancel.
-
-``python gq_node.py serve`` is a node's agent, one per SSH connection, started in the
-node's workdir.  It reads one JSON command a line (start, cancel, watch, remove, gpus)
-and writes one JSON report a line (ready, started, exited, gpus).  It forks a wrapper for each
-job, so a job costs no shell or interpreter start-up beyond its own, and the wrappers
-live on if the agent or the link dies.
-"""
-import json, os, signal, subprocess, sys, time
-
-# What only the agent needs is imported in serve(): a job's wrapper starts with
-# every job, and these imports alone took a third of its start-up.
-GPU_QUERY = @GPU_QUERY@
-
-
-def gpu_csv():
-    """nvidia-smi's reading of this machine's GPUs, or None where there is none."""
-    try:
-        r = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout if r.returncode == 0 else None
-
-
-def put(name, obj):
-    with open("." + name, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename("." + name, name)
+#: Seconds allowed for TCP connect, SSH banner, authentication and channel opens.
+SSH_TIMEOUT = 10
+#: Seconds between SSH keepalives, so a dead link is noticed.
+SSH_KEEPALIVE = 5
+#: Seconds between health checks (a ping the agent answers) of an idle node.
+PROBE_INTERVAL = 15
+#: Seconds an agent has to answer a ping.
+PING_TIMEOUT = 10
+#: Most seconds between reconnect attempts to an offline node.
+SSH_MAX_BACKOFF = 10
+#: Seconds a node's ``setup`` line and python start-up may take before the
+#: agent reports in, and the agent to confirm a job's start.
+WRAPPER_START_TIMEOUT = 120
+#: Seconds a new server waits for its local nodes' agents before it announces itself.
+LOCAL_START_TIMEOUT = 10
+#: Seconds a Slurm command (sbatch, squeue, scancel) may take on the login host.
+SLURM_TIMEOUT = 60
+#: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
+SLURM_POLL = 2
+#: Seconds between GPU readings of a node, and the most one may take.
+GPU_REFRESH = 30
+GPU_TIMEOUT = 15
+#: Output up to this many bytes (both streams) comes with a job's exit report from
+#: the node's agent; more is read from the files.  Saves a dozen round trips per job.
+INLINE_OUTPUT = 64 * 1024
 
 
-def proc_state(pid):
-    """(state letter, process group) of a process, or None when it is gone."""
-    try:
-        with open("/proc/%s/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[2])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def members(pgid):
-    """Live (not zombie) processes in the process group, from /proc."""
-    live = []
-    for pid in os.listdir("/proc"):
-        st = proc_state(pid) if pid.isdigit() else None
-        if st and st[0] != "Z" and st[1] == pgid:
-            live.append(pid)
-    return live
-
-
-def kill_group(pgid, grace):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return  # nothing left in the group: no need to read /proc
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        if not members(pgid):
-            return
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        end = time.monotonic() + wait
-        while members(pgid) and time.monotonic() < end:
-            time.sleep(0.02)
-
-
-def wrap(limit, grace, report):
-    """Run code.py in the current folder to its end, leaving result.json."""
-    try:
-        os.close(os.open("launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return 75  # launched before, or voided by a recovering server
-    env = dict(os.environ)
-    with open("env.json") as f:
-        env.update(json.load(f))
-    waited = {signal.SIGCHLD, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
-    with open("stdout", "wb") as out, open("stderr", "wb") as err:
-        job = subprocess.Popen(
-            [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            env=env, start_new_session=True,
-            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, waited))
-    pids = {"wrapper": os.getpid(), "job": job.pid}
-    put("pids", pids)
-    report(pids)
-    deadline = time.monotonic() + limit
-    reason = None
-    while True:
-        pid, status = os.waitpid(job.pid, os.WNOHANG)
-        if pid:
-            break
-        left = deadline - time.monotonic()
-        if left <= 0:
-            reason = "timeout"
-        else:
-            got = signal.sigtimedwait(waited, min(left, 5.0))
-            if got is not None and got.si_signo == signal.SIGTERM:
-                reason = "cancelled"
-        if reason:
-            kill_group(job.pid, grace)
-            pid, status = os.waitpid(job.pid, 0)
-            break
-    kill_group(job.pid, grace)  # whatever the job left behind in its group
-    put("result.json", {"exit_code": os.waitstatus_to_exitcode(status), "reason": reason})
-    return 0
-
-
-def say(obj):
-    os.write(1, (json.dumps(obj) + "\n").encode())
-
-
-def start(cmd):
-    """Fork a wrapper for a job folder; it gets a session of its own."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 70
-    try:
-        os.setsid()
-        os.chdir(cmd["dir"])
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.dup2(os.open("wrapper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
-        with open("env.json", "w") as f:
-            json.dump(cmd["env"], f)
-        code = wrap(float(cmd["limit"]), float(cmd["grace"]), lambda pids: None)
-    except BaseException as exc:
-        os.write(2, ("gq_node: %r\n" % (exc,)).encode())
-    finally:
-        os._exit(code)
-
-
-def outcome(cmd):
-    """A finished wrapper's result and output, for its exit report, when the output
-    is small enough to travel on the agent's channel; else nothing (the server
-    then reads the files)."""
-    import base64
-    try:
-        paths = [os.path.join(cmd["dir"], name) for name in ("stdout", "stderr")]
-        if sum(os.path.getsize(p) for p in paths) > cmd.get("inline", 0):
-            return {}
-        with open(os.path.join(cmd["dir"], "result.json")) as f:
-            found = {"result": json.load(f)}
-        for name, path in zip(("stdout", "stderr"), paths):
-            with open(path, "rb") as f:
-                found[name] = base64.b64encode(f.read()).decode()
-        return found
-    except (OSError, ValueError):
-        return {}
-
-
-def serve():
-    import re, selectors, shutil
-    job_dir = re.compile(r"\A[0-9a-f]{24}\Z")
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.signal(signal.SIGCHLD, lambda *a: None)
-    signal.set_wakeup_fd(wake_w)
-    sel = selectors.DefaultSelector()
-    sel.register(0, selectors.EVENT_READ, "command")
-    sel.register(wake_r, selectors.EVENT_READ, "child")
-    children, watched, pending = {}, {}, b""
-    say({"op": "ready", "python": sys.version.split()[0]})
-    while True:
-        for key, _ in sel.select(0.05 if watched else None):
-            if key.data == "child":
-                while os.read(wake_r, 512) == 512:
-                    pass
-                continue
-            data = os.read(0, 65536)
-            if not data:
-                return 0  # the server went away; the wrappers live on
-            pending += data
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                cmd = json.loads(line)
-                op = cmd["op"]
-                if op in ("start", "watch", "remove") and not job_dir.match(cmd["dir"]):
-                    continue
-                if op == "start":
-                    pid = start(cmd)
-                    children[pid] = cmd
-                    say({"op": "started", "id": cmd["id"], "wrapper": pid})
-                elif op == "cancel":
-                    try:
-                        os.kill(int(cmd["wrapper"]), signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-                elif op == "watch":
-                    pid = int(cmd["wrapper"])
-                    try:
-                        mine = os.readlink("/proc/%d/cwd" % pid) == os.path.realpath(cmd["dir"])
-                    except OSError:
-                        mine = False
-                    if mine:
-                        watched[pid] = cmd["id"]
-                    else:
-                        say({"op": "exited", "id": cmd["id"]})
-                elif op == "remove":
-                    shutil.rmtree(cmd["dir"], ignore_errors=True)
-                elif op == "gpus":  # holds the agent while nvidia-smi runs: at most 10 s
-                    say({"op": "gpus", "csv": gpu_csv()})
-        while children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if not pid:
-                break
-            cmd = children.pop(pid)
-            say(dict(outcome(cmd), op="exited", id=cmd["id"]))
-        for pid in list(watched):
-            st = proc_state(pid)
-            if st is None or st[0] == "Z":
-                say({"op": "exited", "id": watched.pop(pid)})
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "serve":
-        sys.exit(serve())
-
-    def show(pids):
-        try:
-            print(json.dumps(pids), flush=True)
-        except OSError:
-            pass
-    sys.exit(wrap(float(sys.argv[2]), float(sys.argv[3]), show))
-'''
-
-#: What every node's GPUs are read with, here and in the node program.
-GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu",
-             "--format=csv,noheader,nounits"]
-NODE_PROGRAM = NODE_PROGRAM.replace("@GPU_QUERY@", repr(GPU_QUERY))
-
-
-def gpu_csv():
-    """nvidia-smi's reading of this machine's GPUs, or None where there is none
-    (for local nodes; the node program has the same function for SSH nodes)."""
-    try:
-        r = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout if r.returncode == 0 else None
+@functools.cache
+def node_program():
+    """(file name, source) of the node program: the Node program section of this
+    very file, made a script.  The name carries a hash of the source, so each
+    release has its own file on a node and never rewrites one in use."""
+    lines = Path(__file__).read_text().splitlines(keepends=True)
+    begin = next(i for i, line in enumerate(lines) if line.startswith("# Node program #")) + 2
+    end = next(i for i in range(begin, len(lines))
+               if lines[i].startswith("# ") and lines[i].rstrip().endswith("###")) - 1
+    source = ('"""gpuqueue\'s node program: made from gpuqueue.py, holds no user data."""\n'
+              "import base64, contextlib, json, os, re, selectors, shutil, signal, subprocess, "
+              "sys, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
+              'if __name__ == "__main__":\n    sys.exit(agent())\n')
+    return f"gq_node-{hashlib.sha256(source.encode()).hexdigest()[:16]}.py", source
 
 
 def parse_gpus(csv, visible):
@@ -1515,13 +1799,23 @@ def parse_gpus(csv, visible):
     return found
 
 
+def describe_exit(exit_code):
+    """(status, error) of a job that ended by itself with ``exit_code`` (exit_code_of)."""
+    if exit_code == 0:
+        return "completed", None
+    if exit_code < 0:
+        return "failed", f"killed by signal {-exit_code}"
+    return "failed", f"exit code {exit_code}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How a run ended, as the wrapper left it."""
     exit_code: int | None
-    reason: str | None  # None, "timeout", "cancelled" or "lost"
+    reason: str | None  # None, "timeout", "cancelled", "lost" or "unfollowed"
     stdout: str
     stderr: str
+    detail: str | None = None  # why, for "unfollowed"
 
 
 class Run:
@@ -1529,10 +1823,11 @@ class Run:
 
     def __init__(self, job, work, on_exit):
         self.job = job
-        self.work = work
+        self.work = work  # its folder in the node's workdir (the job's id)
         self.wrapper_pid = None
         self.link_lost = False  # ended because the link to its node broke, not by exiting
-        self.report = {}  # an SSH agent's exit report: result and output, when small
+        self.report = {}  # the agent's exit report: result and output, when small
+        self.outcome = None  # known without asking the node (recovery settled it)
         self.exited = threading.Event()
         self._on_exit = on_exit
 
@@ -1547,229 +1842,11 @@ def job_env(node, job):
             "GPUQUEUE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
 
 
-class LocalExecutor:
-    """Runs jobs on this machine, detached from the server, in ``work/`` of the job folder."""
-
-    probe_interval = None  # this machine is always there
-
-    def __init__(self, node, config):
-        self.node = node
-        self.config = config
-        # One copy for every local job's wrapper, rewritten at each start.
-        self.program = config.spool / "gq_node.py"
-        write_file(self.program, NODE_PROGRAM)
-
-    def connect(self):
-        pass
-
-    def healthy(self):
-        return True
-
-    def start(self, job, folder, on_exit):
-        work = folder / "work"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        # work/ is this launch's own: no temporary names or fsyncs needed (after a
-        # crash, recovery voids a launch that never claimed ``launched``).
-        shutil.copyfile(folder / "code.py", work / "code.py")
-        (work / "env.json").write_text(json.dumps(job_env(self.node, job)))
-        with open(work / "wrapper.log", "wb") as errlog:
-            proc = subprocess.Popen(
-                # -S: the wrapper needs only the standard library, and starts faster.
-                [self.node.python, "-S", str(self.program), "run",
-                 repr(self.config.time_limit(job.expected_time)), repr(self.config.kill_grace)],
-                cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
-                start_new_session=True)
-        run = Run(job, work, on_exit)
-        # The wrapper prints its pids once it can take a SIGTERM as a cancel.
-        if proc.stdout.readline():
-            run.wrapper_pid = proc.pid
-
-        def wait():
-            proc.stdout.read()
-            proc.wait()
-            run.ended()
-        threading.Thread(target=wait, daemon=True, name=f"wait-{job.id}").start()
-        return run
-
-    def reattach(self, job, folder, on_exit):
-        """Follow a job launched before a restart; None if it never launched."""
-        work = folder / "work"
-        if _void_launch(work):
-            return None
-        run = Run(job, work, on_exit)
-        pid = wrapper_pid(lambda: (work / "pids").read_text())
-        if pid is None or (work / "result.json").exists() or not _is_wrapper(pid, work):
-            run.ended()
-            return run
-        run.wrapper_pid = pid
-        pidfd = os.pidfd_open(pid)
-
-        def wait():
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            poller.poll()
-            os.close(pidfd)
-            run.ended()
-        threading.Thread(target=wait, daemon=True, name=f"wait-{job.id}").start()
-        return run
-
-    def cancel(self, run):
-        try:
-            os.kill(run.wrapper_pid, signal.SIGTERM)
-        except (ProcessLookupError, TypeError):
-            pass
-
-    def cleanup(self, run):
-        pass  # work/ goes with the job folder's move to done/
-
-    def gpu_csv(self):
-        return gpu_csv()
-
-    def read_output(self, job, folder, stream, offset, limit):
-        """Up to ``limit`` bytes of a running job's stream from ``offset``."""
-        try:
-            with open(folder / "work" / stream, "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
-
-    def collect(self, run):
-        limit = self.config.output_limit_bytes
-        out, err = read_capped(run.work / "stdout", limit), read_capped(run.work / "stderr", limit)
-        try:
-            r = read_json(run.work / "result.json")
-            return Outcome(r["exit_code"], r["reason"], out, err)
-        except (OSError, ValueError, KeyError):
-            return Outcome(None, "lost", out, err)
-
-
-def _void_launch(work):
-    """Claim a run's launch for ourselves; True means its wrapper never started the job."""
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(work / "launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return False
-    return True
-
-
-def wrapper_pid(read_pids, patience=2.0):
-    """A launched wrapper's pid, from its pids file (read by ``read_pids``), or None.
-
-    The wrapper writes the file just after claiming the launch, so after a restart
-    it may be a moment late; a file cannot be waited on, so this looks again
-    briefly.  Only recovery comes here.
-    """
-    end = time.monotonic() + patience
-    while True:
-        try:
-            return int(json.loads(read_pids())["wrapper"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            if time.monotonic() > end:
-                return None
-            time.sleep(0.05)
-
-
-def _is_wrapper(pid, work):
-    """Is ``pid`` still this run's wrapper (not a reused pid)?"""
-    try:
-        return os.readlink(f"/proc/{pid}/cwd") == str(work.resolve())
-    except OSError:
-        return False
-
-
-#: Seconds allowed for TCP connect, SSH banner, authentication and channel opens.
-SSH_TIMEOUT = 10
-#: Seconds between SSH keepalives, so a dead link is noticed.
-SSH_KEEPALIVE = 5
-#: Seconds between health checks of an idle SSH node.
-SSH_PROBE_INTERVAL = 15
-#: Most seconds between reconnect attempts to an offline node.
-SSH_MAX_BACKOFF = 10
-#: Seconds a node's ``setup`` line and python start-up may take before the
-#: wrapper reports in.
-WRAPPER_START_TIMEOUT = 120
-#: Seconds a Slurm command (sbatch, squeue, scancel) may take on the login host.
-SLURM_TIMEOUT = 60
-#: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
-SLURM_POLL = 2
-#: Seconds between GPU readings of a node, and the most one may take.
-GPU_REFRESH = 30
-GPU_TIMEOUT = 15
-#: Output up to this many bytes (both streams) comes with a job's exit report from
-#: the node's agent; more is read over SFTP.  Saves a dozen round trips per job.
-INLINE_OUTPUT = 64 * 1024
-
-_known_hosts_lock = threading.Lock()
-
-
-class _RecordNewKey(paramiko.MissingHostKeyPolicy):
-    """Trust on first use (``accept_new_host_keys``): append the new key to known_hosts."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def missing_host_key(self, client, hostname, key):
-        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
-        with _known_hosts_lock, open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("recorded new host key for %s in %s", hostname, self.path)
-
-
-class _Connection(fabric.Connection):
-    """A Fabric Connection with host keys checked and every wait bounded."""
-
-    def __init__(self, target, config, gateway=None):
-        connect_kwargs = {"banner_timeout": SSH_TIMEOUT, "auth_timeout": SSH_TIMEOUT,
-                          "channel_timeout": SSH_TIMEOUT}
-        if target.key_file:
-            connect_kwargs.update(key_filename=[target.key_file], look_for_keys=False,
-                                  allow_agent=False)
-        if target.password_env:
-            connect_kwargs["password"] = os.environ.get(target.password_env)
-        super().__init__(target.host, user=target.user, port=target.port, gateway=gateway,
-                         connect_timeout=SSH_TIMEOUT, connect_kwargs=connect_kwargs,
-                         config=fabric.Config(ssh_config=paramiko.SSHConfig()))
-        self.client = paramiko.SSHClient()
-        if config.known_hosts.exists():
-            self.client.load_host_keys(str(config.known_hosts))
-        self.client.set_missing_host_key_policy(
-            _RecordNewKey(config.known_hosts) if config.accept_new_host_keys
-            else paramiko.RejectPolicy())
-
-    def open(self):
-        super().open()
-        self.transport.set_keepalive(SSH_KEEPALIVE)
-        sock = self.transport.sock
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # sshd turns Nagle off on its side only for a connection that holds a pty
-        # session; without it, a short report after a quiet spell waits for a
-        # delayed ACK (tens of ms).  One idle pty session per connection does it.
-        # Keep a reference: Paramiko holds channels weakly, and a channel collected
-        # by the garbage collector closes itself from whatever thread is running,
-        # which deadlocks a thread already inside a send on this transport.
-        self.idle_pty = self.transport.open_session(timeout=SSH_TIMEOUT)
-        self.idle_pty.get_pty()
-        self.idle_pty.exec_command("exec cat")
-
-    def open_gateway(self):
-        """Fabric's, but with a bounded wait for the jump host's forwarding channel."""
-        self.gateway.open()
-        return self.gateway.transport.open_channel(
-            "direct-tcpip", (self.host, int(self.port)), ("", 0), timeout=SSH_TIMEOUT)
-
-
 class _Agent:
-    """``gq_node.py serve`` on one node, over one SSH channel: commands out, reports in.
+    """A node's agent over one channel: commands out, reports in.
 
-    A reader thread turns reports into replies (waited for by the scheduler thread)
-    and into ``Run.ended()`` calls.  When the channel ends, every run it followed
+    A reader thread turns reports into replies (waited for by the caller) and
+    into ``Run.ended()`` calls.  When the channel ends, every run it followed
     is marked ``link_lost`` and ended, so its scheduler finds it again.
     """
 
@@ -1791,6 +1868,15 @@ class _Agent:
         with self._cond:
             self._cond.wait_for(lambda: key in self._replies or self.closed, timeout)
             return self._replies.pop(key, None)
+
+    def ask(self, op, timeout):
+        """Send ``op`` and wait for its answer (the reply to ping is pong)."""
+        self.send(op=op)
+        return self.reply(({"ping": "pong"}.get(op, op), None), timeout)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.channel.close()
 
     def _listen(self):
         pending = b""
@@ -1825,71 +1911,195 @@ class _Agent:
             self._cond.notify_all()
 
 
-class SshExecutor:
-    """Runs jobs on a node over SSH, through the jump host when one is configured.
+class _PipeChannel:
+    """A local agent's stdin and stdout, with the two calls _Agent makes of an SSH channel."""
 
-    Owned by its node's scheduler thread: one persistent connection (and one to
-    the jump host), opened once and reused for every job.  On it runs the node's
-    agent (``gq_node.py serve``), started once per connection, which launches each
-    job and reports its exit at once: no shell start-up per job.  The script
-    travels by SFTP; a small output comes back inside the exit report, a large
-    one by SFTP.  The only values on a remote command line are the quoted
-    workdir and the node's own python and setup line.
-    """
+    def __init__(self, proc):
+        self.proc = proc
 
-    probe_interval = SSH_PROBE_INTERVAL
+    def sendall(self, data):
+        write_all(self.proc.stdin.fileno(), data)
+
+    def recv(self, size):
+        return os.read(self.proc.stdout.fileno(), size)
+
+    def close(self):
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+class LocalLink:
+    """This machine as a node: files in its workdir by path, its agent over a pipe."""
+
+    def __init__(self, node, root):
+        self.node = node
+        self.root = Path(root)
+
+    def connect(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def up(self):
+        return True
+
+    def close(self):
+        pass
+
+    def describe(self, rel):
+        return str(self.root / rel)
+
+    def install(self, name, text):
+        """Write the node program unless this release's copy is there, whole."""
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(self.root / name) == len(text.encode()):
+                return
+        write_file(self.root / name, text)
+
+    def start_agent(self, program):
+        with open(self.root / "agent.log", "ab") as errlog:
+            proc = subprocess.Popen([self.node.python, program], cwd=self.root,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=errlog, start_new_session=True)
+        return _PipeChannel(proc)
+
+    def why_not_started(self, channel):
+        return (self.root / "agent.log").read_text(errors="replace")[-500:].strip()
+
+    def guard(self, step, *args):
+        return step(*args)
+
+    # -- files, named relative to the workdir --------------------------------
+
+    def new_folder(self, rel, files):
+        path = self.root / rel
+        shutil.rmtree(path, ignore_errors=True)  # left by an attempt that never launched
+        path.mkdir()
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+
+    def claim(self, rel):
+        """Create ``rel`` unless it exists: True when this call made it, or when
+        its folder is gone (so nothing there can claim it any more)."""
+        try:
+            os.close(os.open(self.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            return True
+        return True
+
+    def read_text(self, rel):
+        return (self.root / rel).read_text()
+
+    def read_capped(self, rel, limit):
+        return read_capped(self.root / rel, limit)
+
+    def read_output(self, rel, offset, limit):
+        """Up to ``limit`` bytes of a running job's file from ``offset`` (any thread)."""
+        try:
+            with open(self.root / rel, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+
+_known_hosts_lock = threading.Lock()
+
+
+def _ssh_connection(target, config, gateway=None):
+    """A Fabric Connection with host keys checked and every wait bounded."""
+    import fabric
+    import paramiko
+
+    class RecordNewKey(paramiko.MissingHostKeyPolicy):
+        """Trust on first use (``accept_new_host_keys``): append the key to known_hosts."""
+
+        def missing_host_key(self, client, hostname, key):
+            line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+            with _known_hosts_lock, open(config.known_hosts, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            log.warning("recorded new host key for %s in %s", hostname, config.known_hosts)
+
+    class Connection(fabric.Connection):
+        def open(self):
+            super().open()
+            self.transport.set_keepalive(SSH_KEEPALIVE)
+            sock = self.transport.sock
+            if isinstance(sock, socket.socket):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # sshd turns Nagle off on its side only for a connection that holds a
+            # pty session; without it, a short report after a quiet spell waits for
+            # a delayed ACK (tens of ms).  One idle pty session per connection does
+            # it.  Keep a reference: Paramiko holds channels weakly, and a channel
+            # collected by the garbage collector closes itself from whatever thread
+            # runs, which deadlocks a thread already inside a send on this transport.
+            self.idle_pty = self.transport.open_session(timeout=SSH_TIMEOUT)
+            self.idle_pty.get_pty()
+            self.idle_pty.exec_command("exec cat")
+
+        def open_gateway(self):
+            """Fabric's, with a bounded wait for the jump host's forwarding channel."""
+            self.gateway.open()
+            return self.gateway.transport.open_channel(
+                "direct-tcpip", (self.host, int(self.port)), ("", 0), timeout=SSH_TIMEOUT)
+
+    connect_kwargs = {"banner_timeout": SSH_TIMEOUT, "auth_timeout": SSH_TIMEOUT,
+                      "channel_timeout": SSH_TIMEOUT}
+    if target.key_file:
+        connect_kwargs.update(key_filename=[target.key_file], look_for_keys=False,
+                              allow_agent=False)
+    if target.password_env:
+        connect_kwargs["password"] = os.environ.get(target.password_env)
+    conn = Connection(target.host, user=target.user, port=target.port, gateway=gateway,
+                      connect_timeout=SSH_TIMEOUT, connect_kwargs=connect_kwargs,
+                      config=fabric.Config(ssh_config=paramiko.SSHConfig()))
+    conn.client = paramiko.SSHClient()
+    if config.known_hosts.exists():
+        conn.client.load_host_keys(str(config.known_hosts))
+    conn.client.set_missing_host_key_policy(
+        RecordNewKey() if config.accept_new_host_keys else paramiko.RejectPolicy())
+    return conn
+
+
+class SshLink:
+    """A node, or a Slurm login host, over SSH (through the jump host when one is
+    configured): one persistent connection, opened once and reused, with an SFTP
+    channel on it for the files in the node's workdir.  Owned by its node's
+    scheduler thread; HTTP threads read output over SFTP channels of their own."""
 
     def __init__(self, node, config):
         self.node = node
         self.config = config
+        self.workdir = _sftp_path(node.workdir)
         self.conn = None
-        self._sftp = None
-        self._agent = None
-
-    # -- connection ----------------------------------------------------------
-
-    def _up(self):
-        return self.conn is not None and self.conn.transport.is_active() and not self._agent.closed
+        self.sftp = None
+        self.home = None  # the login's home folder, for absolute paths
 
     def connect(self):
-        """Make sure the connection and the agent are up; NodeError with the reason if not."""
-        if self._up():
+        """Open the connection unless it is up; NodeError with the reason if it fails."""
+        if self.up():
             return
         self.close()
-        gateway = _Connection(self.config.jump, self.config) if self.config.jump else None
-        conn = _Connection(self.node.ssh, self.config, gateway=gateway)
+        gateway = _ssh_connection(self.config.jump, self.config) if self.config.jump else None
+        conn = _ssh_connection(self.node.ssh, self.config, gateway=gateway)
         try:
             conn.open()
             sftp = conn.sftp()
-            _mkdirs(sftp, _sftp_path(self.node.workdir))
-            agent = self._prepare(conn, sftp)
+            _mkdirs(sftp, self.workdir)
+            self.home = sftp.normalize(".")
         except Exception as exc:
             conn.close()
             if gateway is not None:
                 gateway.close()
-            if isinstance(exc, NodeError):
-                raise
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-        self.conn, self._sftp, self._agent = conn, sftp, agent
+            raise NodeError(self.reason(exc)) from None
+        self.conn, self.sftp = conn, sftp
 
-    def _prepare(self, conn, sftp):
-        """Start the node's agent on a fresh connection; it is returned."""
-        workdir = _sftp_path(self.node.workdir)
-        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
-        with sftp.open(f"{workdir}/gq_node.py", "w") as f:
-            f.write(NODE_PROGRAM)
-        channel = conn.transport.open_session(timeout=SSH_TIMEOUT)
-        channel.exec_command(f"cd {shlex.quote(workdir)} && {setup}"
-                             f"exec {shlex.quote(self.node.python)} gq_node.py serve")
-        agent = _Agent(channel)
-        if agent.reply(("ready", None), WRAPPER_START_TIMEOUT) is None:
-            if not agent.closed:
-                raise NodeError(f"the node's agent did not report in within "
-                                f"{WRAPPER_START_TIMEOUT} s: its login shell's start-up "
-                                f"files or the setup line may hang")
-            why = channel.recv_stderr(4096).decode(errors="replace").strip()
-            raise NodeError(f"the node's agent did not start: {why or 'no answer'}")
-        return agent
+    def up(self):
+        return self.conn is not None and self.conn.transport.is_active()
 
     def close(self):
         if self.conn is not None:
@@ -1897,25 +2107,196 @@ class SshExecutor:
             self.conn.close()
             if gateway is not None:
                 gateway.close()
-        self.conn = self._sftp = None
+        self.conn = self.sftp = None
 
-    def healthy(self):
-        try:
-            self._guard(lambda sftp: sftp.stat("."))
-            return True
-        except NodeError:
-            return False
+    def reason(self, exc):
+        """A short, secret-free reason for /api/nodes."""
+        import paramiko
+        config = self.config
+        hop = f"jump host {config.jump.host}:{config.jump.port}" if config.jump else "the node"
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return f"host key changed for {exc.hostname}: refused (known_hosts {config.known_hosts})"
+        if "not found in known_hosts" in text:
+            return f"unknown host key: {text} (add it to {config.known_hosts})"
+        return f"{self.node.ssh.host}:{self.node.ssh.port} via {hop}: {type(exc).__name__}: {text}"
 
-    def _guard(self, step, *args):
-        """Run an SFTP step, turning any SSH failure into NodeError."""
+    def guard(self, step, *args):
+        """Run a step on the connection, turning any SSH failure into NodeError."""
         try:
             self.connect()
-            return step(self._sftp, *args)
+            return step(*args)
         except (NodeError, FileNotFoundError):
             raise
         except Exception as exc:
             self.close()
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
+            raise NodeError(self.reason(exc)) from None
+
+    def path(self, rel):
+        """An absolute path in the workdir (Slurm wants absolute paths)."""
+        path = f"{self.workdir}/{rel}"
+        return path if path.startswith("/") else f"{self.home}/{path}"
+
+    def describe(self, rel):
+        return f"{self.node.host}:{self.path(rel)}"
+
+    def install(self, name, text):
+        """Write the node program unless this release's copy is there already:
+        temporary name, then an atomic rename, so no agent starts a half file."""
+        path = self.path(name)
+        with contextlib.suppress(FileNotFoundError):
+            if self.sftp.stat(path).st_size == len(text.encode()):
+                return  # a power cut can leave a file empty: then it is written again
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        with self.sftp.open(tmp, "w") as f:
+            f.write(text)
+        self.sftp.posix_rename(tmp, path)
+
+    def start_agent(self, program):
+        setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
+        channel = self.conn.transport.open_session(timeout=SSH_TIMEOUT)
+        channel.exec_command(f"cd {shlex.quote(self.path(''))} && {setup}"
+                             f"exec {shlex.quote(self.node.python)} {shlex.quote(program)}")
+        return channel
+
+    def why_not_started(self, channel):
+        return channel.recv_stderr(4096).decode(errors="replace").strip()
+
+    def run(self, *argv):
+        """A command on the host, every word quoted: (exit status, stdout, stderr)."""
+        env = "".join(f"{k}={shlex.quote(v)} " for k, v in self.node.env.items())
+        line = env + " ".join(shlex.quote(str(a)) for a in argv)
+        r = self.guard(lambda: self.conn.run(line, hide=True, warn=True, in_stream=False,
+                                             timeout=SLURM_TIMEOUT))
+        if r.exited == 127:
+            raise NodeError(f"{argv[0]} not found on {self.node.host}: is it installed there, "
+                            "and on the login shell's PATH?")
+        return r.exited, r.stdout, r.stderr
+
+    # -- files, named relative to the workdir --------------------------------
+
+    def new_folder(self, rel, files):
+        def make():
+            path = self.path(rel)
+            _rmtree(self.sftp, path)  # left by an attempt that never launched
+            self.sftp.mkdir(path)
+            for name, data in files.items():
+                with self.sftp.open(f"{path}/{name}", "w") as f:
+                    f.write(data)
+        self.guard(make)
+
+    def claim(self, rel):
+        """Create ``rel`` unless it exists (see LocalLink.claim)."""
+        def make():
+            folder = self.path(rel).rsplit("/", 1)[0]
+            try:
+                self.sftp.stat(folder)
+            except FileNotFoundError:
+                return True
+            try:
+                self.sftp.open(self.path(rel), "x").close()
+                return True
+            except OSError:
+                return False
+        return self.guard(make)
+
+    def read_text(self, rel):
+        return self.guard(lambda: _read_text(self.sftp, self.path(rel)))
+
+    def read_capped(self, rel, limit):
+        def size(path):
+            return self.sftp.stat(path).st_size
+        return self.guard(lambda: read_capped(self.path(rel), limit, self.sftp.open, size))
+
+    def exists(self, rel):
+        try:
+            self.guard(self.sftp.stat, self.path(rel))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def remove(self, rel):
+        self.guard(lambda: _rmtree(self.sftp, self.path(rel)))
+
+    def read_output(self, rel, offset, limit):
+        """Up to ``limit`` bytes of a running job's file from ``offset``, over an SFTP
+        channel of its own (HTTP threads call this; the scheduler's channel is its own)."""
+        conn = self.conn
+        if conn is None or not conn.is_connected:
+            raise NodeError(f"node {self.node.id} is not connected")
+        try:
+            with conn.client.open_sftp() as sftp, sftp.open(self.path(rel), "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+        except Exception as exc:
+            raise NodeError(self.reason(exc)) from None
+
+
+class AgentExecutor:
+    """Runs a node's jobs through its agent, over its link (LocalLink or SshLink).
+
+    Owned by its node's scheduler thread.  The agent is started once per
+    connection; it launches each job and reports its exit at once, so a job
+    costs no shell or interpreter start-up beyond its own.  The script travels
+    as a file; a small output comes back inside the exit report, a large one is
+    read from the files.  No user data is ever put on a command line.
+    """
+
+    probe_interval = PROBE_INTERVAL
+
+    def __init__(self, node, config, link):
+        self.node = node
+        self.config = config
+        self.link = link
+        self._agent = None
+
+    # -- the link and the agent ----------------------------------------------
+
+    def connect(self):
+        """Make sure the link and the agent are up; NodeError with the reason if not."""
+        if self._agent is not None and not self._agent.closed and self.link.up():
+            return
+        self.close()
+        name, source = node_program()
+        try:
+            self.link.connect()
+            self.link.guard(self.link.install, name, source)
+            channel = self.link.guard(self.link.start_agent, name)
+        except NodeError:
+            raise
+        except OSError as exc:
+            raise NodeError(f"cannot start the node's agent: {exc}") from None
+        agent = _Agent(channel)
+        ready = agent.reply(("ready", None), WRAPPER_START_TIMEOUT)
+        if ready is None or ready.get("protocol") != PROTOCOL:
+            agent.close()
+            self.link.close()
+            if ready is not None:
+                raise NodeError(f"the node's agent speaks protocol {ready.get('protocol')}, "
+                                f"this server {PROTOCOL}")
+            if not agent.closed:
+                raise NodeError(f"the node's agent did not report in within "
+                                f"{WRAPPER_START_TIMEOUT} s: its login shell's start-up "
+                                f"files or the setup line may hang")
+            raise NodeError("the node's agent did not start: "
+                            f"{self.link.why_not_started(channel) or 'no answer'}")
+        self._agent = agent
+
+    def close(self):
+        if self._agent is not None:
+            self._agent.close()
+        self._agent = None
+        self.link.close()
+
+    def healthy(self):
+        """Does the agent answer a ping in time?"""
+        try:
+            self.connect()
+            return self._agent.ask("ping", PING_TIMEOUT) is not None
+        except (NodeError, OSError, EOFError):
+            return False
 
     def _send(self, run, **command):
         """Tell the agent something about a run it follows."""
@@ -1926,28 +2307,16 @@ class SshExecutor:
             self._agent.send(**command)
         except (OSError, EOFError) as exc:
             self.close()
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-
-    def _remote_dir(self, job):
-        return f"{_sftp_path(self.node.workdir)}/{job.id}"
+            raise NodeError(f"lost the link to node {self.node.id}: {exc}") from None
 
     # -- jobs ----------------------------------------------------------------
 
     def start(self, job, folder, on_exit):
-        """Copy the job to a fresh remote folder and have the agent launch it there."""
-        remote = self._remote_dir(job)
-
-        def upload(sftp):
-            try:
-                sftp.mkdir(remote)
-            except OSError:  # left by an attempt that never launched
-                _rmtree(sftp, remote)
-                sftp.mkdir(remote)
-            with sftp.open(f"{remote}/code.py", "w") as f:
-                f.write((folder / "code.py").read_bytes())
-        self._guard(upload)
-        write_file(folder / "launching", remote)  # from here on the job may be running
-        run = Run(job, remote, on_exit)
+        """Copy the job to a fresh folder on the node and have the agent launch it."""
+        self.connect()
+        self.link.new_folder(job.id, {"code.py": folder.code()})
+        folder.mark_launching(self.link.describe(job.id))
+        run = Run(job, job.id, on_exit)
         self._send(run, op="start", id=job.id, dir=job.id, env=job_env(self.node, job),
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
                    inline=min(INLINE_OUTPUT, self.config.output_limit_bytes))
@@ -1958,30 +2327,60 @@ class SshExecutor:
         return run
 
     def reattach(self, job, folder, on_exit):
-        """Find a job launched before a restart or a lost link; None if it never ran."""
-        if not (folder / "launching").exists():
+        """Find a job launched before a restart or a lost link: its Run, or None when
+        it never launched (its launch is then claimed here, so it never will)."""
+        old = folder.old_run(self.config.output_limit_bytes)
+        if old is not None:
+            return self._old_local_run(job, old, on_exit)
+        if folder.launched_where() is None or self.link.claim(f"{job.id}/launched"):
             return None
-        remote = self._remote_dir(job)
-
-        def claim(sftp):
-            try:
-                sftp.stat(remote)
-            except FileNotFoundError:
-                return True
-            try:
-                sftp.open(f"{remote}/launched", "x").close()
-                return True
-            except OSError:
-                return False
-        if self._guard(claim):
-            (folder / "launching").unlink()
-            return None
-        run = Run(job, remote, on_exit)
-        run.wrapper_pid = wrapper_pid(lambda: self._guard(_read_text, f"{remote}/pids"))
-        if run.wrapper_pid is None:
+        run = Run(job, job.id, on_exit)
+        pids = self._wrapper_pids(job.id)
+        protocol = (pids or {}).get("protocol", 1)
+        if pids is None:
+            run.ended()  # collect() finds its result, or calls it lost
+        elif protocol not in PROTOCOLS_FOLLOWED:
+            self._send(None, op="cancel", wrapper=pids["wrapper"])
+            run.outcome = Outcome(None, "unfollowed", "", "", detail=(
+                f"started by a gpuqueue release of node protocol {protocol}, which this "
+                f"release (protocol {PROTOCOL}) cannot follow; it was stopped"))
             run.ended()
         else:
+            run.wrapper_pid = pids["wrapper"]
             self._send(run, op="watch", id=job.id, dir=job.id, wrapper=run.wrapper_pid)
+        return run
+
+    def _wrapper_pids(self, rel, patience=2.0):
+        """A launched wrapper's ``pids`` record, or None.  The wrapper writes it just
+        after claiming the launch, so after a restart it may be a moment late; a file
+        cannot be waited on, so this looks again briefly.  Only recovery comes here."""
+        end = time.monotonic() + patience
+        while True:
+            try:
+                pids = json.loads(self.link.read_text(f"{rel}/pids"))
+                pids["wrapper"] = int(pids["wrapper"])
+                return pids
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                if time.monotonic() > end:
+                    return None
+                time.sleep(0.05)
+
+    def _old_local_run(self, job, old, on_exit):
+        """A local job launched by a release before node protocol 2, whose wrapper
+        worked inside the job folder (JobFolder.old_run): its result if it left one;
+        else it is stopped (this release cannot follow it) and fails saying so."""
+        run = Run(job, None, on_exit)
+        r = old["result"]
+        try:
+            run.outcome = Outcome(r["exit_code"], r["reason"], old["stdout"], old["stderr"])
+        except (KeyError, TypeError):
+            if old["wrapper"] is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(old["wrapper"], signal.SIGTERM)  # it kills its job's group
+            run.outcome = Outcome(None, "unfollowed", old["stdout"], old["stderr"], detail=(
+                "started by an older gpuqueue release (node protocol 1), whose local "
+                "jobs this release cannot follow; it was stopped"))
+        run.ended()
         return run
 
     def cancel(self, run):
@@ -1989,6 +2388,9 @@ class SshExecutor:
             self._send(None, op="cancel", wrapper=run.wrapper_pid)
 
     def collect(self, run):
+        """The run's Outcome; NodeError when its link broke before it ended."""
+        if run.outcome is not None:
+            return run.outcome
         if run.link_lost:
             raise NodeError(f"lost the link to node {self.node.id} while job {run.job.id} ran")
         r = run.report
@@ -2000,24 +2402,18 @@ class SshExecutor:
             except (KeyError, TypeError, ValueError):
                 pass  # read the files instead
         limit = self.config.output_limit_bytes
-
-        def fetch(sftp):
-            def size(path):
-                return sftp.stat(path).st_size
-            out = read_capped(f"{run.work}/stdout", limit, sftp.open, size)
-            err = read_capped(f"{run.work}/stderr", limit, sftp.open, size)
-            try:
-                r = json.loads(_read_text(sftp, f"{run.work}/result.json"))
-                return Outcome(r["exit_code"], r["reason"], out, err)
-            except (FileNotFoundError, ValueError, KeyError):
-                return Outcome(None, "lost", out, err)
-        return self._guard(fetch)
+        out, err = (self.link.read_capped(f"{run.work}/{s}", limit) for s in ("stdout", "stderr"))
+        try:
+            r = json.loads(self.link.read_text(f"{run.work}/result.json"))
+            return Outcome(r["exit_code"], r["reason"], out, err)
+        except (FileNotFoundError, ValueError, KeyError):
+            return Outcome(None, "lost", out, err)
 
     def cleanup(self, run):
         """Remove the job's folder on the node, once its outcome is safe in the spool
         (before that, a restart would read a missing folder as 'never launched')."""
-        if not self.config.keep_remote_dirs:
-            self._send(None, op="remove", dir=run.job.id)
+        if run.work is not None and not self.config.keep_remote_dirs:
+            self._send(None, op="remove", dir=run.work)
 
     def gpu_csv(self):
         """nvidia-smi's reading on the node, asked of its agent.  Called from the
@@ -2026,34 +2422,16 @@ class SshExecutor:
         if agent is None or agent.closed:
             raise NodeError(f"node {self.node.id} is not connected")
         try:
-            agent.send(op="gpus")
+            reply = agent.ask("gpus", GPU_TIMEOUT)
         except (OSError, EOFError) as exc:
             raise NodeError(str(exc)) from None
-        reply = agent.reply(("gpus", None), GPU_TIMEOUT)
         if reply is None:
             raise NodeError(f"node {self.node.id} did not report its GPUs")
         return reply.get("csv")
 
-    def read_output(self, job, folder, stream, offset, limit):
-        """Up to ``limit`` bytes of a running job's stream from ``offset``, read over
-        the node's live connection.  Called from HTTP threads: it opens an SFTP
-        channel of its own, leaving the scheduler's channel to the scheduler."""
-        conn = self.conn
-        if conn is None or not conn.is_connected:
-            raise NodeError(f"node {self.node.id} is not connected")
-        try:
-            with conn.client.open_sftp() as sftp, \
-                    sftp.open(f"{self._remote_dir(job)}/{stream}", "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-
-
-class SlurmRefused(Exception):
-    """sbatch said no (a bad partition, account or gres): the job fails with its words."""
+    def read_output(self, job, stream, offset, limit):
+        """Up to ``limit`` bytes of a running job's stream from ``offset`` (any thread)."""
+        return self.link.read_output(f"{job.id}/{stream}", offset, limit)
 
 
 #: Slurm job states that are not over yet; PENDING and the like show as pending.
@@ -2062,69 +2440,35 @@ SLURM_WAITING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_
 SLURM_ACTIVE = SLURM_WAITING + ("RUNNING", "COMPLETING", "STAGE_OUT")
 
 
-class SlurmExecutor(SshExecutor):
-    """A Slurm cluster's login host, over the same kind of SSH connection as a node
-    (no agent: Slurm runs the jobs).  Each job gets a folder in the workdir, which
-    the compute nodes must share (a home folder usually is), holding code.py and
-    job.sh; ``sbatch --job-name gq-<id>`` queues it, so that it can be found by
+class SlurmExecutor:
+    """A Slurm cluster's login host, over an SshLink (no agent: Slurm runs the
+    jobs).  Each job gets a folder in the workdir, which the compute nodes must
+    share (a home folder usually is), holding code.py and job.sh;
+    ``sbatch --job-name gq-<id>`` queues it, so that it can be found by
     gpuqueue's id after a crash between sbatch and recording Slurm's id.  Every
     value on a command line is quoted.
     """
 
-    def _up(self):
-        return self.conn is not None and self.conn.transport.is_active()
+    def __init__(self, node, config, link):
+        self.node = node
+        self.config = config
+        self.link = link
 
-    def __init__(self, node, config):
-        super().__init__(node, config)
-        self._home = None
-
-    def _prepare(self, conn, sftp):
-        """No agent; learn the home folder, as Slurm wants absolute paths."""
-        self._home = sftp.normalize(".")
-        return None
-
-    def _remote_dir(self, job):
-        path = super()._remote_dir(job)
-        if path.startswith("/"):
-            return path
-        if self._home is None:
-            raise NodeError(f"node {self.node.id} is not connected")
-        return f"{self._home}/{path}"
+    def connect(self):
+        self.link.connect()
 
     def gpu_csv(self):
         return None  # the login host's GPUs are not the jobs' GPUs
 
-    def command(self, *argv):
-        """Run a Slurm command on the login host: (exit status, stdout, stderr)."""
-        env = "".join(f"{k}={shlex.quote(v)} " for k, v in self.node.env.items())
-        line = env + " ".join(shlex.quote(str(a)) for a in argv)
-        self.connect()
-        try:
-            r = self.conn.run(line, hide=True, warn=True, in_stream=False, timeout=SLURM_TIMEOUT)
-        except Exception as exc:
-            self.close()
-            raise NodeError(_ssh_reason(exc, self.node, self.config)) from None
-        if r.exited == 127:
-            raise NodeError(f"{argv[0]} not found on {self.node.host}: is Slurm's client "
-                            "installed there, and on the login shell's PATH?")
-        return r.exited, r.stdout, r.stderr
-
     def submit(self, job, folder):
         """Queue the job with sbatch; Slurm's job id."""
-        self.connect()
-        remote = self._remote_dir(job)
+        self.link.connect()
+        remote = self.link.path(job.id)
         env = {k: v for k, v in job_env(self.node, job).items() if k != "CUDA_VISIBLE_DEVICES"}
         script = "#!/bin/sh\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()) \
             + f"exec {shlex.quote(self.node.python)} code.py\n"
-
-        def upload(sftp):
-            _rmtree(sftp, remote)  # left by an attempt that never reached Slurm
-            sftp.mkdir(remote)
-            for name, data in (("code.py", (folder / "code.py").read_bytes()), ("job.sh", script)):
-                with sftp.open(f"{remote}/{name}", "w") as f:
-                    f.write(data)
-        self._guard(upload)
-        write_file(folder / "launching", remote)  # from here on Slurm may have it
+        self.link.new_folder(job.id, {"code.py": folder.code(), "job.sh": script.encode()})
+        folder.mark_launching(self.link.describe(job.id))  # from here on Slurm may have it
         limit = math.ceil(self.config.time_limit(job.expected_time))
         days, rest = divmod(limit, 86400)
         argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
@@ -2132,7 +2476,7 @@ class SlurmExecutor(SshExecutor):
                 f"--time={days}-{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"]
         argv += [f"--{k}={self.node.slurm[k]}" for k in ("partition", "account", "gres")
                  if self.node.slurm[k]]
-        code, out, err = self.command(*argv, f"{remote}/job.sh")
+        code, out, err = self.link.run(*argv, f"{remote}/job.sh")
         slurm_id = out.strip().split(";")[0]
         if code != 0 or not slurm_id.isdigit():
             raise SlurmRefused(err.strip() or out.strip() or f"sbatch exited with {code}")
@@ -2140,64 +2484,55 @@ class SlurmExecutor(SshExecutor):
 
     def states(self, job_ids):
         """What Slurm says of gpuqueue's jobs, found by name: {gpuqueue id: (Slurm id,
-        state, reason, wait status)}.  A job Slurm no longer remembers is missing."""
+        state, reason, exit code)}.  A job Slurm no longer remembers is missing."""
         found = {}
         for i in range(0, len(job_ids), 200):  # keep the command line short
             names = ",".join(f"gq-{j}" for j in job_ids[i:i + 200])
-            code, out, err = self.command("squeue", "-h", "-t", "all", f"--name={names}",
-                                          "-O", "JobID:|,Name:|,State:|,Reason:|,exit_code:|")
+            code, out, err = self.link.run("squeue", "-h", "-t", "all", f"--name={names}",
+                                           "-O", "JobID:|,Name:|,State:|,Reason:|,exit_code:|")
             if code != 0:
                 raise NodeError(f"squeue failed on {self.node.host}: {err.strip()[:300]}")
             for line in out.splitlines():
                 f = [x.strip() for x in line.split("|")]
                 if len(f) >= 5 and f[1].startswith("gq-") and f[0].isdigit():
                     wait = int(f[4]) if f[4].lstrip("-").isdigit() else 0
-                    found[f[1][3:]] = (f[0], f[2].split()[0] if f[2] else "", f[3], wait)
+                    found[f[1][3:]] = (f[0], f[2].split()[0] if f[2] else "", f[3],
+                                       exit_code_of(wait))
         return found
 
     def accounting(self, slurm_id):
-        """(state, reason, wait status) of a job the controller has forgotten, from
+        """(state, reason, exit code) of a job the controller has forgotten, from
         sacct; None where Slurm keeps no accounting (sacct then fails)."""
-        code, out, _ = self.command("sacct", "-n", "-P", "-X", "-j", slurm_id,
-                                    "--format=State,ExitCode")
+        code, out, _ = self.link.run("sacct", "-n", "-P", "-X", "-j", slurm_id,
+                                     "--format=State,ExitCode")
         lines = out.strip().splitlines() if code == 0 else []
         if not lines or "|" not in lines[0]:
             return None
         state, exit_code = lines[0].split("|")[:2]
-        status, _, sig = exit_code.partition(":")
-        wait = int(sig) & 0x7F if sig.isdigit() and int(sig) else \
-            (int(status) & 0xFF) << 8 if status.isdigit() else 0
-        return (state.split() or [""])[0], None, wait
+        status, _, sig = exit_code.partition(":")  # "status:signal"
+        if sig.isdigit() and int(sig):
+            exit_code = -int(sig)
+        else:
+            exit_code = int(status) if status.isdigit() else 0
+        return (state.split() or [""])[0], None, exit_code
 
     def cancel(self, slurm_ids):
-        code, _, err = self.command("scancel", *slurm_ids)
+        code, _, err = self.link.run("scancel", *slurm_ids)
         if code != 0:
             log.warning("node %s: scancel %s: %s", self.node.id, " ".join(slurm_ids), err.strip())
 
     def outputs(self, job):
         """(stdout, stderr) of a job's files, capped like every job's."""
         limit = self.config.output_limit_bytes
-        remote = self._remote_dir(job)
-
-        def fetch(sftp):
-            def size(path):
-                return sftp.stat(path).st_size
-            return tuple(read_capped(f"{remote}/{s}", limit, sftp.open, size)
-                         for s in ("stdout", "stderr"))
-        return self._guard(fetch)
+        return tuple(self.link.read_capped(f"{job.id}/{s}", limit) for s in ("stdout", "stderr"))
 
     def ran(self, job):
         """Did Slurm ever start the job?  It creates the output files when it does."""
-        remote = self._remote_dir(job)
-        try:
-            self._guard(lambda sftp: sftp.stat(f"{remote}/stdout"))
-            return True
-        except FileNotFoundError:
-            return False
+        return self.link.exists(f"{job.id}/stdout")
 
     def remove(self, job):
         if not self.config.keep_remote_dirs:
-            self._guard(_rmtree, self._remote_dir(job))
+            self.link.remove(job.id)
 
 
 def _sftp_path(path):
@@ -2208,7 +2543,6 @@ def _sftp_path(path):
 
 
 def _mkdirs(sftp, path):
-    path = _sftp_path(path)
     parts = path.split("/")
     for i in range(1, len(parts) + 1):
         sub = "/".join(parts[:i])
@@ -2234,17 +2568,6 @@ def _rmtree(sftp, path):
 def _read_text(sftp, path):
     with sftp.open(path, "r") as f:
         return f.read().decode()
-
-
-def _ssh_reason(exc, node, config):
-    """A short, secret-free reason for /api/nodes."""
-    hop = f"jump host {config.jump.host}:{config.jump.port}" if config.jump else "the node"
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, paramiko.BadHostKeyException):
-        return f"host key changed for {exc.hostname}: refused (known_hosts {config.known_hosts})"
-    if "not found in known_hosts" in text:
-        return f"unknown host key: {text} (add it to {config.known_hosts})"
-    return f"{node.ssh.host}:{node.ssh.port} via {hop}: {type(exc).__name__}: {text}"
 
 
 ###############################################################################
@@ -2286,8 +2609,9 @@ class NodeWorker:
         self.config = config
         self.peers = peers  # every node's worker, by id (this one included)
         self.wake = threading.Event()
-        self.state = "online" if node.is_local else "offline"
-        self.error = None if node.is_local else "connecting"
+        self.online = False
+        self.error = "connecting"
+        self.settled = threading.Event()  # set once the first connect has succeeded or failed
         self.gpus = []  # what nvidia-smi last said of the node's GPUs (see watch_gpus)
         self.started = 0  # jobs launched since the server started
         self.dispatch = Histogram()  # seconds from claim to the job's wrapper running
@@ -2296,10 +2620,10 @@ class NodeWorker:
         threading.Thread(target=self._loop, name=f"node-{self.node.id}", daemon=True).start()
 
     def _loop(self):
-        for job in self.spool.running(self.node.id):
+        for job in self.spool.running_on(self.node.id):
             self._guarded(self._resume, job)
         while True:
-            if self.state != "online":
+            if not self.online:
                 self._bring_online()
             self.wake.clear()
             job = self.spool.claim(self.node.id)
@@ -2320,7 +2644,7 @@ class NodeWorker:
             if job.id in self.spool.active:
                 self.spool.finish(job, "failed", error=f"internal error: {exc}")
 
-    # -- node state ----------------------------------------------------------
+    # -- the node's state ---------------------------------------------------
 
     def _bring_online(self):
         backoff = 1.0
@@ -2338,19 +2662,21 @@ class NodeWorker:
         self._set_online()
 
     def _set_online(self):
-        if self.state != "online":
+        if not self.online:
             log.info("node %s online", self.node.id)
-        self.state, self.error = "online", None
+        self.online, self.error = True, None
+        self.settled.set()
 
     def _set_offline(self, reason):
-        if self.state != "offline" or self.error != reason:
+        if self.online or self.error != reason:
             log.warning("node %s offline: %s", self.node.id, reason)
-        self.state, self.error = "offline", reason
+        self.online, self.error = False, reason
+        self.settled.set()
         self._shed()
 
     def _shed(self):
         """Hand this node's pending jobs to online nodes that are not drained."""
-        online = [n for n, w in self.peers.items() if w.state == "online" and w is not self]
+        online = [n for n, w in self.peers.items() if w.online and w is not self]
         for n in self.spool.move_pending(self.node.id, online):
             self.peers[n].wake.set()
 
@@ -2404,7 +2730,7 @@ class NodeWorker:
         if run is None:
             log.info("job %s never launched: queued again", job.id)
             self.spool.requeue(job)
-            if self.state != "online":
+            if not self.online:
                 self._shed()
         else:
             self._set_online()  # it answered
@@ -2427,12 +2753,10 @@ class NodeWorker:
             status, error = "failed", "timeout"
         elif o.reason == "lost":
             status, error = "failed", "the job's wrapper ended without a result (killed or crashed)"
-        elif o.exit_code == 0:
-            status, error = "completed", None
-        elif o.exit_code < 0:
-            status, error = "failed", f"killed by signal {-o.exit_code}"
+        elif o.reason == "unfollowed":
+            status, error = "failed", o.detail
         else:
-            status, error = "failed", f"exit code {o.exit_code}"
+            status, error = describe_exit(o.exit_code)
         self.spool.finish(job, status, o.exit_code, error, o.stdout, o.stderr)
         try:
             self.executor.cleanup(run)
@@ -2451,8 +2775,9 @@ class NodeWorker:
                 self.wake.wait()
 
     def info(self):
-        running = self.spool.running(self.node.id)
-        info = {"id": self.node.id, "host": self.node.host, "state": self.state,
+        running = self.spool.running_on(self.node.id)
+        info = {"id": self.node.id, "host": self.node.host,
+                "state": "online" if self.online else "offline",
                 "drained": self.node.id in self.spool.drained, "error": self.error,
                 "running_job": running[0].id if running else None}
         if self.gpus:
@@ -2478,7 +2803,7 @@ class SlurmWorker(NodeWorker):
 
     def _loop(self):
         while True:
-            if self.state != "online":
+            if not self.online:
                 self._bring_online()
             self.wake.clear()
             try:
@@ -2502,7 +2827,7 @@ class SlurmWorker(NodeWorker):
                 self.spool.finish(job, "failed", error=f"internal error: {exc}")
 
     def _fill(self):
-        while len(self.spool.running(self.node.id)) < self.node.slurm["max_jobs"]:
+        while len(self.spool.running[self.node.id]) < self.node.slurm["max_jobs"]:
             job = self.spool.claim(self.node.id)
             if job is None:
                 return
@@ -2523,35 +2848,34 @@ class SlurmWorker(NodeWorker):
         log.info("job %s user=%s node=%s is Slurm job %s", job.id, job.user_id, self.node.id, slurm_id)
 
     def _record(self, job, slurm_id):
-        write_json(self.spool.folder(job) / "slurm.json", {"slurm_id": slurm_id})
-        job.slurm = {"id": slurm_id, "state": "PENDING", "reason": None, "wait": 0,
+        self.spool.folder(job).record_slurm(slurm_id)
+        job.slurm = {"id": slurm_id, "state": "PENDING", "reason": None, "exit_code": 0,
                      "scancel_sent": False}
 
     def _recover(self):
         """Settle claimed jobs with no Slurm id in memory: read slurm.json, else
         ask Slurm by name, else queue the job again (it never reached Slurm)."""
         asked = []
-        for job in self.spool.running(self.node.id):
+        for job in self.spool.running_on(self.node.id):
             if job.slurm is None:
-                try:
-                    self._record(job, read_json(self.spool.folder(job) / "slurm.json")["slurm_id"])
-                except (OSError, ValueError, KeyError):
+                slurm_id = self.spool.folder(job).slurm_id()
+                if slurm_id is None:
                     asked.append(job)
+                else:
+                    self._record(job, slurm_id)
         found = self.executor.states([j.id for j in asked]) if asked else {}
         for job in asked:
-            launching = self.spool.folder(job) / "launching"
             if job.id in found:
                 self._record(job, found[job.id][0])
                 log.info("job %s found again in Slurm as job %s", job.id, found[job.id][0])
-            elif launching.exists() and self.executor.ran(job):
+            elif self.spool.folder(job).launched_where() is not None and self.executor.ran(job):
                 self._end(job, "failed", None, "Slurm ran the job but no longer knows how it ended")
             else:
-                launching.unlink(missing_ok=True)
                 self.spool.requeue(job)
                 log.info("job %s never reached Slurm: queued again", job.id)
 
     def _poll(self):
-        jobs = [j for j in self.spool.running(self.node.id) if j.slurm is not None]
+        jobs = [j for j in self.spool.running_on(self.node.id) if j.slurm is not None]
         cancel = [j for j in jobs if j.cancel_requested and not j.slurm["scancel_sent"]]
         if cancel:
             self.executor.cancel([j.slurm["id"] for j in cancel])
@@ -2562,14 +2886,15 @@ class SlurmWorker(NodeWorker):
                                           for _, st, _, _ in found.values() if st in SLURM_ACTIVE)
         for job in jobs:
             if job.id in found:
-                _, state, reason, wait = found[job.id]
+                _, state, reason, exit_code = found[job.id]
             else:  # the controller forgot it (MinJobAge): accounting may remember
                 known = self.executor.accounting(job.slurm["id"])
                 if known is None:
                     self._step(self._forgotten, job)
                     continue
-                state, reason, wait = known
-            job.slurm.update(state=state, reason=None if reason in ("", "None") else reason, wait=wait)
+                state, reason, exit_code = known
+            job.slurm.update(state=state, reason=None if reason in ("", "None") else reason,
+                             exit_code=exit_code)
             if state not in SLURM_ACTIVE:
                 self._step(self._finish, job)
 
@@ -2579,8 +2904,7 @@ class SlurmWorker(NodeWorker):
 
     def _finish(self, job):
         """How Slurm says the job ended, in gpuqueue's terms; Slurm's reason in ``error``."""
-        state, reason, wait = job.slurm["state"], job.slurm["reason"], job.slurm["wait"]
-        code = -(wait & 0x7F) if wait & 0x7F else (wait >> 8) & 0xFF
+        state, reason, code = job.slurm["state"], job.slurm["reason"], job.slurm["exit_code"]
         because = f" (Slurm: {reason})" if reason and reason != "NonZeroExitCode" else ""
         if state == "COMPLETED":
             self._end(job, "completed", 0, None)
@@ -2589,8 +2913,7 @@ class SlurmWorker(NodeWorker):
         elif state == "TIMEOUT":
             self._end(job, "failed", code, "timeout")
         elif state == "FAILED":
-            what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            self._end(job, "failed", code, what + because)
+            self._end(job, "failed", code, (describe_exit(code)[1] or "exit code 0") + because)
         else:  # CANCELLED by someone else, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED...
             self._end(job, "failed", code, f"Slurm: {state}{because}")
 
@@ -2617,7 +2940,7 @@ def watch_gpus(workers):
     while True:
         for n, w in workers.items():
             now = time.monotonic()
-            if w.state != "online":
+            if not w.online:
                 due[n] = 0.0  # read again as soon as it is back
             elif now >= due[n]:
                 try:
@@ -2630,10 +2953,6 @@ def watch_gpus(workers):
                     due[n] = now + GPU_REFRESH
         time.sleep(1)  # a clock for readings that are due, not a wait for an event
 
-
-###############################################################################
-# HTTP API ####################################################################
-###############################################################################
 
 #: The keys a job's config.yaml may hold: name -> (types, required).
 JOB_KEYS = {
@@ -2651,61 +2970,279 @@ PRIORITY_RANGE = (-100, 100)
 #: Upper bound for free-text ids in a job's config.
 MAX_ID_LENGTH = 200
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def parse_job_config(data, max_expected_time):
+    """The checked mapping from an uploaded config.yaml; BadRequest saying what is wrong."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("config_file must be UTF-8 text") from None
+    try:
+        cfg = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise BadRequest(f"config_file is not valid YAML{where}") from None
+    except (yaml.YAMLError, RecursionError, ValueError, TypeError):
+        raise BadRequest("config_file is not valid YAML") from None
+    if not isinstance(cfg, dict):
+        raise BadRequest("config_file must be a YAML mapping of keys to values")
+    for key in cfg:
+        if key not in JOB_KEYS:
+            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "…"
+            raise BadRequest(f"config_file: unknown key {shown!r}; allowed: {', '.join(JOB_KEYS)}")
+    for key, (types, required) in JOB_KEYS.items():
+        if key not in cfg:
+            if required:
+                raise BadRequest(f"config_file: missing key {key!r}")
+            continue
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            kind = {_NUMBER: "a number", int: "a whole number"}.get(types, "a string (quote it)")
+            raise BadRequest(f"config_file: {key!r} must be {kind}")
+        if isinstance(value, str) and key != "token" and not (
+                0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
+            raise BadRequest(f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable characters")
+    try:
+        t = float(cfg["expected_time"])
+    except OverflowError:
+        t = math.inf
+    if not math.isfinite(t) or t <= 0 or t > max_expected_time:
+        raise BadRequest(f"config_file: 'expected_time' must be seconds above 0 and at most "
+                            f"{max_expected_time:g}")
+    cfg["expected_time"] = t
+    lo, hi = PRIORITY_RANGE
+    if not lo <= cfg.get("priority", 0) <= hi:
+        raise BadRequest(f"config_file: 'priority' must be from {lo} to {hi}")
+    return cfg
+
+
+
+class Scheduler:
+    """The front door: everything the HTTP API, drop folders and admin control
+    may ask of the queue (submit, look, cancel, read output, drain).  It alone
+    reaches into the spool's index and the node workers; none of its callers
+    do, and none of them needs to know who else calls.
+
+    With ``serving`` false (an admin command while no server runs) there are no
+    node workers: requests act on the spool alone.
+    """
+
+    def __init__(self, config, spool, tokens=None, serving=True):
+        self.config = config
+        self.spool = spool
+        self.tokens = tokens
+        self.throttle = AuthThrottle(config.auth_failures_per_minute)
+        self.workers = {}
+        self._disk_checked = (-math.inf, True)  # (when, had room)
+        if serving:
+            kinds = {"local": NodeWorker, "ssh": NodeWorker, "slurm": SlurmWorker}
+            for n in config.nodes:
+                self.workers[n.id] = kinds[n.kind](n, spool, self._executor(n), config,
+                                                   self.workers)
+
+    def _executor(self, node):
+        if node.kind == "local":
+            root = Path(node.workdir).expanduser() if node.workdir else self.spool.work_dir(node.id)
+            return AgentExecutor(node, self.config, LocalLink(node, root))
+        if node.kind == "ssh":
+            return AgentExecutor(node, self.config, SshLink(node, self.config))
+        return SlurmExecutor(node, self.config, SshLink(node, self.config))
+
+    def start(self):
+        """Start every node's scheduler thread and the GPU telemetry.  Returns once
+        the local nodes' agents are up (a moment), so a new server shows them online."""
+        for w in self.workers.values():
+            w.start()
+        threading.Thread(target=watch_gpus, args=(self.workers,), name="gpus", daemon=True).start()
+        deadline = time.monotonic() + LOCAL_START_TIMEOUT
+        for w in self.workers.values():
+            if w.node.is_local:
+                w.settled.wait(max(0.0, deadline - time.monotonic()))
+
+    def _wake(self, node_ids):
+        for n in node_ids:
+            if n in self.workers:
+                self.workers[n].wake.set()
+
+    # -- who -----------------------------------------------------------------
+
+    def authenticate(self, token, source):
+        """The token's record; Unauthorized for a bad token, TooMany for a source
+        that keeps trying."""
+        self.throttle.check(source)
+        try:
+            return self.tokens.authenticate(token)
+        except Unauthorized:
+            if token:
+                self.throttle.failed(source)
+            raise
+
+    # -- jobs ----------------------------------------------------------------
+
+    def submit(self, code, config_data, token=None, source="incoming", job_id=None):
+        """Check a job (script bytes, config.yaml bytes) and queue it durably: the one
+        way in for uploads and dropped folders alike.  (job, position, start)."""
+        if not code.strip():
+            raise BadRequest("code is empty")
+        try:
+            code.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("code must be UTF-8 text") from None
+        cfg = parse_job_config(config_data, self.config.max_expected_time)
+        user = self.authenticate(token or cfg.get("token"), source)
+        if cfg["user_id"] != user["user"] and not user["admin"]:
+            raise Forbidden("user_id in config_file is not the token's user")
+        if cfg.get("priority", 0) > 0 and not user["admin"]:
+            raise Forbidden("only an admin may give a job a priority above 0")
+        self._check_disk(len(code) + len(config_data))
+        job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
+                  competition_id=cfg["competition_id"], project_id=cfg["project_id"],
+                  expected_time=cfg["expected_time"], priority=cfg.get("priority", 0),
+                  submitted_at=time.time(), node_id=-1)
+        if "token" in cfg:  # the token never reaches the disk
+            kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
+            config_data = ("# token removed by gpuqueue\n"
+                           + yaml.dump(kept, Dumper=_YAML_DUMPER)).encode()
+        staged = self.spool.stage(job, code, config_data)
+        online = {n for n, w in self.workers.items() if w.online}
+        position, start = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
+        # Its node, and any idle node that may take it.
+        self._wake(n for n in self.workers if n == job.node_id or not self.spool.running[n])
+        log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
+        return job, position, start
+
+    def _check_disk(self, size):
+        """DiskFull unless the spool's disk keeps ``min_free_bytes`` after this
+        upload.  Looked at (one statvfs) at most once a second."""
+        now = time.monotonic()
+        when, room = self._disk_checked
+        if now - when >= 1.0:
+            disk = os.statvfs(self.spool.root)
+            room = disk.f_bavail * disk.f_frsize - self.config.min_free_bytes
+            self._disk_checked = (now, room)
+        if room < size:
+            raise DiskFull("the server's spool disk is nearly full; try again later")
+
+    def job(self, job_id, user=None):
+        """The job if ``user`` (a token record; None: an admin) may see it; NotFound
+        for an unknown, malformed or someone else's id alike."""
+        job = self.spool.get(job_id) if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+        if job is None or not (user is None or user["admin"] or job.user_id == user["user"]):
+            raise NotFound(f"no such job {job_id!r}" if user is None else "no such job")
+        return job
+
+    def shown(self, job):
+        """A job's public record, with its place in the queue while it waits."""
+        out = job.public()
+        if job.status == "pending":
+            position, start = self.spool.queue_position(job)
+            out["queue_position"], out["estimated_start"] = position, isotime(start)
+        return out
+
+    def find(self, user=None, status=None, limit=100, before=None):
+        return self.spool.find(user, status, limit, before)
+
+    def output(self, job):
+        """(stdout, stderr) of a finished job; Conflict while it has not finished."""
+        if job.status in ("pending", "running"):
+            raise Conflict(f"job is {job.status}; results are ready once it finishes")
+        folder = self.spool.done_folder(job.id)
+        return tuple(read_capped(folder.stream(s), sys.maxsize) for s in JobFolder.STREAMS)
+
+    def cancel(self, job, wait):
+        """Cancel a job: a pending one at once, a running one by its node's worker,
+        waited for up to ``wait`` seconds.  Conflict once it has finished."""
+        if not self.spool.request_cancel(job):
+            raise Conflict(f"job {job.id} already {self.spool.get(job.id).status}")
+        self._wake([job.node_id])
+        if wait:
+            self.spool.wait_finished(job, wait)
+        return self.spool.get(job.id)
+
+    def read_output(self, job, stream, offset, limit):
+        """(up to ``limit`` bytes of a job's stream from ``offset``, the job as it was
+        when they were read): from its node while it runs, else from the spool."""
+        for _ in range(3):  # the job may finish, and its folder move, while we read
+            job = self.spool.get(job.id)
+            if job.status == "pending":
+                return b"", job
+            if job.status == "running":
+                worker = self.workers.get(job.node_id)
+                if worker is None:
+                    raise Unavailable("the server is not running")
+                try:
+                    data = worker.executor.read_output(job, stream, offset, limit)
+                except NodeError as exc:
+                    raise Unavailable(f"cannot read the job's output now: {exc}") from None
+                if self.spool.get(job.id).status == "running":
+                    return data, job
+                continue
+            try:
+                with open(self.spool.done_folder(job.id).stream(stream), "rb") as f:
+                    f.seek(offset)
+                    return f.read(limit), job
+            except FileNotFoundError:
+                return b"", job
+        raise Unavailable("the job changed state while its output was read; try again")
+
+    def wait_finished(self, job, timeout):
+        return self.spool.wait_finished(job, timeout)
+
+    # -- nodes ---------------------------------------------------------------
+
+    def nodes(self):
+        """Every node: its worker's view (or, with no server, the spool's) and its queue."""
+        stats = self.spool.node_stats()
+        out = []
+        for n in self.config.nodes:
+            if n.id in self.workers:
+                info = self.workers[n.id].info()
+            else:
+                running = self.spool.running_on(n.id)
+                info = {"id": n.id, "host": n.host, "state": "server not running",
+                        "drained": n.id in self.spool.drained, "error": None,
+                        "running_job": running[0].id if running else None}
+            out.append({**info, **stats[n.id]})
+        return out
+
+    def queue_length(self):
+        return self.spool.counts()[0]
+
+    def drain(self, node, drained):
+        """Drain a node (it starts nothing new; its pending jobs move on) or resume it;
+        what happened, in words."""
+        if type(node) is not int or node not in self.spool.node_ids:
+            raise NotFound(f"no node {node!r}; the nodes are "
+                           f"{', '.join(map(str, self.spool.node_ids))}")
+        self.spool.set_drained(node, drained)
+        if not drained:
+            self._wake([node])
+            return f"node {node} resumed"
+        online = [n for n, w in self.workers.items() if w.online] \
+            if self.workers else self.spool.node_ids
+        moved = self.spool.move_pending(node, online)
+        self._wake(moved)
+        running = self.spool.running_on(node)
+        message = f"node {node} drained: it starts no new job"
+        if running:
+            message += f"; job {running[0].id} runs to its end"
+        if moved:
+            message += f"; its pending jobs moved to node(s) {', '.join(map(str, sorted(moved)))}"
+        return message
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
 #: Bytes of output one /api/logs answer or follow line carries at most.
 LOG_CHUNK = 64 * 1024
 #: Seconds between looks at a followed job's output while it has nothing new.
 LOG_POLL = 0.5
 #: Follows served at once (each holds one of waitress's 8 threads).
 LOG_FOLLOWERS = 4
-
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def parse_job_config(data, max_expected_time):
-    """The checked mapping from an uploaded config.yaml; ApiError 400 when wrong."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "config_file must be UTF-8 text") from None
-    try:
-        cfg = yaml.load(text, Loader=_YAML_LOADER)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ApiError(400, f"config_file is not valid YAML{where}") from None
-    except (yaml.YAMLError, RecursionError, ValueError, TypeError):
-        raise ApiError(400, "config_file is not valid YAML") from None
-    if not isinstance(cfg, dict):
-        raise ApiError(400, "config_file must be a YAML mapping of keys to values")
-    for key in cfg:
-        if key not in JOB_KEYS:
-            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "…"
-            raise ApiError(400, f"config_file: unknown key {shown!r}; allowed: {', '.join(JOB_KEYS)}")
-    for key, (types, required) in JOB_KEYS.items():
-        if key not in cfg:
-            if required:
-                raise ApiError(400, f"config_file: missing key {key!r}")
-            continue
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            kind = {_NUMBER: "a number", int: "a whole number"}.get(types, "a string (quote it)")
-            raise ApiError(400, f"config_file: {key!r} must be {kind}")
-        if isinstance(value, str) and key != "token" and not (
-                0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
-            raise ApiError(400, f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable characters")
-    try:
-        t = float(cfg["expected_time"])
-    except OverflowError:
-        t = math.inf
-    if not math.isfinite(t) or t <= 0 or t > max_expected_time:
-        raise ApiError(400, f"config_file: 'expected_time' must be seconds above 0 and at most "
-                            f"{max_expected_time:g}")
-    cfg["expected_time"] = t
-    lo, hi = PRIORITY_RANGE
-    if not lo <= cfg.get("priority", 0) <= hi:
-        raise ApiError(400, f"config_file: 'priority' must be from {lo} to {hi}")
-    return cfg
 
 
 def _whole_utf8(data):
@@ -2730,25 +3267,42 @@ def _upload_part(name):
     """The bytes of the one multipart part called ``name``."""
     parts = bottle.request.POST.getall(name)
     if not parts:
-        raise ApiError(400, f"missing multipart part {name!r}")
+        raise BadRequest(f"missing multipart part {name!r}")
     if len(parts) > 1:
-        raise ApiError(400, f"multipart part {name!r} given more than once")
+        raise BadRequest(f"multipart part {name!r} given more than once")
     part = parts[0]
     if isinstance(part, bottle.FileUpload):
         return part.file.read()
     return part.encode("latin-1")  # a plain field, which submit() had parsed as Latin-1
 
 
-class Api:
-    """The HTTP routes.  Holds no state of its own: the spool, tokens and node
-    workers own everything it shows."""
+#: Status codes of the core's refusals (the most specific class listed wins).
+HTTP_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404,
+               Conflict: 409, TooMany: 429, DiskFull: 507, Unavailable: 503}
 
-    def __init__(self, config, spool, tokens, workers):
-        self.config = config
-        self.spool = spool
-        self.tokens = tokens
-        self.workers = workers
-        self.throttle = AuthThrottle(config.auth_failures_per_minute)
+
+class HttpError(GpuqueueError):
+    """A refusal only HTTP has words for (411, 415...)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def http_status(exc):
+    """The status code that answers a GpuqueueError."""
+    if isinstance(exc, HttpError):
+        return exc.status
+    return next((HTTP_STATUS[c] for c in type(exc).__mro__ if c in HTTP_STATUS), 500)
+
+
+class Api:
+    """The HTTP routes.  Holds no state of its own: everything it shows or changes
+    goes through the Scheduler, the queue's front door."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.config = scheduler.config
         # A follow holds one of waitress's threads while its job runs: cap them, so
         # that followers never take every thread from submit and status.
         self.followers = threading.BoundedSemaphore(LOG_FOLLOWERS)
@@ -2778,8 +3332,8 @@ class Api:
         def wrapped(**kw):
             try:
                 return handler(**kw)
-            except ApiError as exc:
-                bottle.response.status = exc.status
+            except GpuqueueError as exc:
+                bottle.response.status = http_status(exc)
                 return {"error": exc.message}
             except Exception:
                 log.exception("internal error on %s %s", bottle.request.method, bottle.request.path)
@@ -2796,154 +3350,87 @@ class Api:
 
     # -- helpers -------------------------------------------------------------
 
-    def _authenticate(self, token, source):
-        """The token's record; 401 for a bad token, 429 for a source that keeps trying."""
-        self.throttle.check(source)
-        try:
-            return self.tokens.authenticate(token)
-        except ApiError:
-            if token:
-                self.throttle.failed(source)
-            raise
-
     def _user(self):
         """The caller of an HTTP route, from its Bearer token."""
-        user = self._authenticate(_bearer(), bottle.request.remote_addr or "-")
+        user = self.scheduler.authenticate(_bearer(), bottle.request.remote_addr or "-")
         bottle.request.environ["gpuqueue.user"] = user["user"]
         return user
 
     def _job(self, job_id, user):
-        """The job if this user may see it; 404 for unknown, malformed or not theirs."""
-        job = self.spool.get(job_id) if JOB_ID_RE.match(job_id) else None
-        if job is None or not (user["admin"] or job.user_id == user["user"]):
-            raise ApiError(404, "no such job")
-        return job
-
-    def _status(self, job):
-        out = job.public()
-        if job.status == "pending":
-            position, start = self.spool.queue_position(job)
-            out["queue_position"], out["estimated_start"] = position, isotime(start)
-        return out
+        return self.scheduler.job(job_id, user)
 
     # -- routes --------------------------------------------------------------
 
     def index(self):
-        return {"name": "gpuqueue", "version": __version__, "nodes": len(self.workers),
-                "queue_length": sum(len(q) for q in self.spool.queues.values()),
-                "docs": "/docs"}
+        return {"name": "gpuqueue", "version": __version__,
+                "nodes": len(self.config.nodes),
+                "queue_length": self.scheduler.queue_length(), "docs": "/docs"}
 
     def submit(self):
         req = bottle.request
         if not req.content_type.lower().startswith("multipart/form-data"):
-            raise ApiError(415, "send multipart/form-data with parts 'code' and 'config_file'")
+            raise HttpError(415, "send multipart/form-data with parts 'code' and 'config_file'")
         if req.content_length < 0:  # waitress refuses bodies over max_upload_bytes itself
-            raise ApiError(411, "Content-Length required")
+            raise HttpError(411, "Content-Length required")
         # Parse as Latin-1, which maps every byte to a character and back: a filename
         # in any encoding never fails the upload, and plain fields keep their bytes.
         req.environ["CONTENT_TYPE"] = req.content_type + "; charset=latin1"
         try:
             names = set(req.POST)
         except Exception:
-            raise ApiError(400, "malformed multipart body") from None
+            raise BadRequest("malformed multipart body") from None
         extra = names - {"code", "config_file"}
         if extra:
-            raise ApiError(400, "unexpected multipart part; send only 'code' and 'config_file'")
-        job, (position, start) = self.accept(_upload_part("code"), _upload_part("config_file"),
-                                             _bearer(), source=req.remote_addr or "-")
+            raise BadRequest("unexpected multipart part; send only 'code' and 'config_file'")
+        job, position, start = self.scheduler.submit(
+            _upload_part("code"), _upload_part("config_file"), _bearer(),
+            source=req.remote_addr or "-")
         req.environ["gpuqueue.user"] = job.user_id
         bottle.response.status = 201
         return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
                 "queue_position": position, "estimated_start": isotime(start)}
 
-    def accept(self, code, config_data, token=None, job_id=None, source="incoming"):
-        """Check a job (script bytes, config.yaml bytes) and queue it; the one way in
-        for both uploads and dropped folders.  Returns (job, Spool.queue_position's pair)."""
-        if not code.strip():
-            raise ApiError(400, "code is empty")
-        try:
-            code.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "code must be UTF-8 text") from None
-        cfg = parse_job_config(config_data, self.config.max_expected_time)
-        user = self._authenticate(token or cfg.get("token"), source)
-        if cfg["user_id"] != user["user"] and not user["admin"]:
-            raise ApiError(403, "user_id in config_file is not the token's user")
-        if cfg.get("priority", 0) > 0 and not user["admin"]:
-            raise ApiError(403, "only an admin may give a job a priority above 0")
-        disk = os.statvfs(self.spool.root)
-        if disk.f_bavail * disk.f_frsize < self.config.min_free_bytes + len(code) + len(config_data):
-            raise ApiError(507, "the server's spool disk is nearly full; try again later")
-        job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
-                  competition_id=cfg["competition_id"], project_id=cfg["project_id"],
-                  expected_time=cfg["expected_time"], priority=cfg.get("priority", 0),
-                  submitted_at=time.time(), node_id=-1)
-        if "token" in cfg:  # the token never reaches the disk
-            kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
-            config_data = ("# token removed by gpuqueue\n"
-                           + yaml.dump(kept, Dumper=_YAML_DUMPER)).encode()
-        staged = self.spool.stage(job, code, config_data)
-        online = {w.node.id for w in self.workers.values() if w.state == "online"}
-        try:
-            estimate = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
-        except QueueFull as full:
-            shutil.rmtree(staged)
-            raise ApiError(429, f"{job.user_id} already has {full} pending jobs, the most "
-                                "allowed; submit more once some have started") from None
-        for n, worker in self.workers.items():  # its node, and any idle one that may take it
-            if n == job.node_id or not self.spool.running_jobs[n]:
-                worker.wake.set()
-        log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
-        return job, estimate
-
     def status(self, job_id):
-        return self._status(self._job(job_id, self._user()))
+        return self.scheduler.shown(self._job(job_id, self._user()))
 
     def results(self, job_id):
         job = self._job(job_id, self._user())
-        if job.status in ("pending", "running"):
-            raise ApiError(409, f"job is {job.status}; results are ready once it finishes")
-        stdout, stderr = self.spool.output(job.id)
+        stdout, stderr = self.scheduler.output(job)
         return {"job_id": job.id, "status": job.status, "stdout": stdout, "stderr": stderr,
                 "exit_code": job.exit_code, "error": job.error}
 
     def cancel(self, job_id):
         job = self._job(job_id, self._user())
-        if not self.spool.request_cancel(job):
-            raise ApiError(409, f"job already {self.spool.get(job.id).status}")
-        self.workers[job.node_id].wake.set()
-        self.spool.wait_finished(job, self.config.kill_grace + 15)
-        return self._status(self.spool.get(job.id))
+        return self.scheduler.shown(self.scheduler.cancel(job, wait=self.config.kill_grace + 15))
 
     def nodes(self):
-        stats = self.spool.node_stats()
-        return {"nodes": [{**w.info(), **stats[n]} for n, w in sorted(self.workers.items())]}
+        return {"nodes": self.scheduler.nodes()}
 
     def jobs(self):
         user = self._user()
         query = bottle.request.query
         unknown = set(query) - {"user_id", "status", "limit", "cursor"}
         if unknown:
-            raise ApiError(400, "unknown query parameter; use user_id, status, limit, cursor")
+            raise BadRequest("unknown query parameter; use user_id, status, limit, cursor")
         if any(len(query.getall(k)) > 1 for k in query):
-            raise ApiError(400, "each query parameter may be given once")
+            raise BadRequest("each query parameter may be given once")
         status = query.get("status")
         if status is not None and status not in STATES:
-            raise ApiError(400, f"status must be one of {', '.join(STATES)}")
+            raise BadRequest(f"status must be one of {', '.join(STATES)}")
         limit = query.get("limit", "100")
         if not (re.fullmatch(r"[0-9]{1,4}", limit) and 1 <= int(limit) <= 1000):
-            raise ApiError(400, "limit must be a whole number from 1 to 1000")
+            raise BadRequest("limit must be a whole number from 1 to 1000")
         limit = int(limit)
         cursor = query.get("cursor")
         if cursor is not None and not JOB_ID_RE.match(cursor):
-            raise ApiError(400, "malformed cursor")
+            raise BadRequest("malformed cursor")
         owner = query.get("user_id")
         if not user["admin"]:
             if owner not in (None, user["user"]):
-                raise ApiError(403, "you may list only your own jobs")
+                raise Forbidden("you may list only your own jobs")
             owner = user["user"]
-        found, next_cursor = self.spool.find(owner, status, limit, cursor)
-        return {"jobs": [self._status(j) for j in found], "next_cursor": next_cursor}
+        found, next_cursor = self.scheduler.find(owner, status, limit, cursor)
+        return {"jobs": [self.scheduler.shown(j) for j in found], "next_cursor": next_cursor}
 
     def logs(self, job_id):
         """What a job has written so far to stdout or stderr, from a byte offset; or,
@@ -2951,53 +3438,34 @@ class Api:
         job = self._job(job_id, self._user())
         query = bottle.request.query
         if set(query) - {"stream", "offset", "follow"}:
-            raise ApiError(400, "unknown query parameter; use stream, offset, follow")
+            raise BadRequest("unknown query parameter; use stream, offset, follow")
         if any(len(query.getall(k)) > 1 for k in query):
-            raise ApiError(400, "each query parameter may be given once")
+            raise BadRequest("each query parameter may be given once")
         stream = query.get("stream", "stdout")
         if stream not in ("stdout", "stderr"):
-            raise ApiError(400, "stream must be stdout or stderr")
+            raise BadRequest("stream must be stdout or stderr")
         offset = query.get("offset", "0")
         if not re.fullmatch(r"[0-9]{1,15}", offset):
-            raise ApiError(400, "offset must be a whole number of bytes")
+            raise BadRequest("offset must be a whole number of bytes")
         follow = query.get("follow", "0")
         if follow not in ("0", "1"):
-            raise ApiError(400, "follow must be 0 or 1")
+            raise BadRequest("follow must be 0 or 1")
         if follow == "1":
             return self._follow_log(job, stream, int(offset))
         data, job = self._read_log(job, stream, int(offset))
-        return {"job_id": job.id, "status": job.state, "stream": stream, "offset": int(offset),
-                "next_offset": int(offset) + len(data), "data": data.decode("utf-8", "replace"),
+        return {"job_id": job.id, "status": job.shown_status, "stream": stream,
+                "offset": int(offset), "next_offset": int(offset) + len(data),
+                "data": data.decode("utf-8", "replace"),
                 "complete": job.status in FINAL_STATES and not data}
 
     def _read_log(self, job, stream, offset):
-        """(bytes from ``offset``, the job as it was when they were read)."""
-        for _ in range(3):  # the job may finish, and its folder move, while we read
-            job = self.spool.get(job.id)
-            if job.status == "pending":
-                return b"", job
-            if job.status == "running":
-                worker = self.workers[job.node_id]
-                try:
-                    data = worker.executor.read_output(job, self.spool.folder(job), stream,
-                                                       offset, LOG_CHUNK)
-                except NodeError as exc:
-                    raise ApiError(503, f"cannot read the job's output now: {exc}") from None
-                if self.spool.get(job.id).status == "running":
-                    return _whole_utf8(data), job
-                continue
-            try:
-                with open(self.spool.root / "done" / job.id / stream, "rb") as f:
-                    f.seek(offset)
-                    return _whole_utf8(f.read(LOG_CHUNK)), job
-            except FileNotFoundError:
-                return b"", job
-        raise ApiError(503, "the job changed state while its output was read; try again")
+        data, job = self.scheduler.read_output(job, stream, offset, LOG_CHUNK)
+        return _whole_utf8(data), job
 
     def _follow_log(self, job, stream, offset):
         if not self.followers.acquire(blocking=False):
-            raise ApiError(503, f"{LOG_FOLLOWERS} outputs are followed already; try again later "
-                                "or read with offsets")
+            raise Unavailable(f"{LOG_FOLLOWERS} outputs are followed already; try again later "
+                              "or read with offsets")
         bottle.response.content_type = "application/x-ndjson"
 
         def lines(job, offset):
@@ -3005,7 +3473,7 @@ class Api:
                 while True:
                     try:
                         data, job = self._read_log(job, stream, offset)
-                    except ApiError as exc:
+                    except GpuqueueError as exc:
                         yield json.dumps({"error": exc.message}) + "\n"
                         return
                     if data:
@@ -3016,44 +3484,43 @@ class Api:
                                           "error": job.error, "next_offset": offset}) + "\n"
                         return
                     else:
-                        self.spool.wait_finished(job, LOG_POLL)
+                        self.scheduler.wait_finished(job, LOG_POLL)
             finally:
                 self.followers.release()
         return lines(job, offset)
 
     def metrics(self):
         """Prometheus text format; no token, like /api/nodes, and no user names."""
-        spool = self.spool
-        stats = spool.node_stats()
+        nodes = self.scheduler.nodes()
+        workers = self.scheduler.workers
+        pending, running = self.scheduler.spool.counts()
         lines = []
 
         def metric(name, kind, help_, samples):
             lines.extend((f"# HELP gpuqueue_{name} {help_}", f"# TYPE gpuqueue_{name} {kind}"))
             lines.extend(f"gpuqueue_{name}{labels} {value}" for labels, value in samples)
 
-        nodes = sorted(self.workers.items())
-        metric("jobs", "gauge", "Unfinished jobs by state.", [
-            ('{state="pending"}', sum(len(q) for q in spool.queues.values())),
-            ('{state="running"}', sum(len(r) for r in spool.running_jobs.values()))])
+        metric("jobs", "gauge", "Unfinished jobs by state.",
+               [('{state="pending"}', pending), ('{state="running"}', running)])
         metric("jobs_started_total", "counter", "Jobs launched since the server started.",
-               [(f'{{node="{n}"}}', w.started) for n, w in nodes])
+               [(f'{{node="{n["id"]}"}}', workers[n["id"]].started) for n in nodes])
         metric("jobs_finished_total", "counter", "Finished jobs in the spool, by node and status.",
-               [(f'{{node="{n}",status="{st}"}}', stats[n][st]) for n, _ in nodes
+               [(f'{{node="{n["id"]}",status="{st}"}}', n[st]) for n in nodes
                 for st in FINAL_STATES])
         metric("node_queue_jobs", "gauge", "Pending jobs planned for each node.",
-               [(f'{{node="{n}"}}', stats[n]["queued_jobs"]) for n, _ in nodes])
+               [(f'{{node="{n["id"]}"}}', n["queued_jobs"]) for n in nodes])
         metric("node_queue_seconds", "gauge", "Expected seconds of work queued on each node.",
-               [(f'{{node="{n}"}}', stats[n]["queued_seconds"]) for n, _ in nodes])
+               [(f'{{node="{n["id"]}"}}', n["queued_seconds"]) for n in nodes])
         metric("node_up", "gauge", "1 when the node is online.",
-               [(f'{{node="{n}"}}', int(w.state == "online")) for n, w in nodes])
+               [(f'{{node="{n["id"]}"}}', int(n["state"] == "online")) for n in nodes])
         metric("node_drained", "gauge", "1 while an admin has the node drained.",
-               [(f'{{node="{n}"}}', int(n in spool.drained)) for n, _ in nodes])
+               [(f'{{node="{n["id"]}"}}', int(n["drained"])) for n in nodes])
         samples = []
-        for n, w in nodes:
-            h = w.dispatch
-            samples += [(f'_bucket{{node="{n}",le="{b:g}"}}', c) for b, c in zip(h.BOUNDS, h.buckets)]
-            samples += [(f'_bucket{{node="{n}",le="+Inf"}}', h.count),
-                        (f'_sum{{node="{n}"}}', round(h.sum, 6)), (f'_count{{node="{n}"}}', h.count)]
+        for n in nodes:
+            h, i = workers[n["id"]].dispatch, n["id"]
+            samples += [(f'_bucket{{node="{i}",le="{b:g}"}}', c) for b, c in zip(h.BOUNDS, h.buckets)]
+            samples += [(f'_bucket{{node="{i}",le="+Inf"}}', h.count),
+                        (f'_sum{{node="{i}"}}', round(h.sum, 6)), (f'_count{{node="{i}"}}', h.count)]
         metric("dispatch_seconds", "histogram", "From a job's claim to its wrapper running.", samples)
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return "\n".join(lines) + "\n"
@@ -3075,7 +3542,7 @@ class Api:
         res.set_header("X-Content-Type-Options", "nosniff")
         res.set_header("Referrer-Policy", "no-referrer")
         return DASHBOARD.render(nonce=nonce, version=__version__, job_id=job_id,
-                                json_job_id=json.dumps(job_id), nodes=self.nodes()["nodes"],
+                                json_job_id=json.dumps(job_id), nodes=self.scheduler.nodes(),
                                 gpu_text=gpu_text, duration=duration)
 
 
@@ -3536,10 +4003,6 @@ def _logged_step(step):
         log.exception("%s failed", step.__qualname__)
 
 
-class _Refused(Exception):
-    """A dropped folder that is not a job; the message goes into its reason file."""
-
-
 class Incoming:
     """spool/incoming/: a folder dropped there holding one ``.py`` script and a
     ``config.yaml`` (same keys as an upload, token included) becomes a job.
@@ -3559,11 +4022,10 @@ class Incoming:
     OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json)|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
     CLAIMED = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.accepted\Z")
 
-    def __init__(self, spool, api, max_bytes):
-        self.dir = spool.root / "incoming"
-        self.spool = spool
-        self.api = api
-        self.max_bytes = max_bytes
+    def __init__(self, scheduler):
+        self.dir = scheduler.spool.root / "incoming"
+        self.scheduler = scheduler
+        self.max_bytes = scheduler.config.max_upload_bytes
 
     def recover(self):
         """Queue the jobs of folders claimed before a crash that have no receipt."""
@@ -3589,8 +4051,8 @@ class Incoming:
             return
         try:
             self._files(path)
-        except _Refused as exc:
-            self._refuse(name, path, str(exc))
+        except BadRequest as exc:
+            self._refuse(name, path, exc.message)
             return
         job_id = new_job_id()
         claimed = f"{name}.{job_id}.accepted"
@@ -3602,16 +4064,16 @@ class Incoming:
         """Queue a claimed folder's job (unless a crash left it queued already), then
         write its receipt."""
         path = self.dir / claimed
-        job = self.spool.get(job_id)
-        if job is None:
+        try:
+            job = self.scheduler.job(job_id)
+            position, start = self.scheduler.spool.queue_position(job)
+        except NotFound:
             try:
                 script, config = self._files(path)
-                job, (position, start) = self.api.accept(script, config, job_id=job_id)
-            except (_Refused, ApiError) as exc:
-                self._refuse(claimed, path, getattr(exc, "message", str(exc)), name)
+                job, position, start = self.scheduler.submit(script, config, job_id=job_id)
+            except GpuqueueError as exc:
+                self._refuse(claimed, path, exc.message, name)
                 return
-        else:
-            position, start = self.spool.queue_position(job)
         write_json(self.dir / f"{name}.{job_id}.receipt.json", {
             "job_id": job.id, "node_id": job.node_id, "status": "pending",
             "queue_position": position, "estimated_start": isotime(start),
@@ -3637,32 +4099,32 @@ class Incoming:
         return time.time() - newest >= INCOMING_QUIET
 
     def _files(self, path):
-        """(script bytes, config bytes) of a drop folder, or _Refused saying why not."""
+        """(script bytes, config bytes) of a drop folder, or BadRequest saying why not."""
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
-            raise _Refused("a symbolic link; drop a real folder")
+            raise BadRequest("a symbolic link; drop a real folder")
         if not stat.S_ISDIR(st.st_mode):
-            raise _Refused("not a folder; drop a folder holding one .py script and config.yaml")
+            raise BadRequest("not a folder; drop a folder holding one .py script and config.yaml")
         scripts, total = [], 0
         names = sorted(os.listdir(path))
         for n in names:
             st = os.lstat(path / n)
             if stat.S_ISLNK(st.st_mode):
-                raise _Refused(f"{n!r} is a symbolic link")
+                raise BadRequest(f"{n!r} is a symbolic link")
             if stat.S_ISDIR(st.st_mode):
-                raise _Refused(f"{n!r} is a folder; nested folders are not accepted")
+                raise BadRequest(f"{n!r} is a folder; nested folders are not accepted")
             if not stat.S_ISREG(st.st_mode):
-                raise _Refused(f"{n!r} is not a regular file")
+                raise BadRequest(f"{n!r} is not a regular file")
             total += st.st_size
             if total > self.max_bytes:
-                raise _Refused(f"larger than {self.max_bytes} bytes in all")
+                raise BadRequest(f"larger than {self.max_bytes} bytes in all")
             if n.endswith(".py"):
                 scripts.append(n)
             elif n != "config.yaml":
-                raise _Refused(f"unexpected file {n!r}; a drop folder holds one .py script "
+                raise BadRequest(f"unexpected file {n!r}; a drop folder holds one .py script "
                                "and config.yaml")
         if len(scripts) != 1 or "config.yaml" not in names:
-            raise _Refused("a drop folder holds exactly one .py script and one config.yaml")
+            raise BadRequest("a drop folder holds exactly one .py script and one config.yaml")
         return _read_nofollow(path / scripts[0]), _read_nofollow(path / "config.yaml")
 
 
@@ -3671,7 +4133,7 @@ def _read_nofollow(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise _Refused(f"cannot read {path.name!r}: {exc.strerror}") from None
+        raise BadRequest(f"cannot read {path.name!r}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         return f.read()
 
@@ -3699,11 +4161,9 @@ class Control:
     REQUEST = re.compile(r"\A(?P<name>[0-9a-f]{24})\.request\.json\Z")
     REPLY = re.compile(r"\A[0-9a-f]{24}\.reply\.json\Z")
 
-    def __init__(self, config, spool, workers=None):
-        self.config = config
-        self.spool = spool
-        self.workers = workers  # None when no server runs
-        self.dir = spool.root / "control"
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.dir = scheduler.spool.root / "control"
 
     def scan(self):
         for name in sorted(os.listdir(self.dir)):
@@ -3735,76 +4195,35 @@ class Control:
     def apply(self, req):
         """Carry out one request; returns the reply: ``ok``, then ``error`` or the data."""
         op = req.get("op") if isinstance(req, dict) else None
+        sched = self.scheduler
         try:
             if op == "nodes":
-                return {"ok": True, "nodes": self._nodes()}
+                return {"ok": True, "nodes": sched.nodes()}
             if op in ("drain", "resume"):
-                return self._drain(req.get("node"), op == "drain")
+                return {"ok": True, "message": sched.drain(req.get("node"), op == "drain")}
             if op == "jobs":
                 return self._jobs(req.get("user"), req.get("status"), req.get("limit", 50))
             if op == "cancel":
                 return self._cancel(req.get("job"))
-        except ApiError as exc:
+        except GpuqueueError as exc:
             return {"ok": False, "error": exc.message}
         return {"ok": False, "error": f"unknown request {op!r}"}
 
-    def _wake(self, node_ids):
-        for n in node_ids if self.workers else ():
-            self.workers[n].wake.set()
-
-    def _nodes(self):
-        stats = self.spool.node_stats()
-        out = []
-        for n in self.config.nodes:
-            running = self.spool.running(n.id)
-            info = self.workers[n.id].info() if self.workers else {
-                "id": n.id, "host": n.host, "state": "server not running",
-                "drained": n.id in self.spool.drained, "error": None,
-                "running_job": running[0].id if running else None}
-            out.append({**info, **stats[n.id]})
-        return out
-
-    def _drain(self, node, drained):
-        if type(node) is not int or node not in self.spool.node_ids:
-            raise ApiError(404, f"no node {node!r}; the nodes are "
-                                f"{', '.join(map(str, self.spool.node_ids))}")
-        self.spool.set_drained(node, drained)
-        if not drained:
-            self._wake([node])
-            return {"ok": True, "message": f"node {node} resumed"}
-        online = [n for n, w in self.workers.items() if w.state == "online"] \
-            if self.workers else self.spool.node_ids
-        moved = self.spool.move_pending(node, online)
-        self._wake(moved)
-        running = self.spool.running(node)
-        message = f"node {node} drained: it starts no new job"
-        if running:
-            message += f"; job {running[0].id} runs to its end"
-        if moved:
-            message += f"; its pending jobs moved to node(s) {', '.join(map(str, sorted(moved)))}"
-        return {"ok": True, "message": message}
-
     def _jobs(self, user, status, limit):
         if status is not None and status not in STATES:
-            raise ApiError(400, f"status must be one of {', '.join(STATES)}")
+            raise BadRequest(f"status must be one of {', '.join(STATES)}")
         if not (isinstance(limit, int) and limit > 0):
-            raise ApiError(400, "limit must be a whole number above 0")
-        found, _ = self.spool.find(user, status, limit)
-        jobs = []
-        for job in found:
-            jobs.append({**job.public(), "queue_position": self.spool.queue_position(job)[0]})
-        return {"ok": True, "jobs": jobs}
+            raise BadRequest("limit must be a whole number above 0")
+        found, _ = self.scheduler.find(user, status, limit)
+        return {"ok": True, "jobs": [{**job.public(), "queue_position":
+                                      self.scheduler.spool.queue_position(job)[0]}
+                                     for job in found]}
 
     def _cancel(self, job_id):
-        job = self.spool.get(job_id) if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
-        if job is None:
-            raise ApiError(404, f"no such job {job_id!r}")
-        if not self.spool.request_cancel(job):
-            raise ApiError(409, f"job {job.id} already {self.spool.get(job.id).status}")
+        job = self.scheduler.cancel(self.scheduler.job(job_id), wait=0)
         if job.status != "running":
             return {"ok": True, "message": f"job {job.id} cancelled"}
-        self._wake([job.node_id])
-        when = "now" if self.workers else "as soon as the server starts"
+        when = "now" if self.scheduler.workers else "as soon as the server starts"
         return {"ok": True, "message": f"job {job.id} is running on node {job.node_id}: "
                                        f"it is being stopped {when}"}
 
@@ -3818,7 +4237,7 @@ def control(config, request):
     except SpoolBusy:
         return _ask_server(spool.root / "control", request)
     try:
-        return Control(config, spool).apply(request)
+        return Control(Scheduler(config, spool, serving=False)).apply(request)
     finally:
         spool.close()
 
@@ -3844,7 +4263,17 @@ def _ask_server(folder, request):
 ###############################################################################
 
 
-@click.group()
+class _Cli(click.Group):
+    """Every GpuqueueError a command meets ends it with its one-line message."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GpuqueueError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@click.group(cls=_Cli)
 @click.option("--config", "config_path", envvar="GPUQUEUE_CONFIG", type=click.Path(dir_okay=False),
               help=f"Config file (default: ./{DEFAULT_CONFIG_FILE} when present, else 8 local nodes).")
 @click.pass_context
@@ -3852,50 +4281,37 @@ def cli(ctx, config_path):
     """gpuqueue: a GPU job queue server."""
     if config_path is None and Path(DEFAULT_CONFIG_FILE).exists():
         config_path = DEFAULT_CONFIG_FILE
-    try:
-        ctx.obj = load_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    ctx.obj = load_config(config_path)
 
 
-@cli.command()
+@cli.command("serve")
 @click.option("--host", help="Address to listen on (default: config 'host').")
 @click.option("--port", type=int, help="Port (default: config 'port'; 0 picks a free one).")
 @click.pass_obj
-def serve(config, host, port):
+def cli_serve(config, host, port):
     """Start the server and one scheduler thread per node."""
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("paramiko").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" per burst
     spool = Spool(config.spool, [n.id for n in config.nodes])
-    try:
-        spool.open()
-    except SpoolBusy as exc:
-        raise click.ClickException(str(exc)) from None
-    workers = {}
-    kinds = {"local": (LocalExecutor, NodeWorker), "ssh": (SshExecutor, NodeWorker),
-             "slurm": (SlurmExecutor, SlurmWorker)}
-    for n in config.nodes:
-        executor_class, worker_class = kinds[n.kind]
-        workers[n.id] = worker_class(n, spool, executor_class(n, config), config, workers)
-    api = Api(config, spool, Tokens(config.tokens), workers)
+    spool.open()
+    scheduler = Scheduler(config, spool, Tokens(config.tokens))
+    api = Api(scheduler)
     server = waitress.create_server(
         logged(api.app), host=host or config.host, port=config.port if port is None else port,
         threads=8, max_request_body_size=config.max_upload_bytes,
         channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
     server.channel_class = _JsonErrorChannel
-    control = Control(config, spool, workers)
+    control = Control(scheduler)
     _logged_step(control.scan)  # requests left from before a restart: before any job starts
-    for w in workers.values():
-        w.start()
-    threading.Thread(target=watch_gpus, args=(workers,), name="gpus", daemon=True).start()
-    threading.Thread(target=watch, name="watch", daemon=True, args=(
-        Incoming(spool, api, config.max_upload_bytes), control)).start()
+    scheduler.start()
+    threading.Thread(target=watch, name="watch", daemon=True,
+                     args=(Incoming(scheduler), control)).start()
     shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
     click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
-               f"with {len(workers)} node(s); spool {config.spool}", err=False)
-    click.echo(f"create a token: python gpuqueue.py tokens create USER --days 30", err=False)
+               f"with {len(config.nodes)} node(s); spool {config.spool}", err=False)
+    click.echo("create a token: python gpuqueue.py tokens create USER --days 30", err=False)
     sys.stdout.flush()
     try:
         server.run()
@@ -3905,12 +4321,12 @@ def serve(config, host, port):
         spool.close()
 
 
-@cli.group()
-def tokens():
+@cli.group("tokens")
+def cli_tokens():
     """Create, list and revoke access tokens."""
 
 
-@tokens.command("create")
+@cli_tokens.command("create")
 @click.argument("user")
 @click.argument("token", required=False)
 @click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True,
@@ -3927,7 +4343,7 @@ def tokens_create(config, user, token, days, admin):
         click.echo(f"token (shown only now): {token}")
 
 
-@tokens.command("list")
+@cli_tokens.command("list")
 @click.pass_obj
 def tokens_list(config):
     """List tokens: user, admin, dates and fingerprint; never the token."""
@@ -3938,7 +4354,7 @@ def tokens_list(config):
                    f"{r.get('expires', ''):<25} {r.get('revoked') or '-'}")
 
 
-@tokens.command("revoke")
+@cli_tokens.command("revoke")
 @click.argument("token_or_fingerprint")
 @click.pass_obj
 def tokens_revoke(config, token_or_fingerprint):
@@ -4053,14 +4469,14 @@ def _print_results(results, as_json):
                    err=True)
 
 
-@cli.command()
+@cli.command("submit")
 @click.argument("script", type=click.Path(exists=True, dir_okay=False))
 @click.option("-c", "--config", "job_config", required=True,
               type=click.Path(exists=True, dir_okay=False), help="The job's config.yaml.")
 @click.option("--wait", is_flag=True, help="Wait for the job, show its progress, print its "
                                            "output and exit with its exit code.")
 @_client_options
-def submit(script, job_config, wait, client, as_json):
+def cli_submit(script, job_config, wait, client, as_json):
     """Submit SCRIPT with its config.yaml."""
     job = client.submit(script, job_config)
     if not wait:
@@ -4099,38 +4515,38 @@ def _wait(client, job_id, show):
         time.sleep(1)  # a client's poll; the server holds no connection open for it
 
 
-@cli.command()
+@cli.command("status")
 @click.argument("job_id")
 @_client_options
-def status(job_id, client, as_json):
+def cli_status(job_id, client, as_json):
     """A job's status."""
     job = client.call("GET", f"/api/status/{urllib.parse.quote(job_id)}")
     click.echo(json.dumps(job, indent=1) if as_json else _show(job))
 
 
-@cli.command()
+@cli.command("results")
 @click.argument("job_id")
 @_client_options
-def results(job_id, client, as_json):
+def cli_results(job_id, client, as_json):
     """A finished job's stdout (and stderr, on stderr)."""
     _print_results(client.call("GET", f"/api/results/{urllib.parse.quote(job_id)}"), as_json)
 
 
-@cli.command()
+@cli.command("cancel")
 @click.argument("job_id")
 @_client_options
-def cancel(job_id, client, as_json):
+def cli_cancel(job_id, client, as_json):
     """Cancel a pending or running job."""
     job = client.call("POST", f"/api/cancel/{urllib.parse.quote(job_id)}")
     click.echo(json.dumps(job, indent=1) if as_json else _show(job))
 
 
-@cli.command()
+@cli.command("logs")
 @click.argument("job_id")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
 @click.option("--stream", type=click.Choice(["stdout", "stderr"]), default="stdout", show_default=True)
 @_client_options
-def logs(job_id, follow, stream, client, as_json):
+def cli_logs(job_id, follow, stream, client, as_json):
     """What a job has written so far, read from its node while it runs."""
     path = f"/api/logs/{urllib.parse.quote(job_id)}?stream={stream}"
     out = sys.stdout
@@ -4169,12 +4585,12 @@ def _admin(config, request):
     return reply
 
 
-@cli.group()
-def nodes():
+@cli.group("nodes")
+def cli_nodes():
     """See, drain and resume nodes on a running server (admins: run where the spool is)."""
 
 
-@nodes.command("list")
+@cli_nodes.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
 def nodes_list(config, as_json):
@@ -4191,7 +4607,7 @@ def nodes_list(config, as_json):
                    f"{n['queued_jobs']:>6} {n['queued_seconds']:>9g}  {n['error'] or ''}")
 
 
-@nodes.command("drain")
+@cli_nodes.command("drain")
 @click.argument("node", type=int)
 @click.pass_obj
 def nodes_drain(config, node):
@@ -4199,7 +4615,7 @@ def nodes_drain(config, node):
     click.echo(_admin(config, {"op": "drain", "node": node})["message"])
 
 
-@nodes.command("resume")
+@cli_nodes.command("resume")
 @click.argument("node", type=int)
 @click.pass_obj
 def nodes_resume(config, node):
@@ -4207,13 +4623,13 @@ def nodes_resume(config, node):
     click.echo(_admin(config, {"op": "resume", "node": node})["message"])
 
 
-@cli.group(invoke_without_command=True)
+@cli.group("jobs", invoke_without_command=True)
 @click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
 @click.option("--user", help="Only this user's jobs (admins).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @_client_options
 @click.pass_context
-def jobs(ctx, status, user, limit, client, as_json):
+def cli_jobs(ctx, status, user, limit, client, as_json):
     """Your jobs from the server, newest first (admins on the server's machine also
     have 'jobs list' and 'jobs cancel', which go through the spool)."""
     if ctx.invoked_subcommand is not None:
@@ -4230,7 +4646,7 @@ def jobs(ctx, status, user, limit, client, as_json):
                    f"{j['submitted_at'][:19]:<20} {'-' if j['exit_code'] is None else j['exit_code']}")
 
 
-@jobs.command("list")
+@cli_jobs.command("list")
 @click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
 @click.option("--user", help="Only this user's jobs.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
@@ -4252,7 +4668,7 @@ def jobs_list(config, status, user, limit, as_json):
                    f"{'-' if j['exit_code'] is None else j['exit_code']}")
 
 
-@jobs.command("cancel")
+@cli_jobs.command("cancel")
 @click.argument("job_id")
 @click.pass_obj
 def jobs_cancel(config, job_id):

@@ -124,11 +124,11 @@ class Server:
 
     def spool_files(self):
         """Every path under the spool, for 'nothing written' checks; lock and pid files
-        and the work folders of running jobs (which the jobs write) are left out."""
+        and local nodes' workdirs (which the agents and jobs write) are left out."""
         root = self.dir / "spool"
         skip = {"server.lock", "server.pid"}
         return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                      if p.name not in skip and "work" not in p.relative_to(root).parts[4:5])
+                      if p.name not in skip and "work" not in p.relative_to(root).parts[2:3])
 
 
 def _auth(token):

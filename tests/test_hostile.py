@@ -201,10 +201,9 @@ def still_serving(server):
 def settle(server, job_id, token, timeout=60):
     """Wait until the job is final and its folder has stopped changing (work/ removed)."""
     st_ = server.wait(job_id, FINAL, timeout=timeout, token=token)
-    folder = server.dir / "spool" / "done" / job_id
     end = time.monotonic() + timeout
-    while (folder / "work").exists():
-        assert time.monotonic() < end, f"{folder}/work never went away"
+    while list((server.dir / "spool" / "nodes").glob(f"*/work/{job_id}")):
+        assert time.monotonic() < end, f"the node folder of {job_id} never went away"
         time.sleep(0.05)
     return st_
 

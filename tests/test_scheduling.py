@@ -143,7 +143,7 @@ def test_a_drained_node_starts_nothing_and_others_take_its_queue(tmp_path):
     later = make_job()
     queue(spool, later)
     assert later.node_id == 0
-    spool.finish(spool.running(0)[0], "completed", exit_code=0)
+    spool.finish(spool.running_on(0)[0], "completed", exit_code=0)
     # Node 0 is free: it takes what waits on drained node 1, oldest first.
     assert run_all(spool, 0) == [job.id, later.id]
     spool.close()

@@ -94,15 +94,15 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
 
     job = new_job(expected_time=100)
     staged = spool.stage(job, b"print('a')\n", job_config("alice", 100).encode())
-    assert staged == root / "tmp" / job.id
-    assert listing(staged) == ["code.py", "config.yaml", "job.json"]
-    assert (staged / "code.py").read_text() == "print('a')\n"
+    assert staged.path == root / "tmp" / job.id
+    assert listing(staged.path) == ["code.py", "config.yaml", "job.json"]
+    assert (staged.path / "code.py").read_text() == "print('a')\n"
 
     # All nodes empty: the tie goes to the lowest id.
     assert spool.enqueue(job, staged, {0, 1, 2}, max_pending=1000)[0] == 0
     assert job.node_id == 0
     folder = root / "nodes" / "0" / "pending" / job.id
-    assert folder.is_dir() and not staged.exists()
+    assert folder.is_dir() and not staged.path.exists()
     assert listing(root / "tmp") == []
     assert gpuqueue.read_json(folder / "job.json") == job.meta()
     assert (folder / "code.py").read_text() == "print('a')\n"
@@ -148,13 +148,13 @@ def test_claim_takes_the_oldest_pending_job(tmp_path, spools):
     assert got is a and a.status == "running"
     assert not (spool.pending_dir(0) / a.id).exists()
     folder = spool.running_dir(0) / a.id
-    assert folder.is_dir() and spool.folder(a) == folder
+    assert folder.is_dir() and spool.folder(a).path == folder
     start = gpuqueue.read_json(folder / "start.json")
     assert start == {"started_at": a.started_at, "node_id": 0}
     assert before <= a.started_at <= time.time()
     assert spool.queues[0].ids() == [b.id]
     assert spool.queue_position(b)[0] == 0 and spool.queue_position(a)[0] is None
-    assert spool.running(0) == [a] and spool.running(1) == []
+    assert spool.running_on(0) == [a] and spool.running_on(1) == []
 
     assert spool.claim(0) is b
     assert spool.claim(0) is None
@@ -167,8 +167,9 @@ def test_finish_moves_folder_to_done_with_result_and_output(tmp_path, spools):
     a, _ = submit(spool)
     b, _ = submit(spool)
     spool.claim(0)
-    (spool.folder(a) / "work").mkdir()
-    (spool.folder(a) / "work" / "stdout").write_text("raw")
+    # A local work folder inside the job folder, as releases before node protocol 2 made it.
+    (spool.folder(a).path / "work").mkdir()
+    (spool.folder(a).path / "work" / "stdout").write_text("raw")
 
     spool.finish(a, "failed", 3, "exit code 3", "out\n", "err\n")
     done = spool.root / "done" / a.id
@@ -186,7 +187,8 @@ def test_finish_moves_folder_to_done_with_result_and_output(tmp_path, spools):
     assert (got.status, got.exit_code, got.error, got.node_id) == ("failed", 3, "exit code 3", 0)
     assert got.meta() == a.meta()
     assert got.public()["finished_at"].endswith("Z")
-    assert spool.output(a.id) == ("out\n", "err\n")
+    done_folder = spool.done_folder(a.id)
+    assert [done_folder.stream(s).read_text() for s in ("stdout", "stderr")] == ["out\n", "err\n"]
 
     spool.claim(0)
     spool.finish(b, "completed", 0, None, "ok\n", "")
@@ -327,7 +329,7 @@ def test_recovery_removes_tmp_leftovers(tmp_path, spools):
     job = new_job()
     staged = spool.stage(job, b"print(1)\n", job_config().encode())
     spools.close(spool)                       # "crash" between stage and enqueue
-    assert staged.is_dir()
+    assert staged.path.is_dir()
 
     again = spools(tmp_path / "spool")
     assert listing(again.root / "tmp") == []
@@ -343,7 +345,7 @@ def test_recovery_moves_folder_with_result_to_done_exactly_once(tmp_path, spools
     other, _ = submit(spool)
     if where == "running":
         spool.claim(0)
-    folder = spool.folder(job)
+    folder = spool.folder(job).path
     # finish() cut short after result.json, before the rename to done/
     status = "completed" if where == "running" else "cancelled"
     gpuqueue.write_file(folder / "stdout", "out\n")
@@ -360,7 +362,7 @@ def test_recovery_moves_folder_with_result_to_done_exactly_once(tmp_path, spools
     assert job.id not in again.active and job.id not in again.queues[0].ids()
     got = again.get(job.id)
     assert got.status == status and got.node_id == 0
-    assert again.output(job.id) == ("out\n", "")
+    assert [(done / s).read_text() for s in ("stdout", "stderr")] == ["out\n", ""]
     assert again.node_stats()[0][status] == 1
     assert list(again.job_ids()).count(job.id) == 1
     assert again.queues[0].ids() == [other.id]
@@ -443,7 +445,7 @@ def test_recovery_requeues_running_job_without_start_json(tmp_path, spools):
     assert listing(again.pending_dir(0)) == sorted([claimed.id, waiting.id])
     job = again.active[claimed.id]
     assert job.status == "pending" and job.started_at is None
-    assert again.running(0) == []
+    assert again.running_on(0) == []
     assert claimed.id in again.queues[0].ids(), \
         f"requeued job {claimed.id} is pending but missing from the queue {again.queues[0].ids()}"
     assert again.queues[0].ids() == [claimed.id, waiting.id]      # oldest id first
@@ -495,25 +497,32 @@ def test_claimed_but_never_launched_job_runs_exactly_once(make_server, tmp_path)
     assert server.get("/api/nodes").json()["nodes"][0]["completed"] == 1
 
 
+def node_work(server, job):
+    """A job's folder in local node 0's workdir."""
+    return server.dir / "spool" / "nodes" / "0" / "work" / job.id
+
+
 def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_path):
-    """The executor was preparing work/ (no ``launched`` yet) when the server died."""
+    """The executor had made the job's folder on the node and marked the job as
+    launching, but its wrapper had not claimed ``launched`` when the server died."""
     ran = tmp_path / "ran"
     code = f"open({str(ran)!r}, 'a').write('x\\n')\n"
     server, job, folder = prepared_server(make_server, code)
-    work = folder / "work"
-    work.mkdir()
+    work = node_work(server, job)
+    work.mkdir(parents=True)
     (work / "code.py").write_text(code)
-    (work / "gq_node.py").write_text(gpuqueue.NODE_PROGRAM)
+    (folder / "launching").write_text(str(work))
     server.start()
     assert server.wait(job.id)["status"] == "completed"
     time.sleep(0.5)
     assert ran.read_text() == "x\n"
 
 
-def launched_by_a_dead_wrapper(folder):
-    """A job's work/ as a wrapper leaves it once launched, that wrapper now gone."""
-    work = folder / "work"
-    work.mkdir()
+def launched_by_a_dead_wrapper(server, job, folder):
+    """A job's folder on its node as a wrapper leaves it once launched, that wrapper now gone."""
+    work = node_work(server, job)
+    work.mkdir(parents=True)
+    (folder / "launching").write_text(str(work))
     pid = dead_pid()
     (work / "launched").touch()
     (work / "pids").write_text(json.dumps({"wrapper": pid, "job": pid}))
@@ -523,7 +532,7 @@ def launched_by_a_dead_wrapper(folder):
 def test_wrapper_result_left_behind_is_collected_without_running_again(make_server, tmp_path):
     ran = tmp_path / "ran"
     server, job, folder = prepared_server(make_server, f"open({str(ran)!r}, 'a').write('x\\n')\n")
-    work = launched_by_a_dead_wrapper(folder)
+    work = launched_by_a_dead_wrapper(server, job, folder)
     (work / "stdout").write_text("from the first server\n")
     (work / "stderr").write_text("a warning\n")
     (work / "result.json").write_text(json.dumps({"exit_code": 0, "reason": None}))
@@ -541,7 +550,7 @@ def test_wrapper_result_left_behind_is_collected_without_running_again(make_serv
 def test_wrapper_gone_without_result_fails_with_clear_error(make_server, tmp_path):
     ran = tmp_path / "ran"
     server, job, folder = prepared_server(make_server, f"open({str(ran)!r}, 'a').write('x\\n')\n")
-    work = launched_by_a_dead_wrapper(folder)
+    work = launched_by_a_dead_wrapper(server, job, folder)
     (work / "stdout").write_text("partial\n")
     server.start()
     st = server.wait(job.id)
@@ -565,7 +574,7 @@ def test_running_job_is_reattached_after_kill_9(make_server, tmp_path):
     job_id = sub["job_id"]
     server.wait(job_id, ("running",))
     wait_for(lambda: _lines(pids_file), what="the job to start")
-    work = server.dir / "spool" / "nodes" / "0" / "running" / job_id / "work"
+    work = server.dir / "spool" / "nodes" / "0" / "work" / job_id
     wrapper = wait_for(lambda: (work / "pids").exists() and gpuqueue.read_json(work / "pids"),
                        what="the wrapper's pids")["wrapper"]
 

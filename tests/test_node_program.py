@@ -1,0 +1,266 @@
+"""The node program as code: its pieces called directly, the shipped script driven
+over a real pipe, and wrappers of other protocols met while re-attaching."""
+import ast
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, alive, wait_for
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import gpuqueue  # noqa: E402
+from test_spool import dead_pid, prepared_server  # noqa: E402
+
+
+# -- the pieces ------------------------------------------------------------------
+
+
+def test_exit_code_of_matches_the_kernels_wait_status():
+    for code, expected in (("import sys; sys.exit(3)", 3), ("pass", 0),
+                           ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -9)):
+        pid = subprocess.Popen([sys.executable, "-c", code]).pid
+        _, status = os.waitpid(pid, 0)
+        assert gpuqueue.exit_code_of(status) == expected == os.waitstatus_to_exitcode(status)
+
+
+def test_describe_exit_is_the_one_wording_of_an_exit_code():
+    assert gpuqueue.describe_exit(0) == ("completed", None)
+    assert gpuqueue.describe_exit(2) == ("failed", "exit code 2")
+    assert gpuqueue.describe_exit(-15) == ("failed", "killed by signal 15")
+
+
+def test_kill_group_reaches_a_grandchild_that_ignores_sigterm(tmp_path):
+    pids_file = tmp_path / "pids"
+    job = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import signal, time\\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(300)'])\n"
+        f"open({str(pids_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(300)\n")], start_new_session=True)
+    grandchild = int(wait_for(lambda: pids_file.exists() and pids_file.read_text(),
+                              what="the grandchild's pid"))
+    assert gpuqueue.group_members(job.pid)
+    began = time.monotonic()
+    gpuqueue.kill_group(job.pid, grace=0.5)
+    job.wait(10)
+    assert not alive(grandchild) and gpuqueue.group_members(job.pid) == []
+    assert time.monotonic() - began < 15  # SIGTERM, then SIGKILL after the grace
+
+
+def test_read_capped_counts_stored_bytes_and_keeps_head_and_tail(tmp_path):
+    path = tmp_path / "out"
+    data = "é" * 3000  # two bytes each
+    path.write_text(data)
+    text = gpuqueue.read_capped(path, 1024)
+    head, note, tail = text.split("\n", 2)[0], text.split("\n")[1], text.rsplit("\n", 1)[1]
+    assert head.startswith("é" * 256) and tail.endswith("é" * 256)
+    assert "output truncated, 4976 of 6000 bytes cut here" in note
+    assert gpuqueue.read_capped(tmp_path / "missing", 1024) == ""
+    path.write_text("short")
+    assert gpuqueue.read_capped(path, 1024) == "short"
+
+
+def test_is_wrapper_of_tells_a_reused_pid(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], cwd=tmp_path)
+    try:
+        assert gpuqueue.is_wrapper_of(proc.pid, str(tmp_path))
+        assert not gpuqueue.is_wrapper_of(proc.pid, str(ROOT))
+        assert not gpuqueue.is_wrapper_of(dead_pid(), str(tmp_path))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- the shipped script --------------------------------------------------------------
+
+
+def test_shipped_program_is_standard_library_only_and_named_by_its_hash():
+    name, source = gpuqueue.node_program()
+    tree = ast.parse(source)
+    imported = {a.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in getattr(node, "names", [])}
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert f"PROTOCOL = {gpuqueue.PROTOCOL}" in source
+    assert "class Spool" not in source and "def agent(" in source
+    assert name.startswith("gq_node-") and name.endswith(".py")
+    assert name == gpuqueue.node_program()[0]
+
+
+class Agent:
+    """The shipped program run as an agent on a pipe, as a local node runs it."""
+
+    def __init__(self, workdir):
+        name, source = gpuqueue.node_program()
+        (workdir / name).write_text(source)
+        # -I: no site packages, no user paths: what a bare node's python3 has.
+        self.proc = subprocess.Popen([sys.executable, "-I", name], cwd=workdir,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def send(self, **cmd):
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def read(self):
+        line = self.proc.stdout.readline()
+        assert line, "the agent ended"
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        assert self.proc.wait(10) == 0  # it ends when the server goes away
+
+
+def job_folder(workdir, code):
+    job_id = gpuqueue.new_job_id()
+    (workdir / job_id).mkdir()
+    (workdir / job_id / "code.py").write_text(code)
+    return job_id
+
+
+def test_agent_reports_ready_answers_ping_and_runs_a_job(tmp_path):
+    agent = Agent(tmp_path)
+    try:
+        assert agent.read() == {"op": "ready", "protocol": gpuqueue.PROTOCOL,
+                                "python": sys.version.split()[0]}
+        agent.send(op="ping")
+        assert agent.read() == {"op": "pong"}
+        job_id = job_folder(tmp_path, "import os, sys\nprint(os.environ['X'])\n"
+                                      "print('e', file=sys.stderr)\nsys.exit(4)\n")
+        agent.send(op="start", id=job_id, dir=job_id, env={"X": "from env"}, limit=30,
+                   grace=1, inline=65536)
+        started = agent.read()
+        assert started["op"] == "started" and started["id"] == job_id
+        exited = agent.read()
+        assert exited["op"] == "exited" and exited["result"] == {"exit_code": 4, "reason": None}
+        assert base64.b64decode(exited["stdout"]) == b"from env\n"
+        pids = json.loads((tmp_path / job_id / "pids").read_text())
+        assert pids["protocol"] == gpuqueue.PROTOCOL and pids["wrapper"] == started["wrapper"]
+        # A second start of the same folder is refused by the launch claim.
+        agent.send(op="start", id=job_id, dir=job_id, env={}, limit=30, grace=1, inline=0)
+        assert agent.read()["op"] == "started"
+        assert agent.read() == {"op": "exited", "id": job_id}  # no second result
+        assert json.loads((tmp_path / job_id / "result.json").read_text())["exit_code"] == 4
+    finally:
+        agent.close()
+
+
+def test_agent_times_out_and_cancels_whole_jobs(tmp_path):
+    agent = Agent(tmp_path)
+    try:
+        agent.read()
+        slow = job_folder(tmp_path, "import time\ntime.sleep(60)\n")
+        agent.send(op="start", id=slow, dir=slow, env={}, limit=0.5, grace=0.5, inline=0)
+        agent.read()
+        exited = agent.read()
+        assert exited["op"] == "exited" and exited["id"] == slow
+        assert exited["result"] == {"exit_code": -signal.SIGTERM, "reason": "timeout"}
+
+        other = job_folder(tmp_path, "import time\ntime.sleep(60)\n")
+        agent.send(op="start", id=other, dir=other, env={}, limit=60, grace=0.5, inline=0)
+        wrapper = agent.read()["wrapper"]
+        wait_for(lambda: (tmp_path / other / "pids").exists(), what="the job to start")
+        agent.send(op="cancel", wrapper=wrapper)
+        exited = agent.read()
+        assert exited["id"] == other and exited["result"]["reason"] == "cancelled"
+        # Paths that are not a job folder directly in the workdir are ignored.
+        agent.send(op="remove", dir="..")
+        agent.send(op="ping")
+        assert agent.read() == {"op": "pong"} and tmp_path.exists()
+    finally:
+        agent.close()
+
+
+# -- wrappers of other protocols, met while re-attaching ---------------------------
+
+
+def fake_wrapper(cwd, code="import time; time.sleep(60)"):
+    """A process standing in for a wrapper of another release, working in ``cwd``."""
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, start_new_session=True)
+
+
+def test_a_protocol_1_wrapper_is_followed_to_its_end(make_server, tmp_path):
+    server, job, folder = prepared_server(make_server, "print('never run here')\n")
+    work = server.dir / "spool" / "nodes" / "0" / "work" / job.id
+    work.mkdir(parents=True)
+    (folder / "launching").write_text(str(work))
+    (work / "launched").touch()
+    (work / "stdout").write_text("from the old wrapper\n")
+    (work / "stderr").write_text("")
+    old = fake_wrapper(work, "import json, time\ntime.sleep(2)\n"
+                             "open('result.json', 'w').write(json.dumps("
+                             "{'exit_code': 0, 'reason': None}))\n")
+    (work / "pids").write_text(json.dumps({"wrapper": old.pid, "job": old.pid}))  # no protocol
+    server.start()
+    assert server.status(job.id)["status"] == "running"
+    st = server.wait(job.id)
+    old.wait(10)
+    assert st["status"] == "completed" and st["exit_code"] == 0, st
+    assert server.results(job.id)["stdout"] == "from the old wrapper\n"
+
+
+def test_a_wrapper_of_an_unknown_protocol_is_stopped_and_its_job_failed(make_server, tmp_path):
+    server, job, folder = prepared_server(make_server, "print('never run here')\n")
+    work = server.dir / "spool" / "nodes" / "0" / "work" / job.id
+    work.mkdir(parents=True)
+    (folder / "launching").write_text(str(work))
+    (work / "launched").touch()
+    newer = fake_wrapper(work)
+    (work / "pids").write_text(json.dumps({"wrapper": newer.pid, "job": newer.pid,
+                                           "protocol": 99}))
+    server.start()
+    st = server.wait(job.id)
+    assert st["status"] == "failed" and "node protocol 99" in st["error"], st
+    assert newer.wait(10) == -signal.SIGTERM
+    assert server.proc.poll() is None
+
+
+def test_a_local_job_of_a_release_before_protocol_2_is_stopped_with_a_reason(make_server):
+    server, job, folder = prepared_server(make_server, "print('never run here')\n")
+    work = folder / "work"  # where releases before protocol 2 ran local jobs
+    work.mkdir()
+    (work / "launched").touch()
+    (work / "stdout").write_text("half\n")
+    old = fake_wrapper(work)
+    (work / "pids").write_text(json.dumps({"wrapper": old.pid, "job": old.pid}))
+    server.start()
+    st = server.wait(job.id)
+    assert st["status"] == "failed" and "older gpuqueue release" in st["error"], st
+    assert server.results(job.id)["stdout"] == "half\n"
+    assert old.wait(10) == -signal.SIGTERM
+    assert not (server.dir / "spool" / "done" / job.id / "work").exists()
+
+
+def test_a_finished_local_job_of_a_release_before_protocol_2_is_collected(make_server):
+    server, job, folder = prepared_server(make_server, "print('never run here')\n")
+    work = folder / "work"
+    work.mkdir()
+    (work / "launched").touch()
+    (work / "stdout").write_text("done before the upgrade\n")
+    (work / "result.json").write_text(json.dumps({"exit_code": 0, "reason": None}))
+    server.start()
+    st = server.wait(job.id)
+    assert st["status"] == "completed", st
+    assert server.results(job.id)["stdout"] == "done before the upgrade\n"
+
+
+@pytest.mark.parametrize("field,value", [("expected_time", "30"), ("id", None), ("priority", 1.5)])
+def test_a_job_json_of_wrong_types_is_quarantined_not_fatal(make_server, field, value):
+    server, job, folder = prepared_server(make_server, "print(1)\n", claim=False)
+    pending = server.dir / "spool" / "nodes" / "0" / "pending" / job.id
+    meta = json.loads((pending / "job.json").read_text())
+    meta[field] = value
+    (pending / "job.json").write_text(json.dumps(meta))
+    server.start()
+    corrupt = server.dir / "spool" / "corrupt"
+    reasons = [p.read_text() for p in corrupt.glob("*.REASON")]
+    assert len(reasons) == 1 and field in reasons[0], reasons
+    assert server.get("/api/nodes").json()["nodes"][0]["queued_jobs"] == 0
