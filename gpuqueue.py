@@ -85,6 +85,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import errno
 import dataclasses
 import functools
 import hashlib
@@ -179,6 +180,14 @@ class NodeError(Unavailable):
     """A node could not be reached or answered wrongly; shown in /api/nodes."""
 
 
+class LeaseUnconfirmed(NodeError):
+    """A node did not confirm a job's start before the start's lease ended."""
+
+    def __init__(self, message, lease):
+        super().__init__(message)
+        self.lease = lease
+
+
 class ConfigError(GpuqueueError):
     """The config file is wrong; the message names the key."""
 
@@ -220,6 +229,7 @@ _CONFIG_KEYS = {
     "accept_new_host_keys": (bool, False),
     "keep_remote_dirs": (bool, False),
     "unreachable_grace": (_NUMBER, 300),
+    "node_timeout": (_NUMBER, 20),
     "max_pending_per_user": (int, 100),
     "min_free_bytes": (int, 1024 ** 3),
     "auth_failures_per_minute": (int, 10),
@@ -306,6 +316,7 @@ class Config:
     accept_new_host_keys: bool
     keep_remote_dirs: bool
     unreachable_grace: float
+    node_timeout: float
     max_pending_per_user: int
     min_free_bytes: int
     auth_failures_per_minute: int
@@ -384,7 +395,8 @@ def load_config(path=None):
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         base = path.resolve().parent
     c = _checked(raw, _CONFIG_KEYS, "config")
-    for key in ("timeout_multiplier", "max_expected_time", "kill_grace", "unreachable_grace"):
+    for key in ("timeout_multiplier", "max_expected_time", "kill_grace", "unreachable_grace",
+                "node_timeout"):
         if c[key] <= 0:
             raise ConfigError(f"config: {key!r} must be above 0")
     for key in ("max_upload_bytes", "output_limit_bytes"):
@@ -415,7 +427,7 @@ def load_config(path=None):
         jump=_ssh_target(_checked(c["jump"], _JUMP_KEYS, "config: jump"), base) if c["jump"] else None,
         known_hosts=Path(_path(c["known_hosts"], base)),
         accept_new_host_keys=c["accept_new_host_keys"], keep_remote_dirs=c["keep_remote_dirs"],
-        unreachable_grace=float(c["unreachable_grace"]),
+        unreachable_grace=float(c["unreachable_grace"]), node_timeout=float(c["node_timeout"]),
         max_pending_per_user=c["max_pending_per_user"], min_free_bytes=c["min_free_bytes"],
         auth_failures_per_minute=c["auth_failures_per_minute"])
 
@@ -538,6 +550,16 @@ def exit_code_of(wait_status):
     return -signo if signo else (wait_status >> 8) & 0xFF
 
 
+def cut_note(cut, total, limit):
+    """What stands where output was cut out."""
+    return ("\n[gpuqueue: output truncated, %d of %d bytes cut here; the limit is %d bytes "
+            "per stream]\n" % (cut, total, limit)).encode()
+
+
+#: Bytes a stream may exceed its limit by: the note that says where it was cut.
+CUT_NOTE_ROOM = 200
+
+
 def read_capped(path, limit, opener=open, size=None):
     """Text of an output file, keeping its head and tail when over ``limit`` bytes.
 
@@ -555,9 +577,7 @@ def read_capped(path, limit, opener=open, size=None):
             half = limit // 2
             head = f.read(half)
             f.seek(size - half)
-            note = ("\n[gpuqueue: output truncated, %d of %d bytes cut here; the limit is %d "
-                    "bytes per stream]\n" % (size - 2 * half, size, limit))
-            data = head + note.encode() + f.read(half)
+            data = head + cut_note(size - 2 * half, size, limit) + f.read(half)
     return data.decode("utf-8", "replace")
 
 
@@ -616,50 +636,135 @@ def kill_group(pgid, grace):
             time.sleep(0.02)  # no event tells that a whole group has gone
 
 
-def wrap(limit, grace, env):
+class CappedOutput:
+    """One output stream of a job, kept to ``limit`` bytes on disk as it is written:
+    everything up to ``limit``; past it, the file keeps its first half while the
+    latest half is held here, and close() leaves head, a note and tail.  The cap
+    counts bytes as stored, whatever their encoding."""
+
+    def __init__(self, name, limit):
+        self.file = open(name, "w+b")
+        self.limit, self.half = limit, limit // 2
+        self.total = 0
+        self.tail = collections.deque()  # the latest chunks past the limit
+        self.tail_bytes = 0
+
+    def write(self, data):
+        self.total += len(data)
+        room = self.limit - self.file.tell()
+        if room > 0:
+            self.file.write(data[:room])
+            self.file.flush()
+            data = data[room:]
+        if data:
+            self.tail.append(data)
+            self.tail_bytes += len(data)
+            while self.tail_bytes - len(self.tail[0]) >= self.half:
+                self.tail_bytes -= len(self.tail.popleft())
+
+    def close(self):
+        if self.total > self.limit:
+            tail = b"".join(self.tail)
+            if len(tail) < self.half:  # the file's second half is tail too
+                self.file.seek(self.half)
+                tail = self.file.read() + tail
+            tail = tail[-self.half:]
+            self.file.seek(self.half)
+            self.file.truncate()
+            self.file.write(cut_note(self.total - self.half - len(tail), self.total, self.limit)
+                            + tail)
+        self.file.close()
+
+
+def wrap(cmd, report):
     """Run code.py in the current folder to its end, leaving result.json; the exit
-    status of the wrapper process itself.  SIGTERM and SIGCHLD arrive blocked."""
+    status of the wrapper process itself.  ``report(True)`` once the launch is
+    claimed, ``report(False)`` when it may not be: claimed before (by an earlier
+    wrapper, or voided by a recovering server), or after the start's lease
+    ended (the server may have given the job to another node by then; the
+    server's and nodes' clocks are assumed to agree within LEASE_MARGIN)."""
+    if time.time() > cmd.get("deadline", math.inf):
+        report(False)
+        return 75
     try:
         os.close(os.open("launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     except FileExistsError:
-        return 75  # launched before, or voided by a recovering server
-    waited = {signal.SIGCHLD, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
-    with open("stdout", "wb") as out, open("stderr", "wb") as err:
-        job = subprocess.Popen(
-            [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            env=dict(os.environ, **env), start_new_session=True,
-            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, waited))
+        report(False)
+        return 75
+    report(True)
+    limit, grace = float(cmd["limit"]), float(cmd["grace"])
+    cap = int(cmd.get("output_limit", 10 * 1024 * 1024))
+    stop = []  # a SIGTERM arrived: a cancel
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, signal.SIGTERM})
+    pipes = {}
+    sel = selectors.DefaultSelector()
+    sel.register(wake_r, selectors.EVENT_READ)
+    for name in ("stdout", "stderr"):
+        r, w = os.pipe()
+        pipes[name] = (r, w, CappedOutput(name, cap))
+        sel.register(r, selectors.EVENT_READ, pipes[name][2])
+    job = subprocess.Popen(
+        [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=pipes["stdout"][1],
+        stderr=pipes["stderr"][1], env=dict(os.environ, **cmd["env"]), start_new_session=True)
+    for r, w, _ in pipes.values():
+        os.close(w)
     publish("pids", {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
     deadline = time.monotonic() + limit
-    reason = None
+    reason = status = drain_until = None
     while True:
-        pid, status = os.waitpid(job.pid, os.WNOHANG)
-        if pid:
+        now = time.monotonic()
+        if status is None:
+            done, status = os.waitpid(job.pid, os.WNOHANG)
+            if not done:
+                status = None
+                if stop or now >= deadline:
+                    reason = "cancelled" if stop else "timeout"
+                    kill_group(job.pid, grace)
+                    continue
+            else:
+                kill_group(job.pid, grace)  # whatever the job left behind in its group
+                drain_until = time.monotonic() + 2  # a daemon that left its group may hold a pipe
+        open_pipes = len(sel.get_map()) - 1
+        if status is not None and (not open_pipes or time.monotonic() > drain_until):
             break
-        left = deadline - time.monotonic()
-        if left <= 0:
-            reason = "timeout"
-        else:
-            got = signal.sigtimedwait(waited, min(left, 5.0))
-            if got is not None and got.si_signo == signal.SIGTERM:
-                reason = "cancelled"
-        if reason:
-            kill_group(job.pid, grace)
-            pid, status = os.waitpid(job.pid, 0)
-            break
-    kill_group(job.pid, grace)  # whatever the job left behind in its group
+        wait = 1.0 if status is not None else max(0.0, min(deadline - now, 5.0))
+        for key, _ in sel.select(wait):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                continue
+            data = os.read(key.fd, 65536)
+            if data:
+                key.data.write(data)
+            else:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+    for _, _, out in pipes.values():
+        out.close()
     publish("result.json", {"exit_code": exit_code_of(status), "reason": reason})
     return 0
 
 
 def fork_wrapper(cmd):
-    """Fork a wrapper for a job folder, in a session of its own; its pid."""
+    """Fork a wrapper for a job folder, in a session of its own: (its pid, whether it
+    claimed the launch), known once it has tried."""
+    claim_r, claim_w = os.pipe()
     pid = os.fork()
     if pid:
-        return pid
+        os.close(claim_w)
+        claimed = os.read(claim_r, 1) == b"1"
+        os.close(claim_r)
+        return pid, claimed
     code = 70
     try:
+        os.close(claim_r)
         os.setsid()
         os.chdir(cmd["dir"])
         signal.set_wakeup_fd(-1)
@@ -668,7 +773,11 @@ def fork_wrapper(cmd):
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.dup2(os.open("wrapper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
-        code = wrap(float(cmd["limit"]), float(cmd["grace"]), cmd["env"])
+
+        def report(claimed):
+            os.write(claim_w, b"1" if claimed else b"0")
+            os.close(claim_w)
+        code = wrap(cmd, report)
     except BaseException as exc:
         os.write(2, ("gq_node: %r\n" % (exc,)).encode())
     finally:
@@ -705,9 +814,9 @@ def obey(cmd, children, watched):
     if op in ("start", "watch", "remove") and not re.match(r"\A[0-9a-f]{24}\Z", cmd["dir"]):
         return  # a job's folder, and nothing else, directly in the workdir
     if op == "start":
-        pid = fork_wrapper(cmd)
+        pid, claimed = fork_wrapper(cmd)
         children[pid] = cmd
-        say({"op": "started", "id": cmd["id"], "wrapper": pid})
+        say({"op": "started", "id": cmd["id"], "wrapper": pid, "launched": claimed})
     elif op == "cancel":
         try:
             os.kill(int(cmd["wrapper"]), signal.SIGTERM)
@@ -1177,7 +1286,10 @@ class Spool:
                 pid = "unknown"
             raise SpoolBusy(f"another gpuqueue server (pid {pid}) is using the spool "
                             f"{self.root}; stop it first or choose another spool") from None
-        write_file(self.root / "server.pid", f"{os.getpid()}\n")
+        try:
+            write_file(self.root / "server.pid", f"{os.getpid()}\n")
+        except OSError as exc:  # a full disk must not keep the server from starting
+            log.warning("cannot write %s: %s", self.root / "server.pid", exc.strerror)
         for d in ("tmp", "done", "corrupt", "incoming", "control"):
             (self.root / d).mkdir(exist_ok=True)
         for n in self.node_ids:
@@ -1208,7 +1320,11 @@ class Spool:
                 self.drained.add(n)
             for status, d in (("pending", self.pending_dir(n)), ("running", self.running_dir(n))):
                 for path in sorted(d.iterdir()):
-                    job = self._load(JobFolder(path), n, status)
+                    try:
+                        job = self._load(JobFolder(path), n, status)
+                    except OSError as exc:  # e.g. no room for a quarantine's reason
+                        log.error("recovery: %s left as it is: %s", path, exc)
+                        continue
                     if job is None:
                         continue
                     self.active[job.id] = job
@@ -1277,8 +1393,8 @@ class Spool:
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
         dest = self.root / "corrupt" / f"{path.name}.{secrets.token_hex(3)}"
         os.rename(path, dest)
-        write_file(dest.with_name(dest.name + ".REASON"), reason + "\n")
         log.error("quarantined %s: %s", path, reason)
+        write_file(dest.with_name(dest.name + ".REASON"), reason + "\n")
 
     # -- submit --------------------------------------------------------------
 
@@ -1359,10 +1475,32 @@ class Spool:
     def running_on(self, node_id):
         return list(self.running[node_id].values())
 
+    def forget(self, job):
+        """Drop a running job that cannot be recorded at all from the index, so that
+        it does not hold its node forever (its folder stays for an admin)."""
+        with self.lock:
+            self.running[job.node_id].pop(job.id, None)
+            self.active.pop(job.id, None)
+            self.changed.notify_all()
+
     def finish(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
-        """Record a running job's outcome in its folder, then move the folder to done/."""
+        """Record a running job's outcome in its folder, then move the folder to done/.
+
+        A folder that vanished (a job can reach its own) is made again from what is
+        known in memory, and the job fails saying so; DiskFull when the disk has no
+        room for the record (the job stays as it was: try again later)."""
         folder = self.folder(job)
-        self._write_result(job, folder, status, exit_code, error, stdout, stderr)
+        try:
+            if not folder.path.is_dir():
+                status, error = "failed", "its folder in the spool was removed while it ran"
+                shutil.rmtree(self.root / "tmp" / job.id, ignore_errors=True)
+                staged = JobFolder.create(self.root / "tmp" / job.id, job, b"", b"")
+                os.rename(staged.path, folder.path)
+            self._write_result(job, folder, status, exit_code, error, stdout, stderr)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no room on the spool's disk: {exc.strerror}") from None
+            raise
         with self.lock:
             del self.running[job.node_id][job.id]
             self._retire(job, folder, status, exit_code, error)
@@ -1743,10 +1881,9 @@ class AuthThrottle:
 SSH_TIMEOUT = 10
 #: Seconds between SSH keepalives, so a dead link is noticed.
 SSH_KEEPALIVE = 5
-#: Seconds between health checks (a ping the agent answers) of an idle node.
-PROBE_INTERVAL = 15
-#: Seconds an agent has to answer a ping.
-PING_TIMEOUT = 10
+#: Seconds the server waits past a start's lease before it gives the job to
+#: another node: how far the server's and the nodes' clocks may disagree.
+LEASE_MARGIN = 5
 #: Most seconds between reconnect attempts to an offline node.
 SSH_MAX_BACKOFF = 10
 #: Seconds a node's ``setup`` line and python start-up may take before the
@@ -1758,6 +1895,8 @@ LOCAL_START_TIMEOUT = 10
 SLURM_TIMEOUT = 60
 #: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
 SLURM_POLL = 2
+#: Seconds between the supervisor's looks at gpuqueue's threads.
+SUPERVISE_INTERVAL = 5
 #: Seconds between GPU readings of a node, and the most one may take.
 GPU_REFRESH = 30
 GPU_TIMEOUT = 15
@@ -1776,8 +1915,8 @@ def node_program():
     end = next(i for i in range(begin, len(lines))
                if lines[i].startswith("# ") and lines[i].rstrip().endswith("###")) - 1
     source = ('"""gpuqueue\'s node program: made from gpuqueue.py, holds no user data."""\n'
-              "import base64, contextlib, json, os, re, selectors, shutil, signal, subprocess, "
-              "sys, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
+              "import base64, collections, contextlib, json, math, os, re, selectors, shutil, "
+              "signal, subprocess, sys, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
               'if __name__ == "__main__":\n    sys.exit(agent())\n')
     return f"gq_node-{hashlib.sha256(source.encode()).hexdigest()[:16]}.py", source
 
@@ -1924,6 +2063,9 @@ class _PipeChannel:
         return os.read(self.proc.stdout.fileno(), size)
 
     def close(self):
+        """The agent goes (its wrappers live on in sessions of their own)."""
+        self.proc.kill()
+        self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 f.close()
@@ -2089,6 +2231,7 @@ class SshLink:
         try:
             conn.open()
             sftp = conn.sftp()
+            sftp.get_channel().settimeout(self.config.node_timeout)  # a hung node: NodeError
             _mkdirs(sftp, self.workdir)
             self.home = sftp.normalize(".")
         except Exception as exc:
@@ -2226,6 +2369,7 @@ class SshLink:
             raise NodeError(f"node {self.node.id} is not connected")
         try:
             with conn.client.open_sftp() as sftp, sftp.open(self.path(rel), "rb") as f:
+                sftp.get_channel().settimeout(self.config.node_timeout)
                 f.seek(offset)
                 return f.read(limit)
         except FileNotFoundError:
@@ -2243,8 +2387,6 @@ class AgentExecutor:
     as a file; a small output comes back inside the exit report, a large one is
     read from the files.  No user data is ever put on a command line.
     """
-
-    probe_interval = PROBE_INTERVAL
 
     def __init__(self, node, config, link):
         self.node = node
@@ -2291,12 +2433,16 @@ class AgentExecutor:
         self.link.close()
 
     def healthy(self):
-        """Does the agent answer a ping in time?"""
+        """Does the agent answer a ping in time?  If not, the link is let go, so that
+        the next connect starts afresh instead of trusting a silent one."""
         try:
             self.connect()
-            return self._agent.ask("ping", PING_TIMEOUT) is not None
+            if self._agent.ask("ping", self.config.node_timeout / 2) is not None:
+                return True
         except (NodeError, OSError, EOFError):
-            return False
+            pass
+        self.close()
+        return False
 
     def _send(self, run, **command):
         """Tell the agent something about a run it follows."""
@@ -2312,17 +2458,29 @@ class AgentExecutor:
     # -- jobs ----------------------------------------------------------------
 
     def start(self, job, folder, on_exit):
-        """Copy the job to a fresh folder on the node and have the agent launch it."""
+        """Copy the job to a fresh folder on the node and have the agent launch it;
+        its Run, or None when the node refused the launch (it never started there).
+
+        The start carries a lease: the node refuses to launch the job once it has
+        passed.  LeaseUnconfirmed when the node did not answer in time: the job may
+        not start after the lease, so it may go elsewhere once the lease is over."""
         self.connect()
         self.link.new_folder(job.id, {"code.py": folder.code()})
+        lease = time.time() + self.config.node_timeout
         folder.mark_launching(self.link.describe(job.id))
         run = Run(job, job.id, on_exit)
         self._send(run, op="start", id=job.id, dir=job.id, env=job_env(self.node, job),
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
+                   output_limit=self.config.output_limit_bytes, deadline=lease,
                    inline=min(INLINE_OUTPUT, self.config.output_limit_bytes))
-        reply = self._agent.reply(("started", job.id), WRAPPER_START_TIMEOUT)
+        reply = self._agent.reply(("started", job.id), max(0.0, lease - time.time()))
         if reply is None:
-            raise NodeError("the node's agent stopped answering")
+            self.close()
+            raise LeaseUnconfirmed(f"node {self.node.id} did not confirm the start of job "
+                                   f"{job.id} in time", lease)
+        if not reply.get("launched"):
+            self._agent.runs.pop(job.id, None)
+            return None
         run.wrapper_pid = int(reply["wrapper"])
         return run
 
@@ -2402,7 +2560,9 @@ class AgentExecutor:
             except (KeyError, TypeError, ValueError):
                 pass  # read the files instead
         limit = self.config.output_limit_bytes
-        out, err = (self.link.read_capped(f"{run.work}/{s}", limit) for s in ("stdout", "stderr"))
+        # The wrapper capped the files as they were written; the room is for its note.
+        out, err = (self.link.read_capped(f"{run.work}/{s}", limit + CUT_NOTE_ROOM)
+                    for s in ("stdout", "stderr"))
         try:
             r = json.loads(self.link.read_text(f"{run.work}/result.json"))
             return Outcome(r["exit_code"], r["reason"], out, err)
@@ -2616,33 +2776,67 @@ class NodeWorker:
         self.started = 0  # jobs launched since the server started
         self.dispatch = Histogram()  # seconds from claim to the job's wrapper running
 
-    def start(self):
-        threading.Thread(target=self._loop, name=f"node-{self.node.id}", daemon=True).start()
+    def run(self):
+        """The node's thread: follow again what runs there, then take jobs forever.
+        Whatever escapes a step is logged and the loop goes on; the Scheduler's
+        supervisor restarts a thread that ends anyway."""
+        self._resume_all()
+        while True:
+            try:
+                self._step()
+            except Exception:
+                log.exception("node %s: a scheduler step failed; going on", self.node.id)
+                self.wake.wait(1)  # do not spin on a fault that repeats
+                self.wake.clear()
 
-    def _loop(self):
+    def _resume_all(self):
         for job in self.spool.running_on(self.node.id):
             self._guarded(self._resume, job)
-        while True:
-            if not self.online:
-                self._bring_online()
-            self.wake.clear()
-            job = self.spool.claim(self.node.id)
-            if job is None:
-                if self.node.id in self.spool.drained:
-                    self._shed()
-                if not self.wake.wait(self.executor.probe_interval) and not self.executor.healthy():
-                    self._set_offline("did not answer a health check")
-                continue
-            self._guarded(self._execute, job)
+
+    def _step(self):
+        if not self.online:
+            self._bring_online()
+        self.wake.clear()
+        job = self.spool.claim(self.node.id)
+        if job is None:
+            if self.node.id in self.spool.drained:
+                self._shed()
+            if not self.wake.wait(self.config.node_timeout / 2) and not self.executor.healthy():
+                self._set_offline(f"did not answer within {self.config.node_timeout:g} s")
+            return
+        self._guarded(self._execute, job)
 
     def _guarded(self, step, job):
-        """Run one job step; a bug fails that job, never the node's thread."""
+        """Run one job step; whatever goes wrong fails that job, never the node's thread."""
         try:
             step(job)
         except Exception as exc:
-            log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
-            if job.id in self.spool.active:
-                self.spool.finish(job, "failed", error=f"internal error: {exc}")
+            self._failed_inside(job, exc)
+
+    def _failed_inside(self, job, exc):
+        """Fail a job that met a fault inside gpuqueue (logged with its traceback)."""
+        log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
+        try:
+            self._record(job, "failed", error=f"internal error: {exc}")
+        except Exception:
+            log.exception("node %s: job %s cannot be recorded; it leaves the index",
+                          self.node.id, job.id)
+            self.spool.forget(job)
+
+    def _record(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
+        """Record how a job ended.  On a full disk the job stays running until there
+        is room again: nothing is lost, and nothing needs a hand."""
+        backoff = 1.0
+        while job.id in self.spool.active:
+            try:
+                self.spool.finish(job, status, exit_code, error, stdout, stderr)
+            except DiskFull as exc:
+                if backoff == 1.0:
+                    log.error("node %s: job %s cannot be recorded yet: %s", self.node.id,
+                              job.id, exc)
+                self.wake.wait(backoff)  # no event says that space came back
+                self.wake.clear()
+                backoff = min(backoff * 2, 10.0)
 
     # -- the node's state ---------------------------------------------------
 
@@ -2684,18 +2878,44 @@ class NodeWorker:
 
     def _execute(self, job):
         if job.cancel_requested:
-            self.spool.finish(job, "cancelled", error="cancelled before it started")
+            self._record(job, "cancelled", error="cancelled before it started")
             return
         log.info("job %s user=%s node=%s running", job.id, job.user_id, self.node.id)
         try:
             run = self.executor.start(job, self.spool.folder(job), self.wake.set)
-            self.started += 1
-            self.dispatch.observe(time.time() - job.started_at)
+        except LeaseUnconfirmed as exc:
+            self._set_offline(str(exc))
+            run = self._after_lease(job, exc.lease)
         except NodeError as exc:
             self._set_offline(str(exc))
             run = self._reattach(job)
+        else:
+            if run is None:
+                log.info("job %s: node %s refused its launch: queued again", job.id, self.node.id)
+                self.spool.requeue(job)
+                return
+            self.started += 1
+            self.dispatch.observe(time.time() - job.started_at)
         if run is not None:
             self._follow(job, run)
+
+    def _after_lease(self, job, lease):
+        """A start the node never confirmed: once its lease is over the node will not
+        launch the job, so it is followed if it did start, else queued again."""
+        while (left := lease + LEASE_MARGIN - time.time()) > 0:
+            self.wake.wait(left)
+            self.wake.clear()
+        try:
+            run = self.executor.reattach(job, self.spool.folder(job), self.wake.set)
+        except NodeError:
+            run = None  # still away, and past the lease: it cannot start there now
+        if run is None:
+            log.info("job %s: its start on node %s was never confirmed: queued again",
+                     job.id, self.node.id)
+            self.spool.requeue(job)
+            if not self.online:
+                self._shed()
+        return run
 
     def _resume(self, job):
         """A job found running at start-up: follow it, or queue it again if it never ran."""
@@ -2721,8 +2941,8 @@ class NodeWorker:
             except NodeError as exc:
                 self._set_offline(str(exc))
                 if time.time() > give_up:
-                    self.spool.finish(job, "failed", error=f"node {self.node.id} unreachable "
-                                      f"while the job ran: {exc}")
+                    self._record(job, "failed", error=f"node {self.node.id} unreachable "
+                                 f"while the job ran: {exc}")
                     return None
             self.wake.wait(backoff)
             self.wake.clear()
@@ -2757,22 +2977,25 @@ class NodeWorker:
             status, error = "failed", o.detail
         else:
             status, error = describe_exit(o.exit_code)
-        self.spool.finish(job, status, o.exit_code, error, o.stdout, o.stderr)
+        self._record(job, status, o.exit_code, error, o.stdout, o.stderr)
         try:
             self.executor.cleanup(run)
         except NodeError as exc:
             log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
 
     def _wait(self, job, run):
-        """Sleep until the run ends, passing on a cancel once."""
+        """Sleep until the run ends, passing on a cancel once; NodeError when the node
+        stops answering its heartbeat (a ping every half ``node_timeout``)."""
         cancel_sent = False
         while not run.exited.is_set():
             self.wake.clear()
             if job.cancel_requested and not cancel_sent:
                 self.executor.cancel(run)
                 cancel_sent = True
-            if not run.exited.is_set():
-                self.wake.wait()
+            if not run.exited.is_set() and not self.wake.wait(self.config.node_timeout / 2) \
+                    and not run.exited.is_set() and not self.executor.healthy():
+                raise NodeError(f"node {self.node.id} did not answer within "
+                                f"{self.config.node_timeout:g} s")
 
     def info(self):
         running = self.spool.running_on(self.node.id)
@@ -2801,53 +3024,53 @@ class SlurmWorker(NodeWorker):
         super().__init__(*args)
         self.counts = {}  # Slurm's pending and running counts of our jobs, at the last look
 
-    def _loop(self):
-        while True:
-            if not self.online:
-                self._bring_online()
-            self.wake.clear()
-            try:
-                self._recover()
-                self._fill()
-                self._poll()
-            except NodeError as exc:
-                self._set_offline(str(exc))
-                continue
-            self.wake.wait(SLURM_POLL)
+    def _resume_all(self):
+        pass  # every step's _recover settles the jobs found running
 
-    def _step(self, step, job):
+    def _step(self):
+        if not self.online:
+            self._bring_online()
+        self.wake.clear()
+        try:
+            self._recover()
+            self._fill()
+            self._poll()
+        except NodeError as exc:
+            self._set_offline(str(exc))
+            return
+        self.wake.wait(SLURM_POLL)
+
+    def _job_step(self, step, job):
         """Like _guarded, but a NodeError goes up: the node is away, the job waits."""
         try:
             step(job)
         except NodeError:
             raise
         except Exception as exc:
-            log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
-            if job.id in self.spool.active:
-                self.spool.finish(job, "failed", error=f"internal error: {exc}")
+            self._failed_inside(job, exc)
 
     def _fill(self):
         while len(self.spool.running[self.node.id]) < self.node.slurm["max_jobs"]:
             job = self.spool.claim(self.node.id)
             if job is None:
                 return
-            self._step(self._submit, job)
+            self._job_step(self._submit, job)
 
     def _submit(self, job):
         if job.cancel_requested:
-            self.spool.finish(job, "cancelled", error="cancelled before it started")
+            self._record(job, "cancelled", error="cancelled before it started")
             return
         try:
             slurm_id = self.executor.submit(job, self.spool.folder(job))
         except SlurmRefused as exc:
-            self.spool.finish(job, "failed", error=f"sbatch refused the job: {exc}")
+            self._record(job, "failed", error=f"sbatch refused the job: {exc}")
             return
-        self._record(job, slurm_id)
+        self._note_slurm_id(job, slurm_id)
         self.started += 1
         self.dispatch.observe(time.time() - job.started_at)
         log.info("job %s user=%s node=%s is Slurm job %s", job.id, job.user_id, self.node.id, slurm_id)
 
-    def _record(self, job, slurm_id):
+    def _note_slurm_id(self, job, slurm_id):
         self.spool.folder(job).record_slurm(slurm_id)
         job.slurm = {"id": slurm_id, "state": "PENDING", "reason": None, "exit_code": 0,
                      "scancel_sent": False}
@@ -2862,11 +3085,11 @@ class SlurmWorker(NodeWorker):
                 if slurm_id is None:
                     asked.append(job)
                 else:
-                    self._record(job, slurm_id)
+                    self._note_slurm_id(job, slurm_id)
         found = self.executor.states([j.id for j in asked]) if asked else {}
         for job in asked:
             if job.id in found:
-                self._record(job, found[job.id][0])
+                self._note_slurm_id(job, found[job.id][0])
                 log.info("job %s found again in Slurm as job %s", job.id, found[job.id][0])
             elif self.spool.folder(job).launched_where() is not None and self.executor.ran(job):
                 self._end(job, "failed", None, "Slurm ran the job but no longer knows how it ended")
@@ -2890,13 +3113,13 @@ class SlurmWorker(NodeWorker):
             else:  # the controller forgot it (MinJobAge): accounting may remember
                 known = self.executor.accounting(job.slurm["id"])
                 if known is None:
-                    self._step(self._forgotten, job)
+                    self._job_step(self._forgotten, job)
                     continue
                 state, reason, exit_code = known
             job.slurm.update(state=state, reason=None if reason in ("", "None") else reason,
                              exit_code=exit_code)
             if state not in SLURM_ACTIVE:
-                self._step(self._finish, job)
+                self._job_step(self._finish, job)
 
     def _forgotten(self, job):
         self._end(job, "failed", None, f"Slurm no longer knows job {job.slurm['id']}, and "
@@ -2919,7 +3142,7 @@ class SlurmWorker(NodeWorker):
 
     def _end(self, job, status, exit_code, error):
         out, err = self.executor.outputs(job)
-        self.spool.finish(job, status, exit_code, error, out, err)
+        self._record(job, status, exit_code, error, out, err)
         try:
             self.executor.remove(job)
         except NodeError as exc:
@@ -2930,6 +3153,23 @@ class SlurmWorker(NodeWorker):
         info["slurm"] = {"pending": self.counts.get("pending", 0),
                          "running": self.counts.get("running", 0)}
         return info
+
+
+def _thread(name, target):
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _supervise(running, targets):
+    """Restart any of gpuqueue's threads that ended (none should: each catches what
+    goes wrong in a step), and say so in the log."""
+    while True:
+        time.sleep(SUPERVISE_INTERVAL)  # a thread's end sets no event to wait on
+        for name, thread in list(running.items()):
+            if not thread.is_alive():
+                log.error("thread %s ended; starting it again", name)
+                running[name] = _thread(name, targets[name])
 
 
 def watch_gpus(workers):
@@ -3052,12 +3292,15 @@ class Scheduler:
             return AgentExecutor(node, self.config, SshLink(node, self.config))
         return SlurmExecutor(node, self.config, SshLink(node, self.config))
 
-    def start(self):
-        """Start every node's scheduler thread and the GPU telemetry.  Returns once
-        the local nodes' agents are up (a moment), so a new server shows them online."""
-        for w in self.workers.values():
-            w.start()
-        threading.Thread(target=watch_gpus, args=(self.workers,), name="gpus", daemon=True).start()
+    def start(self, *loops):
+        """Start every node's scheduler thread, the GPU telemetry and ``loops`` ((name,
+        function) pairs that run forever), each kept alive by a supervisor thread.
+        Returns once the local nodes' agents are up (a moment), so that a new
+        server shows them online."""
+        threads = {f"node-{n}": w.run for n, w in self.workers.items()}
+        threads.update({"gpus": functools.partial(watch_gpus, self.workers)}, **dict(loops))
+        running = {name: _thread(name, target) for name, target in threads.items()}
+        _thread("supervisor", functools.partial(_supervise, running, threads))
         deadline = time.monotonic() + LOCAL_START_TIMEOUT
         for w in self.workers.values():
             if w.node.is_local:
@@ -3107,7 +3350,13 @@ class Scheduler:
             kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
             config_data = ("# token removed by gpuqueue\n"
                            + yaml.dump(kept, Dumper=_YAML_DUMPER)).encode()
-        staged = self.spool.stage(job, code, config_data)
+        try:
+            staged = self.spool.stage(job, code, config_data)
+        except OSError as exc:
+            shutil.rmtree(self.spool.root / "tmp" / job.id, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("the server's spool disk is full; try again later") from None
+            raise
         online = {n for n, w in self.workers.items() if w.online}
         position, start = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
         # Its node, and any idle node that may take it.
@@ -3117,15 +3366,19 @@ class Scheduler:
 
     def _check_disk(self, size):
         """DiskFull unless the spool's disk keeps ``min_free_bytes`` after this
-        upload.  Looked at (one statvfs) at most once a second."""
+        upload.  Looked at (one statvfs) at most once a second; in between, what
+        was accepted since is counted off the last reading."""
         now = time.monotonic()
-        when, room = self._disk_checked
-        if now - when >= 1.0:
-            disk = os.statvfs(self.spool.root)
-            room = disk.f_bavail * disk.f_frsize - self.config.min_free_bytes
-            self._disk_checked = (now, room)
-        if room < size:
-            raise DiskFull("the server's spool disk is nearly full; try again later")
+        with self.spool.lock:
+            when, room = self._disk_checked
+            if now - when >= 1.0:
+                disk = os.statvfs(self.spool.root)
+                when, room = now, disk.f_bavail * disk.f_frsize - self.config.min_free_bytes
+            size += 4 * 4096  # the job's folder and its small files take blocks too
+            if room < size:
+                self._disk_checked = (when, room)
+                raise DiskFull("the server's spool disk is nearly full; try again later")
+            self._disk_checked = (when, room - size)
 
     def job(self, job_id, user=None):
         """The job if ``user`` (a token record; None: an admin) may see it; NotFound
@@ -4026,6 +4279,9 @@ class Incoming:
         self.dir = scheduler.spool.root / "incoming"
         self.scheduler = scheduler
         self.max_bytes = scheduler.config.max_upload_bytes
+        #: Claimed folders still without a receipt (the disk was full, say): tried
+        #: again at every scan.
+        self.unanswered = set()
 
     def recover(self):
         """Queue the jobs of folders claimed before a crash that have no receipt."""
@@ -4035,6 +4291,9 @@ class Incoming:
                 self._guarded(self._queue, entry.name, m["name"], m["job_id"])
 
     def scan(self):
+        for claimed in list(self.unanswered):
+            m = self.CLAIMED.match(claimed)
+            self._guarded(self._queue, claimed, m["name"], m["job_id"])
         for entry in os.scandir(self.dir):
             if not (entry.name.startswith(".") or self.OUTCOME.search(entry.name)):
                 self._guarded(self._take, entry.name)
@@ -4064,6 +4323,7 @@ class Incoming:
         """Queue a claimed folder's job (unless a crash left it queued already), then
         write its receipt."""
         path = self.dir / claimed
+        self.unanswered.add(claimed)
         try:
             job = self.scheduler.job(job_id)
             position, start = self.scheduler.spool.queue_position(job)
@@ -4071,14 +4331,19 @@ class Incoming:
             try:
                 script, config = self._files(path)
                 job, position, start = self.scheduler.submit(script, config, job_id=job_id)
+            except Unavailable as exc:
+                log.warning("incoming: %r waits: %s", name, exc.message)
+                return  # tried again at the next scan
             except GpuqueueError as exc:
                 self._refuse(claimed, path, exc.message, name)
+                self.unanswered.discard(claimed)
                 return
         write_json(self.dir / f"{name}.{job_id}.receipt.json", {
             "job_id": job.id, "node_id": job.node_id, "status": "pending",
             "queue_position": position, "estimated_start": isotime(start),
             "submitted_at": isotime(job.submitted_at),
             "user_id": job.user_id})
+        self.unanswered.discard(claimed)
         log.info("incoming: %r became job %s", name, job.id)
 
     def _refuse(self, current, path, reason, name=None):
@@ -4271,6 +4536,9 @@ class _Cli(click.Group):
             return super().invoke(ctx)
         except GpuqueueError as exc:
             raise click.ClickException(exc.message) from None
+        except OSError as exc:  # a path this machine refuses: say which, in one line
+            where = f" {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}:{where}") from None
 
 
 @click.group(cls=_Cli)
@@ -4294,20 +4562,29 @@ def cli_serve(config, host, port):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("paramiko").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" per burst
+    host, port = host or config.host, config.port if port is None else port
     spool = Spool(config.spool, [n.id for n in config.nodes])
-    spool.open()
+    try:
+        spool.open()
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot use the spool {config.spool}: {exc.strerror or exc}; it must be a folder "
+            "this user may write (set 'spool' in the config to use another)") from None
     scheduler = Scheduler(config, spool, Tokens(config.tokens))
     api = Api(scheduler)
-    server = waitress.create_server(
-        logged(api.app), host=host or config.host, port=config.port if port is None else port,
-        threads=8, max_request_body_size=config.max_upload_bytes,
-        channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
+    try:
+        server = waitress.create_server(
+            logged(api.app), host=host, port=port,
+            threads=8, max_request_body_size=config.max_upload_bytes,
+            channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
+    except OSError as exc:
+        spool.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                                   "stop what uses it, or choose another with --port") from None
     server.channel_class = _JsonErrorChannel
     control = Control(scheduler)
     _logged_step(control.scan)  # requests left from before a restart: before any job starts
-    scheduler.start()
-    threading.Thread(target=watch, name="watch", daemon=True,
-                     args=(Incoming(scheduler), control)).start()
+    scheduler.start(("watch", functools.partial(watch, Incoming(scheduler), control)))
     shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
     click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
                f"with {len(config.nodes)} node(s); spool {config.spool}", err=False)

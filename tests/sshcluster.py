@@ -7,6 +7,8 @@ are fresh too.  Nodes are reached only through the jump host in the config
 this writes.
 """
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,12 @@ import yaml
 
 SSHD = "/usr/sbin/sshd"
 JUMP_ADDR = "127.0.0.1"
+#: The unprivileged user the test nodes log in as, as a real node's user would be; its
+#: home is empty, so no login script of this machine's runs on the nodes.
+NODE_USER = "gqnode"
+NODE_HOME = Path("/var/lib/gqnode")
+#: What the nodes run their agent with: the system's python3, as on a bare node.
+NODE_PYTHON = "/usr/bin/python3"
 
 
 def node_addr(i):
@@ -94,6 +102,14 @@ class Sshd:
                     pass
             self.proc.wait(10)
 
+    def signal_all(self, sig):
+        """Send ``sig`` to this sshd and everything under it (SIGSTOP: a hung host)."""
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
     def known_hosts_line(self):
         pub = (self.dir / "host_key.pub").read_text().split()
         return f"[{self.addr}]:{self.port} {pub[0]} {pub[1]}\n"
@@ -102,11 +118,16 @@ class Sshd:
 class Cluster:
     """A jump host and ``n`` nodes; ``config(...)`` gives a gpuqueue config for them."""
 
-    def __init__(self, root, n=8):
+    def __init__(self, root, n=8, as_node_user=True):
         if not os.path.exists(SSHD):
             raise RuntimeError(f"{SSHD} is missing: install openssh-server (make test does)")
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
         self.root = Path(root)
+        #: Who the nodes log in as: NODE_USER when these tests run as root (then
+        #: the jump host stays the tests' own user), else the tests' user.
+        self.node_user = node_user() if as_node_user else None
+        if self.node_user:
+            open_to_nodes(self.root, writable=False)
         self.client_key = self.root / "client_key"
         _keygen(self.client_key)
         authorized = self.root / "authorized_keys"
@@ -118,6 +139,11 @@ class Cluster:
                       for i in range(n)]
         self.known_hosts = self.root / "known_hosts"
         self.known_hosts.write_text("".join(s.known_hosts_line() for s in [self.jump] + self.nodes))
+        for s in self.nodes:
+            work = self.root / "work" / s.name
+            work.mkdir(parents=True)
+            if self.node_user:
+                shutil.chown(work, self.node_user, self.node_user)
 
     def start(self):
         for s in [self.jump] + self.nodes:
@@ -135,8 +161,9 @@ class Cluster:
             "jump": {"host": JUMP_ADDR, "port": self.jump.port, "user": user,
                      "key_file": str(self.client_key)},
             "known_hosts": str(self.known_hosts),
-            "node_defaults": {"port": self.nodes[0].port, "user": user,
-                              "key_file": str(self.client_key), "python": sys.executable},
+            "node_defaults": {"port": self.nodes[0].port, "user": self.node_user or user,
+                              "key_file": str(self.client_key),
+                              "python": NODE_PYTHON if self.node_user else sys.executable},
             "nodes": [{"id": i, "host": s.addr, "workdir": str(self.root / "work" / s.name)}
                       for i, s in enumerate(self.nodes)],
             **settings,
@@ -161,8 +188,36 @@ def _descendants(pid):
 
 
 def _user():
-    import pwd
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+def node_user():
+    """NODE_USER, created with an empty home when missing; None unless running as
+    root (then the nodes log in as the tests' own user)."""
+    if os.getuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(NODE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", str(NODE_HOME),
+                        "--shell", "/bin/sh", NODE_USER], check=True)
+    # No password, but not locked either: sshd refuses locked accounts even for keys.
+    subprocess.run(["usermod", "--password", "*", NODE_USER], check=True)
+    NODE_HOME.mkdir(mode=0o700, exist_ok=True)
+    shutil.chown(NODE_HOME, NODE_USER, NODE_USER)
+    return NODE_USER
+
+
+def open_to_nodes(path, writable=True):
+    """Let the nodes' user reach ``path``: every folder above it traversable, and the
+    folder itself writable to all when ``writable`` (jobs leave marker files there)."""
+    path = Path(path).resolve()
+    for folder in [path, *path.parents]:
+        mode = os.stat(folder).st_mode
+        os.chmod(folder, mode | 0o011)
+    if writable:
+        os.chmod(path, 0o777)
+    return path
 
 
 def main(folder):

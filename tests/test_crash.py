@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from conftest import job_config
+from sshcluster import open_to_nodes
 from test_ssh import cluster, wait_nodes  # noqa: F401  (the sshd cluster fixture)
 
 
@@ -94,7 +95,7 @@ def test_kill_9_while_jobs_run_on_ssh_nodes(make_server, cluster, tmp_path):  # 
     cfg["nodes"] = cfg["nodes"][:3]
     server = make_server(**cfg)
     wait_nodes(server, "online", [0, 1, 2])
-    runs = tmp_path / "runs"
+    runs = open_to_nodes(tmp_path) / "runs"
     code = ("import os, sys, time\n"
             f"open({str(runs)!r}, 'a').write(os.environ['GPUQUEUE_JOB_ID'] + '\\n')\n"
             "print('start', flush=True)\ntime.sleep(3)\nprint('end')\n"

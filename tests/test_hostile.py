@@ -22,7 +22,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import FINAL, Server, job_config, kill_processes_under
-from sshcluster import node_addr
+from sshcluster import node_addr, open_to_nodes
 from test_ssh import cluster, wait_nodes  # noqa: F401  (the sshd cluster fixture)
 
 UPLOAD_LIMIT = 64 * 1024
@@ -677,7 +677,7 @@ def _acceptable_id(s):
 @pytest.fixture(scope="module")
 def ssh_hostile(cluster, tmp_path_factory):  # noqa: F811
     """A server on two of the cluster's sshd nodes, reached through its jump host."""
-    base = tmp_path_factory.mktemp("ssh-hostile")
+    base = open_to_nodes(tmp_path_factory.mktemp("ssh-hostile"))
     cfg = cluster.config(max_upload_bytes=UPLOAD_LIMIT)
     cfg["nodes"] = cfg["nodes"][:2]
     server = Server(base / "s", **cfg).start()

@@ -28,7 +28,7 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ssh(tmp_path_factory):
     root = tmp_path_factory.mktemp("sshcluster")
-    c = Cluster(root, n=1).start()
+    c = Cluster(root, n=1, as_node_user=False).start()  # Slurm runs jobs as its login user
     yield c
     c.stop()
     kill_processes_under(root)

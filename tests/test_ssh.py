@@ -8,7 +8,7 @@ import requests
 import yaml
 
 from conftest import GRANDCHILD, alive, job_pids, kill_processes_under
-from sshcluster import Cluster, node_addr
+from sshcluster import Cluster, node_addr, open_to_nodes
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,11 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def ssh_server(make_server, cluster):
-    """A server whose 8 nodes are the cluster's, reached through its jump host."""
+def ssh_server(make_server, cluster, tmp_path):
+    """A server whose 8 nodes are the cluster's, reached through its jump host.  The
+    nodes' user may write marker files into tmp_path."""
+    open_to_nodes(tmp_path)
+
     def make(**settings):
         cfg = cluster.config(**settings)
         if "node_count" in settings:
