@@ -91,6 +91,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -118,7 +119,10 @@ import bottle
 import click
 import filelock
 import waitress
+import waitress.adjustments
 import waitress.channel
+import waitress.parser
+import waitress.server
 import waitress.task
 import yaml
 
@@ -149,7 +153,12 @@ class BadRequest(GpuqueueError):
 
 
 class Unauthorized(GpuqueueError):
-    """No token, or one that is unknown, expired or revoked."""
+    """No token, or one that is unknown, expired or revoked.  ``guess`` is true for
+    a token nobody was ever given: only those count towards the throttle."""
+
+    def __init__(self, message, guess=False):
+        super().__init__(message)
+        self.guess = guess
 
 
 class Forbidden(GpuqueueError):
@@ -165,7 +174,12 @@ class Conflict(GpuqueueError):
 
 
 class TooMany(GpuqueueError):
-    """A limit on how much one caller may have or do at once."""
+    """A limit on how much one caller may have or do at once; ``retry_after``: seconds
+    until it lifts, when known."""
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(GpuqueueError):
@@ -233,6 +247,7 @@ _CONFIG_KEYS = {
     "max_pending_per_user": (int, 100),
     "min_free_bytes": (int, 1024 ** 3),
     "auth_failures_per_minute": (int, 10),
+    "trusted_proxies": (list, []),
 }
 
 #: Keys of one entry under ``nodes`` (and of ``node_defaults``, less id and host).
@@ -320,6 +335,7 @@ class Config:
     max_pending_per_user: int
     min_free_bytes: int
     auth_failures_per_minute: int
+    trusted_proxies: frozenset = frozenset()
 
     def time_limit(self, expected_time):
         """Seconds a job may run before it is killed as a timeout."""
@@ -383,6 +399,16 @@ def _node(raw, defaults, base, where):
                 kind=kind, slurm=slurm if kind == "slurm" else None)
 
 
+def _addresses(values):
+    """``trusted_proxies``: IP addresses, as strings."""
+    for v in values:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ConfigError(f"config: trusted_proxies: {v!r} is not an IP address") from None
+    return [str(v) for v in values]
+
+
 def load_config(path=None):
     """Read the config file (or the built-in default: 8 local nodes) and check it."""
     if path is None:
@@ -429,7 +455,8 @@ def load_config(path=None):
         accept_new_host_keys=c["accept_new_host_keys"], keep_remote_dirs=c["keep_remote_dirs"],
         unreachable_grace=float(c["unreachable_grace"]), node_timeout=float(c["node_timeout"]),
         max_pending_per_user=c["max_pending_per_user"], min_free_bytes=c["min_free_bytes"],
-        auth_failures_per_minute=c["auth_failures_per_minute"])
+        auth_failures_per_minute=c["auth_failures_per_minute"],
+        trusted_proxies=frozenset(_addresses(c["trusted_proxies"])))
 
 
 ###############################################################################
@@ -1732,6 +1759,7 @@ class Tokens:
         self._seen = None
         self._looked = -math.inf
         self._records = []
+        self._broken = None  # why the file could not be read, while it cannot
 
     def _read(self):
         try:
@@ -1762,7 +1790,9 @@ class Tokens:
                     self._records = self._read()
                 except (OSError, ValueError, yaml.YAMLError) as exc:
                     log.error("token file unreadable, refusing every token: %s", exc)
-                    self._records = []
+                    self._records, self._broken = [], str(exc)
+                else:
+                    self._broken = None
                 self._seen = seen
             return self._records
 
@@ -1772,8 +1802,10 @@ class Tokens:
             raise Unauthorized("missing token: send 'Authorization: Bearer <token>'")
         digest = token_hash(token)
         match = self._find(digest, self.records(fresh=False)) or self._find(digest, self.records())
+        if match is None and self._broken:
+            raise Unavailable("the server cannot read its token file now; try again later")
         if match is None:
-            raise Unauthorized("invalid token")
+            raise Unauthorized("invalid token", guess=True)
         if match.get("revoked"):
             raise Unauthorized("token revoked")
         if _expiry(match.get("expires")) <= utcnow():
@@ -1834,35 +1866,50 @@ class Tokens:
 
 
 class AuthThrottle:
-    """Slows token guessing: an address that presents more than ``limit`` bad
-    tokens within a minute gets 429 until that minute is over."""
+    """Slows token guessing without locking a team out.  Within a minute, an address
+    that presents more than ``limit`` different unknown tokens, or any one unknown
+    token presented more than ``limit`` times, gets 429 (with Retry-After) until the
+    minute is over.  Known tokens that expired or were revoked are no guesses (a
+    dashboard left open keeps presenting one), and nothing counts while the token
+    file cannot be read: the Unauthorized raised then says whether it was a guess."""
 
     WINDOW = 60.0
-    #: Addresses remembered at most; the oldest windows are forgotten first.
-    MAX_ADDRESSES = 10000
+    #: Addresses and tokens remembered at most; the oldest windows go first.
+    MAX_KEYS = 10000
 
     def __init__(self, limit):
         self.limit = limit
         self._lock = threading.Lock()
-        self._failures = {}  # address -> [window start, count]
+        self._windows = {}  # ("address" | "token", key) -> [window start, set of failures]
 
-    def check(self, addr):
-        with self._lock:
-            start, count = self._failures.get(addr, (0.0, 0))
-            if count >= self.limit and time.monotonic() - start < self.WINDOW:
-                raise TooMany("too many failed authentications from this address; "
-                              "try again in a minute")
+    @staticmethod
+    def _keys(addr, token):
+        keys = [("address", addr)]
+        if token:
+            keys.append(("token", fingerprint(token_hash(token))))
+        return keys
 
-    def failed(self, addr):
+    def check(self, addr, token):
         now = time.monotonic()
         with self._lock:
-            entry = self._failures.get(addr)
-            if entry is None or now - entry[0] >= self.WINDOW:
-                if len(self._failures) >= self.MAX_ADDRESSES:
-                    oldest = min(self._failures, key=lambda a: self._failures[a][0])
-                    del self._failures[oldest]
-                entry = self._failures[addr] = [now, 0]
-            entry[1] += 1
+            for key in self._keys(addr, token):
+                start, failures = self._windows.get(key, (0.0, ()))
+                if len(failures) >= self.limit and now - start < self.WINDOW:
+                    what = "address" if key[0] == "address" else "token"
+                    raise TooMany(f"too many failed authentications from this {what}; try again "
+                                  "in a minute", retry_after=math.ceil(self.WINDOW - (now - start)))
+
+    def failed(self, addr, token):
+        now = time.monotonic()
+        with self._lock:
+            for kind, key in self._keys(addr, token):
+                entry = self._windows.get((kind, key))
+                if entry is None or now - entry[0] >= self.WINDOW:
+                    if len(self._windows) >= self.MAX_KEYS:
+                        del self._windows[min(self._windows, key=lambda k: self._windows[k][0])]
+                    entry = self._windows[kind, key] = [now, set()]
+                # An address counts different tokens; a token counts its tries.
+                entry[1].add(fingerprint(token_hash(token)) if kind == "address" else len(entry[1]))
 
 
 ###############################################################################
@@ -3211,20 +3258,41 @@ PRIORITY_RANGE = (-100, 100)
 MAX_ID_LENGTH = 200
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: Bytes a job's config.yaml may have: its few keys need far less.  Checked before
+#: the YAML is parsed, so no upload can make the parser work hard.
+MAX_CONFIG_BYTES = 8 * 1024
+
+
+class _JobConfigLoader(_YAML_LOADER):
+    """The safe loader, refusing a key given twice (plain YAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        mapping = super().construct_mapping(node, deep)
+        if len(mapping) != len(node.value):
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            twice = next((k for k in keys if keys.count(k) > 1), "?")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {twice[:40]!r} is given twice", node.start_mark)
+        return mapping
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def parse_job_config(data, max_expected_time):
     """The checked mapping from an uploaded config.yaml; BadRequest saying what is wrong."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise BadRequest(f"config_file is larger than {MAX_CONFIG_BYTES} bytes; it holds a few "
+                         "short keys")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("config_file must be UTF-8 text") from None
     try:
-        cfg = yaml.load(text, Loader=_YAML_LOADER)
+        cfg = yaml.load(text, Loader=_JobConfigLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
+        mark = exc.problem_mark or exc.context_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        if "given twice" in str(exc.problem):
+            raise BadRequest(f"config_file: {exc.problem}{where}") from None
         raise BadRequest(f"config_file is not valid YAML{where}") from None
     except (yaml.YAMLError, RecursionError, ValueError, TypeError):
         raise BadRequest("config_file is not valid YAML") from None
@@ -3316,19 +3384,21 @@ class Scheduler:
     def authenticate(self, token, source):
         """The token's record; Unauthorized for a bad token, TooMany for a source
         that keeps trying."""
-        self.throttle.check(source)
+        self.throttle.check(source, token)
         try:
             return self.tokens.authenticate(token)
-        except Unauthorized:
-            if token:
-                self.throttle.failed(source)
+        except Unauthorized as exc:
+            if exc.guess:
+                self.throttle.failed(source, token)
             raise
 
     # -- jobs ----------------------------------------------------------------
 
-    def submit(self, code, config_data, token=None, source="incoming", job_id=None):
+    def submit(self, code, config_data, user=None, source="incoming", job_id=None):
         """Check a job (script bytes, config.yaml bytes) and queue it durably: the one
-        way in for uploads and dropped folders alike.  (job, position, start)."""
+        way in for uploads and dropped folders alike.  ``user`` is the caller's token
+        record when it was already checked; else the config's ``token`` is.
+        (job, position, start)."""
         if not code.strip():
             raise BadRequest("code is empty")
         try:
@@ -3336,7 +3406,8 @@ class Scheduler:
         except UnicodeDecodeError:
             raise BadRequest("code must be UTF-8 text") from None
         cfg = parse_job_config(config_data, self.config.max_expected_time)
-        user = self.authenticate(token or cfg.get("token"), source)
+        if user is None:
+            user = self.authenticate(cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise Forbidden("user_id in config_file is not the token's user")
         if cfg.get("priority", 0) > 0 and not user["admin"]:
@@ -3490,10 +3561,24 @@ class Scheduler:
 # HTTP API ####################################################################
 ###############################################################################
 
+#: Seconds a request's headers may take to arrive, and bytes per second its body
+#: must arrive at after that; connections one address may hold open.  What a
+#: reverse proxy in front adds to this is in the README.
+HEADER_TIMEOUT = 10
+MIN_BODY_RATE = 16 * 1024
+PER_ADDRESS_CONNECTIONS = 64
+#: Connections open at once, all addresses together (each costs a descriptor, not
+#: a thread), and waitress's worker threads.
+CONNECTION_LIMIT = 2000
+HTTP_THREADS = 8
+
 #: Bytes of output one /api/logs answer or follow line carries at most.
 LOG_CHUNK = 64 * 1024
 #: Seconds between looks at a followed job's output while it has nothing new.
 LOG_POLL = 0.5
+#: Seconds between the keep-alive spaces of a quiet follow, and between its checks
+#: that its token is still good.
+FOLLOW_KEEPALIVE = 2
 #: Follows served at once (each holds one of waitress's 8 threads).
 LOG_FOLLOWERS = 4
 
@@ -3587,6 +3672,8 @@ class Api:
                 return handler(**kw)
             except GpuqueueError as exc:
                 bottle.response.status = http_status(exc)
+                if getattr(exc, "retry_after", None):
+                    bottle.response.set_header("Retry-After", str(exc.retry_after))
                 return {"error": exc.message}
             except Exception:
                 log.exception("internal error on %s %s", bottle.request.method, bottle.request.path)
@@ -3603,9 +3690,21 @@ class Api:
 
     # -- helpers -------------------------------------------------------------
 
+    def _client(self):
+        """The caller's address: the peer's, or, when the peer is one of the config's
+        ``trusted_proxies``, the last address in X-Forwarded-For that is not one."""
+        environ = bottle.request.environ
+        addr = environ.get("REMOTE_ADDR") or "-"
+        if addr in self.config.trusted_proxies:
+            hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+            for hop in reversed(hops):
+                if hop and hop not in self.config.trusted_proxies:
+                    return hop[:64]
+        return addr
+
     def _user(self):
         """The caller of an HTTP route, from its Bearer token."""
-        user = self.scheduler.authenticate(_bearer(), bottle.request.remote_addr or "-")
+        user = self.scheduler.authenticate(_bearer(), self._client())
         bottle.request.environ["gpuqueue.user"] = user["user"]
         return user
 
@@ -3625,6 +3724,9 @@ class Api:
             raise HttpError(415, "send multipart/form-data with parts 'code' and 'config_file'")
         if req.content_length < 0:  # waitress refuses bodies over max_upload_bytes itself
             raise HttpError(411, "Content-Length required")
+        # A token in the header is checked before the upload is parsed: a caller without
+        # a valid one costs no more than reading its headers.
+        user = self._user() if _bearer() is not None else None
         # Parse as Latin-1, which maps every byte to a character and back: a filename
         # in any encoding never fails the upload, and plain fields keep their bytes.
         req.environ["CONTENT_TYPE"] = req.content_type + "; charset=latin1"
@@ -3636,8 +3738,7 @@ class Api:
         if extra:
             raise BadRequest("unexpected multipart part; send only 'code' and 'config_file'")
         job, position, start = self.scheduler.submit(
-            _upload_part("code"), _upload_part("config_file"), _bearer(),
-            source=req.remote_addr or "-")
+            _upload_part("code"), _upload_part("config_file"), user=user, source=self._client())
         req.environ["gpuqueue.user"] = job.user_id
         bottle.response.status = 201
         return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
@@ -3720,11 +3821,20 @@ class Api:
             raise Unavailable(f"{LOG_FOLLOWERS} outputs are followed already; try again later "
                               "or read with offsets")
         bottle.response.content_type = "application/x-ndjson"
+        token, client = _bearer(), self._client()
 
         def lines(job, offset):
+            # A space goes out at once (so do the headers) and after every quiet
+            # FOLLOW_KEEPALIVE: a client that hung up then fails the write, which
+            # frees this thread and its slot.  Leading spaces are valid JSON.
+            quiet_since = checked = time.monotonic()
             try:
+                yield " "
                 while True:
                     try:
+                        if time.monotonic() - checked >= FOLLOW_KEEPALIVE:
+                            self.scheduler.authenticate(token, client)  # revoked: it ends
+                            checked = time.monotonic()
                         data, job = self._read_log(job, stream, offset)
                     except GpuqueueError as exc:
                         yield json.dumps({"error": exc.message}) + "\n"
@@ -3732,11 +3842,15 @@ class Api:
                     if data:
                         yield json.dumps({"offset": offset, "data": data.decode("utf-8", "replace")}) + "\n"
                         offset += len(data)
+                        quiet_since = time.monotonic()
                     elif job.status in FINAL_STATES:
                         yield json.dumps({"end": True, "status": job.status, "exit_code": job.exit_code,
                                           "error": job.error, "next_offset": offset}) + "\n"
                         return
                     else:
+                        if time.monotonic() - quiet_since >= FOLLOW_KEEPALIVE:
+                            yield " "
+                            quiet_since = time.monotonic()
                         self.scheduler.wait_finished(job, LOG_POLL)
             finally:
                 self.followers.release()
@@ -3836,8 +3950,96 @@ class _JsonErrorTask(waitress.task.ErrorTask):
         self.write(body)
 
 
-class _JsonErrorChannel(waitress.channel.HTTPChannel):
+class _Parser(waitress.parser.HTTPRequestParser):
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            # RFC 9112 6.1: a proxy in front may read the body by the other header;
+            # refuse, and close (an ErrorTask always does), so nothing is smuggled.
+            raise waitress.parser.ParsingError(
+                "a request may not carry both Content-Length and Transfer-Encoding")
+
+
+class _Channel(waitress.channel.HTTPChannel):
+    """waitress's channel, with JSON errors and the clock of its request's start,
+    for _Server's deadlines."""
+
     error_task_class = _JsonErrorTask
+    parser_class = _Parser
+    began = None  # when the request being read began to arrive
+    got = 0       # bytes of it so far
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        self.client = addr[0] if isinstance(addr, tuple) else str(addr)
+        if not server.admit(self):
+            self.will_close = True  # closed at once: this address has enough open
+
+    def received(self, data):
+        if self.request is None:
+            self.began, self.got = time.monotonic(), 0
+        self.got += len(data)
+        return super().received(data)
+
+    def handle_close(self):
+        self.server.release(self)
+        super().handle_close()
+
+
+def _http_server(app, host, port, config):
+    """waitress on one address, as _Server: poll() instead of select(), so that far
+    more connections than 1,024 may be open; proxy headers passed on untouched (Api
+    decides whom to believe: ``trusted_proxies``)."""
+    adj = waitress.adjustments.Adjustments(
+        host=host, port=port, threads=HTTP_THREADS, max_request_body_size=config.max_upload_bytes,
+        channel_timeout=60, cleanup_interval=1, connection_limit=CONNECTION_LIMIT,
+        asyncore_use_poll=True, clear_untrusted_proxy_headers=False)
+    dispatcher = waitress.task.ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(adj.threads)
+    return _Server(app, {}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
+
+
+class _Server(waitress.server.TcpWSGIServer):
+    """waitress's server, made safe to face slow or stalled clients: a request's
+    headers must arrive within HEADER_TIMEOUT, its body at MIN_BODY_RATE at least
+    (after HEADER_TIMEOUT), and one address may hold at most PER_ADDRESS_CONNECTIONS
+    connections.  Far more connections than threads may be open: a connection costs
+    a thread only once its request has fully arrived."""
+
+    channel_class = _Channel
+
+    def __init__(self, *args, **kw):
+        self._per_address = collections.Counter()
+        self._admitted = set()
+        super().__init__(*args, **kw)
+
+    def admit(self, channel):
+        if self._per_address[channel.client] >= PER_ADDRESS_CONNECTIONS:
+            return False
+        self._per_address[channel.client] += 1
+        self._admitted.add(id(channel))
+        return True
+
+    def release(self, channel):
+        if id(channel) in self._admitted:
+            self._admitted.discard(id(channel))
+            self._per_address[channel.client] -= 1
+            if not self._per_address[channel.client]:
+                del self._per_address[channel.client]
+
+    def maintenance(self, now):
+        super().maintenance(now)
+        clock = time.monotonic()
+        for channel in list(self.active_channels.values()):
+            req = getattr(channel, "request", None)
+            if req is None or channel.began is None or req.completed:
+                continue
+            age = clock - channel.began
+            if (not req.headers_finished and age > HEADER_TIMEOUT) or (
+                    req.headers_finished and age > HEADER_TIMEOUT
+                    and channel.got < MIN_BODY_RATE * age):
+                channel.will_close = True
+                channel.server.pull_trigger()
 
 
 def _openapi():
@@ -4119,10 +4321,16 @@ button{cursor:pointer}
 const $ = id => document.getElementById(id);
 const JOB = {{!json_job_id}};
 let token = localStorage.getItem("gpuqueue.token") || "";
+let refused = "";  // why the last token was dropped
 function showError(text) { $("error").textContent = text || ""; }
 async function api(path, options) {
   const r = await fetch(path, Object.assign({headers: {"Authorization": "Bearer " + token}}, options || {}));
   const body = await r.json().catch(() => ({error: "HTTP " + r.status}));
+  if (r.status === 401 && token) {  // expired or revoked: stop presenting it, ask anew
+    token = "";
+    localStorage.removeItem("gpuqueue.token");
+    refused = (body.error || "token refused") + ": enter a new token.";
+  }
   if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
   return body;
 }
@@ -4191,7 +4399,7 @@ async function refresh() {
   $("forget").hidden = !token;
   try {
     if (JOB === null) await refreshNodes();
-    if (!token) return showError("Enter your token to see your jobs.");
+    if (!token) return showError(refused || "Enter your token to see your jobs.");
     await (JOB === null ? refreshJobs() : refreshJob());
     showError("");
   } catch (e) { showError(e.message); }
@@ -4199,6 +4407,7 @@ async function refresh() {
 $("login").addEventListener("submit", ev => {
   ev.preventDefault();
   token = $("token").value.trim();
+  refused = "";
   $("token").value = "";
   localStorage.setItem("gpuqueue.token", token);
   refresh();
@@ -4573,15 +4782,11 @@ def cli_serve(config, host, port):
     scheduler = Scheduler(config, spool, Tokens(config.tokens))
     api = Api(scheduler)
     try:
-        server = waitress.create_server(
-            logged(api.app), host=host, port=port,
-            threads=8, max_request_body_size=config.max_upload_bytes,
-            channel_timeout=60, connection_limit=200, clear_untrusted_proxy_headers=True)
+        server = _http_server(logged(api.app), host, port, config)
     except OSError as exc:
         spool.close()
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                                    "stop what uses it, or choose another with --port") from None
-    server.channel_class = _JsonErrorChannel
     control = Control(scheduler)
     _logged_step(control.scan)  # requests left from before a restart: before any job starts
     scheduler.start(("watch", functools.partial(watch, Incoming(scheduler), control)))
@@ -4589,6 +4794,9 @@ def cli_serve(config, host, port):
     click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
                f"with {len(config.nodes)} node(s); spool {config.spool}", err=False)
     click.echo("create a token: python gpuqueue.py tokens create USER --days 30", err=False)
+    if any(n.is_local for n in config.nodes):
+        log.warning("local nodes run jobs as this server's own user: such a job can read and "
+                    "change the spool, other jobs' records and the token file")
     sys.stdout.flush()
     try:
         server.run()
@@ -4680,7 +4888,8 @@ class Client:
         try:
             with self._open(self._request("GET", path), timeout=None) as r:
                 for line in r:
-                    yield json.loads(line)
+                    if line.strip():  # a quiet follow's keep-alive spaces
+                        yield json.loads(line)
         except (OSError, ValueError) as exc:
             raise click.ClickException(f"the stream from {self.server} broke: {exc}") from None
 
