@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench setup sshd chromium slurm cluster clean
+.PHONY: run test bench setup sshd chromium slurm tsp cluster clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
@@ -11,8 +11,8 @@ run: $(VENV)/.installed
 test: $(VENV)/.dev-installed sshd chromium slurm
 	$(PY) -m pytest -q tests
 
-# Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~5 minutes).
-bench: $(VENV)/.dev-installed sshd
+# Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~6 minutes).
+bench: $(VENV)/.dev-installed sshd tsp
 	cd bench && ../$(PY) run_all.py
 
 setup: $(VENV)/.dev-installed
@@ -37,6 +37,16 @@ sshd:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; \
 	  else echo "openssh-server is needed for the tests: run 'sudo apt-get install openssh-server'" >&2; exit 1; fi; }
 	@test -x /usr/sbin/sshd
+
+# bench/idle.py measures a drain against task-spooler; install it when missing
+# (Debian names its command tsp; elsewhere it may be ts, which moreutils also has).
+HAVE_TSP := { command -v tsp || { command -v ts && ts -V </dev/null 2>&1 | grep -qi spooler; }; } >/dev/null
+tsp:
+	@$(HAVE_TSP) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq task-spooler >/dev/null; \
+	  else echo "task-spooler is needed for the benchmarks: run 'sudo apt-get install task-spooler'" >&2; exit 1; fi; }
+	@$(HAVE_TSP)
 
 # The dashboard tests drive Debian's headless Chromium; install it when missing.
 chromium:

@@ -6,6 +6,7 @@ from pathlib import Path
 import dispatch
 import drain
 import fairness
+import idle
 import makespan
 import scale
 import submit
@@ -19,7 +20,7 @@ def main():
     rows = []
     for name, module in (("dispatch", dispatch), ("submit", submit), ("drain", drain),
                          ("scale", scale), ("makespan", makespan),
-                         ("fairness", fairness)):
+                         ("fairness", fairness), ("idle", idle)):
         if not only or name in only:
             rows += module.run()
     if only:
