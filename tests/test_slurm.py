@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import alive, kill_processes_under
-from sshcluster import Cluster
+from sshcluster import NODE_HOME, Cluster, open_to_nodes
 from slurmcluster import SlurmCluster
 
 
@@ -20,7 +20,8 @@ from slurmcluster import SlurmCluster
 def slurm(tmp_path_factory):
     # Slurm forgets a finished job after MinJobAge seconds (60 here, its purge runs about
     # once a minute): long enough for every check below, short enough to test forgetting.
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), min_job_age=60).start()
+    cluster = SlurmCluster(open_to_nodes(tmp_path_factory.mktemp("slurm"), writable=False),
+                           min_job_age=60).start()
     yield cluster
     cluster.stop()
 
@@ -28,7 +29,7 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ssh(tmp_path_factory):
     root = tmp_path_factory.mktemp("sshcluster")
-    c = Cluster(root, n=1, as_node_user=False).start()  # Slurm runs jobs as its login user
+    c = Cluster(root, n=1).start()  # Slurm runs the jobs as the login user: the node user
     yield c
     c.stop()
     kill_processes_under(root)
@@ -38,6 +39,8 @@ def ssh(tmp_path_factory):
 def slurm_server(make_server, ssh, slurm, tmp_path):
     """A server whose one node is the Slurm cluster, its login host reached through the
     jump host; ``gres`` and the like go into the node's settings."""
+    open_to_nodes(tmp_path)
+
     def make(start=True, **node):
         cfg = ssh.config()
         cfg["nodes"] = [{**cfg["nodes"][0], "kind": "slurm", "env": slurm.env(),
@@ -78,10 +81,10 @@ def in_slurm(slurm, job_id):
     return [tuple(line.split()) for line in out.splitlines()]
 
 
-def test_a_job_runs_in_slurm_and_its_output_comes_back(slurm_server, slurm, tmp_path):
+def test_a_job_runs_in_slurm_and_its_output_comes_back(slurm_server, slurm, ssh, tmp_path):
     # A workdir under the login user's home, written with ~, as most configs have it:
     # Slurm gets absolute paths all the same.
-    home_dir = Path.home() / f"gq-slurm-test-{tmp_path.name}"
+    home_dir = (NODE_HOME if ssh.node_user else Path.home()) / f"gq-slurm-test-{tmp_path.name}"
     server = slurm_server(gres="gpu:1", workdir=f"~/{home_dir.name}")
     sub = server.submit_ok("import os\nprint('hello from slurm', os.environ['CUDA_VISIBLE_DEVICES'],"
                            " os.environ['GPUQUEUE_JOB_ID'])\n", expected_time=60)

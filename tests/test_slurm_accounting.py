@@ -7,13 +7,14 @@ The fixtures and helpers are test_slurm.py's; this module only brings its own Sl
 import pytest
 
 from slurmcluster import SlurmCluster
+from sshcluster import open_to_nodes
 from test_slurm import forgotten_while_down, slurm_server, ssh  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-acct"), min_job_age=10,
-                           accounting=True).start()
+    cluster = SlurmCluster(open_to_nodes(tmp_path_factory.mktemp("slurm-acct"), writable=False),
+                           min_job_age=10, accounting=True).start()
     yield cluster
     cluster.stop()
 
