@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import codecs
 import collections
 import contextlib
 import errno
@@ -97,6 +98,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
 import selectors
@@ -263,6 +265,7 @@ _NODE_KEYS = {
     "env": (dict, {}),
     "setup": (str, None),
     "gpus": (str, None),
+    "run_as": (str, None),
     "kind": (str, None),
     "partition": (str, None),
     "account": (str, None),
@@ -306,6 +309,7 @@ class Node:
     setup: str | None
     ssh: SshTarget | None  # None for a local node
     kind: str = "local"
+    run_as: str | None = None  # a local node's jobs run as this user (the server is root)
     slurm: dict | None = None  # partition, account, gres, max_jobs of a slurm node
 
     @property
@@ -336,6 +340,7 @@ class Config:
     min_free_bytes: int
     auth_failures_per_minute: int
     trusted_proxies: frozenset = frozenset()
+    source: Path | None = None  # the config file, when there is one
 
     def time_limit(self, expected_time):
         """Seconds a job may run before it is killed as a timeout."""
@@ -390,13 +395,16 @@ def _node(raw, defaults, base, where):
     if kind == "slurm" and n["max_jobs"] < 1:
         raise ConfigError(f"{where}: 'max_jobs' must be at least 1")
     slurm = {k: n[k] for k in ("partition", "account", "gres", "max_jobs")}
+    if n["run_as"] is not None and kind != "local":
+        raise ConfigError(f"{where}: 'run_as' is for local nodes; an SSH node's jobs run as "
+                          "its SSH user")
     return Node(id=n["id"], host=n["host"],
                 python=n["python"] or (sys.executable if local else "python3"),
                 gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]),
                 env={str(k): str(v) for k, v in n["env"].items()},
                 workdir=n["workdir"] or (None if local else "~/.gpuqueue"), setup=n["setup"],
                 ssh=None if local else _ssh_target(n, base),
-                kind=kind, slurm=slurm if kind == "slurm" else None)
+                kind=kind, slurm=slurm if kind == "slurm" else None, run_as=n["run_as"])
 
 
 def _addresses(values):
@@ -456,7 +464,8 @@ def load_config(path=None):
         unreachable_grace=float(c["unreachable_grace"]), node_timeout=float(c["node_timeout"]),
         max_pending_per_user=c["max_pending_per_user"], min_free_bytes=c["min_free_bytes"],
         auth_failures_per_minute=c["auth_failures_per_minute"],
-        trusted_proxies=frozenset(_addresses(c["trusted_proxies"])))
+        trusted_proxies=frozenset(_addresses(c["trusted_proxies"])),
+        source=None if path is None else path.resolve())
 
 
 ###############################################################################
@@ -595,9 +604,10 @@ def read_capped(path, limit, opener=open, size=None):
     """
     try:
         size = os.path.getsize(path) if size is None else size(path)
-    except OSError:
+        f = opener(path, "rb")
+    except OSError:  # missing, or a link planted where a file should be
         return ""
-    with opener(path, "rb") as f:
+    with f:
         if size <= limit:
             data = f.read()
         else:
@@ -608,13 +618,22 @@ def read_capped(path, limit, opener=open, size=None):
     return data.decode("utf-8", "replace")
 
 
+def open_nofollow(path, mode="rb"):
+    """Open a file a job may have had its hands on (its folder is its own under
+    ``run_as``) for reading, refusing a symbolic link planted in its place."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), mode)
+
+
 def publish(name, obj):
-    """Write JSON to ``name`` in the current folder: temp name, fsync, rename."""
-    with open("." + name, "w") as f:
+    """Write JSON to ``name`` in the current folder: a fresh temporary name (O_EXCL, so
+    nothing planted there is followed), fsync, rename."""
+    tmp = ".%s.%d.tmp" % (name, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.rename("." + name, name)
+    os.rename(tmp, name)
 
 
 def proc_state(pid):
@@ -736,9 +755,14 @@ def wrap(cmd, report):
         r, w = os.pipe()
         pipes[name] = (r, w, CappedOutput(name, cap))
         sel.register(r, selectors.EVENT_READ, pipes[name][2])
+    # ``run_as``: the job runs as that user, with that group alone; the wrapper stays
+    # root, so the job cannot touch it, its files, or the agent.
+    who = {} if cmd.get("run_as") is None else dict(zip(("user", "group"), cmd["run_as"]),
+                                                     extra_groups=[])
     job = subprocess.Popen(
         [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=pipes["stdout"][1],
-        stderr=pipes["stderr"][1], env=dict(os.environ, **cmd["env"]), start_new_session=True)
+        stderr=pipes["stderr"][1], env=dict(os.environ, **cmd["env"]), start_new_session=True,
+        **who)
     for r, w, _ in pipes.values():
         os.close(w)
     publish("pids", {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
@@ -819,10 +843,10 @@ def outcome(cmd):
         paths = [os.path.join(cmd["dir"], name) for name in ("stdout", "stderr")]
         if sum(os.path.getsize(p) for p in paths) > cmd.get("inline", 0):
             return {}
-        with open(os.path.join(cmd["dir"], "result.json")) as f:
+        with open_nofollow(os.path.join(cmd["dir"], "result.json")) as f:
             found = {"result": json.load(f)}
         for name, path in zip(("stdout", "stderr"), paths):
-            with open(path, "rb") as f:
+            with open_nofollow(path) as f:
                 found[name] = base64.b64encode(f.read()).decode()
         return found
     except (OSError, ValueError):
@@ -984,7 +1008,7 @@ class Job:
             "priority": self.priority, "submitted_at": isotime(self.submitted_at),
             "started_at": None if shown == "pending" else isotime(self.started_at),
             "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
-            "error": self.error,
+            "error": self.error, "cancel_requested": self.cancel_requested,
         }
         if self.slurm:
             out.update(slurm_job_id=self.slurm["id"], slurm_state=self.slurm["state"],
@@ -1677,6 +1701,21 @@ class Spool:
         log.info("node %s: pending jobs moved to nodes %s", node_id, sorted(moved))
         return moved
 
+    def close_to_others(self):
+        """Make the spool the server's alone, but for a way through to the local nodes'
+        workdirs inside it (for ``run_as``): no other user may list or open anything
+        else here.  Each job's own folder there is its user's."""
+        for d in [self.root, self.root / "nodes"] + [self.root / "nodes" / str(n)
+                                                     for n in self.node_ids]:
+            os.chmod(d, 0o711)
+        for n in self.node_ids:
+            self.work_dir(n).mkdir(exist_ok=True)
+            os.chmod(self.work_dir(n), 0o711)
+            for d in (self.pending_dir(n), self.running_dir(n)):
+                os.chmod(d, 0o700)
+        for name in ("tmp", "done", "corrupt", "incoming", "control"):
+            os.chmod(self.root / name, 0o700)
+
     def _drained_marker(self, node_id):
         return self.root / "nodes" / str(node_id) / "drained"
 
@@ -2119,14 +2158,23 @@ class _PipeChannel:
 
 
 class LocalLink:
-    """This machine as a node: files in its workdir by path, its agent over a pipe."""
+    """This machine as a node: files in its workdir by path, its agent over a pipe.
 
-    def __init__(self, node, root):
+    With ``run_as`` (a pwd entry) each job's folder belongs to that user, who runs
+    the job; the workdir itself and everything the agent and the wrapper write
+    stay the server's, and what the server reads there is opened without
+    following links a job could have planted."""
+
+    def __init__(self, node, root, run_as=None):
         self.node = node
         self.root = Path(root)
+        self.owner = run_as
+        self.run_as = None if run_as is None else [run_as.pw_uid, run_as.pw_gid]
 
     def connect(self):
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.owner is not None:
+            os.chmod(self.root, 0o711)  # the way through to each job's folder, no more
 
     def up(self):
         return True
@@ -2162,9 +2210,12 @@ class LocalLink:
     def new_folder(self, rel, files):
         path = self.root / rel
         shutil.rmtree(path, ignore_errors=True)  # left by an attempt that never launched
-        path.mkdir()
+        path.mkdir(mode=0o700)
         for name, data in files.items():
             (path / name).write_bytes(data)
+        if self.owner is not None:
+            for p in [path, *(path / name for name in files)]:
+                os.chown(p, self.owner.pw_uid, self.owner.pw_gid)
 
     def claim(self, rel):
         """Create ``rel`` unless it exists: True when this call made it, or when
@@ -2178,15 +2229,16 @@ class LocalLink:
         return True
 
     def read_text(self, rel):
-        return (self.root / rel).read_text()
+        with open_nofollow(self.root / rel) as f:
+            return f.read().decode()
 
     def read_capped(self, rel, limit):
-        return read_capped(self.root / rel, limit)
+        return read_capped(self.root / rel, limit, opener=open_nofollow)
 
     def read_output(self, rel, offset, limit):
         """Up to ``limit`` bytes of a running job's file from ``offset`` (any thread)."""
         try:
-            with open(self.root / rel, "rb") as f:
+            with open_nofollow(self.root / rel) as f:
                 f.seek(offset)
                 return f.read(limit)
         except FileNotFoundError:
@@ -2516,7 +2568,12 @@ class AgentExecutor:
         lease = time.time() + self.config.node_timeout
         folder.mark_launching(self.link.describe(job.id))
         run = Run(job, job.id, on_exit)
-        self._send(run, op="start", id=job.id, dir=job.id, env=job_env(self.node, job),
+        env = job_env(self.node, job)
+        owner = getattr(self.link, "owner", None)
+        if owner is not None:
+            env.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
+        self._send(run, op="start", id=job.id, dir=job.id, env=env,
+                   run_as=getattr(self.link, "run_as", None),
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
                    output_limit=self.config.output_limit_bytes, deadline=lease,
                    inline=min(INLINE_OUTPUT, self.config.output_limit_bytes))
@@ -3329,6 +3386,23 @@ def parse_job_config(data, max_expected_time):
 
 
 
+def _run_as(node):
+    """The pwd entry of a local node's ``run_as`` user, or None; ConfigError when it
+    cannot be used."""
+    if node.run_as is None:
+        return None
+    if os.getuid() != 0:
+        raise ConfigError(f"node {node.id}: 'run_as' needs the server to run as root, to "
+                          "start jobs as another user")
+    try:
+        user = pwd.getpwnam(node.run_as)
+    except KeyError:
+        raise ConfigError(f"node {node.id}: 'run_as': no user {node.run_as!r}") from None
+    if user.pw_uid == 0:
+        raise ConfigError(f"node {node.id}: 'run_as' must name a user other than root")
+    return user
+
+
 class Scheduler:
     """The front door: everything the HTTP API, drop folders and admin control
     may ask of the queue (submit, look, cancel, read output, drain).  It alone
@@ -3351,11 +3425,17 @@ class Scheduler:
             for n in config.nodes:
                 self.workers[n.id] = kinds[n.kind](n, spool, self._executor(n), config,
                                                    self.workers)
+            if any(n.run_as for n in config.nodes):
+                spool.close_to_others()
+                for path in (config.source, config.tokens):  # no job may read or change them
+                    if path is not None and path.exists() and path.stat().st_mode & 0o077:
+                        os.chmod(path, path.stat().st_mode & 0o700)
+                        log.warning("%s made readable by its owner alone ('run_as' is set)", path)
 
     def _executor(self, node):
         if node.kind == "local":
             root = Path(node.workdir).expanduser() if node.workdir else self.spool.work_dir(node.id)
-            return AgentExecutor(node, self.config, LocalLink(node, root))
+            return AgentExecutor(node, self.config, LocalLink(node, root, _run_as(node)))
         if node.kind == "ssh":
             return AgentExecutor(node, self.config, SshLink(node, self.config))
         return SlurmExecutor(node, self.config, SshLink(node, self.config))
@@ -3471,20 +3551,23 @@ class Scheduler:
         return self.spool.find(user, status, limit, before)
 
     def output(self, job):
-        """(stdout, stderr) of a finished job; Conflict while it has not finished."""
+        """The paths of a finished job's stdout and stderr; Conflict while it has not
+        finished."""
         if job.status in ("pending", "running"):
             raise Conflict(f"job is {job.status}; results are ready once it finishes")
         folder = self.spool.done_folder(job.id)
-        return tuple(read_capped(folder.stream(s), sys.maxsize) for s in JobFolder.STREAMS)
+        return tuple(folder.stream(s) for s in JobFolder.STREAMS)
 
-    def cancel(self, job, wait):
-        """Cancel a job: a pending one at once, a running one by its node's worker,
-        waited for up to ``wait`` seconds.  Conflict once it has finished."""
+    def cancel(self, job):
+        """Record a cancel and answer at once: a pending job is cancelled now; a running
+        one is stopped by its node's worker meanwhile (``cancel_requested`` shows until
+        it has ended), so no caller waits on a kill.  A job already being cancelled
+        answers at once too; Conflict once the job has finished."""
+        if job.status == "running" and job.cancel_requested:
+            return job
         if not self.spool.request_cancel(job):
             raise Conflict(f"job {job.id} already {self.spool.get(job.id).status}")
         self._wake([job.node_id])
-        if wait:
-            self.spool.wait_finished(job, wait)
         return self.spool.get(job.id)
 
     def read_output(self, job, stream, offset, limit):
@@ -3748,14 +3831,32 @@ class Api:
         return self.scheduler.shown(self._job(job_id, self._user()))
 
     def results(self, job_id):
+        """A finished job's record and output, as one JSON object sent in pieces from
+        the stored files: memory per request stays small whatever the output's size."""
         job = self._job(job_id, self._user())
-        stdout, stderr = self.scheduler.output(job)
-        return {"job_id": job.id, "status": job.status, "stdout": stdout, "stderr": stderr,
-                "exit_code": job.exit_code, "error": job.error}
+        paths = dict(zip(JobFolder.STREAMS, self.scheduler.output(job)))
+        head = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
+                "error": job.error}
+        bottle.response.content_type = "application/json"
+
+        def pieces():
+            yield json.dumps(head)[:-1]
+            for name, path in paths.items():
+                yield f', "{name}": "'
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                try:
+                    with open(path, "rb") as f:
+                        while chunk := f.read(LOG_CHUNK):
+                            yield json.dumps(decoder.decode(chunk))[1:-1]
+                except FileNotFoundError:
+                    pass
+                yield json.dumps(decoder.decode(b"", final=True))[1:-1] + '"'
+            yield "}"
+        return pieces()
 
     def cancel(self, job_id):
         job = self._job(job_id, self._user())
-        return self.scheduler.shown(self.scheduler.cancel(job, wait=self.config.kill_grace + 15))
+        return self.scheduler.shown(self.scheduler.cancel(job))
 
     def nodes(self):
         return {"nodes": self.scheduler.nodes()}
@@ -4072,7 +4173,8 @@ def _openapi():
             "expected_time": {"type": "number"}, "priority": {"type": "integer"},
             "submitted_at": time_, "started_at": time_,
             "finished_at": time_, "exit_code": {"type": ["integer", "null"]},
-            "error": nullable_str, "slurm_job_id": {"type": "string"},
+            "error": nullable_str, "cancel_requested": {"type": "boolean"},
+            "slurm_job_id": {"type": "string"},
             "slurm_state": {"type": "string"}, "slurm_reason": nullable_str}}
     return {
         "openapi": "3.1.0",
@@ -4172,6 +4274,8 @@ def _openapi():
             "/api/cancel/{job_id}": {"post": {
                 "summary": "Cancel a pending or running job", "security": secured,
                 "parameters": lenient_id,
+                "description": "Answers at once: a pending job is cancelled now; a running one "
+                               "shows cancel_requested until its node has stopped it.",
                 "responses": {"200": answer("the job after the cancel", "JobStatus"), **errors,
                               "404": answer("no such job (or not yours)"),
                               "409": answer("the job had already finished")}}},
@@ -4653,6 +4757,14 @@ class Control:
     def _answer(self, name):
         path = self.dir / f"{name}.request.json"
         try:
+            owner = path.lstat().st_uid
+        except FileNotFoundError:
+            return
+        if owner != os.getuid() or path.is_symlink():
+            log.warning("control: request %s refused: it is not the server user's own file", name)
+            path.unlink()
+            return
+        try:
             request = read_json(path)
         except (OSError, ValueError) as exc:
             reply = {"ok": False, "error": f"unreadable request: {exc}"}
@@ -4694,7 +4806,7 @@ class Control:
                                      for job in found]}
 
     def _cancel(self, job_id):
-        job = self.scheduler.cancel(self.scheduler.job(job_id), wait=0)
+        job = self.scheduler.cancel(self.scheduler.job(job_id))
         if job.status != "running":
             return {"ok": True, "message": f"job {job.id} cancelled"}
         when = "now" if self.scheduler.workers else "as soon as the server starts"
@@ -4928,6 +5040,8 @@ def _show(job):
     for key in ("submitted_at", "started_at", "finished_at"):
         if job.get(key):
             line += f"\n  {key.replace('_at', ''):<9} {job[key]}"
+    if job["status"] == "running" and job.get("cancel_requested"):
+        line += "\n  cancel requested: it is being stopped"
     if job["status"] in FINAL_STATES:
         line += f"\n  exit code {job['exit_code']}"
         if job["error"] and job["error"] != f"exit code {job['exit_code']}":

@@ -130,7 +130,11 @@ def test_cancel_running_job_kills_its_whole_group(server, tmp_path):
     assert all(alive(p) for p in pids)
     r = server.post(f"/api/cancel/{sub['job_id']}", server.token())
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "cancelled" and r.json()["error"] == "cancelled while running"
+    assert r.json()["status"] == "running" and r.json()["cancel_requested"]  # answered at once
+    again = server.post(f"/api/cancel/{sub['job_id']}", server.token())  # a second cancel too
+    assert again.status_code == 200 and again.json()["cancel_requested"]
+    st = server.wait(sub["job_id"])
+    assert st["status"] == "cancelled" and st["error"] == "cancelled while running"
     # The grandchild ignores SIGTERM: it must have been KILLed after the grace.
     assert not any(alive(p) for p in pids)
     res = server.results(sub["job_id"])

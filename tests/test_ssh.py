@@ -91,7 +91,8 @@ def test_cancel_pending_on_ssh_node(ssh_server, tmp_path):
     r = server.post(f"/api/cancel/{second['job_id']}", server.token())
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = server.post(f"/api/cancel/{first['job_id']}", server.token())
-    assert r.json()["status"] == "cancelled"
+    assert r.json()["cancel_requested"]
+    assert server.wait(first["job_id"])["status"] == "cancelled"
     assert not marker.exists()
 
 
@@ -102,7 +103,8 @@ def test_cancel_running_kills_the_remote_group(ssh_server, tmp_path):
     job_pid, grandchild = job_pids(pids_file)
     assert group_members(job_pid)  # the job's own process group, grandchild included
     r = server.post(f"/api/cancel/{sub['job_id']}", server.token())
-    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert r.status_code == 200 and r.json()["cancel_requested"]
+    assert server.wait(sub["job_id"])["status"] == "cancelled"
     assert group_members(job_pid) == []
     assert not alive(job_pid) and not alive(grandchild)
     assert server.results(sub["job_id"])["stdout"] == "started\n"
