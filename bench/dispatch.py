@@ -12,6 +12,7 @@ import time
 import requests
 
 from common import Cluster, Row, Server, job_config, kill_processes_under, median, pct, workdir
+from sshcluster import open_to_nodes
 
 N = 30
 JOB = "print('hello')\n"
@@ -32,8 +33,12 @@ def run():
                            f"  UserKnownHostsFile {cluster.known_hosts}\n"
                            "  StrictHostKeyChecking yes\n  BatchMode yes\n")
         jump, node = cluster.jump, cluster.nodes[0]
+        # As gpuqueue's nodes do: the nodes' user and python (NODE_PYTHON when the
+        # cluster has a node user of its own).
+        user, python = cfg["node_defaults"]["user"], cfg["node_defaults"]["python"]
+        open_to_nodes(root, writable=False)
         ssh = ["ssh", "-F", str(ssh_cfg), "-J", f"{_user()}@{jump.addr}:{jump.port}",
-               "-p", str(node.port), f"{_user()}@{node.addr}", f"{sys.executable} {job}"]
+               "-p", str(node.port), f"{user}@{node.addr}", f"{python} {job}"]
         session = requests.Session()
         auth = {"Authorization": f"Bearer {token}"}
         _wait_online(session, server)

@@ -9,6 +9,7 @@ import fairness
 import idle
 import makespan
 import scale
+import slowclients
 import submit
 from common import machine
 
@@ -20,7 +21,8 @@ def main():
     rows = []
     for name, module in (("dispatch", dispatch), ("submit", submit), ("drain", drain),
                          ("scale", scale), ("makespan", makespan),
-                         ("fairness", fairness), ("idle", idle)):
+                         ("fairness", fairness), ("idle", idle),
+                         ("slowclients", slowclients)):
         if not only or name in only:
             rows += module.run()
     if only:

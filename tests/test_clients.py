@@ -253,3 +253,33 @@ def test_an_unreadable_token_file_is_503_and_counts_for_nothing(strict):
     finally:
         tokens.write_text(kept)
     wait_for(lambda: nodes_with(strict, good).status_code == 200, what="the file to be read again")
+
+
+# -- cancels -----------------------------------------------------------------------
+
+
+def test_a_storm_of_cancels_holds_no_thread(server):
+    token = server.token()
+    sub = server.submit_ok("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                           "print('stubborn', flush=True)\ntime.sleep(120)\n", expected_time=300)
+    server.wait(sub["job_id"], ("running",))
+    answers, lock = [], threading.Lock()
+
+    def cancel():
+        r = requests.post(f"{server.url}/api/cancel/{sub['job_id']}", timeout=30,
+                          headers={"Authorization": f"Bearer {token}"})
+        with lock:
+            answers.append(r.status_code)
+    storm = [threading.Thread(target=cancel) for _ in range(40)]
+    began = time.monotonic()
+    for t in storm:
+        t.start()
+    # The job ignores SIGTERM, so its kill takes the whole kill_grace; meanwhile the
+    # server answers everyone.
+    r = requests.get(server.url + "/api/nodes", timeout=10)
+    assert r.status_code == 200
+    for t in storm:
+        t.join()
+    assert answers and all(code in (200, 409) for code in answers), answers
+    assert time.monotonic() - began < 20
+    assert server.wait(sub["job_id"])["status"] == "cancelled"

@@ -3,6 +3,7 @@
 running -> completed, follow a job's live output and cancel it from its page."""
 import json
 import re
+import time
 
 import pytest
 
@@ -117,3 +118,19 @@ def test_the_page_needs_nothing_from_elsewhere(make_server):
     assert len(nonces) == 1 and f"'nonce-{nonces.pop()}'" in csp
     assert server.get("/ui").headers["Content-Security-Policy"] != csp  # a new nonce each time
     assert server.get("/ui/job/not-a-job").status_code == 404
+
+
+def test_a_revoked_token_stops_the_polling_and_asks_for_a_new_one(make_server, browser):
+    server = make_server(nodes=1)
+    token = server.token("carol")
+    browser.open(server.url + "/ui")
+    browser.type("#token", token)
+    browser.click("#save")
+    browser.wait("document.querySelector('#who').textContent === 'token set'")
+    server.cli("tokens", "revoke", token)
+    browser.wait("document.querySelector('#who').textContent === 'no token'")
+    assert "token revoked" in browser.text("#error") and "new token" in browser.text("#error")
+    assert browser.eval("localStorage.getItem('gpuqueue.token')") is None
+    refused = server.log().count("401 user=-")
+    time.sleep(4.5)  # two of the page's refresh periods: nothing may happen in them
+    assert server.log().count("401 user=-") == refused, "the page kept presenting the token"
