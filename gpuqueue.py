@@ -1973,7 +1973,7 @@ LEASE_MARGIN = 5
 #: Most seconds between reconnect attempts to an offline node.
 SSH_MAX_BACKOFF = 10
 #: Seconds a node's ``setup`` line and python start-up may take before the
-#: agent reports in, and the agent to confirm a job's start.
+#: agent reports in.  (A job's start is confirmed within its lease: node_timeout.)
 WRAPPER_START_TIMEOUT = 120
 #: Seconds a new server waits for its local nodes' agents before it announces itself.
 LOCAL_START_TIMEOUT = 10
