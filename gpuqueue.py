@@ -81,6 +81,7 @@ Slurm job is looked up by name before it is submitted again.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import bisect
 import codecs
@@ -92,6 +93,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import importlib
 import ipaddress
 import itertools
 import json
@@ -117,18 +119,25 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import bottle
-import click
-import filelock
-import waitress
-import waitress.adjustments
-import waitress.channel
-import waitress.parser
-import waitress.server
-import waitress.task
-import yaml
 
-__version__ = "0.1.0"
+
+class _OnFirstUse:
+    """A third-party module, imported when first used rather than when gpuqueue.py
+    loads: the client commands use none, so gpuqueue.py copied to a laptop runs them
+    on a bare python3 (the server's commands import what they need; see main)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+bottle = _OnFirstUse("bottle")
+filelock = _OnFirstUse("filelock")
+yaml = _OnFirstUse("yaml")
+
+__version__ = "0.2.0"
 
 log = logging.getLogger("gpuqueue")
 
@@ -1751,8 +1760,10 @@ class Spool:
 #: User names: what may stand in ``user_id`` and in a token record.
 USER_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 
-#: A token chosen by an admin must be at least this long; generated ones are 43.
-MIN_TOKEN_LENGTH = 16
+#: A token chosen by an admin must be at least this long (the original server's
+#: example token is 15), and gets a warning below SHORT_TOKEN; generated ones are 43.
+MIN_TOKEN_LENGTH = 8
+SHORT_TOKEN = 16
 #: Seconds between looks at the token file for changes.
 TOKENS_RECHECK = 1.0
 
@@ -1838,7 +1849,9 @@ class Tokens:
     def authenticate(self, token):
         """The record of a valid token; Unauthorized otherwise."""
         if not token:
-            raise Unauthorized("missing token: send 'Authorization: Bearer <token>'")
+            raise Unauthorized("missing token: send the header 'Authorization: Bearer <token>' "
+                               "(curl: -H 'Authorization: Bearer <token>') with the token an "
+                               "admin gave you")
         digest = token_hash(token)
         match = self._find(digest, self.records(fresh=False)) or self._find(digest, self.records())
         if match is None and self._broken:
@@ -3314,24 +3327,26 @@ PRIORITY_RANGE = (-100, 100)
 #: Upper bound for free-text ids in a job's config.
 MAX_ID_LENGTH = 200
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: Bytes a job's config.yaml may have: its few keys need far less.  Checked before
 #: the YAML is parsed, so no upload can make the parser work hard.
 MAX_CONFIG_BYTES = 8 * 1024
 
 
-class _JobConfigLoader(_YAML_LOADER):
-    """The safe loader, refusing a key given twice (plain YAML keeps the last one)."""
-
-    def construct_mapping(self, node, deep=False):
-        mapping = super().construct_mapping(node, deep)
-        if len(mapping) != len(node.value):
-            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
-            twice = next((k for k in keys if keys.count(k) > 1), "?")
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the key {twice[:40]!r} is given twice", node.start_mark)
-        return mapping
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+@functools.cache
+def _job_config_loader():
+    """YAML's safe loader (the C one where built), refusing a key given twice: plain
+    YAML keeps the last one, so a config could say one thing to a reader and another
+    to the server."""
+    class JobConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        def construct_mapping(self, node, deep=False):
+            mapping = super().construct_mapping(node, deep)
+            if len(mapping) != len(node.value):
+                keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+                twice = next((k for k in keys if keys.count(k) > 1), "?")
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {twice[:40]!r} is given twice", node.start_mark)
+            return mapping
+    return JobConfigLoader
 
 
 def parse_job_config(data, max_expected_time):
@@ -3344,7 +3359,7 @@ def parse_job_config(data, max_expected_time):
     except UnicodeDecodeError:
         raise BadRequest("config_file must be UTF-8 text") from None
     try:
-        cfg = yaml.load(text, Loader=_JobConfigLoader)
+        cfg = yaml.load(text, Loader=_job_config_loader())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -3500,7 +3515,7 @@ class Scheduler:
         if "token" in cfg:  # the token never reaches the disk
             kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
             config_data = ("# token removed by gpuqueue\n"
-                           + yaml.dump(kept, Dumper=_YAML_DUMPER)).encode()
+                           + yaml.safe_dump(kept)).encode()
         try:
             staged = self.spool.stage(job, code, config_data)
         except OSError as exc:
@@ -3540,8 +3555,10 @@ class Scheduler:
         return job
 
     def shown(self, job):
-        """A job's public record, with its place in the queue while it waits."""
+        """A job's public record, with its time limit, and its place in the queue
+        while it waits."""
         out = job.public()
+        out["time_limit"] = self.config.time_limit(job.expected_time)
         if job.status == "pending":
             position, start = self.spool.queue_position(job)
             out["queue_position"], out["estimated_start"] = position, isotime(start)
@@ -3735,6 +3752,7 @@ class Api:
         self.app.route("/ui", "GET", self.ui)
         self.app.route("/ui/job/<job_id>", "GET", self.ui)
         self.app.route("/openapi.json", "GET", lambda: OPENAPI)
+        self.dashboard = bottle.SimpleTemplate(DASHBOARD)
 
     ROUTES = (
         ("GET", "/", "index"),
@@ -4009,7 +4027,7 @@ class Api:
                        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
         res.set_header("X-Content-Type-Options", "nosniff")
         res.set_header("Referrer-Policy", "no-referrer")
-        return DASHBOARD.render(nonce=nonce, version=__version__, job_id=job_id,
+        return self.dashboard.render(nonce=nonce, version=__version__, job_id=job_id,
                                 json_job_id=json.dumps(job_id), nodes=self.scheduler.nodes(),
                                 gpu_text=gpu_text, duration=duration)
 
@@ -4034,113 +4052,127 @@ def logged(app):
     return wsgi
 
 
-class _JsonErrorTask(waitress.task.ErrorTask):
-    """waitress's own refusals (a body over the limit, a malformed request) as JSON too."""
+@functools.cache
+def _server_class():
+    """waitress's server, extended (built on first use, so that only the server
+    imports waitress): JSON errors, no request smuggling, deadlines for slow
+    clients, and a cap on connections per address."""
+    import waitress.channel
+    import waitress.parser
+    import waitress.server
+    import waitress.task
 
-    def execute(self):
-        e = self.request.error
-        if e.code == 413:
-            message = f"upload larger than {self.channel.server.adj.max_request_body_size} bytes"
-        else:
-            message = f"{e.reason}: {e.body}"
-        body = json.dumps({"error": message}).encode()
-        self.status = f"{e.code} {e.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
+    class _JsonErrorTask(waitress.task.ErrorTask):
+        """waitress's own refusals (a body over the limit, a malformed request) as JSON too."""
+
+        def execute(self):
+            e = self.request.error
+            if e.code == 413:
+                message = f"upload larger than {self.channel.server.adj.max_request_body_size} bytes"
+            else:
+                message = f"{e.reason}: {e.body}"
+            body = json.dumps({"error": message}).encode()
+            self.status = f"{e.code} {e.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
 
 
-class _Parser(waitress.parser.HTTPRequestParser):
-    def parse_header(self, header_plus):
-        super().parse_header(header_plus)
-        if self.chunked and "CONTENT_LENGTH" in self.headers:
-            # RFC 9112 6.1: a proxy in front may read the body by the other header;
-            # refuse, and close (an ErrorTask always does), so nothing is smuggled.
-            raise waitress.parser.ParsingError(
-                "a request may not carry both Content-Length and Transfer-Encoding")
+    class _Parser(waitress.parser.HTTPRequestParser):
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            if self.chunked and "CONTENT_LENGTH" in self.headers:
+                # RFC 9112 6.1: a proxy in front may read the body by the other header;
+                # refuse, and close (an ErrorTask always does), so nothing is smuggled.
+                raise waitress.parser.ParsingError(
+                    "a request may not carry both Content-Length and Transfer-Encoding")
 
 
-class _Channel(waitress.channel.HTTPChannel):
-    """waitress's channel, with JSON errors and the clock of its request's start,
-    for _Server's deadlines."""
+    class _Channel(waitress.channel.HTTPChannel):
+        """waitress's channel, with JSON errors and the clock of its request's start,
+        for _Server's deadlines."""
 
-    error_task_class = _JsonErrorTask
-    parser_class = _Parser
-    began = None  # when the request being read began to arrive
-    got = 0       # bytes of it so far
+        error_task_class = _JsonErrorTask
+        parser_class = _Parser
+        began = None  # when the request being read began to arrive
+        got = 0       # bytes of it so far
 
-    def __init__(self, server, sock, addr, adj, map=None):
-        super().__init__(server, sock, addr, adj, map)
-        self.client = addr[0] if isinstance(addr, tuple) else str(addr)
-        if not server.admit(self):
-            self.will_close = True  # closed at once: this address has enough open
+        def __init__(self, server, sock, addr, adj, map=None):
+            super().__init__(server, sock, addr, adj, map)
+            self.client = addr[0] if isinstance(addr, tuple) else str(addr)
+            if not server.admit(self):
+                self.will_close = True  # closed at once: this address has enough open
 
-    def received(self, data):
-        if self.request is None:
-            self.began, self.got = time.monotonic(), 0
-        self.got += len(data)
-        return super().received(data)
+        def received(self, data):
+            if self.request is None:
+                self.began, self.got = time.monotonic(), 0
+            self.got += len(data)
+            return super().received(data)
 
-    def handle_close(self):
-        self.server.release(self)
-        super().handle_close()
+        def handle_close(self):
+            self.server.release(self)
+            super().handle_close()
+
+
+    class _Server(waitress.server.TcpWSGIServer):
+        """waitress's server, made safe to face slow or stalled clients: a request's
+        headers must arrive within HEADER_TIMEOUT, its body at MIN_BODY_RATE at least
+        (after HEADER_TIMEOUT), and one address may hold at most PER_ADDRESS_CONNECTIONS
+        connections.  Far more connections than threads may be open: a connection costs
+        a thread only once its request has fully arrived."""
+
+        channel_class = _Channel
+
+        def __init__(self, *args, **kw):
+            self._per_address = collections.Counter()
+            self._admitted = set()
+            super().__init__(*args, **kw)
+
+        def admit(self, channel):
+            if self._per_address[channel.client] >= PER_ADDRESS_CONNECTIONS:
+                return False
+            self._per_address[channel.client] += 1
+            self._admitted.add(id(channel))
+            return True
+
+        def release(self, channel):
+            if id(channel) in self._admitted:
+                self._admitted.discard(id(channel))
+                self._per_address[channel.client] -= 1
+                if not self._per_address[channel.client]:
+                    del self._per_address[channel.client]
+
+        def maintenance(self, now):
+            super().maintenance(now)
+            clock = time.monotonic()
+            for channel in list(self.active_channels.values()):
+                req = getattr(channel, "request", None)
+                if req is None or channel.began is None or req.completed:
+                    continue
+                age = clock - channel.began
+                if (not req.headers_finished and age > HEADER_TIMEOUT) or (
+                        req.headers_finished and age > HEADER_TIMEOUT
+                        and channel.got < MIN_BODY_RATE * age):
+                    channel.will_close = True
+                    channel.server.pull_trigger()
+
+    return _Server
 
 
 def _http_server(app, host, port, config):
     """waitress on one address, as _Server: poll() instead of select(), so that far
     more connections than 1,024 may be open; proxy headers passed on untouched (Api
     decides whom to believe: ``trusted_proxies``)."""
+    import waitress.adjustments
+    import waitress.task
     adj = waitress.adjustments.Adjustments(
         host=host, port=port, threads=HTTP_THREADS, max_request_body_size=config.max_upload_bytes,
         channel_timeout=60, cleanup_interval=1, connection_limit=CONNECTION_LIMIT,
         asyncore_use_poll=True, clear_untrusted_proxy_headers=False)
     dispatcher = waitress.task.ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
-    return _Server(app, {}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
-
-
-class _Server(waitress.server.TcpWSGIServer):
-    """waitress's server, made safe to face slow or stalled clients: a request's
-    headers must arrive within HEADER_TIMEOUT, its body at MIN_BODY_RATE at least
-    (after HEADER_TIMEOUT), and one address may hold at most PER_ADDRESS_CONNECTIONS
-    connections.  Far more connections than threads may be open: a connection costs
-    a thread only once its request has fully arrived."""
-
-    channel_class = _Channel
-
-    def __init__(self, *args, **kw):
-        self._per_address = collections.Counter()
-        self._admitted = set()
-        super().__init__(*args, **kw)
-
-    def admit(self, channel):
-        if self._per_address[channel.client] >= PER_ADDRESS_CONNECTIONS:
-            return False
-        self._per_address[channel.client] += 1
-        self._admitted.add(id(channel))
-        return True
-
-    def release(self, channel):
-        if id(channel) in self._admitted:
-            self._admitted.discard(id(channel))
-            self._per_address[channel.client] -= 1
-            if not self._per_address[channel.client]:
-                del self._per_address[channel.client]
-
-    def maintenance(self, now):
-        super().maintenance(now)
-        clock = time.monotonic()
-        for channel in list(self.active_channels.values()):
-            req = getattr(channel, "request", None)
-            if req is None or channel.began is None or req.completed:
-                continue
-            age = clock - channel.began
-            if (not req.headers_finished and age > HEADER_TIMEOUT) or (
-                    req.headers_finished and age > HEADER_TIMEOUT
-                    and channel.got < MIN_BODY_RATE * age):
-                channel.will_close = True
-                channel.server.pull_trigger()
+    return _server_class()(app, {}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
 
 
 def _openapi():
@@ -4382,7 +4414,7 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 #: which is entered once, kept in the browser's localStorage and sent only as a
 #: Bearer header.  No external assets: a cluster's head node is often offline.
 #: Data reaches the page through textContent only, never as HTML.
-DASHBOARD = bottle.SimpleTemplate(r"""<!doctype html>
+DASHBOARD = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gpuqueue{{" – job " + job_id if job_id else ""}}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style nonce="{{nonce}}">
@@ -4524,7 +4556,8 @@ if (JOB !== null) $("cancel").addEventListener("click", async () => {
 refresh();
 setInterval(refresh, 2000);
 </script></body></html>
-""")
+"""
+
 
 
 def duration(seconds):
@@ -4814,9 +4847,22 @@ class Control:
                                        f"it is being stopped {when}"}
 
 
+def served_spool(config):
+    """Refuse, in one line, an admin command about to act on a spool that no server
+    has used: run from the wrong folder, it would make a new empty spool (or tokens
+    file) there and report a success that changed nothing."""
+    if not (config.spool / "server.lock").is_file():
+        found = (f"the config {config.source}" if config.source else
+                 f"the built-in default config, as {Path.cwd()} has no {DEFAULT_CONFIG_FILE}")
+        raise ConfigError(
+            f"no gpuqueue server has used the spool {config.spool} (from {found}); run this "
+            "where the server runs, or name its config with --config PATH or GPUQUEUE_CONFIG")
+
+
 def control(config, request):
     """Carry out an admin request: through the running server's control/ folder
     or, with no server running, on the spool directly."""
+    served_spool(config)
     spool = Spool(config.spool, [n.id for n in config.nodes])
     try:
         spool.open()
@@ -4835,7 +4881,7 @@ def _ask_server(folder, request):
     deadline = time.monotonic() + CONTROL_TIMEOUT
     while not reply.exists():
         if time.monotonic() > deadline:
-            raise click.ClickException(
+            raise Unavailable(
                 f"the server did not answer within {CONTROL_TIMEOUT} s; the request stays in "
                 f"{folder} and is carried out when it does")
         time.sleep(0.1)  # a command's own wait, not the server's: nothing to be woken by
@@ -4847,125 +4893,26 @@ def _ask_server(folder, request):
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
+#
+# Two halves.  The client commands speak to a server over HTTP with the standard
+# library alone (argparse, urllib), so that gpuqueue.py copied to a user's laptop
+# runs them on a bare python3.  The server's own commands (serve, tokens, nodes,
+# jobs list|cancel) are a Click group built on first use: only they import click
+# and the server's packages.  main() hands each command line to its half.
 
-
-class _Cli(click.Group):
-    """Every GpuqueueError a command meets ends it with its one-line message."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except GpuqueueError as exc:
-            raise click.ClickException(exc.message) from None
-        except OSError as exc:  # a path this machine refuses: say which, in one line
-            where = f" {exc.filename}" if exc.filename else ""
-            raise click.ClickException(f"{exc.strerror or exc}:{where}") from None
-
-
-@click.group(cls=_Cli)
-@click.option("--config", "config_path", envvar="GPUQUEUE_CONFIG", type=click.Path(dir_okay=False),
-              help=f"Config file (default: ./{DEFAULT_CONFIG_FILE} when present, else 8 local nodes).")
-@click.pass_context
-def cli(ctx, config_path):
-    """gpuqueue: a GPU job queue server."""
-    if config_path is None and Path(DEFAULT_CONFIG_FILE).exists():
-        config_path = DEFAULT_CONFIG_FILE
-    ctx.obj = load_config(config_path)
-
-
-@cli.command("serve")
-@click.option("--host", help="Address to listen on (default: config 'host').")
-@click.option("--port", type=int, help="Port (default: config 'port'; 0 picks a free one).")
-@click.pass_obj
-def cli_serve(config, host, port):
-    """Start the server and one scheduler thread per node."""
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("paramiko").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" per burst
-    host, port = host or config.host, config.port if port is None else port
-    spool = Spool(config.spool, [n.id for n in config.nodes])
-    try:
-        spool.open()
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot use the spool {config.spool}: {exc.strerror or exc}; it must be a folder "
-            "this user may write (set 'spool' in the config to use another)") from None
-    scheduler = Scheduler(config, spool, Tokens(config.tokens))
-    api = Api(scheduler)
-    try:
-        server = _http_server(logged(api.app), host, port, config)
-    except OSError as exc:
-        spool.close()
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                                   "stop what uses it, or choose another with --port") from None
-    control = Control(scheduler)
-    _logged_step(control.scan)  # requests left from before a restart: before any job starts
-    scheduler.start(("watch", functools.partial(watch, Incoming(scheduler), control)))
-    shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "::") else server.effective_host
-    click.echo(f"gpuqueue {__version__} listening on http://{shown}:{server.effective_port} "
-               f"with {len(config.nodes)} node(s); spool {config.spool}", err=False)
-    click.echo("create a token: python gpuqueue.py tokens create USER --days 30", err=False)
-    if any(n.is_local for n in config.nodes):
-        log.warning("local nodes run jobs as this server's own user: such a job can read and "
-                    "change the spool, other jobs' records and the token file")
-    sys.stdout.flush()
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        spool.close()
-
-
-@cli.group("tokens")
-def cli_tokens():
-    """Create, list and revoke access tokens."""
-
-
-@cli_tokens.command("create")
-@click.argument("user")
-@click.argument("token", required=False)
-@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True,
-              help="Days until the token expires.")
-@click.option("--admin", is_flag=True, help="May see and cancel every user's jobs.")
-@click.pass_obj
-def tokens_create(config, user, token, days, admin):
-    """Create a token for USER (a random one unless TOKEN is given)."""
-    generated = token is None
-    token, rec = Tokens(config.tokens).create(user, token, days, admin)
-    click.echo(f"created token {fingerprint(rec['sha256'])} for {user}"
-               f"{' (admin)' if admin else ''}, expires {rec['expires']}")
-    if generated:
-        click.echo(f"token (shown only now): {token}")
-
-
-@cli_tokens.command("list")
-@click.pass_obj
-def tokens_list(config):
-    """List tokens: user, admin, dates and fingerprint; never the token."""
-    click.echo(f"{'FINGERPRINT':<13} {'USER':<20} {'ADMIN':<5} {'CREATED':<25} {'EXPIRES':<25} REVOKED")
-    for r in Tokens(config.tokens).records():
-        click.echo(f"{fingerprint(str(r.get('sha256'))):<13} {r.get('user', '?'):<20} "
-                   f"{'yes' if r.get('admin') else 'no':<5} {r.get('created', ''):<25} "
-                   f"{r.get('expires', ''):<25} {r.get('revoked') or '-'}")
-
-
-@cli_tokens.command("revoke")
-@click.argument("token_or_fingerprint")
-@click.pass_obj
-def tokens_revoke(config, token_or_fingerprint):
-    """Revoke a token, given the token itself or its fingerprint."""
-    rec = Tokens(config.tokens).revoke(token_or_fingerprint)
-    click.echo(f"revoked token {fingerprint(rec['sha256'])} of {rec.get('user')}")
+#: The client commands; ``jobs list`` and ``jobs cancel`` are the admin's, through the spool.
+CLIENT_COMMANDS = ("submit", "status", "results", "cancel", "logs", "jobs")
+#: Where the client commands look for the server unless told (--server, GPUQUEUE_URL).
+DEFAULT_URL = "http://127.0.0.1:8000"
+#: Seconds between a waiting client's looks at its job.
+WAIT_POLL = 1.0
 
 
 # -- client commands: the HTTP API for people and scripts ----------------------
 
 
 class Client:
-    """The HTTP API as the client commands call it (the standard library's urllib:
-    nothing more to install on a user's machine)."""
+    """The HTTP API as the client commands call it."""
 
     def __init__(self, server, token):
         self.server = server.rstrip("/")
@@ -4973,7 +4920,7 @@ class Client:
 
     def _request(self, method, path, body=None, headers=None):
         if not self.token:
-            raise click.ClickException("no token: pass --token or set GPUQUEUE_TOKEN")
+            raise Unauthorized("no token: pass --token or set GPUQUEUE_TOKEN")
         return urllib.request.Request(
             self.server + path, data=body, method=method,
             headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
@@ -4986,10 +4933,10 @@ class Client:
                 message = json.load(exc)["error"]
             except (ValueError, KeyError, TypeError):
                 message = exc.reason
-            raise click.ClickException(f"{message} (HTTP {exc.code})") from None
+            raise GpuqueueError(f"{message} (HTTP {exc.code})") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise click.ClickException(f"cannot reach {self.server}: "
-                                       f"{getattr(exc, 'reason', exc)}") from None
+            raise Unavailable(f"cannot reach {self.server}: "
+                              f"{getattr(exc, 'reason', exc)}") from None
 
     def call(self, method, path, body=None, headers=None):
         with self._open(self._request(method, path, body, headers)) as r:
@@ -5003,7 +4950,7 @@ class Client:
                     if line.strip():  # a quiet follow's keep-alive spaces
                         yield json.loads(line)
         except (OSError, ValueError) as exc:
-            raise click.ClickException(f"the stream from {self.server} broke: {exc}") from None
+            raise Unavailable(f"the stream from {self.server} broke: {exc}") from None
 
     def submit(self, script, config):
         boundary = secrets.token_hex(16)
@@ -5017,29 +4964,32 @@ class Client:
         return self.call("POST", "/api/submit", body,
                          {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
+    def job_path(self, what, job_id):
+        return f"/api/{what}/{urllib.parse.quote(job_id, safe='')}"
 
-def _client_options(command):
-    """--server, --token and --json, for a command that talks to the server; the
-    command gets ``client`` (a Client) and ``as_json``."""
-    @click.option("--server", envvar="GPUQUEUE_URL", default="http://127.0.0.1:8000",
-                  show_default=True, help="The server's URL (or GPUQUEUE_URL).")
-    @click.option("--token", envvar="GPUQUEUE_TOKEN", help="Your token (or GPUQUEUE_TOKEN).")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
-    @functools.wraps(command)
-    def with_client(*args, server, token, **kw):
-        return command(*args, client=Client(server, token), **kw)
-    return with_client
+
+def _in_line(position):
+    """A queue position (the API's count from 0) for people, who count from 1."""
+    return "next in line" if position == 0 else f"number {position + 1} in line"
+
+
+def _seconds_since(iso):
+    started = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return max(0.0, (datetime.now(timezone.utc) - started).total_seconds())
 
 
 def _show(job):
     """A job's status, for people."""
     line = f"{job['job_id']}  {job['status']}  node {job['node_id']}  user {job['user_id']}"
     if job["status"] == "pending" and job.get("queue_position") is not None:
-        line += (f"\n  queue position {job['queue_position']}, estimated start "
+        line += (f"\n  {_in_line(job['queue_position'])}, estimated start "
                  f"{job.get('estimated_start') or '-'}")
     for key in ("submitted_at", "started_at", "finished_at"):
         if job.get(key):
             line += f"\n  {key.replace('_at', ''):<9} {job[key]}"
+    if job["status"] not in FINAL_STATES and job.get("time_limit"):
+        line += (f"\n  expected  {duration(job['expected_time'])}, killed after "
+                 f"{duration(job['time_limit'])}")
     if job["status"] == "running" and job.get("cancel_requested"):
         line += "\n  cancel requested: it is being stopped"
     if job["status"] in FINAL_STATES:
@@ -5049,10 +4999,10 @@ def _show(job):
     return line
 
 
-def _exit_status(results):
+def _exit_status(job):
     """The shell status that stands for a job's end: its exit code, 128 + the
     signal that killed it, or 1 when it has none (cancelled, timeout, lost)."""
-    code = results["exit_code"]
+    code = job["exit_code"]
     if code is None:
         return 1
     return 128 - code if code < 0 else min(code, 255)
@@ -5060,221 +5010,518 @@ def _exit_status(results):
 
 def _print_results(results, as_json):
     if as_json:
-        click.echo(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
         return
-    click.echo(results["stdout"], nl=False)
-    click.echo(results["stderr"], nl=False, err=True)
+    sys.stdout.write(results["stdout"])
+    sys.stderr.write(results["stderr"])
     if results["error"]:
-        click.echo(f"gpuqueue: job {results['job_id']} {results['status']}: {results['error']}",
-                   err=True)
+        print(f"gpuqueue: job {results['job_id']} {results['status']}: {results['error']}",
+              file=sys.stderr)
 
 
-@cli.command("submit")
-@click.argument("script", type=click.Path(exists=True, dir_okay=False))
-@click.option("-c", "--config", "job_config", required=True,
-              type=click.Path(exists=True, dir_okay=False), help="The job's config.yaml.")
-@click.option("--wait", is_flag=True, help="Wait for the job, show its progress, print its "
-                                           "output and exit with its exit code.")
-@_client_options
-def cli_submit(script, job_config, wait, client, as_json):
-    """Submit SCRIPT with its config.yaml."""
-    job = client.submit(script, job_config)
-    if not wait:
-        click.echo(json.dumps(job, indent=1) if as_json else
-                   f"{job['job_id']}  pending on node {job['node_id']}, queue position "
-                   f"{job['queue_position']}, estimated start {job['estimated_start']}")
-        return
-    if not as_json:
-        click.echo(f"job {job['job_id']} queued on node {job['node_id']}", err=True)
-    results = _wait(client, job["job_id"], show=not as_json)
-    _print_results(results, as_json)
-    sys.exit(_exit_status(results))
+class _Progress:
+    """One line on stderr saying how a job is doing.  On a terminal it is redrawn
+    in place, and set aside while the job's output is printed; elsewhere it is
+    printed whenever its state (not its clock) changes."""
+
+    def __init__(self, out):
+        self.out = out
+        self.tty = out.isatty()
+        self.shown = False   # the line is on the terminal now
+        self.midline = False  # the job's output stopped mid-line: do not draw over it
+        self.state = None
+
+    def show(self, text, state):
+        if self.tty:
+            if not self.midline:
+                self.out.write("\r\033[K" + text)
+                self.shown = True
+        elif state != self.state:
+            self.out.write(text + "\n")
+        self.state = state
+        self.out.flush()
+
+    def output(self, stream, data):
+        if self.shown:
+            self.out.write("\r\033[K")
+            self.out.flush()
+            self.shown = False
+        stream.write(data)
+        stream.flush()
+        self.midline = not data.endswith("\n")
+
+    def end(self, text):
+        self.output(self.out, ("\n" if self.midline else "") + text + "\n")
 
 
-def _wait(client, job_id, show):
-    """Poll a job until it ends, with one progress line on stderr; its results."""
-    tty = sys.stderr.isatty()
-    last = None
-    while True:
-        job = client.call("GET", f"/api/status/{job_id}")
-        if job["status"] in FINAL_STATES:
-            if show and tty and last:
-                click.echo("", err=True)
-            return client.call("GET", f"/api/results/{job_id}")
-        if job["status"] == "pending":
-            line = (f"pending: queue position {job['queue_position']}, "
-                    f"estimated start {job['estimated_start']}")
-        else:
-            started = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
-            elapsed = (datetime.now(timezone.utc) - started).total_seconds()
-            line = (f"running on node {job['node_id']}: {elapsed:.0f} s of "
-                    f"{job['expected_time']:g} s expected")
-        if show and line != last:
-            click.echo(("\r\033[K" + line) if tty else line, err=True, nl=not tty)
-            last = line
-        time.sleep(1)  # a client's poll; the server holds no connection open for it
+def _progress_line(job):
+    where = f"node {job['node_id']}"
+    if job["status"] == "pending":
+        return (f"pending on {where}: {_in_line(job['queue_position'])}, estimated start "
+                f"{job.get('estimated_start') or '-'}"), ("pending", job["queue_position"])
+    if job.get("cancel_requested"):
+        return f"running on {where}: being cancelled", ("cancelling",)
+    elapsed = duration(_seconds_since(job["started_at"])) if job.get("started_at") else "-"
+    return (f"running on {where}: {elapsed} of {duration(job['expected_time'])} expected, "
+            f"killed after {duration(job['time_limit'])}"), ("running",)
 
 
-@cli.command("status")
-@click.argument("job_id")
-@_client_options
-def cli_status(job_id, client, as_json):
-    """A job's status."""
-    job = client.call("GET", f"/api/status/{urllib.parse.quote(job_id)}")
-    click.echo(json.dumps(job, indent=1) if as_json else _show(job))
+def _copy_output(client, job_id, offsets, progress):
+    """Print what the job wrote since ``offsets``, each stream to its own."""
+    for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        while True:
+            part = client.call("GET", f"{client.job_path('logs', job_id)}?stream={stream}"
+                                      f"&offset={offsets[stream]}")
+            if not part["data"] and part["next_offset"] == offsets[stream]:
+                break
+            progress.output(out, part["data"])
+            offsets[stream] = part["next_offset"]
 
 
-@cli.command("results")
-@click.argument("job_id")
-@_client_options
-def cli_results(job_id, client, as_json):
-    """A finished job's stdout (and stderr, on stderr)."""
-    _print_results(client.call("GET", f"/api/results/{urllib.parse.quote(job_id)}"), as_json)
+def _watch(client, job):
+    """Follow a job to its end for a person: its output as it is written and a
+    progress line on stderr; its final record.  Ctrl-C leaves the job alone."""
+    progress = _Progress(sys.stderr)
+    offsets = {"stdout": 0, "stderr": 0}
+    try:
+        while True:
+            job = client.call("GET", client.job_path("status", job["job_id"]))
+            if job["status"] != "pending":
+                _copy_output(client, job["job_id"], offsets, progress)
+            if job["status"] in FINAL_STATES:
+                _copy_output(client, job["job_id"], offsets, progress)  # what came last
+                outcome = job["error"] or f"exit code {job['exit_code']}"
+                progress.end(f"gpuqueue: job {job['job_id']} {job['status']}: {outcome}")
+                return job
+            progress.show(*_progress_line(job))
+            time.sleep(WAIT_POLL)  # a client's poll; the server holds nothing open for it
+    except KeyboardInterrupt:
+        fate = "stays queued" if job["status"] == "pending" else "keeps running"
+        progress.end(f"gpuqueue: stopped waiting; job {job['job_id']} {fate}.  Follow it with "
+                     f"'gpuqueue.py logs -f {job['job_id']}', cancel it with "
+                     f"'gpuqueue.py cancel {job['job_id']}'")
+        return None
 
 
-@cli.command("cancel")
-@click.argument("job_id")
-@_client_options
-def cli_cancel(job_id, client, as_json):
-    """Cancel a pending or running job."""
-    job = client.call("POST", f"/api/cancel/{urllib.parse.quote(job_id)}")
-    click.echo(json.dumps(job, indent=1) if as_json else _show(job))
+def cli_submit(args, client):
+    job = client.submit(args.script, args.job_config)
+    if not args.wait:
+        print(json.dumps(job, indent=1) if args.json else
+              f"{job['job_id']}  pending on node {job['node_id']}, "
+              f"{_in_line(job['queue_position'])}, estimated start {job['estimated_start']}")
+        return 0
+    if args.json:  # for scripts: no progress, the results at the end
+        while client.call("GET", client.job_path("status", job["job_id"]))["status"] \
+                not in FINAL_STATES:
+            time.sleep(WAIT_POLL)
+        results = client.call("GET", client.job_path("results", job["job_id"]))
+        _print_results(results, as_json=True)
+        return _exit_status(results)
+    print(f"job {job['job_id']} queued on node {job['node_id']}", file=sys.stderr)
+    job = _watch(client, job)
+    return 130 if job is None else _exit_status(job)
 
 
-@cli.command("logs")
-@click.argument("job_id")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
-@click.option("--stream", type=click.Choice(["stdout", "stderr"]), default="stdout", show_default=True)
-@_client_options
-def cli_logs(job_id, follow, stream, client, as_json):
-    """What a job has written so far, read from its node while it runs."""
-    path = f"/api/logs/{urllib.parse.quote(job_id)}?stream={stream}"
-    out = sys.stdout
-    if not follow:
+def cli_status(args, client):
+    job = client.call("GET", client.job_path("status", args.job_id))
+    print(json.dumps(job, indent=1) if args.json else _show(job))
+    return 0
+
+
+def cli_results(args, client):
+    _print_results(client.call("GET", client.job_path("results", args.job_id)), args.json)
+    return 0
+
+
+def cli_cancel(args, client):
+    job = client.call("POST", client.job_path("cancel", args.job_id))
+    print(json.dumps(job, indent=1) if args.json else _show(job))
+    return 0
+
+
+def cli_logs(args, client):
+    path = f"{client.job_path('logs', args.job_id)}?stream={args.stream}"
+    if not args.follow:
         offset = 0
         while True:
             part = client.call("GET", f"{path}&offset={offset}")
-            if as_json:
-                click.echo(json.dumps(part))
+            if args.json:
+                print(json.dumps(part))
             else:
-                out.write(part["data"])
+                sys.stdout.write(part["data"])
             if part["next_offset"] == offset:
-                return
+                return 0
             offset = part["next_offset"]
     for line in client.lines(f"{path}&follow=1"):
-        if as_json:
-            click.echo(json.dumps(line))
+        if args.json:
+            print(json.dumps(line), flush=True)
         elif "data" in line:
-            out.write(line["data"])
-            out.flush()
+            sys.stdout.write(line["data"])
+            sys.stdout.flush()
         if line.get("end"):
-            return
+            return 0
         if "error" in line:
-            raise click.ClickException(f"following the output failed: {line['error']}")
-    raise click.ClickException("the output stream ended before the job did")
+            raise GpuqueueError(f"following the output failed: {line['error']}")
+    raise Unavailable("the output stream ended before the job did")
 
 
-# -- admin commands: through the spool, on the server's machine -----------------
+def cli_jobs(args, client):
+    query = urllib.parse.urlencode({k: v for k, v in (("status", args.status),
+                                                      ("user_id", args.user),
+                                                      ("limit", args.limit)) if v is not None})
+    found = client.call("GET", f"/api/jobs?{query}")["jobs"]
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0
+    print(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'SUBMITTED':<20} EXIT")
+    for j in found:
+        print(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
+              f"{j['submitted_at'][:19]:<20} {'-' if j['exit_code'] is None else j['exit_code']}")
+    return 0
+
+
+def _limit(text):
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError("a whole number from 1 to 1000")
+    return int(text)
+
+
+def client_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get("GPUQUEUE_URL", DEFAULT_URL),
+                        help=f"The server's URL (or GPUQUEUE_URL; default {DEFAULT_URL}).")
+    common.add_argument("--token", default=os.environ.get("GPUQUEUE_TOKEN"),
+                        help="Your token (or GPUQUEUE_TOKEN).")
+    common.add_argument("--json", action="store_true", help="Print JSON, for scripts.")
+    parser = argparse.ArgumentParser(
+        prog="gpuqueue.py", description="gpuqueue's client: talks to a gpuqueue server over "
+        "HTTP and needs nothing but python3.  The server's own commands: gpuqueue.py --help "
+        "where the server is installed.")
+    parser.add_argument("--version", action="version", version=f"gpuqueue {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, run, summary):
+        p = commands.add_parser(name, parents=[common], help=summary, description=summary)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("submit", cli_submit, "Submit SCRIPT with its config.yaml.")
+    p.add_argument("script")
+    p.add_argument("-c", "--config", dest="job_config", required=True, help="The job's config.yaml.")
+    p.add_argument("--wait", action="store_true",
+                   help="Follow the job: its output as it is written, how long it has run "
+                        "against its expected time and limit; exit with its exit code.")
+    command("status", cli_status, "A job's status.").add_argument("job_id")
+    command("results", cli_results,
+            "A finished job's stdout (and stderr, on stderr).").add_argument("job_id")
+    command("cancel", cli_cancel, "Cancel a pending or running job.").add_argument("job_id")
+    p = command("logs", cli_logs, "What a job has written so far, read from its node while "
+                                  "it runs.")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true", help="Keep printing until the job ends.")
+    p.add_argument("--stream", choices=("stdout", "stderr"), default="stdout")
+    p = command("jobs", cli_jobs, "Your jobs from the server, newest first (an admin on the "
+                                  "server's machine also has 'jobs list' and 'jobs cancel').")
+    p.add_argument("--status", choices=STATES, help="Only jobs in this state.")
+    p.add_argument("--user", help="Only this user's jobs (admins).")
+    p.add_argument("--limit", type=_limit, default=50, help="At most this many (default 50).")
+    return parser
+
+
+def client_main(argv):
+    args = client_parser().parse_args(argv)
+    try:
+        return args.run(args, Client(args.server, args.token))
+    except GpuqueueError as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+    except OSError as exc:  # a file to submit that cannot be read
+        print(f"Error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    return 1
+
+
+# -- the server's commands: on the server's machine ------------------------------
+
+
+def cli_serve(config, host, port):
+    """Start the server and one scheduler thread per node."""
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("paramiko").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" per burst
+    host, port = host or config.host, config.port if port is None else port
+    spool = Spool(config.spool, [n.id for n in config.nodes])
+    try:
+        spool.open()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use the spool {config.spool}: {exc.strerror or exc}; it must be a folder "
+            "this user may write (set 'spool' in the config to use another)") from None
+    tokens = Tokens(config.tokens)
+    scheduler = Scheduler(config, spool, tokens)
+    try:
+        server = _http_server(logged(Api(scheduler).app), host, port, config)
+    except OSError as exc:
+        spool.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                          "stop what uses it, or choose another with --port") from None
+    control = Control(scheduler)
+    _logged_step(control.scan)  # requests left from before a restart: before any job starts
+    scheduler.start(("watch", functools.partial(watch, Incoming(scheduler), control)))
+    _banner(config, server, tokens)
+
+    def stop(signum, frame):  # systemd stops a service so: end as Ctrl-C does
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pending, running = spool.counts()
+        print(f"gpuqueue stopped: {running} running job(s) go on running on their nodes and "
+              f"are re-attached when it starts again; {pending} pending job(s) stay queued",
+              flush=True)
+    finally:
+        spool.close()
+
+
+def _banner(config, server, tokens):
+    """What a person starting the server needs to know, and nothing false."""
+    host, port = server.effective_host, server.effective_port
+    everywhere = host in ("0.0.0.0", "::")
+    print(f"gpuqueue {__version__} listening on http://{host}:{port} with "
+          f"{len(config.nodes)} node(s); spool {config.spool}")
+    here = f"http://{'127.0.0.1' if everywhere else host}:{port}"
+    print(f"dashboard {here}/ui  API docs {here}/docs")
+    if not tokens.records():
+        named = f" --config {config.source}" if config.source else ""
+        print(f"no tokens yet: create one with 'python3 gpuqueue.py{named} tokens create USER'")
+    sys.stdout.flush()
+    if everywhere or not ipaddress.ip_address(host).is_loopback:
+        log.warning("listening on %s: anyone who can reach this machine can reach the API; "
+                    "set 'host: 127.0.0.1' in the config to keep it to this machine",
+                    "every address" if everywhere else host)
+    if any(n.is_local for n in config.nodes):
+        log.warning("local nodes run jobs as this server's own user: such a job can read and "
+                    "change the spool, other jobs' records and the token file (see 'run_as')")
+
+
+def cli_tokens_create(config, user, token, days, admin):
+    served_spool(config)
+    generated = token is None
+    token, rec = Tokens(config.tokens).create(user, token, days, admin)
+    print(f"created token {fingerprint(rec['sha256'])} for {user}{' (admin)' if admin else ''}, "
+          f"expires {rec['expires']}, in {config.tokens}")
+    if not generated and len(token) < SHORT_TOKEN:
+        print(f"warning: a token shorter than {SHORT_TOKEN} characters is easy to guess; leave "
+              "TOKEN out and gpuqueue makes a strong one", file=sys.stderr)
+    if generated:
+        print(f"token (shown only now): {token}")
+
+
+def cli_tokens_list(config):
+    served_spool(config)
+    print(f"{'FINGERPRINT':<13} {'USER':<20} {'ADMIN':<5} {'CREATED':<25} {'EXPIRES':<25} REVOKED")
+    for r in Tokens(config.tokens).records():
+        print(f"{fingerprint(str(r.get('sha256'))):<13} {r.get('user', '?'):<20} "
+              f"{'yes' if r.get('admin') else 'no':<5} {r.get('created', ''):<25} "
+              f"{r.get('expires', ''):<25} {r.get('revoked') or '-'}")
+
+
+def cli_tokens_revoke(config, token_or_fingerprint):
+    served_spool(config)
+    rec = Tokens(config.tokens).revoke(token_or_fingerprint)
+    print(f"revoked token {fingerprint(rec['sha256'])} of {rec.get('user')}")
 
 
 def _admin(config, request):
     """An admin request's reply, or the command's error."""
     reply = control(config, request)
     if not reply.get("ok"):
-        raise click.ClickException(reply.get("error", "failed"))
+        raise GpuqueueError(reply.get("error", "failed"))
     return reply
 
 
-@cli.group("nodes")
-def cli_nodes():
-    """See, drain and resume nodes on a running server (admins: run where the spool is)."""
-
-
-@cli_nodes.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.pass_obj
-def nodes_list(config, as_json):
-    """Each node: state, drained, running job, queue."""
+def cli_nodes_list(config, as_json):
     found = _admin(config, {"op": "nodes"})["nodes"]
     if as_json:
-        click.echo(json.dumps(found, indent=1))
+        print(json.dumps(found, indent=1))
         return
-    click.echo(f"{'NODE':<5} {'HOST':<20} {'STATE':<18} {'DRAINED':<8} {'RUNNING':<25} "
-               f"{'QUEUED':>6} {'QUEUED_S':>9}  ERROR")
+    print(f"{'NODE':<5} {'HOST':<20} {'STATE':<18} {'DRAINED':<8} {'RUNNING':<25} "
+          f"{'QUEUED':>6} {'QUEUED_S':>9}  ERROR")
     for n in found:
-        click.echo(f"{n['id']:<5} {n['host'][:20]:<20} {n['state']:<18} "
-                   f"{'yes' if n['drained'] else 'no':<8} {n['running_job'] or '-':<25} "
-                   f"{n['queued_jobs']:>6} {n['queued_seconds']:>9g}  {n['error'] or ''}")
+        print(f"{n['id']:<5} {n['host'][:20]:<20} {n['state']:<18} "
+              f"{'yes' if n['drained'] else 'no':<8} {n['running_job'] or '-':<25} "
+              f"{n['queued_jobs']:>6} {n['queued_seconds']:>9g}  {n['error'] or ''}")
 
 
-@cli_nodes.command("drain")
-@click.argument("node", type=int)
-@click.pass_obj
-def nodes_drain(config, node):
-    """Let NODE finish its running job and start no new one; its pending jobs move elsewhere."""
-    click.echo(_admin(config, {"op": "drain", "node": node})["message"])
-
-
-@cli_nodes.command("resume")
-@click.argument("node", type=int)
-@click.pass_obj
-def nodes_resume(config, node):
-    """Let a drained NODE start jobs again."""
-    click.echo(_admin(config, {"op": "resume", "node": node})["message"])
-
-
-@cli.group("jobs", invoke_without_command=True)
-@click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
-@click.option("--user", help="Only this user's jobs (admins).")
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
-@_client_options
-@click.pass_context
-def cli_jobs(ctx, status, user, limit, client, as_json):
-    """Your jobs from the server, newest first (admins on the server's machine also
-    have 'jobs list' and 'jobs cancel', which go through the spool)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    query = urllib.parse.urlencode({k: v for k, v in (("status", status), ("user_id", user),
-                                                      ("limit", limit)) if v is not None})
-    found = client.call("GET", f"/api/jobs?{query}")["jobs"]
-    if as_json:
-        click.echo(json.dumps(found, indent=1))
-        return
-    click.echo(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'SUBMITTED':<20} EXIT")
-    for j in found:
-        click.echo(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
-                   f"{j['submitted_at'][:19]:<20} {'-' if j['exit_code'] is None else j['exit_code']}")
-
-
-@cli_jobs.command("list")
-@click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
-@click.option("--user", help="Only this user's jobs.")
-@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.pass_obj
-def jobs_list(config, status, user, limit, as_json):
-    """Jobs newest first."""
+def cli_jobs_list(config, status, user, limit, as_json):
     found = _admin(config, {"op": "jobs", "status": status, "user": user, "limit": limit})["jobs"]
     if as_json:
-        click.echo(json.dumps(found, indent=1))
+        print(json.dumps(found, indent=1))
         return
-    click.echo(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'POS':>4} {'PRIO':>4} "
-               f"{'EXPECTED':>8} {'SUBMITTED':<20} EXIT")
+    print(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'POS':>4} {'PRIO':>4} "
+          f"{'EXPECTED':>8} {'SUBMITTED':<20} EXIT")
     for j in found:
-        position = "-" if j["queue_position"] is None else j["queue_position"]
-        click.echo(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
-                   f"{position:>4} {j['priority']:>4} {j['expected_time']:>8g} "
-                   f"{j['submitted_at'][:19]:<20} "
-                   f"{'-' if j['exit_code'] is None else j['exit_code']}")
+        position = "-" if j["queue_position"] is None else j["queue_position"] + 1
+        print(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
+              f"{position:>4} {j['priority']:>4} {j['expected_time']:>8g} "
+              f"{j['submitted_at'][:19]:<20} {'-' if j['exit_code'] is None else j['exit_code']}")
 
 
-@cli_jobs.command("cancel")
-@click.argument("job_id")
-@click.pass_obj
-def jobs_cancel(config, job_id):
-    """Cancel any user's job, pending or running."""
-    click.echo(_admin(config, {"op": "cancel", "job": job_id})["message"])
+def server_cli():
+    """The server's commands as a Click group.  Each is a thin shell: its work is
+    the cli_* function of the same name, and every GpuqueueError or OSError it
+    meets ends it with a one-line message."""
+    import click
+
+    class Cli(click.Group):
+        def invoke(self, ctx):
+            try:
+                return super().invoke(ctx)
+            except GpuqueueError as exc:
+                raise click.ClickException(exc.message) from None
+            except OSError as exc:  # a path this machine refuses: say which, in one line
+                where = f" {exc.filename}" if exc.filename else ""
+                raise click.ClickException(f"{exc.strerror or exc}:{where}") from None
+
+    @click.group(cls=Cli, epilog=(
+        f"Client commands, which need only python3: {', '.join(CLIENT_COMMANDS)} (see "
+        "'gpuqueue.py submit --help').  Admin commands act on the spool of the server "
+        f"whose config they are given: --config, GPUQUEUE_CONFIG, or ./{DEFAULT_CONFIG_FILE}."))
+    @click.option("--config", "config_path", envvar="GPUQUEUE_CONFIG",
+                  type=click.Path(dir_okay=False),
+                  help=f"Config file (default: ./{DEFAULT_CONFIG_FILE} when present, else 8 "
+                       "local nodes and ./spool).")
+    @click.version_option(__version__, prog_name="gpuqueue")
+    @click.pass_context
+    def cli(ctx, config_path):
+        """gpuqueue: a GPU job queue server."""
+        if config_path is None and Path(DEFAULT_CONFIG_FILE).exists():
+            config_path = DEFAULT_CONFIG_FILE
+        ctx.obj = load_config(config_path)
+
+    @cli.command("serve")
+    @click.option("--host", help="Address to listen on (default: config 'host').")
+    @click.option("--port", type=int, help="Port (default: config 'port'; 0 picks a free one).")
+    @click.pass_obj
+    def serve(config, host, port):
+        """Start the server and one scheduler thread per node."""
+        cli_serve(config, host, port)
+
+    @cli.group("tokens")
+    def tokens():
+        """Create, list and revoke access tokens (in the config's 'tokens' file)."""
+
+    @tokens.command("create")
+    @click.argument("user")
+    @click.argument("token", required=False)
+    @click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True,
+                  help="Days until the token expires.")
+    @click.option("--admin", is_flag=True, help="May see and cancel every user's jobs.")
+    @click.pass_obj
+    def tokens_create(config, user, token, days, admin):
+        """Create a token for USER (a random one unless TOKEN is given)."""
+        cli_tokens_create(config, user, token, days, admin)
+
+    @tokens.command("list")
+    @click.pass_obj
+    def tokens_list(config):
+        """List tokens: user, admin, dates and fingerprint; never the token."""
+        cli_tokens_list(config)
+
+    @tokens.command("revoke")
+    @click.argument("token_or_fingerprint")
+    @click.pass_obj
+    def tokens_revoke(config, token_or_fingerprint):
+        """Revoke a token, given the token itself or its fingerprint."""
+        cli_tokens_revoke(config, token_or_fingerprint)
+
+    @cli.group("nodes")
+    def nodes():
+        """See, drain and resume nodes on a running server (admins: run where the spool is)."""
+
+    @nodes.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.pass_obj
+    def nodes_list(config, as_json):
+        """Each node: state, drained, running job, queue."""
+        cli_nodes_list(config, as_json)
+
+    @nodes.command("drain")
+    @click.argument("node", type=int)
+    @click.pass_obj
+    def nodes_drain(config, node):
+        """Let NODE finish its running job and start no new one; its pending jobs move elsewhere."""
+        print(_admin(config, {"op": "drain", "node": node})["message"])
+
+    @nodes.command("resume")
+    @click.argument("node", type=int)
+    @click.pass_obj
+    def nodes_resume(config, node):
+        """Let a drained NODE start jobs again."""
+        print(_admin(config, {"op": "resume", "node": node})["message"])
+
+    @cli.group("jobs")
+    def jobs():
+        """Any user's jobs, through the spool (admins, on the server's machine); 'jobs'
+        alone is the client command that lists your own from the server."""
+
+    @jobs.command("list")
+    @click.option("--status", type=click.Choice(STATES), help="Only jobs in this state.")
+    @click.option("--user", help="Only this user's jobs.")
+    @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.pass_obj
+    def jobs_list(config, status, user, limit, as_json):
+        """Jobs newest first."""
+        cli_jobs_list(config, status, user, limit, as_json)
+
+    @jobs.command("cancel")
+    @click.argument("job_id")
+    @click.pass_obj
+    def jobs_cancel(config, job_id):
+        """Cancel any user's job, pending or running."""
+        print(_admin(config, {"op": "cancel", "job": job_id})["message"])
+
+    return cli
+
+
+def _command(argv):
+    """The command a command line names (past a leading --config), with the
+    subcommand of ``jobs``."""
+    words = list(argv)
+    while words[:1] == ["--config"] or words[:1] and words[0].startswith("--config="):
+        words = words[2:] if words[0] == "--config" else words[1:]
+    first = words[0] if words else None
+    if first == "jobs" and words[1:2] in (["list"], ["cancel"]):
+        return f"jobs {words[1]}"
+    return first
+
+
+def main(argv=None):
+    """Client commands run on the standard library alone; the server's import its
+    packages, and say which one is missing when one is."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"gpuqueue {__version__}")
+        return 0
+    if command in CLIENT_COMMANDS:
+        return client_main(argv[argv.index(command):])
+    try:
+        for package in ("click", "bottle", "waitress", "yaml", "filelock"):
+            importlib.import_module(package)
+    except ImportError as exc:
+        if command in (None, "-h", "--help"):
+            client_parser().print_help()
+        print(f"gpuqueue: the server's commands need the package {exc.name!r}, which this "
+              "python lacks: install requirements.txt (make run does), or use the client "
+              f"commands, which need nothing: {', '.join(CLIENT_COMMANDS)}", file=sys.stderr)
+        return 1
+    return server_cli().main(argv, prog_name="gpuqueue.py")
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

@@ -7,6 +7,7 @@ held with gate files the test creates, so no assertion depends on how long anyth
 """
 import json
 import os
+import signal
 import sys
 import time
 
@@ -396,6 +397,11 @@ def test_jobs_cancel_of_finished_or_unknown_job_fails(make_server):
 
 def test_drain_with_no_server_then_start(make_server):
     server = make_server(nodes=2, start=False)
+    refused = server.cli("nodes", "drain", "1", check=False)  # no server has used the spool
+    assert refused.returncode == 1 and "no gpuqueue server has used the spool" in refused.stderr
+    assert not (server.dir / "spool").exists()
+    server.start()
+    server.kill(signal.SIGTERM)
     out = server.cli("nodes", "drain", "1").stdout
     assert "node 1 drained" in out
     assert (server.dir / "spool" / "nodes" / "1" / "drained").exists()
