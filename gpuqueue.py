@@ -945,7 +945,9 @@ def agent():
 
 #: Job ids: 14 hex digits of microseconds since the epoch, then 10 random ones,
 #: so that sorting ids sorts by submit time.
-JOB_ID_RE = re.compile(r"\A[0-9a-f]{24}\Z")
+#: A job id: 24 hex digits (the submit time's nanoseconds, then random bits).
+JOB_ID_PATTERN = "[0-9a-f]{24}"
+JOB_ID_RE = re.compile(rf"\A{JOB_ID_PATTERN}\Z")
 
 STATES = ("pending", "running", "completed", "failed", "cancelled")
 FINAL_STATES = STATES[2:]
@@ -3311,14 +3313,16 @@ def watch_gpus(workers):
         time.sleep(1)  # a clock for readings that are due, not a wait for an event
 
 
-#: The keys a job's config.yaml may hold: name -> (types, required).
+#: The keys a job's config.yaml may hold: name -> (types, required, meaning).
+#: The validator below and the API's documentation (openapi) both read it.
 JOB_KEYS = {
-    "competition_id": (str, True),
-    "project_id": (str, True),
-    "user_id": (str, True),
-    "expected_time": (_NUMBER, True),
-    "priority": (int, False),
-    "token": (str, False),
+    "competition_id": (str, True, "free text, for the user's own bookkeeping"),
+    "project_id": (str, True, "free text, for the user's own bookkeeping"),
+    "user_id": (str, True, "the token's user"),
+    "expected_time": (_NUMBER, True, "seconds; the job is killed after timeout_multiplier "
+                                     "times this"),
+    "priority": (int, False, "higher runs first; above 0 for admins only"),
+    "token": (str, False, "the token, when no Authorization header is sent; never stored"),
 }
 
 #: A job's ``priority`` lies in this range; only admins may go above 0.
@@ -3374,7 +3378,7 @@ def parse_job_config(data, max_expected_time):
         if key not in JOB_KEYS:
             shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "…"
             raise BadRequest(f"config_file: unknown key {shown!r}; allowed: {', '.join(JOB_KEYS)}")
-    for key, (types, required) in JOB_KEYS.items():
+    for key, (types, required, _) in JOB_KEYS.items():
         if key not in cfg:
             if required:
                 raise BadRequest(f"config_file: missing key {key!r}")
@@ -3681,6 +3685,9 @@ LOG_POLL = 0.5
 FOLLOW_KEEPALIVE = 2
 #: Follows served at once (each holds one of waitress's 8 threads).
 LOG_FOLLOWERS = 4
+#: Jobs on one page of /api/jobs unless ``limit`` says otherwise, and at most.
+PAGE_DEFAULT = 100
+PAGE_MAX = 1000
 
 
 def _whole_utf8(data):
@@ -3751,7 +3758,9 @@ class Api:
         self.app.route("/docs", "GET", self.docs)
         self.app.route("/ui", "GET", self.ui)
         self.app.route("/ui/job/<job_id>", "GET", self.ui)
-        self.app.route("/openapi.json", "GET", lambda: OPENAPI)
+        self.app.route("/docs/<name>", "GET", self.docs_asset)
+        self.openapi = openapi(self.config)
+        self.app.route("/openapi.json", "GET", lambda: self.openapi)
         self.dashboard = bottle.SimpleTemplate(DASHBOARD)
 
     ROUTES = (
@@ -3890,9 +3899,9 @@ class Api:
         status = query.get("status")
         if status is not None and status not in STATES:
             raise BadRequest(f"status must be one of {', '.join(STATES)}")
-        limit = query.get("limit", "100")
-        if not (re.fullmatch(r"[0-9]{1,4}", limit) and 1 <= int(limit) <= 1000):
-            raise BadRequest("limit must be a whole number from 1 to 1000")
+        limit = query.get("limit", str(PAGE_DEFAULT))
+        if not (re.fullmatch(r"[0-9]{1,9}", limit) and 1 <= int(limit) <= PAGE_MAX):
+            raise BadRequest(f"limit must be a whole number from 1 to {PAGE_MAX}")
         limit = int(limit)
         cursor = query.get("cursor")
         if cursor is not None and not JOB_ID_RE.match(cursor):
@@ -4012,8 +4021,26 @@ class Api:
         return "\n".join(lines) + "\n"
 
     def docs(self):
-        bottle.response.content_type = "text/html; charset=utf-8"
+        res = bottle.response
+        res.content_type = "text/html; charset=utf-8"
+        # Swagger UI sets styles inline and shows images from data: URLs.
+        res.set_header("Content-Security-Policy", "default-src 'none'; script-src 'self'; "
+                       "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                       "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                       "frame-ancestors 'none'")
+        res.set_header("X-Content-Type-Options", "nosniff")
         return DOCS_PAGE
+
+    def docs_asset(self, name):
+        """Swagger UI's own files, from the installed swagger-ui-bundle package."""
+        if name == "init.js":
+            bottle.response.content_type = "application/javascript"
+            return DOCS_INIT
+        if name not in DOCS_ASSETS:
+            raise bottle.HTTPError(404)
+        import swagger_ui_bundle
+        return bottle.static_file(name, root=swagger_ui_bundle.swagger_ui_path,
+                                  mimetype=DOCS_ASSETS[name], charset="utf-8")
 
     def ui(self, job_id=None):
         """The dashboard (see the Dashboard section); a job's page at /ui/job/<id>."""
@@ -4175,8 +4202,10 @@ def _http_server(app, host, port, config):
     return _server_class()(app, {}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
 
 
-def _openapi():
-    """The OpenAPI 3 document, built from small pieces so each shape is written once."""
+def openapi(config):
+    """The OpenAPI 3 document, built from small pieces so each shape is written once,
+    and from the tables and limits the validators use (JOB_KEYS, PRIORITY_RANGE,
+    PAGE_MAX, the config's limits), so that it cannot drift from them."""
     def ref(name):
         return {"$ref": f"#/components/schemas/{name}"}
 
@@ -4186,12 +4215,28 @@ def _openapi():
     errors = {"401": answer("missing, invalid, expired or revoked token"),
               "429": answer("too many failed authentications from this address")}
     job_param = [{"name": "job_id", "in": "path", "required": True,
-                  "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}]
+                  "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN}$"}}]
     lenient_id = [{**job_param[0], "schema": {"type": "string"}}]
     secured = [{"bearer": []}]
     nullable_str = {"type": ["string", "null"]}
     time_ = {"type": ["string", "null"], "format": "date-time"}
     status = {"type": "string", "enum": list(STATES)}
+    position = {"type": ["integer", "null"], "minimum": 0,
+                "description": "jobs ahead of it on its node: 0 is next"}
+    json_type = {str: "string", int: "integer", _NUMBER: "number"}
+    lo, hi = PRIORITY_RANGE
+    job_config = {
+        "type": "object", "additionalProperties": False,
+        "description": f"What config_file holds, as a YAML mapping of at most "
+                       f"{MAX_CONFIG_BYTES} bytes; a key given twice is refused.",
+        "required": [k for k, (_, required, _) in JOB_KEYS.items() if required],
+        "properties": {k: {"type": json_type[types], "description": meaning}
+                       for k, (types, _, meaning) in JOB_KEYS.items()}}
+    for key in ("competition_id", "project_id", "user_id"):
+        job_config["properties"][key].update(minLength=1, maxLength=MAX_ID_LENGTH)
+    job_config["properties"]["expected_time"].update(
+        exclusiveMinimum=0, maximum=config.max_expected_time)
+    job_config["properties"]["priority"].update(minimum=lo, maximum=hi, default=0)
     job_status = {
         "type": "object",
         "required": ["job_id", "status", "node_id", "user_id", "competition_id", "project_id",
@@ -4199,7 +4244,9 @@ def _openapi():
                      "exit_code", "error"],
         "properties": {
             "job_id": {"type": "string"}, "status": status, "node_id": {"type": "integer"},
-            "queue_position": {"type": ["integer", "null"]}, "estimated_start": time_,
+            "queue_position": position, "estimated_start": time_,
+            "time_limit": {"type": "number", "description": "seconds it may run before it "
+                                                            "is killed"},
             "user_id": {"type": "string"},
             "competition_id": {"type": "string"}, "project_id": {"type": "string"},
             "expected_time": {"type": "number"}, "priority": {"type": "integer"},
@@ -4219,13 +4266,14 @@ def _openapi():
                 "Error": {"type": "object", "required": ["error"],
                           "properties": {"error": {"type": "string"}}},
                 "JobStatus": job_status,
+                "JobConfig": job_config,
                 "Submitted": {"type": "object",
                               "required": ["job_id", "node_id", "status", "queue_position",
                                            "estimated_start"],
                               "properties": {"job_id": {"type": "string"},
                                              "node_id": {"type": "integer"},
                                              "status": {"const": "pending"},
-                                             "queue_position": {"type": "integer"},
+                                             "queue_position": position,
                                              "estimated_start": time_}},
                 "Results": {"type": "object",
                             "required": ["job_id", "status", "stdout", "stderr", "exit_code", "error"],
@@ -4272,7 +4320,8 @@ def _openapi():
             "/api/submit": {"post": {
                 "summary": "Submit a job",
                 "description": "The token comes from the Authorization header or, failing "
-                               "that, from the config's `token` key.",
+                               "that, from the config's `token` key.  The config: see the "
+                               "JobConfig schema.",
                 "security": secured + [{}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["code", "config_file"],
@@ -4280,10 +4329,10 @@ def _openapi():
                         "code": {"type": "string", "format": "binary",
                                  "description": "the Python script (UTF-8)"},
                         "config_file": {"type": "string", "format": "binary",
-                                        "description": "YAML mapping: competition_id, project_id, "
-                                                       "user_id, expected_time (seconds), optional "
-                                                       "priority (-100 to 100; above 0 for admins "
-                                                       "only) and token"}}}}}},
+                                        "description": "config.yaml: a YAML mapping with "
+                                        + ", ".join(f"{k}{'' if required else ' (optional)'}"
+                                                    for k, (_, required, _) in JOB_KEYS.items())
+                                        + f"; priority from {lo} to {hi}"}}}}}},
                 "responses": {"201": answer("queued", "Submitted"),
                               "400": answer("bad upload or config"), **errors,
                               "403": answer("user_id is not the token's user"),
@@ -4291,7 +4340,7 @@ def _openapi():
                                             "pending jobs for this user"),
                               "507": answer("the spool's disk is nearly full"),
                               "411": answer("no Content-Length"),
-                              "413": answer("upload too large"),
+                              "413": answer(f"upload larger than {config.max_upload_bytes} bytes"),
                               "415": answer("not multipart/form-data")}}},
             "/api/status/{job_id}": {"get": {
                 "summary": "A job's status", "security": secured, "parameters": lenient_id,
@@ -4323,10 +4372,11 @@ def _openapi():
                 "parameters": [
                     {"name": "user_id", "in": "query", "schema": {"type": "string"}},
                     {"name": "status", "in": "query", "schema": status},
-                    {"name": "limit", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    {"name": "limit", "in": "query", "schema": {
+                        "type": "integer", "minimum": 1, "maximum": PAGE_MAX,
+                        "default": PAGE_DEFAULT}},
                     {"name": "cursor", "in": "query", "description": "next_cursor of the page before",
-                     "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}],
+                     "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN}$"}}],
                 "responses": {"200": {"description": "a page of jobs", "content": {
                     "application/json": {"schema": {
                         "type": "object", "required": ["jobs", "next_cursor"],
@@ -4363,46 +4413,33 @@ def _openapi():
             "/openapi.json": {"get": {"summary": "This document", "responses": {
                 "200": {"description": "OpenAPI 3.1",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/docs": {"get": {"summary": "This document as a page", "responses": {
+            "/docs": {"get": {"summary": "This document in Swagger UI", "responses": {
                 "200": {"description": "HTML", "content": {"text/html": {
                     "schema": {"type": "string"}}}}}}},
         },
     }
 
 
-OPENAPI = _openapi()
-
-#: /docs: renders /openapi.json with a few lines of script; no CDN, works offline.
+#: /docs: Swagger UI, its files served from the swagger-ui-bundle package (nothing
+#: from elsewhere: a cluster's head node is often offline), with try-it-out on.
 DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>gpuqueue API</title>
-<style>body{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
-h2{border-bottom:1px solid #ccc}.op{margin:1rem 0;padding:.6rem 1rem;background:#f6f8fa;border-radius:6px}
-.m{font-weight:bold;font-family:monospace;margin-right:.6rem}code,pre{font-family:monospace}
-pre{background:#fff;padding:.5rem;overflow:auto;max-height:20rem}</style></head>
-<body><h1>gpuqueue API</h1><p id="about">Loading <a href="/openapi.json">/openapi.json</a>…</p>
-<div id="ops"></div>
-<script>
-fetch('/openapi.json').then(r => r.json()).then(spec => {
-  const el = (tag, text) => { const e = document.createElement(tag); if (text) e.textContent = text; return e; };
-  document.getElementById('about').textContent = spec.info.description + ' Version ' + spec.info.version + '.';
-  const ops = document.getElementById('ops');
-  for (const [path, methods] of Object.entries(spec.paths)) {
-    for (const [method, op] of Object.entries(methods)) {
-      const box = el('div'); box.className = 'op';
-      const head = el('div'); const m = el('span', method.toUpperCase()); m.className = 'm';
-      head.append(m, el('code', path), el('span', ' — ' + op.summary)); box.append(head);
-      if (op.description) box.append(el('p', op.description));
-      if (op.security && op.security.some(s => s.bearer)) box.append(el('p', 'Needs Authorization: Bearer <token>.'));
-      for (const p of op.parameters || []) box.append(el('div', p.in + ' parameter ' + p.name + ': ' + JSON.stringify(p.schema)));
-      for (const [code, r] of Object.entries(op.responses)) box.append(el('div', code + ' ' + r.description));
-      ops.append(box);
-    }
-  }
-  const h = el('h2', 'Schemas'); const pre = el('pre', JSON.stringify(spec.components.schemas, null, 2));
-  ops.append(h, pre);
-});
-</script></body></html>
+<html lang="en"><head><meta charset="utf-8"><title>gpuqueue API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css">
+<link rel="icon" type="image/png" href="/docs/favicon-32x32.png"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script>
+</body></html>
 """
+DOCS_INIT = """window.ui = SwaggerUIBundle({
+  url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true,
+  tryItOutEnabled: true, persistAuthorization: false, validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout"
+});
+"""
+#: The package's files that DOCS_PAGE uses; nothing else of it is served.
+DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "application/javascript",
+               "favicon-32x32.png": "image/png"}
 
 
 ###############################################################################
@@ -5276,14 +5313,14 @@ def cli_serve(config, host, port):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pending, running = spool.counts()
-        print(f"gpuqueue stopped: {running} running job(s) go on running on their nodes and "
-              f"are re-attached when it starts again; {pending} pending job(s) stay queued",
-              flush=True)
+        server.run()  # waitress ends it quietly on KeyboardInterrupt
+    except KeyboardInterrupt:  # one that came before waitress's loop began
+        pass
     finally:
+        pending, running = spool.counts()
         spool.close()
+    print(f"gpuqueue stopped: {running} running job(s) go on running on their nodes and are "
+          f"re-attached when it starts again; {pending} pending job(s) stay queued", flush=True)
 
 
 def _banner(config, server, tokens):
