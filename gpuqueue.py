@@ -259,6 +259,7 @@ _CONFIG_KEYS = {
     "min_free_bytes": (int, 1024 ** 3),
     "auth_failures_per_minute": (int, 10),
     "trusted_proxies": (list, []),
+    "keep_finished_days": (_NUMBER, 30),
 }
 
 #: Keys of one entry under ``nodes`` (and of ``node_defaults``, less id and host).
@@ -349,6 +350,7 @@ class Config:
     min_free_bytes: int
     auth_failures_per_minute: int
     trusted_proxies: frozenset = frozenset()
+    keep_finished_days: float = 30.0  # 0: keep finished jobs forever
     source: Path | None = None  # the config file, when there is one
 
     def time_limit(self, expected_time):
@@ -445,8 +447,9 @@ def load_config(path=None):
     for key in ("max_upload_bytes", "output_limit_bytes"):
         if c[key] < 1024:
             raise ConfigError(f"config: {key!r} must be at least 1024")
-    for key in ("max_pending_per_user", "auth_failures_per_minute", "min_free_bytes"):
-        if c[key] < (0 if key == "min_free_bytes" else 1):
+    for key in ("max_pending_per_user", "auth_failures_per_minute", "min_free_bytes",
+                "keep_finished_days"):
+        if c[key] < (0 if key in ("min_free_bytes", "keep_finished_days") else 1):
             raise ConfigError(f"config: {key!r} is too small")
     if c["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("config: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
@@ -474,6 +477,7 @@ def load_config(path=None):
         max_pending_per_user=c["max_pending_per_user"], min_free_bytes=c["min_free_bytes"],
         auth_failures_per_minute=c["auth_failures_per_minute"],
         trusted_proxies=frozenset(_addresses(c["trusted_proxies"])),
+        keep_finished_days=float(c["keep_finished_days"]),
         source=None if path is None else path.resolve())
 
 
@@ -945,7 +949,7 @@ def agent():
 
 #: Job ids: 14 hex digits of microseconds since the epoch, then 10 random ones,
 #: so that sorting ids sorts by submit time.
-#: A job id: 24 hex digits (the submit time's nanoseconds, then random bits).
+#: A job id: 24 hex digits, the submit time in microseconds (14), then random bits.
 JOB_ID_PATTERN = "[0-9a-f]{24}"
 JOB_ID_RE = re.compile(rf"\A{JOB_ID_PATTERN}\Z")
 
@@ -1307,8 +1311,11 @@ class Spool:
         self.drained = set()
         #: Ids in done/, oldest first.
         self.done_ids = []
-        #: Finished-job counts per node and status, for /api/nodes.
+        #: Finished-job counts per node and status in done/, for /api/nodes.
         self.final_counts = {n: dict.fromkeys(FINAL_STATES, 0) for n in self.node_ids}
+        #: Jobs finished since this server started, per node and status: the
+        #: counterpart of each worker's ``started``, for /metrics.
+        self.finished_here = {n: dict.fromkeys(FINAL_STATES, 0) for n in self.node_ids}
         #: An open fd of each node's pending/ folder: fsyncing a queue after a rename
         #: is then one syscall, not three, on the submit path.
         self._queue_fds = {}
@@ -1582,6 +1589,7 @@ class Spool:
         del self.active[job.id]
         job.status, job.exit_code, job.error = status, exit_code, error
         self.final_counts[job.node_id][status] += 1
+        self.finished_here[job.node_id][status] += 1
         bisect.insort(self.done_ids, job.id)
         self.changed.notify_all()
 
@@ -1591,6 +1599,50 @@ class Spool:
         self.done_folder(job.id).discard_old_work()
         log.info("job %s user=%s node=%s %s%s", job.id, job.user_id, job.node_id, status,
                  f" ({error})" if error else "")
+
+    def expire(self, before):
+        """Remove finished jobs that finished before ``before`` (a Unix time), and
+        what was quarantined before it; returns how many of each.  Only a job
+        submitted before then can have finished before then, and ids begin with
+        the submit time, so the candidates are the head of done_ids."""
+        with self.lock:
+            head = self.done_ids[:bisect.bisect_left(self.done_ids,
+                                                     f"{int(before * 1e6):014x}")]
+        jobs = 0
+        for job_id in head:
+            folder = self.done_folder(job_id)
+            try:
+                r = folder.read_result()
+                finished, counted = float(r["finished_at"]), self.final_counts.get(r["node_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                finished, counted = folder.path.stat().st_mtime, None
+            if finished >= before:
+                continue
+            with self.lock:
+                self.done_ids.remove(job_id)
+                if counted is not None and counted.get(r["status"], 0) > 0:
+                    counted[r["status"]] -= 1
+                gone = self.root / "tmp" / f"{job_id}.expired"
+                os.rename(folder.path, gone)  # one step out of sight; tmp/ is cleared at start
+            shutil.rmtree(gone, ignore_errors=True)
+            jobs += 1
+        quarantined = 0
+        corrupt = self.root / "corrupt"
+        for name in os.listdir(corrupt):
+            if name.endswith(".REASON"):
+                continue
+            reason = corrupt / f"{name}.REASON"
+            with contextlib.suppress(FileNotFoundError):
+                when = (reason if reason.exists() else corrupt / name).lstat().st_mtime
+                if when < before:
+                    path = corrupt / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                    reason.unlink(missing_ok=True)
+                    quarantined += 1
+        return jobs, quarantined
 
     # -- front-door side -----------------------------------------------------
 
@@ -1998,6 +2050,8 @@ SLURM_TIMEOUT = 60
 SLURM_POLL = 2
 #: Seconds between the supervisor's looks at gpuqueue's threads.
 SUPERVISE_INTERVAL = 5
+#: Seconds between looks for finished jobs past ``keep_finished_days``, at most.
+RETENTION_SWEEP = 3600
 #: Seconds between GPU readings of a node, and the most one may take.
 GPU_REFRESH = 30
 GPU_TIMEOUT = 15
@@ -3291,6 +3345,23 @@ def _supervise(running, targets):
                 running[name] = _thread(name, targets[name])
 
 
+def keep_finished(spool, days):
+    """The thread that removes finished jobs and quarantined folders older than
+    ``keep_finished_days``: done/ would otherwise grow forever.  It looks hourly,
+    or more often when what is kept is short."""
+    keep = days * 86400
+    while True:
+        try:
+            jobs, quarantined = spool.expire(time.time() - keep)
+        except OSError as exc:
+            log.error("removing old finished jobs failed (tried again later): %s", exc)
+        else:
+            if jobs or quarantined:
+                log.info("removed %d finished job(s) and %d quarantined item(s) older than "
+                         "%g day(s)", jobs, quarantined, days)
+        time.sleep(min(RETENTION_SWEEP, max(1.0, keep / 4)))  # a clock, not an event
+
+
 def watch_gpus(workers):
     """The thread that reads every online node's GPUs with nvidia-smi, each about
     every GPU_REFRESH seconds (a node not read yet: every 2 s), over the node's
@@ -3466,6 +3537,9 @@ class Scheduler:
         server shows them online."""
         threads = {f"node-{n}": w.run for n, w in self.workers.items()}
         threads.update({"gpus": functools.partial(watch_gpus, self.workers)}, **dict(loops))
+        if self.config.keep_finished_days:
+            threads["retention"] = functools.partial(keep_finished, self.spool,
+                                                     self.config.keep_finished_days)
         running = {name: _thread(name, target) for name, target in threads.items()}
         _thread("supervisor", functools.partial(_supervise, running, threads))
         deadline = time.monotonic() + LOCAL_START_TIMEOUT
@@ -3997,9 +4071,17 @@ class Api:
 
         metric("jobs", "gauge", "Unfinished jobs by state.",
                [('{state="pending"}', pending), ('{state="running"}', running)])
+        # Both counters start from 0 with the server, as Prometheus expects of a
+        # counter; what the spool keeps, whenever it finished, is a gauge.
+        finished = self.scheduler.spool.finished_here
         metric("jobs_started_total", "counter", "Jobs launched since the server started.",
                [(f'{{node="{n["id"]}"}}', workers[n["id"]].started) for n in nodes])
-        metric("jobs_finished_total", "counter", "Finished jobs in the spool, by node and status.",
+        metric("jobs_finished_total", "counter",
+               "Jobs finished since the server started, by node and status.",
+               [(f'{{node="{n["id"]}",status="{st}"}}', finished[n["id"]][st]) for n in nodes
+                for st in FINAL_STATES])
+        metric("jobs_kept", "gauge", "Finished jobs kept in the spool, by node and status "
+                                     "(see keep_finished_days).",
                [(f'{{node="{n["id"]}",status="{st}"}}', n[st]) for n in nodes
                 for st in FINAL_STATES])
         metric("node_queue_jobs", "gauge", "Pending jobs planned for each node.",
@@ -4017,6 +4099,15 @@ class Api:
             samples += [(f'_bucket{{node="{i}",le="+Inf"}}', h.count),
                         (f'_sum{{node="{i}"}}', round(h.sum, 6)), (f'_count{{node="{i}"}}', h.count)]
         metric("dispatch_seconds", "histogram", "From a job's claim to its wrapper running.", samples)
+        gpus = [(f'{{node="{n["id"]}",gpu="{g["index"]}"}}', g) for n in nodes
+                for g in n.get("gpus", ())]
+        metric("gpu_memory_used_bytes", "gauge", "GPU memory in use, as nvidia-smi reads it.",
+               [(labels, g["memory_used_mib"] * 2**20) for labels, g in gpus])
+        metric("gpu_memory_total_bytes", "gauge", "GPU memory in all.",
+               [(labels, g["memory_total_mib"] * 2**20) for labels, g in gpus])
+        metric("gpu_utilization_ratio", "gauge", "Share of the last sample period the GPU was "
+                                                 "busy (0 to 1).",
+               [(labels, g["utilization_pct"] / 100) for labels, g in gpus])
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return "\n".join(lines) + "\n"
 
@@ -4646,6 +4737,9 @@ class Incoming:
     The outcome stays where the folder was dropped; nothing dropped is deleted::
 
         NAME.<job id>.accepted/   the folder as dropped, and NAME.<job id>.receipt.json
+        NAME.<job id>.stdout      once the job has ended: its output, and then
+        NAME.<job id>.stderr      NAME.<job id>.result.json (status, exit code,
+                                  error, times), written last
         NAME.<time>.refused/      the folder as dropped, and NAME.<time>.reason.txt
 
     Names starting with '.' are never looked at: copy a folder in under a
@@ -4655,8 +4749,10 @@ class Incoming:
     queued exactly once at the next start.
     """
 
-    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json)|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
+    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json|stdout|stderr|result\.json)"
+                         r"|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
     CLAIMED = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.accepted\Z")
+    RECEIPT = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.receipt\.json\Z")
 
     def __init__(self, scheduler):
         self.dir = scheduler.spool.root / "incoming"
@@ -4665,21 +4761,50 @@ class Incoming:
         #: Claimed folders still without a receipt (the disk was full, say): tried
         #: again at every scan.
         self.unanswered = set()
+        #: Queued jobs whose results are still to be put beside their receipts:
+        #: job id -> the dropped folder's name.
+        self.awaited = {}
 
     def recover(self):
-        """Queue the jobs of folders claimed before a crash that have no receipt."""
+        """Queue the jobs of folders claimed before a crash that have no receipt, and
+        await the results of those with a receipt and no result yet."""
         for entry in os.scandir(self.dir):
             m = self.CLAIMED.match(entry.name)
             if m and not (self.dir / f"{m['name']}.{m['job_id']}.receipt.json").exists():
                 self._guarded(self._queue, entry.name, m["name"], m["job_id"])
+            m = self.RECEIPT.match(entry.name)
+            if m and not (self.dir / f"{m['name']}.{m['job_id']}.result.json").exists():
+                self.awaited[m["job_id"]] = m["name"]
 
     def scan(self):
         for claimed in list(self.unanswered):
             m = self.CLAIMED.match(claimed)
             self._guarded(self._queue, claimed, m["name"], m["job_id"])
+        for job_id, name in list(self.awaited.items()):
+            self._guarded(self._deliver, job_id, name)
         for entry in os.scandir(self.dir):
             if not (entry.name.startswith(".") or self.OUTCOME.search(entry.name)):
                 self._guarded(self._take, entry.name)
+
+    def _deliver(self, job_id, name):
+        """Put a finished job's output and outcome beside its receipt, so that a
+        drop-folder user needs no HTTP client at all; result.json goes last."""
+        job = self.scheduler.spool.get(job_id)
+        if job is None:
+            log.warning("incoming: job %s of %r is gone; its results cannot be delivered",
+                        job_id, name)
+        elif job.status in FINAL_STATES:
+            for stream, path in zip(JobFolder.STREAMS, self.scheduler.output(job)):
+                write_file(self.dir / f"{name}.{job_id}.{stream}", path.read_bytes(),
+                           sync_dir=False)
+            write_json(self.dir / f"{name}.{job_id}.result.json", {
+                "job_id": job.id, "status": job.status, "exit_code": job.exit_code,
+                "error": job.error, "node_id": job.node_id,
+                "submitted_at": isotime(job.submitted_at), "started_at": isotime(job.started_at),
+                "finished_at": isotime(job.finished_at)})
+        else:
+            return
+        del self.awaited[job_id]
 
     def _guarded(self, step, *args):
         try:
@@ -4727,6 +4852,7 @@ class Incoming:
             "submitted_at": isotime(job.submitted_at),
             "user_id": job.user_id})
         self.unanswered.discard(claimed)
+        self.awaited[job.id] = name
         log.info("incoming: %r became job %s", name, job.id)
 
     def _refuse(self, current, path, reason, name=None):
@@ -4893,7 +5019,17 @@ def served_spool(config):
                  f"the built-in default config, as {Path.cwd()} has no {DEFAULT_CONFIG_FILE}")
         raise ConfigError(
             f"no gpuqueue server has used the spool {config.spool} (from {found}); run this "
-            "where the server runs, or name its config with --config PATH or GPUQUEUE_CONFIG")
+            "where the server runs (once it has started), or name its config with --config "
+            "PATH or GPUQUEUE_CONFIG")
+
+
+def admin_tokens(config):
+    """The token file of an admin's command.  Named by a config file, it may be
+    made new; the built-in default's (./tokens.yaml) only beside a spool a server
+    has used, so that a command run in the wrong folder makes none there."""
+    if config.source is None and not config.tokens.exists():
+        served_spool(config)
+    return Tokens(config.tokens)
 
 
 def control(config, request):
@@ -5345,9 +5481,8 @@ def _banner(config, server, tokens):
 
 
 def cli_tokens_create(config, user, token, days, admin):
-    served_spool(config)
     generated = token is None
-    token, rec = Tokens(config.tokens).create(user, token, days, admin)
+    token, rec = admin_tokens(config).create(user, token, days, admin)
     print(f"created token {fingerprint(rec['sha256'])} for {user}{' (admin)' if admin else ''}, "
           f"expires {rec['expires']}, in {config.tokens}")
     if not generated and len(token) < SHORT_TOKEN:
@@ -5358,17 +5493,16 @@ def cli_tokens_create(config, user, token, days, admin):
 
 
 def cli_tokens_list(config):
-    served_spool(config)
+    tokens = admin_tokens(config)
     print(f"{'FINGERPRINT':<13} {'USER':<20} {'ADMIN':<5} {'CREATED':<25} {'EXPIRES':<25} REVOKED")
-    for r in Tokens(config.tokens).records():
+    for r in tokens.records():
         print(f"{fingerprint(str(r.get('sha256'))):<13} {r.get('user', '?'):<20} "
               f"{'yes' if r.get('admin') else 'no':<5} {r.get('created', ''):<25} "
               f"{r.get('expires', ''):<25} {r.get('revoked') or '-'}")
 
 
 def cli_tokens_revoke(config, token_or_fingerprint):
-    served_spool(config)
-    rec = Tokens(config.tokens).revoke(token_or_fingerprint)
+    rec = admin_tokens(config).revoke(token_or_fingerprint)
     print(f"revoked token {fingerprint(rec['sha256'])} of {rec.get('user')}")
 
 

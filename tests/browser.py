@@ -108,7 +108,10 @@ class Browser:
         return self.eval(f"(e => e ? e.textContent : null)(document.querySelector({json.dumps(selector)}))")
 
     def click(self, selector):
-        """A real mouse click in the middle of the element."""
+        """A real mouse click in the middle of the element, scrolled into view first
+        (as a person scrolls to it: a click outside the window reaches nothing)."""
+        self.wait(f"(e => e ? (e.scrollIntoView({{block: 'center'}}), true) : false)"
+                  f"(document.querySelector({json.dumps(selector)}))")
         box = self.wait(f"(e => {{ if (!e || e.hidden) return null; const r = e.getBoundingClientRect();"
                         f" return r.width ? {{x: r.x + r.width / 2, y: r.y + r.height / 2}} : null; }})"
                         f"(document.querySelector({json.dumps(selector)}))")
@@ -119,6 +122,16 @@ class Browser:
     def type(self, selector, text):
         self.click(selector)
         self.call("Input.insertText", text=text)
+
+    def set_files(self, selector, *paths):
+        """Choose files for the file inputs that ``selector`` matches, in order, as a
+        person does in the file dialog (DOM.setFileInputFiles, which fires the
+        inputs' change events)."""
+        root = self.call("DOM.getDocument", depth=0)["root"]["nodeId"]
+        nodes = self.call("DOM.querySelectorAll", nodeId=root, selector=selector)["nodeIds"]
+        assert len(nodes) == len(paths), f"{selector}: {len(nodes)} inputs for {len(paths)} files"
+        for node, path in zip(nodes, paths):
+            self.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
 
     def screenshot(self, path):
         data = self.call("Page.captureScreenshot", format="png")["data"]

@@ -209,3 +209,12 @@ def make_server(tmp_path):
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (tests/browser.py), closed after the test."""
+    from browser import Browser
+    b = Browser(tmp_path / "chromium-profile")
+    yield b
+    b.close()

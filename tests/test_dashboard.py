@@ -5,17 +5,6 @@ import json
 import re
 import time
 
-import pytest
-
-from browser import Browser
-
-
-@pytest.fixture
-def browser(tmp_path):
-    b = Browser(tmp_path / "chromium-profile")
-    yield b
-    b.close()
-
 
 def gate_job(tmp_path, name, text="done"):
     """A job that waits for the test to create a file; its path, and the code."""
