@@ -19,8 +19,10 @@ The spool directory is the only state.  Its layout::
       nodes/<n>/running/<id>/   claimed by node n's scheduler
       nodes/<n>/drained         present while an admin has node n drained
       nodes/<n>/work/           a local node's workdir, unless its config names one
-      done/<id>/                finished: completed, failed or cancelled
+      done/<id>/                finished: completed, failed or cancelled (removed
+                                after keep_finished_days, through tmp/<id>.expired)
       corrupt/<name>.<x>/       what could not be understood; <name>.<x>.REASON says why
+                                (removed after keep_finished_days too)
       incoming/                 drop folders (see the Drop folders section)
       control/                  admin requests to the running server (Admin control)
 
@@ -1777,6 +1779,9 @@ class Spool:
             for d in (self.pending_dir(n), self.running_dir(n)):
                 os.chmod(d, 0o700)
         for name in ("tmp", "done", "corrupt", "incoming", "control"):
+            mode = (self.root / name).stat().st_mode
+            if name == "incoming" and mode & 0o070:
+                continue  # an admin shared it with a team's group on purpose (README)
             os.chmod(self.root / name, 0o700)
 
     def _drained_marker(self, node_id):
@@ -4623,10 +4628,12 @@ async function refreshNodes() {
     [n.id], [n.host], [n.state + (n.drained ? " (drained)" : ""), n.state], [n.running_job, "id"],
     [n.queued_jobs], [duration(n.queued_seconds)], [gpuText(n)]])));
 }
+// People count from 1; the API's queue_position from 0 (0 is next).
+const inLine = p => p === 0 ? "next" : "#" + (p + 1);
 async function refreshJobs() {
   const {jobs} = await api("/api/jobs?limit=50");
   $("jobs").tBodies[0].replaceChildren(...jobs.map(j => {
-    const queue = j.status === "pending" ? "#" + j.queue_position + ", starts ≈ " + clock(j.estimated_start) : null;
+    const queue = j.status === "pending" ? inLine(j.queue_position) + ", starts ≈ " + clock(j.estimated_start) : null;
     const tr = row([[j.job_id, "id", "/ui/job/" + j.job_id], [j.user_id], [j.status, "status " + j.status],
                     [j.node_id], [queue], [clock(j.submitted_at)], [j.exit_code]]);
     tr.dataset.job = j.job_id;
@@ -4637,8 +4644,9 @@ const offsets = {stdout: 0, stderr: 0};
 async function refreshJob() {
   const j = await api("/api/status/" + JOB);
   const items = [["status", j.status], ["user", j.user_id], ["node", j.node_id], ["priority", j.priority],
-    ["queue position", j.queue_position], ["estimated start", clock(j.estimated_start)],
-    ["expected", duration(j.expected_time)], ["submitted", clock(j.submitted_at)],
+    ["queue", j.queue_position === undefined ? null : inLine(j.queue_position)],
+    ["estimated start", clock(j.estimated_start)],
+    ["expected", duration(j.expected_time)], ["killed after", j.status === "pending" || j.status === "running" ? duration(j.time_limit) : null], ["submitted", clock(j.submitted_at)],
     ["started", clock(j.started_at)], ["finished", clock(j.finished_at)],
     ["exit code", j.exit_code], ["error", j.error]];
   $("job").replaceChildren(...items.filter(([, v]) => v !== null && v !== undefined).flatMap(([k, v]) => {

@@ -41,7 +41,7 @@ def test_token_once_then_watch_a_job_go_pending_running_completed(make_server, b
     server.wait(a["job_id"], ("running",))
     b = server.submit_ok(second)
     wait_row(browser, b["job_id"], "pending")
-    assert browser.text(f'#jobs tr[data-job="{b["job_id"]}"] td:nth-child(5)').startswith("#0")
+    assert browser.text(f'#jobs tr[data-job="{b["job_id"]}"] td:nth-child(5)').startswith("next")
     wait_row(browser, a["job_id"], "running")
     first_gate.write_text("go")
     wait_row(browser, b["job_id"], "running")
