@@ -3918,7 +3918,9 @@ class Api:
         user = self._user() if _bearer() is not None else None
         # Parse as Latin-1, which maps every byte to a character and back: a filename
         # in any encoding never fails the upload, and plain fields keep their bytes.
-        req.environ["CONTENT_TYPE"] = req.content_type + "; charset=latin1"
+        # The header as sent: bottle's content_type is lowercased, boundary and all,
+        # and a browser's boundary has capitals.
+        req.environ["CONTENT_TYPE"] = req.environ.get("CONTENT_TYPE", "") + "; charset=latin1"
         try:
             names = set(req.POST)
         except Exception:
@@ -4314,10 +4316,10 @@ def openapi(config):
                   "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN}$"}}]
     lenient_id = [{**job_param[0], "schema": {"type": "string"}}]
     secured = [{"bearer": []}]
-    nullable_str = {"type": ["string", "null"]}
-    time_ = {"type": ["string", "null"], "format": "date-time"}
+    nullable_str = {"type": "string", "nullable": True}
+    time_ = {"type": "string", "format": "date-time", "nullable": True}
     status = {"type": "string", "enum": list(STATES)}
-    position = {"type": ["integer", "null"], "minimum": 0,
+    position = {"type": "integer", "nullable": True, "minimum": 0,
                 "description": "jobs ahead of it on its node: 0 is next"}
     json_type = {str: "string", int: "integer", _NUMBER: "number"}
     lo, hi = PRIORITY_RANGE
@@ -4331,7 +4333,7 @@ def openapi(config):
     for key in ("competition_id", "project_id", "user_id"):
         job_config["properties"][key].update(minLength=1, maxLength=MAX_ID_LENGTH)
     job_config["properties"]["expected_time"].update(
-        exclusiveMinimum=0, maximum=config.max_expected_time)
+        minimum=0, exclusiveMinimum=True, maximum=config.max_expected_time)
     job_config["properties"]["priority"].update(minimum=lo, maximum=hi, default=0)
     job_status = {
         "type": "object",
@@ -4347,12 +4349,12 @@ def openapi(config):
             "competition_id": {"type": "string"}, "project_id": {"type": "string"},
             "expected_time": {"type": "number"}, "priority": {"type": "integer"},
             "submitted_at": time_, "started_at": time_,
-            "finished_at": time_, "exit_code": {"type": ["integer", "null"]},
+            "finished_at": time_, "exit_code": {"type": "integer", "nullable": True},
             "error": nullable_str, "cancel_requested": {"type": "boolean"},
             "slurm_job_id": {"type": "string"},
             "slurm_state": {"type": "string"}, "slurm_reason": nullable_str}}
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",  # what the Swagger UI of swagger-ui-bundle reads
         "info": {"title": "gpuqueue", "version": __version__,
                  "description": "A GPU job queue: submit a Python script and a config.yaml, "
                                 "get back stdout, stderr and the exit code."},
@@ -4368,14 +4370,14 @@ def openapi(config):
                                            "estimated_start"],
                               "properties": {"job_id": {"type": "string"},
                                              "node_id": {"type": "integer"},
-                                             "status": {"const": "pending"},
+                                             "status": {"type": "string", "enum": ["pending"]},
                                              "queue_position": position,
                                              "estimated_start": time_}},
                 "Results": {"type": "object",
                             "required": ["job_id", "status", "stdout", "stderr", "exit_code", "error"],
                             "properties": {"job_id": {"type": "string"}, "status": status,
                                            "stdout": {"type": "string"}, "stderr": {"type": "string"},
-                                           "exit_code": {"type": ["integer", "null"]},
+                                           "exit_code": {"type": "integer", "nullable": True},
                                            "error": nullable_str}},
                 "Node": {"type": "object",
                          "required": ["id", "host", "state", "drained", "error", "running_job",
@@ -4507,7 +4509,7 @@ def openapi(config):
                 "200": {"description": "Prometheus text format 0.0.4", "content": {
                     "text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {
-                "200": {"description": "OpenAPI 3.1",
+                "200": {"description": "OpenAPI 3.0",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/docs": {"get": {"summary": "This document in Swagger UI", "responses": {
                 "200": {"description": "HTML", "content": {"text/html": {
@@ -5573,7 +5575,7 @@ def server_cli():
                   type=click.Path(dir_okay=False),
                   help=f"Config file (default: ./{DEFAULT_CONFIG_FILE} when present, else 8 "
                        "local nodes and ./spool).")
-    @click.version_option(__version__, prog_name="gpuqueue")
+    @click.version_option(__version__, prog_name="gpuqueue", message="%(prog)s %(version)s")
     @click.pass_context
     def cli(ctx, config_path):
         """gpuqueue: a GPU job queue server."""

@@ -4,6 +4,7 @@ served from this server alone, in which a person can really try the API out
 (headless Chromium against a real server)."""
 import json
 import re
+import socket
 import sys
 
 import requests
@@ -137,7 +138,6 @@ def test_unknown_docs_files_and_path_tricks_are_404s(make_server):
         assert "__version__" not in r.text and "def " not in r.text, path
     # Also raw, as a client that does not normalise the path would send it.
     host, port = server.url.split("//")[1].split(":")
-    import socket
     for target in ("/docs/../gpuqueue.py", "/docs/..%2Fgpuqueue.py", "/docs/%2e%2e/gpuqueue.py"):
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(f"GET {target} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
