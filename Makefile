@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench setup sshd chromium slurm tsp cluster clean
+.PHONY: run test bench gpu-check setup sshd chromium slurm tsp cluster clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
@@ -14,6 +14,11 @@ test: $(VENV)/.dev-installed sshd chromium slurm
 # Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~6 minutes).
 bench: $(VENV)/.dev-installed sshd tsp
 	cd bench && ../$(PY) run_all.py
+
+# Not part of `make test`: on a machine with an NVIDIA GPU, the real nvidia-smi and GPU
+# memory seen as gpuqueue's own or used outside the queue (about a minute).
+gpu-check: $(VENV)/.dev-installed
+	$(PY) tests/gpu_check.py
 
 setup: $(VENV)/.dev-installed
 

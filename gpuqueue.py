@@ -262,6 +262,7 @@ _CONFIG_KEYS = {
     "auth_failures_per_minute": (int, 10),
     "trusted_proxies": (list, []),
     "keep_finished_days": (_NUMBER, 30),
+    "foreign_memory_mib": (int, 1024),
 }
 
 #: Keys of one entry under ``nodes`` (and of ``node_defaults``, less id and host).
@@ -276,7 +277,7 @@ _NODE_KEYS = {
     "workdir": (str, None),  # ssh: ~/.gpuqueue; local: nodes/<id>/work in the spool
     "env": (dict, {}),
     "setup": (str, None),
-    "gpus": (str, None),
+    "gpus": ((str, int, list), None),  # "0,1,2,3" or [0, 1, 2, 3]: one job per GPU or more
     "run_as": (str, None),
     "kind": (str, None),
     "partition": (str, None),
@@ -315,7 +316,7 @@ class Node:
     id: int
     host: str
     python: str
-    gpus: str
+    gpus: tuple  # its GPUs as CUDA_VISIBLE_DEVICES names them (indexes or UUIDs)
     env: dict
     workdir: str | None  # None: the default (see _NODE_KEYS)
     setup: str | None
@@ -353,11 +354,16 @@ class Config:
     auth_failures_per_minute: int
     trusted_proxies: frozenset = frozenset()
     keep_finished_days: float = 30.0  # 0: keep finished jobs forever
+    foreign_memory_mib: int = 1024  # a GPU using more than this outside the queue takes no job
     source: Path | None = None  # the config file, when there is one
 
     def time_limit(self, expected_time):
         """Seconds a job may run before it is killed as a timeout."""
         return self.timeout_multiplier * expected_time
+
+    @property
+    def gpu_counts(self):
+        return {n.id: len(n.gpus) for n in self.nodes}
 
 
 def _checked(mapping, schema, where):
@@ -376,7 +382,8 @@ def _checked(mapping, schema, where):
             continue
         value = mapping[key]
         if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
-            names = "number" if types is _NUMBER else types.__name__
+            names = "number" if types is _NUMBER else " or ".join(
+                t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
             raise ConfigError(f"{where}: {key!r} must be a {names}, not {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}: {key!r} must be finite")
@@ -413,11 +420,25 @@ def _node(raw, defaults, base, where):
                           "its SSH user")
     return Node(id=n["id"], host=n["host"],
                 python=n["python"] or (sys.executable if local else "python3"),
-                gpus=n["gpus"] if n["gpus"] is not None else str(n["id"]),
+                gpus=_gpus(n["gpus"], n["id"], where),
                 env={str(k): str(v) for k, v in n["env"].items()},
                 workdir=n["workdir"] or (None if local else "~/.gpuqueue"), setup=n["setup"],
                 ssh=None if local else _ssh_target(n, base),
                 kind=kind, slurm=slurm if kind == "slurm" else None, run_as=n["run_as"])
+
+
+def _gpus(value, node_id, where):
+    """A node's GPUs: "0,1,2,3", a list, one index or UUID; by default the node's id."""
+    if value is None:
+        value = [node_id]
+    items = value if isinstance(value, list) else str(value).split(",")
+    gpus = tuple(str(g).strip() for g in items)
+    if not gpus or any(isinstance(g, (bool, dict, list)) for g in items) or any(
+            not re.fullmatch(r"[A-Za-z0-9:_-]{1,64}", g) for g in gpus):
+        raise ConfigError(f"{where}: 'gpus' must list GPU indexes or UUIDs, like \"0,1,2,3\"")
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(f"{where}: 'gpus' names a GPU twice")
+    return gpus
 
 
 def _addresses(values):
@@ -450,8 +471,9 @@ def load_config(path=None):
         if c[key] < 1024:
             raise ConfigError(f"config: {key!r} must be at least 1024")
     for key in ("max_pending_per_user", "auth_failures_per_minute", "min_free_bytes",
-                "keep_finished_days"):
-        if c[key] < (0 if key in ("min_free_bytes", "keep_finished_days") else 1):
+                "keep_finished_days", "foreign_memory_mib"):
+        if c[key] < (0 if key in ("min_free_bytes", "keep_finished_days",
+                                  "foreign_memory_mib") else 1):
             raise ConfigError(f"config: {key!r} is too small")
     if c["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("config: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
@@ -480,6 +502,7 @@ def load_config(path=None):
         auth_failures_per_minute=c["auth_failures_per_minute"],
         trusted_proxies=frozenset(_addresses(c["trusted_proxies"])),
         keep_finished_days=float(c["keep_finished_days"]),
+        foreign_memory_mib=c["foreign_memory_mib"],
         source=None if path is None else path.resolve())
 
 
@@ -585,13 +608,51 @@ GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.used,memory.total
              "--format=csv,noheader,nounits"]
 
 
-def gpu_csv():
-    """nvidia-smi's reading of this machine's GPUs, or None where there is none."""
+#: ...and the processes using them.
+GPU_APPS_QUERY = ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory",
+                  "--format=csv,noheader,nounits"]
+
+
+def nvidia_smi(query):
+    """nvidia-smi's answer, or None where there is none (or it fails)."""
     try:
-        r = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(query, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout if r.returncode == 0 else None
+
+
+def gpu_reading():
+    """This machine's GPUs as nvidia-smi reads them (CSV), and the processes using
+    them, each with its user and, when it belongs to a job of this node (its process
+    group or session is a running job's), the job's id; None without nvidia-smi."""
+    csv = nvidia_smi(GPU_QUERY)
+    if csv is None:
+        return None
+    jobs = {}  # process group of each job still running here -> its id
+    for name in os.listdir("."):
+        if re.match(r"\A[0-9a-f]{24}\Z", name):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                with open(os.path.join(name, "pids")) as f:
+                    pids = json.load(f)
+                if is_wrapper_of(int(pids["wrapper"]), name):
+                    jobs[int(pids["job"])] = name
+    apps = []
+    for line in (nvidia_smi(GPU_APPS_QUERY) or "").splitlines():
+        f = [x.strip() for x in line.split(",")]
+        if len(f) != 3 or not f[1].isdigit():
+            continue
+        pid = int(f[1])
+        user = job = None
+        with contextlib.suppress(OSError, KeyError):
+            user = pwd.getpwuid(os.stat("/proc/%d" % pid).st_uid).pw_name
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open("/proc/%d/stat" % pid) as stat_file:
+                fields = stat_file.read().rsplit(")", 1)[1].split()
+            job = jobs.get(int(fields[2])) or jobs.get(int(fields[3]))  # group, session
+        apps.append({"gpu": f[0], "pid": pid, "memory_mib": int(f[2]) if f[2].isdigit() else None,
+                     "user": user, "job": job})
+    return {"csv": csv, "apps": apps}
 
 
 def exit_code_of(wait_status):
@@ -868,10 +929,15 @@ def outcome(cmd):
         return {}
 
 
+#: One report at a time on the channel: a GPU reading is taken beside the loop.
+SAYING = threading.Lock()
+
+
 def say(obj):
     data = (json.dumps(obj) + "\n").encode()
-    while data:
-        data = data[os.write(1, data):]
+    with SAYING:
+        while data:
+            data = data[os.write(1, data):]
 
 
 def obey(cmd, children, watched):
@@ -896,8 +962,9 @@ def obey(cmd, children, watched):
             say({"op": "exited", "id": cmd["id"]})
     elif op == "remove":
         shutil.rmtree(cmd["dir"], ignore_errors=True)
-    elif op == "gpus":  # holds the agent while nvidia-smi runs: at most 10 s
-        say({"op": "gpus", "csv": gpu_csv()})
+    elif op == "gpus":  # in a thread: nvidia-smi may take seconds, and pings go on
+        threading.Thread(target=lambda: say({"op": "gpus", "reading": gpu_reading()}),
+                         daemon=True).start()
     elif op == "ping":
         say({"op": "pong"})
 
@@ -974,7 +1041,9 @@ class Job:
     submitted_at: float
     node_id: int
     priority: int = 0
+    gpus: int = 1  # GPUs it needs, all on one node
     status: str = "pending"
+    gpu_ids: tuple = ()  # while it runs: the GPUs it got (CUDA_VISIBLE_DEVICES)
     started_at: float | None = None
     finished_at: float | None = None
     exit_code: int | None = None
@@ -983,7 +1052,7 @@ class Job:
     slurm: dict | None = None  # on a slurm node: Slurm's id, state and reason, in memory
 
     META = ("id", "user_id", "competition_id", "project_id", "expected_time", "submitted_at",
-            "priority")
+            "priority", "gpus")
 
     def meta(self):
         return {k: getattr(self, k) for k in self.META}
@@ -991,7 +1060,7 @@ class Job:
     @classmethod
     def from_meta(cls, meta, **state):
         """The job a job.json describes; ValueError naming the field that is wrong.
-        ``priority`` may be absent (0): job.json files from before it had none."""
+        ``priority`` (0) and ``gpus`` (1) may be absent: older job.json files lack them."""
         if not isinstance(meta, dict):
             raise ValueError("job.json is not a mapping")
         for key in ("id", "user_id", "competition_id", "project_id"):
@@ -1002,12 +1071,14 @@ class Job:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise ValueError(f"job.json: {key!r} must be a number")
-        priority = meta.get("priority", 0)
+        priority, gpus = meta.get("priority", 0), meta.get("gpus", 1)
         if type(priority) is not int:
             raise ValueError("job.json: 'priority' must be a whole number")
-        fields = {k: meta[k] for k in cls.META if k != "priority"}
+        if type(gpus) is not int or gpus < 1:
+            raise ValueError("job.json: 'gpus' must be a whole number above 0")
+        fields = {k: meta[k] for k in cls.META if k not in ("priority", "gpus")}
         fields["expected_time"] = float(fields["expected_time"])
-        return cls(priority=priority, **fields, **state)
+        return cls(priority=priority, gpus=gpus, **fields, **state)
 
     @property
     def shown_status(self):
@@ -1022,7 +1093,9 @@ class Job:
             "job_id": self.id, "status": shown, "node_id": self.node_id,
             "user_id": self.user_id, "competition_id": self.competition_id,
             "project_id": self.project_id, "expected_time": self.expected_time,
-            "priority": self.priority, "submitted_at": isotime(self.submitted_at),
+            "priority": self.priority, "gpus": self.gpus,
+            "gpu_indices": list(self.gpu_ids) if self.gpu_ids else None,
+            "submitted_at": isotime(self.submitted_at),
             "started_at": None if shown == "pending" else isotime(self.started_at),
             "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
             "error": self.error, "cancel_requested": self.cancel_requested,
@@ -1046,7 +1119,7 @@ class FairQueue:
     def __init__(self, served):
         self.served = served
         self.lanes = {}  # (priority, user) -> that user's pending ids, oldest first
-        self.seconds = {}  # pending id -> its expected_time
+        self.seconds = {}  # pending id -> its expected GPU-seconds (expected_time x gpus)
         # Per lane, expected seconds of its first 0, 1, 2... jobs, so that a status
         # costs O(users), not O(jobs); extended on append, rebuilt after other changes.
         self._sums = {}
@@ -1057,14 +1130,14 @@ class FairQueue:
     def add(self, job):
         key = (job.priority, job.user_id)
         lane = self.lanes.setdefault(key, [])
-        self.seconds[job.id] = job.expected_time
+        self.seconds[job.id] = job.expected_time * job.gpus
         if lane and lane[-1] > job.id:  # back into its place (a requeue)
             bisect.insort(lane, job.id)
             self._sums.pop(key, None)
             return
         lane.append(job.id)
         if key in self._sums:
-            self._sums[key].append(self._sums[key][-1] + job.expected_time)
+            self._sums[key].append(self._sums[key][-1] + self.seconds[job.id])
 
     def remove(self, job):
         key = (job.priority, job.user_id)
@@ -1097,6 +1170,20 @@ class FairQueue:
             return None
         turn = min(self._turn(key) for key in self.lanes)
         return turn, turn[2]
+
+    def order(self, node_id):
+        """(turn, id, ``node_id``) of every job in the order they are to run, lazily:
+        each round gives every user of a priority one job, as ``ahead`` counts them.
+        A turn after the first compares as a round later than every real one."""
+        later = itertools.count(1)
+        heap = [(self._turn(key), key, 0) for key in self.lanes]
+        heapq.heapify(heap)
+        while heap:
+            turn, key, i = heapq.heappop(heap)
+            lane = self.lanes[key]
+            yield turn, lane[i], node_id
+            if i + 1 < len(lane):
+                heapq.heappush(heap, ((-key[0], math.inf, next(later), lane[i + 1]), key, i + 1))
 
     def ahead(self, job):
         """(how many jobs run before ``job`` if no other job arrives, their expected
@@ -1194,16 +1281,22 @@ class JobFolder:
 
     # -- claim, launch, cancel -----------------------------------------------
 
-    def started_at(self):
-        """When the job was claimed, or None when the claim was cut short."""
+    def started(self):
+        """(when the job was claimed, the GPUs it got), or (None, ()) when the claim
+        was cut short."""
         try:
-            value = read_json(self.path / self.START)["started_at"]
+            record = read_json(self.path / self.START)
+            value, gpus = record["started_at"], record.get("gpus", [])
         except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            return None, ()
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+                isinstance(gpus, list) and all(isinstance(g, str) for g in gpus)):
+            return None, ()
+        return value, tuple(gpus)
 
     def mark_started(self, job):
-        write_json(self.path / self.START, {"started_at": job.started_at, "node_id": job.node_id})
+        write_json(self.path / self.START, {"started_at": job.started_at, "node_id": job.node_id,
+                                            "gpus": list(job.gpu_ids)})
 
     def launched_where(self):
         """Where on its node the job may run, once an executor said so; else None."""
@@ -1286,9 +1379,11 @@ class Spool:
     fsyncs of whole job folders happen outside it.
     """
 
-    def __init__(self, root, node_ids):
+    def __init__(self, root, node_ids, gpus=None):
         self.root = Path(root)
         self.node_ids = tuple(node_ids)
+        #: GPUs per node (1 unless told): work is planned in GPU-seconds per GPU.
+        self.gpus = {n: (gpus or {}).get(n, 1) for n in self.node_ids}
         self.lock = threading.Lock()
         self._server_lock = None
         self.changed = threading.Condition(self.lock)
@@ -1302,7 +1397,7 @@ class Spool:
         self._tickets = itertools.count(1)
         #: Pending jobs per node, in the order they are to run.
         self.queues = {n: FairQueue(self.served) for n in self.node_ids}
-        #: Expected seconds of each node's pending jobs.
+        #: Expected GPU-seconds of each node's pending jobs.
         self.pending_seconds = dict.fromkeys(self.node_ids, 0.0)
         #: Pending jobs per user.
         self.pending_per_user = collections.Counter()
@@ -1427,7 +1522,7 @@ class Spool:
             return None
         job.cancel_requested = folder.cancel_requested()
         if status == "running":
-            job.started_at = folder.started_at()
+            job.started_at, job.gpu_ids = folder.started()
             if job.started_at is None:
                 os.rename(folder.path, self.pending_dir(node_id) / job.id)
                 job.status = "pending"
@@ -1451,13 +1546,13 @@ class Spool:
     def _index(self, job):
         """Put a pending job into its node's queue (under the lock)."""
         self.queues[job.node_id].add(job)
-        self.pending_seconds[job.node_id] += job.expected_time
+        self.pending_seconds[job.node_id] += job.expected_time * job.gpus
         self.pending_per_user[job.user_id] += 1
 
     def _unindex(self, job):
         """Take a pending job out of its node's queue (under the lock)."""
         self.queues[job.node_id].remove(job)
-        self.pending_seconds[job.node_id] -= job.expected_time
+        self.pending_seconds[job.node_id] -= job.expected_time * job.gpus
         self.pending_per_user[job.user_id] -= 1
 
     def _quarantine(self, path, reason):
@@ -1483,9 +1578,10 @@ class Spool:
             waiting = self.pending_per_user[job.user_id]
             if waiting < max_pending:
                 loads = self._loads()
-                open_ = [n for n in self.node_ids if n not in self.drained]
+                big = [n for n in self.node_ids if self.gpus[n] >= job.gpus] or list(self.node_ids)
+                open_ = [n for n in big if n not in self.drained]
                 # Offline nodes only when none is online; drained ones only when all are.
-                candidates = [n for n in open_ if n in online] or open_ or list(self.node_ids)
+                candidates = [n for n in open_ if n in online] or open_ or big
                 job.node_id = min(candidates, key=lambda n: (loads[n], n))
                 os.rename(staged.path, self.pending_dir(job.node_id) / job.id)
                 self.active[job.id] = job
@@ -1505,35 +1601,47 @@ class Spool:
         os.fsync(self._queue_fds[node_id])
 
     def _loads(self, node_id=None):
-        """Per node (or for one): expected seconds of its pending jobs plus what
-        remains of its running ones."""
+        """Per node (or for one): expected GPU-seconds of its pending jobs plus what
+        remains of its running ones, per GPU of the node."""
+        return {n: self.pending_seconds[n] / self.gpus[n] + self._running_load(n)
+                for n in self.node_ids} if node_id is None else \
+            self.pending_seconds[node_id] / self.gpus[node_id] + self._running_load(node_id)
+
+    def _running_load(self, node_id):
+        """What remains of a node's running jobs, in expected GPU-seconds per GPU."""
         now = time.time()
-        loads = dict(self.pending_seconds)
-        for n, running in self.running.items():
-            for job in running.values():
-                loads[n] += max(0.0, job.expected_time - (now - (job.started_at or now)))
-        return loads if node_id is None else loads[node_id]
+        return sum(max(0.0, job.expected_time - (now - (job.started_at or now))) * job.gpus
+                   for job in self.running[node_id].values()) / self.gpus[node_id]
 
     # -- scheduler side ------------------------------------------------------
 
-    def claim(self, node_id):
-        """Move the job whose turn it is (see FairQueue) to this node's running/:
-        from its own queue, or from the queue of a node that cannot start it now
-        (busy or drained).  Placement goes by estimates, which are often wrong: no
-        node should idle, nor a user wait, while another node holds their job.
-        None when there is nothing to run, or the node is drained."""
+    def claim(self, node_id, choose=None):
+        """Move the job that ``choose`` picks to this node's running/, and return it
+        (None when it picks none, or the node is drained).
+
+        ``choose`` gets the candidates, (job, its queue's node) pairs, lazily in the
+        order they are to run: this node's own queue and every other node's, by
+        their turns (see FairQueue), and returns (job, node, gpus) or None; it is
+        the scheduler's rule for which may start here now (NodeWorker.choose).  It
+        runs under the lock, so what it sees of the queues cannot change meanwhile.
+        Without one, the rule of an idle node of one GPU: the first job in turn of
+        its own queue or of a node that is busy or drained."""
+        if choose is None:
+            def choose(candidates):
+                return next(((job, n, ()) for job, n in candidates
+                             if n == node_id or self.running[n] or n in self.drained), None)
         with self.lock:
             if node_id in self.drained:
                 return None
-            heads = [(q.head(), n) for n, q in self.queues.items() if len(q) and (
-                n == node_id or self.running[n] or n in self.drained)]
-            if not heads:
+            orders = [q.order(n) for n, q in self.queues.items() if len(q)]
+            picked = choose((self.active[job_id], n) for _, job_id, n in heapq.merge(*orders))
+            if picked is None:
                 return None
-            (_, job_id), donor = min(heads)
-            job = self.active[job_id]
+            job, donor, gpus = picked
             os.rename(self.pending_dir(donor) / job.id, self.running_dir(node_id) / job.id)
             self._unindex(job)
             job.node_id, job.status, job.started_at = node_id, "running", time.time()
+            job.gpu_ids = tuple(gpus)
             self.running[node_id][job.id] = job
             self.served[job.priority, job.user_id] = next(self._tickets)
         fsync_dir(self.running_dir(node_id))
@@ -1580,7 +1688,8 @@ class Spool:
     def _write_result(self, job, folder, status, exit_code, error, stdout, stderr):
         job.finished_at = time.time()
         result = {"status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
-                  "started_at": job.started_at, "finished_at": job.finished_at}
+                  "started_at": job.started_at, "finished_at": job.finished_at,
+                  "gpus": list(job.gpu_ids)}
         if job.slurm:
             result["slurm"] = {k: job.slurm[k] for k in ("id", "state", "reason")}
         folder.write_result(result, stdout, stderr)
@@ -1664,6 +1773,7 @@ class Spool:
                 r["node_id"], r["status"], r["exit_code"], r["error"])
             job.started_at, job.finished_at, job.slurm = (
                 r["started_at"], r["finished_at"], r.get("slurm"))
+            job.gpu_ids = tuple(map(str, r.get("gpus") or ()))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return job
@@ -1680,8 +1790,8 @@ class Spool:
         ahead = self.queues[job.node_id].ahead(job)
         if ahead is None:
             return None, None
-        running = self._loads(job.node_id) - self.pending_seconds[job.node_id]
-        return ahead[0], time.time() + running + ahead[1]
+        n = job.node_id
+        return ahead[0], time.time() + self._running_load(n) + ahead[1] / self.gpus[n]
 
     def request_cancel(self, job):
         """Cancel a pending job now, or mark a running one for its scheduler to kill.
@@ -1754,12 +1864,15 @@ class Spool:
             loads = self._loads()
             for job_id in self.queues[node_id].ids():
                 job = self.active[job_id]
-                dest = min(online, key=lambda n: (loads[n], n))
+                fits = [n for n in online if self.gpus[n] >= job.gpus]
+                if not fits:
+                    continue  # no online node is big enough: it waits here
+                dest = min(fits, key=lambda n: (loads[n], n))
                 os.rename(self.pending_dir(node_id) / job_id, self.pending_dir(dest) / job_id)
                 self._unindex(job)
                 job.node_id = dest
                 self._index(job)
-                loads[dest] += job.expected_time
+                loads[dest] += job.expected_time * job.gpus / self.gpus[dest]
                 moved.add(dest)
         for n in moved | {node_id}:
             self._sync_queue(n)
@@ -1806,7 +1919,7 @@ class Spool:
         with self.lock:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
             del self.running[job.node_id][job.id]
-            job.status, job.started_at = "pending", None
+            job.status, job.started_at, job.gpu_ids = "pending", None, ()
             self._index(job)
         self._sync_queue(job.node_id)
         fsync_dir(self.running_dir(job.node_id))
@@ -2057,9 +2170,14 @@ SLURM_POLL = 2
 SUPERVISE_INTERVAL = 5
 #: Seconds between looks for finished jobs past ``keep_finished_days``, at most.
 RETENTION_SWEEP = 3600
+#: Pending jobs a node's scheduler looks through for one that may start now.
+CLAIM_DEPTH = 200
 #: Seconds between GPU readings of a node, and the most one may take.
 GPU_REFRESH = 30
-GPU_TIMEOUT = 15
+GPU_TIMEOUT = 25
+#: ...while the node has free GPUs and jobs wait: a GPU used outside the queue is
+#: noticed, and one freed again taken, within this.
+GPU_BUSY_REFRESH = 5
 #: Output up to this many bytes (both streams) comes with a job's exit report from
 #: the node's agent; more is read from the files.  Saves a dozen round trips per job.
 INLINE_OUTPUT = 64 * 1024
@@ -2075,27 +2193,52 @@ def node_program():
     end = next(i for i in range(begin, len(lines))
                if lines[i].startswith("# ") and lines[i].rstrip().endswith("###")) - 1
     source = ('"""gpuqueue\'s node program: made from gpuqueue.py, holds no user data."""\n'
-              "import base64, collections, contextlib, json, math, os, re, selectors, shutil, "
-              "signal, subprocess, sys, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
+              "import base64, collections, contextlib, json, math, os, pwd, re, selectors, "
+              "shutil, signal, subprocess, sys, threading, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
               'if __name__ == "__main__":\n    sys.exit(agent())\n')
     return f"gq_node-{hashlib.sha256(source.encode()).hexdigest()[:16]}.py", source
 
 
-def parse_gpus(csv, visible):
-    """The GPUs a node's jobs see (``visible``: its CUDA_VISIBLE_DEVICES, indexes or
-    UUIDs) from nvidia-smi's CSV; [] when there are none."""
-    wanted = {v.strip() for v in visible.split(",")}
+def read_gpus(reading, visible, foreign_mib, held):
+    """A node's GPUs (``visible``: its ``gpus``, indexes or UUIDs, in order) from its
+    gpu_reading: per GPU nvidia-smi's figures, the processes on it, and ``foreign``,
+    why it takes no new job, when something outside the queue uses it: a process
+    that is none of the node's jobs, or more than ``foreign_mib`` MiB beyond what its
+    jobs use (processes may be out of sight, as in a container).  The memory rule
+    spares GPUs that ``held`` (those running jobs hold): the figures of a job that
+    just ended may still show."""
+    if not reading:
+        return []
+    apps = collections.defaultdict(list)
+    for a in reading.get("apps") or ():
+        if isinstance(a, dict):
+            apps[a.get("gpu")].append(a)
     found = []
-    for line in (csv or "").splitlines():
+    for line in (reading.get("csv") or "").splitlines():
         f = [x.strip() for x in line.split(",")]
-        if len(f) != 6 or not wanted & {f[0], f[1]}:
+        if len(f) != 6 or not {f[0], f[1]} & set(visible):
             continue
+        device = f[0] if f[0] in visible else f[1]
         try:
-            found.append({"index": int(f[0]), "name": f[2], "memory_used_mib": int(f[3]),
-                          "memory_total_mib": int(f[4]), "utilization_pct": int(f[5])})
+            g = {"index": int(f[0]), "device": device, "name": f[2], "memory_used_mib": int(f[3]),
+                 "memory_total_mib": int(f[4]), "utilization_pct": int(f[5])}
         except ValueError:  # "[N/A]" on some boards
             continue
-    return found
+        g["processes"] = [{k: a.get(k) for k in ("pid", "memory_mib", "user", "job")}
+                          for a in apps[f[1]]]
+        outside = [p for p in g["processes"] if p["job"] is None]
+        beyond = g["memory_used_mib"] - sum(p["memory_mib"] or 0 for p in g["processes"]
+                                            if p["job"] is not None)
+        g["foreign"] = None
+        if outside:
+            g["foreign"] = "used outside the queue by " + ", ".join(
+                f"pid {p['pid']}" + (f" of {p['user']}" if p["user"] else "")
+                + (f" ({p['memory_mib']} MiB)" if p["memory_mib"] is not None else "")
+                for p in outside)
+        elif beyond > foreign_mib and device not in held:
+            g["foreign"] = f"{beyond} MiB in use outside the queue"
+        found.append(g)
+    return sorted(found, key=lambda g: visible.index(g["device"]))
 
 
 def describe_exit(exit_code):
@@ -2127,6 +2270,7 @@ class Run:
         self.link_lost = False  # ended because the link to its node broke, not by exiting
         self.report = {}  # the agent's exit report: result and output, when small
         self.outcome = None  # known without asking the node (recovery settled it)
+        self.cancel_sent = False
         self.exited = threading.Event()
         self._on_exit = on_exit
 
@@ -2137,7 +2281,8 @@ class Run:
 
 def job_env(node, job):
     """Variables every job gets, whatever its node."""
-    return {**node.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": node.gpus,
+    return {**node.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(job.gpu_ids or node.gpus[:job.gpus]),
             "GPUQUEUE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
 
 
@@ -2753,9 +2898,9 @@ class AgentExecutor:
         if run.work is not None and not self.config.keep_remote_dirs:
             self._send(None, op="remove", dir=run.work)
 
-    def gpu_csv(self):
-        """nvidia-smi's reading on the node, asked of its agent.  Called from the
-        telemetry thread: it uses the agent as it is and never connects."""
+    def gpu_reading(self):
+        """nvidia-smi's reading on the node (gpu_reading), asked of its agent.  Called
+        from the telemetry thread: it uses the agent as it is and never connects."""
         agent = self._agent
         if agent is None or agent.closed:
             raise NodeError(f"node {self.node.id} is not connected")
@@ -2765,7 +2910,7 @@ class AgentExecutor:
             raise NodeError(str(exc)) from None
         if reply is None:
             raise NodeError(f"node {self.node.id} did not report its GPUs")
-        return reply.get("csv")
+        return reply.get("reading")
 
     def read_output(self, job, stream, offset, limit):
         """Up to ``limit`` bytes of a running job's stream from ``offset`` (any thread)."""
@@ -2776,6 +2921,16 @@ class AgentExecutor:
 SLURM_WAITING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESV_DEL_HOLD", "SUSPENDED", "STOPPED", "SIGNALING", "RESIZING")
 SLURM_ACTIVE = SLURM_WAITING + ("RUNNING", "COMPLETING", "STAGE_OUT")
+
+
+def slurm_gres(gres, gpus):
+    """The --gres of a job needing ``gpus`` GPUs: the node's ``gres`` with its count
+    made the job's ("gpu:a100:1" -> "gpu:a100:4"), else gpu:N for a job of several
+    GPUs; a one-GPU job on a node without ``gres`` asks for none, as before."""
+    if gres:
+        head, _, count = gres.rpartition(":")
+        return f"{head}:{gpus}" if head and count.isdigit() else f"{gres}:{gpus}"
+    return f"gpu:{gpus}" if gpus > 1 else None
 
 
 class SlurmExecutor:
@@ -2795,7 +2950,7 @@ class SlurmExecutor:
     def connect(self):
         self.link.connect()
 
-    def gpu_csv(self):
+    def gpu_reading(self):
         return None  # the login host's GPUs are not the jobs' GPUs
 
     def submit(self, job, folder):
@@ -2812,8 +2967,11 @@ class SlurmExecutor:
         argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
                 f"--output={remote}/stdout", f"--error={remote}/stderr",
                 f"--time={days}-{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"]
-        argv += [f"--{k}={self.node.slurm[k]}" for k in ("partition", "account", "gres")
+        argv += [f"--{k}={self.node.slurm[k]}" for k in ("partition", "account")
                  if self.node.slurm[k]]
+        gres = slurm_gres(self.node.slurm["gres"], job.gpus)
+        if gres:
+            argv.append(f"--gres={gres}")
         code, out, err = self.link.run(*argv, f"{remote}/job.sh")
         slurm_id = out.strip().split(";")[0]
         if code != 0 or not slurm_id.isdigit():
@@ -2932,12 +3090,15 @@ class Histogram:
 
 
 class NodeWorker:
-    """One thread per node: takes the node's next job, runs it, records how it ended.
+    """One thread per node: starts the jobs that may start there now (one per GPU,
+    or several GPUs for one job), follows them to their ends, and records how
+    each ended.
 
-    It sleeps on ``wake``, which submit, cancel and a job's exit set, so a free
-    node starts its next job at once.  It alone uses its executor (and so its
-    SSH connection).  While its node is unreachable it is ``offline``: it hands
-    its pending jobs to online nodes and retries with backoff.
+    It sleeps on ``wake``, which submit, cancel and a job's exit set, so a freed
+    GPU takes its next job at once.  It alone uses its executor (and so its
+    connection); the jobs it follows are ``runs``.  While its node is unreachable
+    it is ``offline``: it hands its pending jobs to online nodes and retries with
+    backoff.  Which job may start is ``choose``'s to say.
     """
 
     def __init__(self, node, spool, executor, config, peers):
@@ -2950,7 +3111,10 @@ class NodeWorker:
         self.online = False
         self.error = "connecting"
         self.settled = threading.Event()  # set once the first connect has succeeded or failed
-        self.gpus = []  # what nvidia-smi last said of the node's GPUs (see watch_gpus)
+        self.runs = {}  # job id -> the Run of each job this node follows
+        self.gpus = []  # nvidia-smi's last reading of the node's GPUs (see watch_gpus)
+        self.foreign = {}  # GPU -> what uses it outside the queue: it takes no new job
+        self.holding = None  # Holding: GPUs kept for a job that waits for more of them
         self.started = 0  # jobs launched since the server started
         self.dispatch = Histogram()  # seconds from claim to the job's wrapper running
 
@@ -2969,26 +3133,34 @@ class NodeWorker:
 
     def _resume_all(self):
         for job in self.spool.running_on(self.node.id):
-            self._guarded(self._resume, job)
+            self._guarded(job, self._resume, job)
 
     def _step(self):
         if not self.online:
             self._bring_online()
         self.wake.clear()
-        job = self.spool.claim(self.node.id)
-        if job is None:
-            if self.node.id in self.spool.drained:
-                self._shed()
-            if not self.wake.wait(self.config.node_timeout / 2) and not self.executor.healthy():
-                self._set_offline(f"did not answer within {self.config.node_timeout:g} s")
+        try:
+            self._reap()
+            self._pass_cancels()
+        except NodeError as exc:
+            self._lost(exc)
             return
-        self._guarded(self._execute, job)
+        job = self.spool.claim(self.node.id, self.choose)
+        if job is not None:
+            self._guarded(job, self._execute, job)
+            return  # look again at once: another job may fit beside it
+        if self.node.id in self.spool.drained:
+            self._shed()
+        if not self.wake.wait(self.config.node_timeout / 2) and not self.executor.healthy():
+            self._lost(NodeError(f"node {self.node.id} did not answer within "
+                                 f"{self.config.node_timeout:g} s"))
 
-    def _guarded(self, step, job):
+    def _guarded(self, job, step, *args):
         """Run one job step; whatever goes wrong fails that job, never the node's thread."""
         try:
-            step(job)
+            step(*args)
         except Exception as exc:
+            self.runs.pop(job.id, None)
             self._failed_inside(job, exc)
 
     def _failed_inside(self, job, exc):
@@ -3015,6 +3187,100 @@ class NodeWorker:
                 self.wake.wait(backoff)  # no event says that space came back
                 self.wake.clear()
                 backoff = min(backoff * 2, 10.0)
+
+    # -- which job starts: GPUs, turns, and holding GPUs for a big job ---------
+
+    def assigned(self, job):
+        """The GPUs a running job holds (one started before jobs had GPUs of their
+        own holds the node's first)."""
+        return job.gpu_ids or self.node.gpus[:job.gpus]
+
+    def free_gpus(self):
+        """This node's GPUs that no running job holds and nothing outside the queue
+        uses, in the node's order (under the spool's lock)."""
+        taken = {g for job in self.spool.running[self.node.id].values()
+                 for g in self.assigned(job)}
+        return [g for g in self.node.gpus if g not in taken and g not in self.foreign]
+
+    def room(self):
+        """How many GPUs a job could start on here now, as another node's scheduler
+        counts them: none while offline or drained, and none of those held."""
+        if not self.online or self.node.id in self.spool.drained:
+            return 0
+        held = self.holding.gpus if self.holding else ()
+        return sum(g not in held for g in self.free_gpus())
+
+    def cost(self, job):
+        """What a job takes of ``room``."""
+        return job.gpus
+
+    def could_start(self, job, room):
+        """Would this node start ``job`` now, given the room left (``room``, a dict
+        of every node's)?  If so, the room is taken, as its own scheduler would."""
+        n = self.node.id
+        if job.gpus <= len(self.node.gpus) and self.cost(job) <= room.get(n, 0):
+            room[n] -= self.cost(job)
+            return True
+        return False
+
+    def choose(self, candidates):
+        """The scheduler's rule, called by Spool.claim under its lock with the
+        pending jobs in the order they are to run: the first that may start here
+        now, as (job, its queue's node, its GPUs), or None.
+
+        A job of another node's queue is taken only if that node could not start
+        it now (idle GPUs take work from busy nodes).  The first of this node's own
+        jobs that does not fit is *held for*: the GPUs that will free up first are
+        kept for it, and it starts once they have (Holding); meanwhile a later job
+        may use a held GPU only if its time limit ends before then (conservative
+        backfill), so a big job is never starved by a stream of small ones."""
+        free = self.free_gpus()
+        room = {n: w.room() for n, w in self.peers.items() if n != self.node.id}
+        now = time.time()
+        holding = None
+        for seen, (job, n) in enumerate(candidates):
+            if seen == CLAIM_DEPTH:
+                break
+            if n != self.node.id and self.peers[n].could_start(job, room):
+                continue
+            if job.gpus > len(self.node.gpus):
+                continue
+            if holding is None:
+                if job.gpus <= len(free):
+                    self.holding = None
+                    return job, n, free[:job.gpus]
+                if n == self.node.id:
+                    holding = self._hold(job, free, now)
+                    if holding is not None and not free:
+                        break  # held for, and nothing free to fill meanwhile
+                continue
+            ends = now + self.config.time_limit(job.expected_time) + self.config.kill_grace
+            usable = [g for g in free if g not in holding.gpus]
+            if ends <= holding.by:
+                usable += [g for g in free if g in holding.gpus]
+            if job.gpus <= len(usable):
+                self.holding = holding
+                return job, n, usable[:job.gpus]
+        self.holding = holding
+        return None
+
+    def _hold(self, job, free, now):
+        """The GPUs to keep for ``job``: the free ones, then those whose running jobs'
+        time limits end first, and the time by which they will all be free (time
+        limits are enforced, so it holds).  None when GPUs used outside the queue
+        leave too few."""
+        def end(running):
+            return ((running.started_at or now) + self.config.time_limit(running.expected_time)
+                    + self.config.kill_grace)
+        held, by = list(free), now
+        for running in sorted(self.spool.running[self.node.id].values(), key=end):
+            if len(held) >= job.gpus:
+                break
+            held += [g for g in self.assigned(running) if g not in self.foreign]
+            by = max(by, end(running))
+        if len(held) < job.gpus:
+            return None
+        return Holding(job.id, tuple(held[:job.gpus]), by)
 
     # -- the node's state ---------------------------------------------------
 
@@ -3058,7 +3324,8 @@ class NodeWorker:
         if job.cancel_requested:
             self._record(job, "cancelled", error="cancelled before it started")
             return
-        log.info("job %s user=%s node=%s running", job.id, job.user_id, self.node.id)
+        log.info("job %s user=%s node=%s running on GPU %s", job.id, job.user_id, self.node.id,
+                 ",".join(job.gpu_ids))
         try:
             run = self.executor.start(job, self.spool.folder(job), self.wake.set)
         except LeaseUnconfirmed as exc:
@@ -3075,7 +3342,7 @@ class NodeWorker:
             self.started += 1
             self.dispatch.observe(time.time() - job.started_at)
         if run is not None:
-            self._follow(job, run)
+            self.runs[job.id] = run
 
     def _after_lease(self, job, lease):
         """A start the node never confirmed: once its lease is over the node will not
@@ -3100,7 +3367,15 @@ class NodeWorker:
         run = self._reattach(job)
         if run is not None:
             log.info("job %s re-attached on node %s", job.id, self.node.id)
-            self._follow(job, run)
+            self.runs[job.id] = run
+
+    def _lost(self, exc):
+        """The link to the node broke: follow every run again once it answers (each
+        re-attached, queued again, or failed after ``unreachable_grace``)."""
+        self._set_offline(str(exc))
+        for job_id, run in list(self.runs.items()):
+            self.runs.pop(job_id)
+            self._guarded(run.job, self._resume, run.job)
 
     def _reattach(self, job):
         """Find a job on its node again after a restart or an outage.
@@ -3134,17 +3409,22 @@ class NodeWorker:
             self._set_online()  # it answered
         return run
 
-    def _follow(self, job, run):
-        while True:
-            try:
-                self._wait(job, run)
-                o = self.executor.collect(run)
-                break
-            except NodeError as exc:
-                self._set_offline(str(exc))
-                run = self._reattach(job)
-                if run is None:
-                    return
+    def _pass_cancels(self):
+        for run in self.runs.values():
+            if run.job.cancel_requested and not run.cancel_sent and not run.exited.is_set():
+                self.executor.cancel(run)
+                run.cancel_sent = True
+
+    def _reap(self):
+        """Record every run that has ended; NodeError when a link broke under one."""
+        for job_id, run in list(self.runs.items()):
+            if run.exited.is_set():
+                outcome = self.executor.collect(run)
+                del self.runs[job_id]
+                self._guarded(run.job, self._settle, run, outcome)
+
+    def _settle(self, run, o):
+        job = run.job
         if o.reason == "cancelled":
             status, error = "cancelled", "cancelled while running"
         elif o.reason == "timeout":
@@ -3161,29 +3441,75 @@ class NodeWorker:
         except NodeError as exc:
             log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
 
-    def _wait(self, job, run):
-        """Sleep until the run ends, passing on a cancel once; NodeError when the node
-        stops answering its heartbeat (a ping every half ``node_timeout``)."""
-        cancel_sent = False
-        while not run.exited.is_set():
-            self.wake.clear()
-            if job.cancel_requested and not cancel_sent:
-                self.executor.cancel(run)
-                cancel_sent = True
-            if not run.exited.is_set() and not self.wake.wait(self.config.node_timeout / 2) \
-                    and not run.exited.is_set() and not self.executor.healthy():
-                raise NodeError(f"node {self.node.id} did not answer within "
-                                f"{self.config.node_timeout:g} s")
+    def read_gpus(self):
+        """Take a reading of the node's GPUs (from the telemetry thread), and from it
+        which GPUs are used outside the queue; a change wakes the scheduler."""
+        held = {g for job in self.spool.running_on(self.node.id) for g in self.assigned(job)}
+        self.gpus = read_gpus(self.executor.gpu_reading(), self.node.gpus,
+                              self.config.foreign_memory_mib, held)
+        foreign = {g["device"]: g["foreign"] for g in self.gpus if g["foreign"]}
+        if foreign != self.foreign:
+            for device in foreign.keys() - self.foreign.keys():
+                log.warning("node %s: GPU %s is %s; it takes no new job until that ends",
+                            self.node.id, device, foreign[device])
+            for device in self.foreign.keys() - foreign.keys():
+                log.info("node %s: GPU %s is no longer used outside the queue", self.node.id,
+                         device)
+            self.foreign = foreign
+            self.wake.set()
+
+    def why_waiting(self, job):
+        """Why a job planned for this node has not started yet, for its status."""
+        n = self.node.id
+        if not self.online:
+            return f"node {n} is offline: {self.error}"
+        if n in self.spool.drained:
+            return f"node {n} is drained; another node may take it"
+        holding = self.holding
+        because = "".join(f"; GPU {d} is {why}" for d, why in self.foreign.items())
+        if holding and holding.job_id == job.id:
+            return (f"node {n} keeps GPU {','.join(holding.gpus)} for it; it starts by "
+                    f"{isotime(holding.by)} at the latest{because}")
+        free = len(self.free_gpus())
+        if free < job.gpus:
+            return f"it needs {job.gpus} GPU(s); {free} of node {n}'s {len(self.node.gpus)} " \
+                   f"are free{because}"
+        return f"jobs ahead of it start first{because}"
+
+    def gpu_slots(self):
+        """Each GPU of the node: busy (and the job on it), held for a big job, used
+        outside the queue, or free."""
+        on = {g: job.id for job in self.spool.running_on(self.node.id) for g in self.assigned(job)}
+        holding = self.holding
+        slots = []
+        for g in self.node.gpus:
+            state = ("busy" if g in on else "foreign" if g in self.foreign
+                     else "held" if holding and g in holding.gpus else "free")
+            slots.append({"gpu": g, "state": state, "job": on.get(g)})
+        return slots
 
     def info(self):
         running = self.spool.running_on(self.node.id)
         info = {"id": self.node.id, "host": self.node.host,
                 "state": "online" if self.online else "offline",
                 "drained": self.node.id in self.spool.drained, "error": self.error,
-                "running_job": running[0].id if running else None}
+                "running_job": running[0].id if running else None,
+                "running_jobs": [j.id for j in running], "gpu_slots": self.gpu_slots()}
+        holding = self.holding
+        if holding:
+            info["holding"] = {"job_id": holding.job_id, "gpus": list(holding.gpus),
+                               "until": isotime(holding.by)}
         if self.gpus:
             info["gpus"] = self.gpus
         return info
+
+
+@dataclasses.dataclass(frozen=True)
+class Holding:
+    """GPUs a node keeps for a job that waits for more of them than are free."""
+    job_id: str
+    gpus: tuple
+    by: float  # the time by which they will all be free
 
 
 class SlurmWorker(NodeWorker):
@@ -3229,10 +3555,31 @@ class SlurmWorker(NodeWorker):
 
     def _fill(self):
         while len(self.spool.running[self.node.id]) < self.node.slurm["max_jobs"]:
-            job = self.spool.claim(self.node.id)
+            job = self.spool.claim(self.node.id, self.choose)
             if job is None:
                 return
             self._job_step(self._submit, job)
+
+    def choose(self, candidates):
+        """Slurm places jobs on GPUs itself: the first job in turn that this node's
+        GPUs are enough for and that its own node could not start now."""
+        room = {n: w.room() for n, w in self.peers.items() if n != self.node.id}
+        for seen, (job, n) in enumerate(candidates):
+            if seen == CLAIM_DEPTH:
+                break
+            if n != self.node.id and self.peers[n].could_start(job, room):
+                continue
+            if job.gpus <= len(self.node.gpus):
+                return job, n, ()
+        return None
+
+    def room(self):
+        if not self.online or self.node.id in self.spool.drained:
+            return 0
+        return self.node.slurm["max_jobs"] - len(self.spool.running[self.node.id])
+
+    def cost(self, job):
+        return 1  # one of max_jobs
 
     def _submit(self, job):
         if job.cancel_requested:
@@ -3368,24 +3715,32 @@ def keep_finished(spool, days):
 
 
 def watch_gpus(workers):
-    """The thread that reads every online node's GPUs with nvidia-smi, each about
-    every GPU_REFRESH seconds (a node not read yet: every 2 s), over the node's
-    existing connection.  A node without nvidia-smi simply shows none."""
-    due = dict.fromkeys(workers, 0.0)
+    """The thread that reads every online node's GPUs with nvidia-smi, over the
+    node's existing connection: every GPU_BUSY_REFRESH seconds while jobs wait and
+    the node has GPUs that no job holds (free, or used outside the queue), else
+    every GPU_REFRESH (a node not read yet, or whose reading failed: every 2 s).
+    A node without nvidia-smi simply shows none."""
+    last = dict.fromkeys(workers, -math.inf)  # when each node was last read
+    wait = dict.fromkeys(workers, 0.0)  # how long its next reading may wait at most
     while True:
         for n, w in workers.items():
             now = time.monotonic()
             if not w.online:
-                due[n] = 0.0  # read again as soon as it is back
-            elif now >= due[n]:
-                try:
-                    w.gpus = parse_gpus(w.executor.gpu_csv(), w.node.gpus)
-                    due[n] = now + GPU_REFRESH
-                except NodeError:
-                    due[n] = now + 2
-                except Exception:
-                    log.exception("node %s: reading its GPUs failed", n)
-                    due[n] = now + GPU_REFRESH
+                wait[n] = 0.0  # read again as soon as it is back
+                continue
+            if w.spool.counts()[0] and any(s["state"] != "busy" for s in w.gpu_slots()):
+                wait[n] = min(wait[n], GPU_BUSY_REFRESH)
+            if now - last[n] < wait[n]:
+                continue
+            last[n] = now
+            try:
+                w.read_gpus()
+                wait[n] = GPU_REFRESH
+            except NodeError:
+                wait[n] = 2
+            except Exception:
+                log.exception("node %s: reading its GPUs failed", n)
+                wait[n] = GPU_REFRESH
         time.sleep(1)  # a clock for readings that are due, not a wait for an event
 
 
@@ -3398,6 +3753,7 @@ JOB_KEYS = {
     "expected_time": (_NUMBER, True, "seconds; the job is killed after timeout_multiplier "
                                      "times this"),
     "priority": (int, False, "higher runs first; above 0 for admins only"),
+    "gpus": (int, False, "GPUs the job needs, all on one node (default 1)"),
     "token": (str, False, "the token, when no Authorization header is sent; never stored"),
 }
 
@@ -3477,6 +3833,8 @@ def parse_job_config(data, max_expected_time):
     lo, hi = PRIORITY_RANGE
     if not lo <= cfg.get("priority", 0) <= hi:
         raise BadRequest(f"config_file: 'priority' must be from {lo} to {hi}")
+    if cfg.get("gpus", 1) < 1:
+        raise BadRequest("config_file: 'gpus' must be 1 or more")
     return cfg
 
 
@@ -3590,11 +3948,15 @@ class Scheduler:
             raise Forbidden("user_id in config_file is not the token's user")
         if cfg.get("priority", 0) > 0 and not user["admin"]:
             raise Forbidden("only an admin may give a job a priority above 0")
+        most = max(len(n.gpus) for n in self.config.nodes)
+        if cfg.get("gpus", 1) > most:
+            raise BadRequest(f"config_file: 'gpus' is {cfg['gpus']}, but no node has more "
+                             f"than {most}")
         self._check_disk(len(code) + len(config_data))
         job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
                   competition_id=cfg["competition_id"], project_id=cfg["project_id"],
                   expected_time=cfg["expected_time"], priority=cfg.get("priority", 0),
-                  submitted_at=time.time(), node_id=-1)
+                  gpus=cfg.get("gpus", 1), submitted_at=time.time(), node_id=-1)
         if "token" in cfg:  # the token never reaches the disk
             kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
             config_data = ("# token removed by gpuqueue\n"
@@ -3608,8 +3970,9 @@ class Scheduler:
             raise
         online = {n for n, w in self.workers.items() if w.online}
         position, start = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
-        # Its node, and any idle node that may take it.
-        self._wake(n for n in self.workers if n == job.node_id or not self.spool.running[n])
+        # Its node, and any with a free GPU that may take it (a held one, if it is short).
+        self._wake(n for n, w in self.workers.items()
+                   if n == job.node_id or w.room() or w.holding)
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         return job, position, start
 
@@ -3645,6 +4008,8 @@ class Scheduler:
         if job.status == "pending":
             position, start = self.spool.queue_position(job)
             out["queue_position"], out["estimated_start"] = position, isotime(start)
+            if job.node_id in self.workers:
+                out["waiting"] = self.workers[job.node_id].why_waiting(job)
         return out
 
     def find(self, user=None, status=None, limit=100, before=None):
@@ -4106,6 +4471,13 @@ class Api:
             samples += [(f'_bucket{{node="{i}",le="+Inf"}}', h.count),
                         (f'_sum{{node="{i}"}}', round(h.sum, 6)), (f'_count{{node="{i}"}}', h.count)]
         metric("dispatch_seconds", "histogram", "From a job's claim to its wrapper running.", samples)
+        metric("gpu_state", "gauge", "1 for each GPU's state in the queue: busy, held (kept "
+                                     "for a job that needs more GPUs), foreign (used outside "
+                                     "the queue) or free.",
+               [(f'{{node="{n["id"]}",gpu="{slot["gpu"]}",state="{state}"}}',
+                 int(slot["state"] == state))
+                for n in nodes for slot in n.get("gpu_slots", ())
+                for state in ("busy", "held", "foreign", "free")])
         gpus = [(f'{{node="{n["id"]}",gpu="{g["index"]}"}}', g) for n in nodes
                 for g in n.get("gpus", ())]
         metric("gpu_memory_used_bytes", "gauge", "GPU memory in use, as nvidia-smi reads it.",
@@ -4348,6 +4720,11 @@ def openapi(config):
             "user_id": {"type": "string"},
             "competition_id": {"type": "string"}, "project_id": {"type": "string"},
             "expected_time": {"type": "number"}, "priority": {"type": "integer"},
+            "gpus": {"type": "integer", "minimum": 1},
+            "gpu_indices": {"type": "array", "items": {"type": "string"}, "nullable": True,
+                            "description": "the GPUs it got (CUDA_VISIBLE_DEVICES), once started"},
+            "waiting": {"type": "string", "description": "while pending: why it has not "
+                                                         "started yet"},
             "submitted_at": time_, "started_at": time_,
             "finished_at": time_, "exit_code": {"type": "integer", "nullable": True},
             "error": nullable_str, "cancel_requested": {"type": "boolean"},
@@ -4365,6 +4742,33 @@ def openapi(config):
                           "properties": {"error": {"type": "string"}}},
                 "JobStatus": job_status,
                 "JobConfig": job_config,
+                "GpuSlot": {
+                    "type": "object", "required": ["gpu", "state", "job"],
+                    "description": "One GPU of a node as the queue sees it: busy (with "
+                                   "its job), held for a job that waits for more GPUs, "
+                                   "used outside the queue, or free.",
+                    "properties": {"gpu": {"type": "string"},
+                                   "state": {"type": "string",
+                                             "enum": ["busy", "held", "foreign", "free"]},
+                                   "job": nullable_str}},
+                "GpuReading": {
+                    "type": "object",
+                    "description": "What nvidia-smi said of one GPU, and the processes on it.",
+                    "required": ["index", "device", "name", "memory_used_mib",
+                                 "memory_total_mib", "utilization_pct", "processes", "foreign"],
+                    "properties": {
+                        "index": {"type": "integer"}, "device": {"type": "string"},
+                        "name": {"type": "string"}, "memory_used_mib": {"type": "integer"},
+                        "memory_total_mib": {"type": "integer"},
+                        "utilization_pct": {"type": "integer"},
+                        "foreign": {**nullable_str, "description": "why it takes no new job"},
+                        "processes": {"type": "array", "items": {
+                            "type": "object", "properties": {
+                                "pid": {"type": "integer"},
+                                "memory_mib": {"type": "integer", "nullable": True},
+                                "user": nullable_str,
+                                "job": {**nullable_str, "description": "its gpuqueue job, "
+                                        "if it is one"}}}}}},
                 "Submitted": {"type": "object",
                               "required": ["job_id", "node_id", "status", "queue_position",
                                            "estimated_start"],
@@ -4389,16 +4793,15 @@ def openapi(config):
                                         "slurm": {"type": "object", "properties": {
                                             "pending": {"type": "integer"},
                                             "running": {"type": "integer"}}},
-                                        "gpus": {"type": "array", "items": {
-                                            "type": "object",
-                                            "required": ["index", "name", "memory_used_mib",
-                                                         "memory_total_mib", "utilization_pct"],
-                                            "properties": {
-                                                "index": {"type": "integer"},
-                                                "name": {"type": "string"},
-                                                "memory_used_mib": {"type": "integer"},
-                                                "memory_total_mib": {"type": "integer"},
-                                                "utilization_pct": {"type": "integer"}}}},
+                                        "gpus": {"type": "array", "items": ref("GpuReading")},
+                                        "gpu_slots": {"type": "array", "items": ref("GpuSlot")},
+                                        "holding": {"type": "object", "properties": {
+                                            "job_id": {"type": "string"},
+                                            "gpus": {"type": "array",
+                                                     "items": {"type": "string"}},
+                                            "until": time_}},
+                                        "running_jobs": {"type": "array",
+                                                         "items": {"type": "string"}},
                                         "error": nullable_str, "running_job": nullable_str,
                                         "queued_jobs": {"type": "integer"},
                                         "queued_seconds": {"type": "number"},
@@ -4572,10 +4975,10 @@ button{cursor:pointer}
 <main><p id="error" role="alert"></p>
 % if job_id is None:
 <section><h2>Nodes</h2><table id="nodes"><thead><tr><th>Node</th><th>Host</th><th>State</th>
-<th>Running job</th><th>Queued</th><th>Queued work</th><th>GPUs</th></tr></thead><tbody>
+<th>Running job</th><th>Queued</th><th>Queued work</th><th>GPUs: busy, held (for a job that needs more), foreign (used outside the queue) or free</th></tr></thead><tbody>
 % for n in nodes:
 <tr><td>{{n["id"]}}</td><td>{{n["host"]}}</td><td class="{{n["state"]}}">{{n["state"]}}{{" (drained)" if n["drained"] else ""}}</td>
-<td class="id">{{n["running_job"] or "–"}}</td><td>{{n["queued_jobs"]}}</td><td>{{duration(n["queued_seconds"])}}</td><td>{{gpu_text(n)}}</td></tr>
+<td class="id">{{", ".join(n.get("running_jobs") or []) or "–"}}</td><td>{{n["queued_jobs"]}}</td><td>{{duration(n["queued_seconds"])}}</td><td>{{gpu_text(n)}}</td></tr>
 % end
 </tbody></table></section>
 <section><h2>Jobs</h2><p>Yours (an admin's token shows everyone's), newest first; your pending ones in each node's queue show their place.</p>
@@ -4621,13 +5024,19 @@ function duration(s) {
 }
 const clock = iso => iso ? new Date(iso).toLocaleString() : null;
 function gpuText(n) {
-  return (n.gpus || []).map(g => g.name + " " + g.memory_used_mib + "/" + g.memory_total_mib + " MiB " + g.utilization_pct + "%").join("; ") || "–";
+  const read = Object.fromEntries((n.gpus || []).map(g => [g.device, g]));
+  return (n.gpu_slots || []).map(s => {
+    const g = read[s.gpu];
+    return s.gpu + ": " + s.state + (g ? ", " + g.name + " " + g.memory_used_mib + "/" + g.memory_total_mib +
+      " MiB " + g.utilization_pct + "%" + (g.foreign ? ", " + g.foreign : "") : "");
+  }).join("; ") || "–";
 }
 async function refreshNodes() {
   const r = await fetch("/api/nodes");
   const {nodes} = await r.json();
   $("nodes").tBodies[0].replaceChildren(...nodes.map(n => row([
-    [n.id], [n.host], [n.state + (n.drained ? " (drained)" : ""), n.state], [n.running_job, "id"],
+    [n.id], [n.host], [n.state + (n.drained ? " (drained)" : ""), n.state],
+    [(n.running_jobs || []).join(", ") || null, "id"],
     [n.queued_jobs], [duration(n.queued_seconds)], [gpuText(n)]])));
 }
 // People count from 1; the API's queue_position from 0 (0 is next).
@@ -4706,9 +5115,17 @@ def duration(seconds):
 
 
 def gpu_text(node):
-    """A node's GPU figures in one line, as the page's script writes them too."""
-    return "; ".join(f"{g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB "
-                     f"{g['utilization_pct']}%" for g in node.get("gpus") or ()) or "–"
+    """A node's GPUs in one line, as the page's script writes them too: each one's
+    state in the queue, then what nvidia-smi says of it."""
+    read = {g["device"]: g for g in node.get("gpus") or ()}
+    parts = []
+    for slot in node.get("gpu_slots") or ():
+        text, g = f"{slot['gpu']}: {slot['state']}", read.get(slot["gpu"])
+        if g:
+            text += (f", {g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB "
+                     f"{g['utilization_pct']}%" + (f", {g['foreign']}" if g["foreign"] else ""))
+        parts.append(text)
+    return "; ".join(parts) or "–"
 
 
 ###############################################################################
@@ -5046,7 +5463,7 @@ def control(config, request):
     """Carry out an admin request: through the running server's control/ folder
     or, with no server running, on the spool directly."""
     served_spool(config)
-    spool = Spool(config.spool, [n.id for n in config.nodes])
+    spool = Spool(config.spool, [n.id for n in config.nodes], config.gpu_counts)
     try:
         spool.open()
     except SpoolBusy:
@@ -5435,7 +5852,7 @@ def cli_serve(config, host, port):
     logging.getLogger("paramiko").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" per burst
     host, port = host or config.host, config.port if port is None else port
-    spool = Spool(config.spool, [n.id for n in config.nodes])
+    spool = Spool(config.spool, [n.id for n in config.nodes], config.gpu_counts)
     try:
         spool.open()
     except OSError as exc:

@@ -351,7 +351,7 @@ CONFIG_CASES = [
     ("missing-project_id", _cfg(project_id=None), (400,), ["missing", "project_id"]),
     ("missing-user_id", _cfg(user_id=None), (400,), ["missing", "user_id"]),
     ("missing-expected_time", _cfg(expected_time=None), (400,), ["missing", "expected_time"]),
-    ("unknown-key", _cfg(gpus=4), (400,), ["unknown", "gpus"]),
+    ("unknown-key", _cfg(gpu_count=4), (400,), ["unknown", "gpu_count"]),
     ("expected_time-quoted", _cfg('"10"'), (400,), ["expected_time", "number"]),
     ("user_id-int", _cfg(user_id=5), (400,), ["user_id", "string"]),
     ("user_id-yaml-bool", _cfg(user_id="no"), (400,), ["user_id", "string"]),

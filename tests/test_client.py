@@ -184,8 +184,9 @@ def test_gpu_figures_on_local_nodes(make_server, tmp_path, monkeypatch):
             break
         assert time.monotonic() < end, nodes
         time.sleep(0.1)
-    assert nodes[0]["gpus"] == [{"index": 0, "name": "NVIDIA A100-SXM4-40GB", "memory_used_mib": 1024,
-                                 "memory_total_mib": 40960, "utilization_pct": 37}]
+    assert nodes[0]["gpus"] == [{"index": 0, "device": "0", "name": "NVIDIA A100-SXM4-40GB",
+                                 "memory_used_mib": 1024, "memory_total_mib": 40960,
+                                 "utilization_pct": 37, "processes": [], "foreign": None}]
     assert [g["index"] for g in nodes[1]["gpus"]] == [2]  # chosen by UUID
     # A reading it cannot use ([N/A]) and a node whose GPU is not there: no figures, no error.
     assert "gpus" not in nodes[2] and "gpus" not in nodes[3]

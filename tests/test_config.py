@@ -13,7 +13,7 @@ from conftest import GPUQUEUE, ROOT
 def test_built_in_default_is_eight_local_nodes():
     c = gpuqueue.load_config(None)
     assert [n.id for n in c.nodes] == list(range(8))
-    assert all(n.is_local and n.gpus == str(n.id) for n in c.nodes)
+    assert all(n.is_local and n.gpus == (str(n.id),) for n in c.nodes)
     assert (c.host, c.port, c.timeout_multiplier, c.max_expected_time) == ("0.0.0.0", 8000, 2, 86400)
     assert (c.max_upload_bytes, c.output_limit_bytes) == (16 * 1024 * 1024, 10 * 1024 * 1024)
 
@@ -40,8 +40,8 @@ def test_node_defaults_apply_and_a_nodes_own_keys_win(tmp_path):
         "nodes": [{"id": 0, "host": "n0.example.com"},
                   {"id": 1, "host": "n1.example.com", "user": "other", "gpus": "1,2"}]}))
     a, b = gpuqueue.load_config(tmp_path / "c.yaml").nodes
-    assert (a.ssh.user, a.python, a.env, a.gpus) == ("gpu", "python3.11", {"A": "1"}, "0")
-    assert (b.ssh.user, b.gpus, b.workdir) == ("other", "1,2", "~/.gpuqueue")
+    assert (a.ssh.user, a.python, a.env, a.gpus) == ("gpu", "python3.11", {"A": "1"}, ("0",))
+    assert (b.ssh.user, b.gpus, b.workdir) == ("other", ("1", "2"), "~/.gpuqueue")
 
 
 @pytest.mark.parametrize("text, named", [

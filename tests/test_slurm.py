@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, kill_processes_under
+from conftest import alive, job_config, kill_processes_under
 from sshcluster import NODE_HOME, Cluster, open_to_nodes
 from slurmcluster import SlurmCluster
 
@@ -257,3 +257,21 @@ def test_a_job_slurm_forgot_while_the_server_was_down_fails_with_its_output(slur
     assert done["status"] == "failed", done
     assert done["error"] == f"Slurm no longer knows job {st['slurm_job_id']}, and keeps no accounting"
     assert server.results(done["job_id"])["stdout"] == "left behind\n"
+
+
+def test_jobs_of_several_gpus_become_gres_and_never_share_a_gpu(slurm_server, slurm, tmp_path):
+    from test_gpus import assert_never_shared, made, recording_job, records, submit_gpus
+    folder = made(tmp_path / "records")
+    server = slurm_server(gres="gpu:1", gpus="0,1")  # the cluster's 2 fake GPUs
+    sizes = [1, 2, 1, 1, 2, 1]
+    subs = [(submit_gpus(server, recording_job(folder, 1), g, expected_time=60), g) for g in sizes]
+    for sub, gpus in subs:
+        st = server.wait(sub["job_id"], timeout=120)
+        assert st["status"] == "completed", st
+        info = slurm.job(st["slurm_job_id"])
+        assert f"gpu:{gpus}" in info.get("TresPerNode", info.get("Gres", "")), info
+    found = records(folder)
+    assert [len(found[sub["job_id"]]["devices"]) for sub, _ in subs] == sizes
+    assert_never_shared(found)
+    r = server.submit("print(1)\n", config=job_config("alice", 5, gpus=3))
+    assert r.status_code == 400 and "no node has more than 2" in r.json()["error"]

@@ -150,7 +150,7 @@ def test_claim_takes_the_oldest_pending_job(tmp_path, spools):
     folder = spool.running_dir(0) / a.id
     assert folder.is_dir() and spool.folder(a).path == folder
     start = gpuqueue.read_json(folder / "start.json")
-    assert start == {"started_at": a.started_at, "node_id": 0}
+    assert start == {"started_at": a.started_at, "node_id": 0, "gpus": []}
     assert before <= a.started_at <= time.time()
     assert spool.queues[0].ids() == [b.id]
     assert spool.queue_position(b)[0] == 0 and spool.queue_position(a)[0] is None

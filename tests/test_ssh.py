@@ -2,12 +2,12 @@
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from conftest import GRANDCHILD, alive, job_pids, kill_processes_under
+from conftest import GRANDCHILD, alive, job_config, job_pids, kill_processes_under
 from sshcluster import Cluster, node_addr, open_to_nodes
 
 
@@ -232,7 +232,8 @@ def test_node_setup_env_and_gpus_reach_the_job(cluster, make_server):
     server = make_server(**cfg)
     wait_nodes(server, "online", [0])
     sub = server.submit_ok("import os\nfor k in ('FROM_SETUP', 'FROM_ENV', 'CUDA_VISIBLE_DEVICES',"
-                           " 'CUDA_DEVICE_ORDER'):\n print(os.environ[k])\n")
+                           " 'CUDA_DEVICE_ORDER'):\n print(os.environ[k])\n",
+                           config=job_config("alice", 30, gpus=2))  # both of the node's GPUs
     assert server.wait(sub["job_id"])["status"] == "completed"
     assert server.results(sub["job_id"])["stdout"] == "set up; ok\nx y\n2,3\nPCI_BUS_ID\n"
 
@@ -261,7 +262,14 @@ def test_live_output_is_read_from_the_node_and_followed(ssh_server):
 def test_gpu_figures_come_over_the_nodes_connection(ssh_server, cluster, tmp_path):
     fake = tmp_path / "fakebin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho '0, GPU-aaaa, NVIDIA H100 80GB HBM3, 2048, 81559, 91'\n")
+    # While it exists, a process outside the queue uses the GPU of the node whose workdir
+    # (where its agent runs nvidia-smi) the file names.
+    flag = tmp_path / "outsider"
+    (fake / "nvidia-smi").write_text(
+        "#!/bin/sh\ncase \"$1\" in\n"
+        f"  --query-compute-apps*) [ \"$(cat {flag} 2>/dev/null)\" = \"$(basename \"$PWD\")\" ] "
+        "&& echo 'GPU-aaaa, 999999, 700' ;;\n"
+        "  *) echo '0, GPU-aaaa, NVIDIA H100 80GB HBM3, 512, 81559, 91' ;;\nesac\nexit 0\n")
     (fake / "nvidia-smi").chmod(0o755)
     defaults = {**cluster.config()["node_defaults"], "setup": f"export PATH={fake}:$PATH", "gpus": "0"}
     server = ssh_server(node_count=2, node_defaults=defaults)
@@ -269,11 +277,29 @@ def test_gpu_figures_come_over_the_nodes_connection(ssh_server, cluster, tmp_pat
     while "gpus" not in (node := server.get("/api/nodes").json()["nodes"][0]):
         assert time.monotonic() < end, node
         time.sleep(0.1)
-    assert node["gpus"] == [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mib": 2048,
-                             "memory_total_mib": 81559, "utilization_pct": 91}]
+    assert node["gpus"] == [{"index": 0, "device": "0", "name": "NVIDIA H100 80GB HBM3",
+                             "memory_used_mib": 512, "memory_total_mib": 81559,
+                             "utilization_pct": 91, "processes": [], "foreign": None}]
     # Jobs still run while the telemetry shares the agent's channel.
     sub = server.submit_ok("print('fine')\n")
     assert server.wait(sub["job_id"])["status"] == "completed"
+    # Something outside the queue on node 0's GPU: the node's reading says so, and
+    # jobs go to node 1 meanwhile.
+    flag.write_text(Path(cluster.config()["nodes"][0]["workdir"]).name)
+    end = time.monotonic() + 60
+    while (node := server.get("/api/nodes").json()["nodes"][0])["gpu_slots"][0]["state"] != "foreign":
+        assert time.monotonic() < end, node
+        time.sleep(0.2)
+    assert node["gpus"][0]["processes"] == [{"pid": 999999, "memory_mib": 700, "user": None,
+                                             "job": None}]
+    held = server.submit_ok("import time\ntime.sleep(30)\n", expected_time=60)
+    assert server.wait(held["job_id"], ("running",))["node_id"] == 1  # node 0's GPU is taken
+    waiting = server.submit_ok("print('later')\n")
+    st = server.status(waiting["job_id"])
+    assert st["status"] == "pending" and "used outside the queue by pid 999999" in st["waiting"]
+    flag.unlink()
+    assert server.wait(waiting["job_id"], timeout=60)["status"] == "completed"
+    server.post(f"/api/cancel/{held['job_id']}", server.token())
 
 
 def test_a_follow_broken_by_its_node_going_away_ends_with_an_error(ssh_server, cluster):
