@@ -6,6 +6,7 @@ from pathlib import Path
 import dispatch
 import drain
 import fairness
+import gpus
 import idle
 import makespan
 import scale
@@ -22,7 +23,7 @@ def main():
     for name, module in (("dispatch", dispatch), ("submit", submit), ("drain", drain),
                          ("scale", scale), ("makespan", makespan),
                          ("fairness", fairness), ("idle", idle),
-                         ("slowclients", slowclients)):
+                         ("slowclients", slowclients), ("gpus", gpus)):
         if not only or name in only:
             rows += module.run()
     if only:
