@@ -130,9 +130,12 @@ class _OnFirstUse:
 
     def __init__(self, name):
         self._name = name
+        self._module = None
 
     def __getattr__(self, attr):
-        return getattr(importlib.import_module(self._name), attr)
+        if self._module is None:  # requests read bottle.request often: import once
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
 
 
 bottle = _OnFirstUse("bottle")
