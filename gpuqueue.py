@@ -1000,13 +1000,12 @@ def agent():
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 obey(json.loads(line), children, watched)
-        while children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if not pid:
-                break
+        # Each wrapper by its pid: waitpid(-1) would also reap nvidia-smi, whose
+        # subprocess call in the GPU thread must wait for it itself.
+        for pid in list(children):
+            with contextlib.suppress(ChildProcessError):
+                if not os.waitpid(pid, os.WNOHANG)[0]:
+                    continue
             cmd = children.pop(pid)
             say(dict(outcome(cmd), op="exited", id=cmd["id"]))
         for pid in list(watched):
@@ -2297,10 +2296,13 @@ class _Agent:
     is marked ``link_lost`` and ended, so its scheduler finds it again.
     """
 
-    def __init__(self, channel):
+    def __init__(self, channel, name, last_words):
         self.channel = channel
+        self.name = name  # "node 3", for the log
+        self.last_words = last_words  # what the agent wrote to stderr, once it ended
         self.runs = {}  # job id -> Run
         self.closed = False
+        self._closing = False
         self._replies = {}
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -2322,6 +2324,7 @@ class _Agent:
         return self.reply(({"ping": "pong"}.get(op, op), None), timeout)
 
     def close(self):
+        self._closing = True
         with contextlib.suppress(Exception):
             self.channel.close()
 
@@ -2337,7 +2340,11 @@ class _Agent:
                     line, pending = pending.split(b"\n", 1)
                     self._report(json.loads(line))
         except (OSError, ValueError, EOFError) as exc:
-            log.warning("node agent link broke: %s", exc)
+            log.warning("%s: the link to its agent broke: %s", self.name, exc)
+        else:
+            # An agent that ends by itself may say why (a link that closes says nothing).
+            if not self._closing and (words := self.last_words()):
+                log.warning("%s: its agent ended: %s", self.name, words)
         with self._cond:
             self.closed = True
             self._cond.notify_all()
@@ -2361,8 +2368,9 @@ class _Agent:
 class _PipeChannel:
     """A local agent's stdin and stdout, with the two calls _Agent makes of an SSH channel."""
 
-    def __init__(self, proc):
+    def __init__(self, proc, log_from):
         self.proc = proc
+        self.log_from = log_from  # where its stderr begins in agent.log
 
     def sendall(self, data):
         write_all(self.proc.stdin.fileno(), data)
@@ -2419,10 +2427,13 @@ class LocalLink:
             proc = subprocess.Popen([self.node.python, program], cwd=self.root,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=errlog, start_new_session=True)
-        return _PipeChannel(proc)
+            return _PipeChannel(proc, errlog.tell())
 
     def why_not_started(self, channel):
-        return (self.root / "agent.log").read_text(errors="replace")[-500:].strip()
+        """What this agent wrote to stderr (agent.log keeps every agent's)."""
+        with open(self.root / "agent.log", "rb") as f:
+            f.seek(channel.log_from)
+            return _last_words(f.read())
 
     def guard(self, step, *args):
         return step(*args)
@@ -2624,7 +2635,12 @@ class SshLink:
         return channel
 
     def why_not_started(self, channel):
-        return channel.recv_stderr(4096).decode(errors="replace").strip()
+        """What the agent, or the login shell before it, wrote to stderr (called once
+        the channel has ended, so nothing here waits)."""
+        data = b""
+        while channel.recv_stderr_ready():
+            data += channel.recv_stderr(65536)
+        return _last_words(data)
 
     def run(self, *argv):
         """A command on the host, every word quoted: (exit status, stdout, stderr)."""
@@ -2731,7 +2747,8 @@ class AgentExecutor:
             raise
         except OSError as exc:
             raise NodeError(f"cannot start the node's agent: {exc}") from None
-        agent = _Agent(channel)
+        agent = _Agent(channel, f"node {self.node.id}",
+                       lambda: self.link.why_not_started(channel))
         ready = agent.reply(("ready", None), WRAPPER_START_TIMEOUT)
         if ready is None or ready.get("protocol") != PROTOCOL:
             agent.close()
@@ -3067,6 +3084,15 @@ def _rmtree(sftp, path):
 def _read_text(sftp, path):
     with sftp.open(path, "r") as f:
         return f.read().decode()
+
+
+def _last_words(stderr, limit=500):
+    """The end of what an agent wrote to stderr, from a line's start: a traceback's
+    last lines say why it ended."""
+    text = stderr.decode(errors="replace").strip()
+    if len(text) > limit:
+        text = text[-limit:].partition("\n")[2].strip() or text[-limit:]
+    return text
 
 
 ###############################################################################

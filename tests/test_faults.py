@@ -265,3 +265,25 @@ def test_a_start_the_node_never_confirmed_runs_once_after_its_lease(ssh_server, 
             os.kill(pid, signal.SIGCONT)  # it reads the start now, past its lease
     time.sleep(2)  # time for the old agent to act on the start it held
     assert marker.read_text() == "x", "the job started twice"
+
+
+def test_an_agent_that_ends_is_logged_with_its_words_and_its_job_followed_again(make_server, tmp_path):
+    server = make_server(nodes=1)
+    flag = tmp_path / "go-on"
+    sub = server.submit_ok(f"import os, time\nprint('before', flush=True)\n"
+                           f"while not os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
+                           "print('after')\n", expected_time=60)
+    token = server.token()
+    wait_for(lambda: server.get(f"/api/logs/{sub['job_id']}", token).json()["data"] == "before\n",
+             what="the job to run")
+    workdir = server.dir / "spool" / "nodes" / "0" / "work"
+    first = wait_for(lambda: agent_pids(workdir), what="node 0's agent")
+    for pid in first:
+        os.kill(pid, signal.SIGINT)  # Python dies of it with a traceback on stderr
+    wait_for(lambda: "node 0: its agent ended:" in server.log(), what="the agent's end logged")
+    assert "KeyboardInterrupt" in server.log().split("node 0: its agent ended:")[1]
+    wait_for(lambda: set(agent_pids(workdir)) - set(first), what="a new agent")
+    flag.touch()
+    st = server.wait(sub["job_id"], timeout=60)
+    assert st["status"] == "completed", st
+    assert server.results(sub["job_id"])["stdout"] == "before\nafter\n"

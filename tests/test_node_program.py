@@ -118,11 +118,11 @@ def test_shipped_program_is_standard_library_only_and_named_by_its_hash():
 class Agent:
     """The shipped program run as an agent on a pipe, as a local node runs it."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, env=None):
         name, source = gpuqueue.node_program()
         (workdir / name).write_text(source)
         # -I: no site packages, no user paths: what a bare node's python3 has.
-        self.proc = subprocess.Popen([sys.executable, "-I", name], cwd=workdir,
+        self.proc = subprocess.Popen([sys.executable, "-I", name], cwd=workdir, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def send(self, **cmd):
@@ -195,6 +195,36 @@ def test_agent_times_out_and_cancels_whole_jobs(tmp_path):
         agent.send(op="remove", dir="..")
         agent.send(op="ping")
         assert agent.read() == {"op": "pong"} and tmp_path.exists()
+    finally:
+        agent.close()
+
+
+def test_gpu_readings_beside_a_running_job_never_end_the_agent(tmp_path):
+    # nvidia-smi is the agent's child too, and ends while the main loop waits for
+    # its wrappers: each must be reaped by its own waiter, or the agent dies.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho '0, GPU-aaaa, Fake, 1, 80000, 0'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    agent = Agent(work, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        agent.read()
+        jobs = [job_folder(work, "import time\ntime.sleep(60)\n") for _ in range(2)]
+        wrappers = []
+        for job_id in jobs:
+            agent.send(op="start", id=job_id, dir=job_id, env={}, limit=60, grace=0.5, inline=0)
+            wrappers.append(agent.read()["wrapper"])
+        for _ in range(100):
+            agent.send(op="gpus")
+            reading = agent.read()
+            assert reading["op"] == "gpus" and reading["reading"]["csv"].startswith("0, GPU-aaaa")
+        agent.send(op="ping")
+        assert agent.read() == {"op": "pong"}
+        for wrapper in wrappers:  # and the wrappers' own ends are still reported
+            agent.send(op="cancel", wrapper=wrapper)
+        assert {agent.read()["id"] for _ in jobs} == set(jobs)
     finally:
         agent.close()
 
