@@ -4430,7 +4430,10 @@ class Api:
             # A space goes out at once (so do the headers) and after every quiet
             # FOLLOW_KEEPALIVE: a client that hung up then fails the write, which
             # frees this thread and its slot.  Leading spaces are valid JSON.
+            # A node that reconnects cannot be read for a moment; the follow ends
+            # with the error only once it has lasted node_timeout.
             quiet_since = checked = time.monotonic()
+            failing_since = None
             try:
                 yield " "
                 while True:
@@ -4439,6 +4442,13 @@ class Api:
                             self.scheduler.authenticate(token, client)  # revoked: it ends
                             checked = time.monotonic()
                         data, job = self._read_log(job, stream, offset)
+                        failing_since = None
+                    except Unavailable as exc:
+                        failing_since = failing_since or time.monotonic()
+                        if time.monotonic() - failing_since >= self.config.node_timeout:
+                            yield json.dumps({"error": exc.message}) + "\n"
+                            return
+                        data = b""
                     except GpuqueueError as exc:
                         yield json.dumps({"error": exc.message}) + "\n"
                         return

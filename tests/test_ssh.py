@@ -303,14 +303,39 @@ def test_gpu_figures_come_over_the_nodes_connection(ssh_server, cluster, tmp_pat
 
 
 def test_a_follow_broken_by_its_node_going_away_ends_with_an_error(ssh_server, cluster):
-    server = ssh_server(node_count=1, unreachable_grace=2)
+    server = ssh_server(node_count=1, unreachable_grace=2, node_timeout=6)
     sub = server.submit_ok("import time\nprint('up', flush=True)\ntime.sleep(300)\n", expected_time=5)
     token = server.token()
     r = requests.get(server.url + f"/api/logs/{sub['job_id']}?follow=1", stream=True, timeout=60,
                      headers={"Authorization": f"Bearer {token}"})
     lines = r.iter_lines()
-    assert json.loads(next(lines)) == {"offset": 0, "data": "up\n"}
+    assert json.loads(next(lines)) == {"offset": 0, "data": "up\n"}, server.log()
     cluster.nodes[0].stop()
+    stopped = time.monotonic()
     last = json.loads(next(lines))
     assert "error" in last and "end" not in last, last
+    assert time.monotonic() - stopped >= 6  # it waited node_timeout for the node
     assert list(lines) == []  # and nothing after it
+
+
+def test_a_follow_rides_out_its_node_reconnecting(ssh_server, cluster):
+    server = ssh_server(node_count=1)
+    flag = cluster.root / "follow-reconnect"
+    sub = server.submit_ok(f"import os, time\nprint('before', flush=True)\n"
+                           f"while not os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
+                           "print('after')\n", expected_time=60)
+    token = server.token()
+    r = requests.get(server.url + f"/api/logs/{sub['job_id']}?follow=1", stream=True, timeout=60,
+                     headers={"Authorization": f"Bearer {token}"})
+    lines = r.iter_lines()
+    assert json.loads(next(lines)) == {"offset": 0, "data": "before\n"}, server.log()
+    # The jump host goes down and comes back: the link breaks, the job runs on, and
+    # is followed again once the node answers; the follow waits meanwhile.
+    cluster.jump.stop()
+    wait_nodes(server, "offline", [0])
+    cluster.jump.start()
+    wait_nodes(server, "online", [0])
+    flag.touch()
+    rest = [json.loads(line) for line in lines if line.strip()]
+    assert rest[0] == {"offset": 7, "data": "after\n"}, rest
+    assert rest[-1]["end"] and rest[-1]["status"] == "completed", rest
