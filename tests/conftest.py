@@ -1,5 +1,4 @@
 """Fixtures that drive a real gpuqueue server: a subprocess on 127.0.0.1 speaking real HTTP."""
-import json
 import os
 import signal
 import subprocess

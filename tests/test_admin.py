@@ -427,7 +427,7 @@ def test_drain_with_no_server_then_start(make_server):
 def test_drain_with_server_down_moves_its_pending_jobs(make_server, tmp_path):
     server = make_server(nodes=2)
     g0, g1 = Gate(tmp_path, "g0"), Gate(tmp_path, "g1")
-    busy0 = server.submit_ok(g0.code, expected_time=100)
+    server.submit_ok(g0.code, expected_time=100)
     busy1 = server.submit_ok(g1.code, expected_time=20)
     g0.wait_started()
     g1.wait_started()

@@ -1,9 +1,5 @@
 """The original README's flow and the job lifecycle, over real HTTP against a real server."""
-import json
-import os
 import time
-
-import pytest
 
 from conftest import GRANDCHILD, alive, job_pids, job_config
 

@@ -14,7 +14,6 @@ from conftest import ROOT, job_config
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import gpuqueue  # noqa: E402
 from gpuqueue import Job, Spool  # noqa: E402
 
 _ids = itertools.count()
