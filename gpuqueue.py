@@ -2220,17 +2220,19 @@ def read_gpus(reading, visible, foreign_mib, held):
         f = [x.strip() for x in line.split(",")]
         if len(f) != 6 or not {f[0], f[1]} & set(visible):
             continue
-        device = f[0] if f[0] in visible else f[1]
-        try:
-            g = {"index": int(f[0]), "device": device, "name": f[2], "memory_used_mib": int(f[3]),
-                 "memory_total_mib": int(f[4]), "utilization_pct": int(f[5])}
-        except ValueError:  # "[N/A]" on some boards
+        if not f[0].isdigit():
             continue
+        device = f[0] if f[0] in visible else f[1]
+        # A figure a board does not give ("[N/A]": utilization under MIG) is None;
+        # the GPU is still listed, and still watched for use outside the queue.
+        used, total, busy = (int(x) if x.isdigit() else None for x in f[3:6])
+        g = {"index": int(f[0]), "device": device, "name": f[2], "memory_used_mib": used,
+             "memory_total_mib": total, "utilization_pct": busy}
         g["processes"] = [{k: a.get(k) for k in ("pid", "memory_mib", "user", "job")}
                           for a in apps[f[1]]]
         outside = [p for p in g["processes"] if p["job"] is None]
-        beyond = g["memory_used_mib"] - sum(p["memory_mib"] or 0 for p in g["processes"]
-                                            if p["job"] is not None)
+        beyond = (used or 0) - sum(p["memory_mib"] or 0 for p in g["processes"]
+                                   if p["job"] is not None)
         g["foreign"] = None
         if outside:
             g["foreign"] = "used outside the queue by " + ", ".join(
@@ -4519,13 +4521,16 @@ class Api:
                 for state in ("busy", "held", "foreign", "free")])
         gpus = [(f'{{node="{n["id"]}",gpu="{g["index"]}"}}', g) for n in nodes
                 for g in n.get("gpus", ())]
+
+        def figures(key, unit):  # a figure nvidia-smi did not give has no sample
+            return [(labels, unit(g[key])) for labels, g in gpus if g[key] is not None]
         metric("gpu_memory_used_bytes", "gauge", "GPU memory in use, as nvidia-smi reads it.",
-               [(labels, g["memory_used_mib"] * 2**20) for labels, g in gpus])
+               figures("memory_used_mib", lambda mib: mib * 2**20))
         metric("gpu_memory_total_bytes", "gauge", "GPU memory in all.",
-               [(labels, g["memory_total_mib"] * 2**20) for labels, g in gpus])
+               figures("memory_total_mib", lambda mib: mib * 2**20))
         metric("gpu_utilization_ratio", "gauge", "Share of the last sample period the GPU was "
                                                  "busy (0 to 1).",
-               [(labels, g["utilization_pct"] / 100) for labels, g in gpus])
+               figures("utilization_pct", lambda pct: pct / 100))
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return "\n".join(lines) + "\n"
 
@@ -4797,9 +4802,12 @@ def openapi(config):
                                  "memory_total_mib", "utilization_pct", "processes", "foreign"],
                     "properties": {
                         "index": {"type": "integer"}, "device": {"type": "string"},
-                        "name": {"type": "string"}, "memory_used_mib": {"type": "integer"},
-                        "memory_total_mib": {"type": "integer"},
-                        "utilization_pct": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "memory_used_mib": {"type": "integer", "nullable": True},
+                        "memory_total_mib": {"type": "integer", "nullable": True},
+                        "utilization_pct": {"type": "integer", "nullable": True,
+                                            "description": "null where the board gives "
+                                                           "none (MIG)"},
                         "foreign": {**nullable_str, "description": "why it takes no new job"},
                         "processes": {"type": "array", "items": {
                             "type": "object", "properties": {
@@ -5066,8 +5074,9 @@ function gpuText(n) {
   const read = Object.fromEntries((n.gpus || []).map(g => [g.device, g]));
   return (n.gpu_slots || []).map(s => {
     const g = read[s.gpu];
-    return s.gpu + ": " + s.state + (g ? ", " + g.name + " " + g.memory_used_mib + "/" + g.memory_total_mib +
-      " MiB " + g.utilization_pct + "%" + (g.foreign ? ", " + g.foreign : "") : "");
+    return s.gpu + ": " + s.state + (g ? ", " + g.name + " " + (g.memory_used_mib ?? "?") + "/" +
+      (g.memory_total_mib ?? "?") + " MiB " + (g.utilization_pct ?? "?") + "%" +
+      (g.foreign ? ", " + g.foreign : "") : "");
   }).join("; ") || "–";
 }
 async function refreshNodes() {
@@ -5161,8 +5170,10 @@ def gpu_text(node):
     for slot in node.get("gpu_slots") or ():
         text, g = f"{slot['gpu']}: {slot['state']}", read.get(slot["gpu"])
         if g:
-            text += (f", {g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB "
-                     f"{g['utilization_pct']}%" + (f", {g['foreign']}" if g["foreign"] else ""))
+            used, total, busy = ("?" if g[k] is None else g[k] for k in
+                                 ("memory_used_mib", "memory_total_mib", "utilization_pct"))
+            text += (f", {g['name']} {used}/{total} MiB {busy}%"
+                     + (f", {g['foreign']}" if g["foreign"] else ""))
         parts.append(text)
     return "; ".join(parts) or "–"
 

@@ -174,7 +174,7 @@ def fake_nvidia_smi(tmp_path):
 
 def test_gpu_figures_on_local_nodes(make_server, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path)}:{os.environ['PATH']}")
-    # Nodes are read in config order: 2 and 3 are read before 0 and 1 show figures.
+    # Each pass reads the online nodes in config order: 3 just after 2.
     server = make_server(nodes=[{"id": 2, "host": "local", "gpus": "1"}, {"id": 3, "host": "local", "gpus": "7"},
                                 {"id": 0, "host": "local"}, {"id": 1, "host": "local", "gpus": "GPU-cccc-2222"}])
     end = time.monotonic() + 30
@@ -188,6 +188,14 @@ def test_gpu_figures_on_local_nodes(make_server, tmp_path, monkeypatch):
                                  "memory_used_mib": 1024, "memory_total_mib": 40960,
                                  "utilization_pct": 37, "processes": [], "foreign": None}]
     assert [g["index"] for g in nodes[1]["gpus"]] == [2]  # chosen by UUID
-    # A reading it cannot use ([N/A]) and a node whose GPU is not there: no figures, no error.
-    assert "gpus" not in nodes[2] and "gpus" not in nodes[3]
+    # A figure the board does not give ([N/A], as under MIG) is null; a node whose GPU
+    # is not there has no figures; neither is an error.
+    end = time.monotonic() + 30
+    while "gpus" not in (node := server.get("/api/nodes").json()["nodes"][2]):
+        assert time.monotonic() < end, node
+        time.sleep(0.1)
+    assert [(g["device"], g["memory_used_mib"], g["utilization_pct"]) for g in node["gpus"]] == [
+        ("1", 0, None)]
+    assert "1: free, NVIDIA A100-SXM4-40GB 0/40960 MiB ?%" in server.get("/ui").text
+    assert "gpus" not in nodes[3]
     assert all(n["error"] is None for n in nodes)

@@ -32,8 +32,10 @@ def test_read_gpus_tells_gpuqueues_own_from_what_is_outside_the_queue():
                         "junk"]}
     # Node GPUs by index and by UUID, in the node's order; GPU 4 is not the node's.
     found = gpuqueue.read_gpus(reading, ("GPU-c", "0", "1", "3"), 1024, held=set())
-    assert [g["device"] for g in found] == ["GPU-c", "0", "1"]  # 3: unreadable, left out
-    c, a, b = found
+    assert [g["device"] for g in found] == ["GPU-c", "0", "1", "3"]
+    c, a, b, d = found
+    # A figure the board does not give is None; the GPU is still there, still watched.
+    assert (d["memory_used_mib"], d["memory_total_mib"], d["foreign"]) == (None, 40960, None)
     assert a["foreign"] is None  # 9000 MiB, 8500 of them its own job's: 500 beyond
     assert a["processes"] == [{"pid": 10, "memory_mib": 8500, "user": "gq", "job": "j1"}]
     assert b["foreign"] == "used outside the queue by pid 11 of bob (200 MiB)"
