@@ -86,3 +86,12 @@ def all_jobs(session, server, token):
         cursor = page["next_cursor"]
         if not cursor:
             return jobs
+
+
+def drained_jobs(session, server, token):
+    """Every job, once the queue is empty and no node runs one (the benchmarks that
+    measure a whole workload end here)."""
+    while session.get(server.url + "/").json()["queue_length"] or any(
+            n["running_jobs"] for n in session.get(server.url + "/api/nodes").json()["nodes"]):
+        time.sleep(0.1)
+    return all_jobs(session, server, token)

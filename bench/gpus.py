@@ -20,7 +20,7 @@ from datetime import datetime
 
 import requests
 
-from common import Row, Server, all_jobs, job_config, kill_processes_under, workdir
+from common import Row, Server, drained_jobs, job_config, kill_processes_under, workdir
 
 NODES, GPUS = 2, 4
 JOBS = 40
@@ -86,10 +86,7 @@ def gpuqueue_run(work):
                               "config_file": ("c.yaml", job_config("alice", round(expected, 3),
                                                                    gpus=gpus))})
             assert r.status_code == 201, r.text
-        while s.get(server.url + "/").json()["queue_length"] or any(
-                n["running_jobs"] for n in s.get(server.url + "/api/nodes").json()["nodes"]):
-            time.sleep(0.1)
-        jobs = all_jobs(s, server, token)
+        jobs = drained_jobs(s, server, token)
     finally:
         server.kill()
         kill_processes_under(root)

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import requests
 
-from common import Row, Server, all_jobs, job_config, kill_processes_under, workdir
+from common import Row, Server, drained_jobs, job_config, kill_processes_under, workdir
 
 NODES = 8
 JOBS = 48
@@ -70,10 +70,7 @@ def gpuqueue_makespan(work):
                        files={"code": ("j.py", f"import time\ntime.sleep({true:.3f})\n"),
                               "config_file": ("c.yaml", job_config("alice", round(expected, 3)))})
             assert r.status_code == 201, r.text
-        while s.get(server.url + "/").json()["queue_length"] or any(
-                n["running_job"] for n in s.get(server.url + "/api/nodes").json()["nodes"]):
-            time.sleep(0.1)
-        jobs = all_jobs(s, server, token)
+        jobs = drained_jobs(s, server, token)
     finally:
         server.kill()
         kill_processes_under(root)

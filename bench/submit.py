@@ -10,7 +10,6 @@ here, so accepted jobs stay queued and nothing else competes for the CPU.
 """
 import http.client
 import json
-import os
 import subprocess
 import sys
 import threading
