@@ -88,6 +88,15 @@ def all_jobs(session, server, token):
             return jobs
 
 
+def submit_sleeper(session, server, token, seconds, expected, **job):
+    """Submit a job that sleeps ``seconds`` and says it expects ``expected``."""
+    r = session.post(server.url + "/api/submit", headers={"Authorization": f"Bearer {token}"},
+                     files={"code": ("j.py", f"import time\ntime.sleep({seconds:.3f})\n"),
+                            "config_file": ("c.yaml", job_config("alice", round(expected, 3),
+                                                                 **job))})
+    assert r.status_code == 201, r.text
+
+
 def drained_jobs(session, server, token):
     """Every job, once the queue is empty and no node runs one (the benchmarks that
     measure a whole workload end here)."""

@@ -20,7 +20,7 @@ from datetime import datetime
 
 import requests
 
-from common import Row, Server, drained_jobs, job_config, kill_processes_under, workdir
+from common import Row, Server, drained_jobs, kill_processes_under, submit_sleeper, workdir
 
 NODES, GPUS = 2, 4
 JOBS = 40
@@ -77,15 +77,10 @@ def gpuqueue_run(work):
     try:
         token = server.token("alice")
         s = requests.Session()
-        auth = {"Authorization": f"Bearer {token}"}
         t0 = time.time()
         for arrival, gpus, expected, true in work:
             time.sleep(max(0.0, t0 + arrival - time.time()))
-            r = s.post(server.url + "/api/submit", headers=auth,
-                       files={"code": ("j.py", f"import time\ntime.sleep({true:.3f})\n"),
-                              "config_file": ("c.yaml", job_config("alice", round(expected, 3),
-                                                                   gpus=gpus))})
-            assert r.status_code == 201, r.text
+            submit_sleeper(s, server, token, true, expected, gpus=gpus)
         jobs = drained_jobs(s, server, token)
     finally:
         server.kill()

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import requests
 
-from common import Row, Server, drained_jobs, job_config, kill_processes_under, workdir
+from common import Row, Server, drained_jobs, kill_processes_under, submit_sleeper, workdir
 
 NODES = 8
 JOBS = 48
@@ -63,13 +63,9 @@ def gpuqueue_makespan(work):
     try:
         token = server.token("alice")
         s = requests.Session()
-        auth = {"Authorization": f"Bearer {token}"}
         t0 = time.time()
         for expected, true in work:
-            r = s.post(server.url + "/api/submit", headers=auth,
-                       files={"code": ("j.py", f"import time\ntime.sleep({true:.3f})\n"),
-                              "config_file": ("c.yaml", job_config("alice", round(expected, 3)))})
-            assert r.status_code == 201, r.text
+            submit_sleeper(s, server, token, true, expected)
         jobs = drained_jobs(s, server, token)
     finally:
         server.kill()
