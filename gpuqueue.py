@@ -7,8 +7,18 @@ idle first, users taking turns), and hands back stdout, stderr and the exit
 code.  One module, read top to bottom:
 
     errors -> configuration -> filesystem primitives -> node program -> spool
-    -> tokens -> executors -> scheduler (its front door: Scheduler)
-    -> HTTP API -> dashboard -> drop folders -> admin control -> CLI
+    -> tokens -> executors -> job requests -> node workers -> background threads
+    -> scheduler (the front door) -> HTTP API -> dashboard -> drop folders
+    -> admin control -> CLI
+
+Each piece of state has one owner, which alone changes it: the spool's folders
+and its in-memory index (Jobs included) are the Spool's, changed under its lock;
+what a job folder holds is JobFolder's to name; a node's connection and the jobs
+it follows are its worker's; the names of the files on a node and the messages
+to and from its agent are the node program's (NodeFiles, COMMANDS, REPORTS).
+The HTTP API, drop folders and admin control reach the queue through the
+Scheduler alone.  A job's fields are declared once, in Job; a config key once,
+in Config; a job's end travels as one Outcome.
 
 The spool directory is the only state.  Its layout::
 
@@ -28,8 +38,8 @@ The spool directory is the only state.  Its layout::
 
 What a job folder holds is JobFolder's to know (see its names).  Every node,
 local or remote, runs the node program (its own section below): one agent per
-node and a wrapper per job, in ``<workdir>/<id>`` on the node, where the
-wrapper leaves ``launched``, ``pids``, ``stdout``, ``stderr`` and ``result.json``.
+node and a wrapper per job, in ``<workdir>/<id>`` on the node, which holds what
+NodeFiles names.
 
 Every file is published where no reader looks yet (a temporary name, or a
 folder still private to its writer), fsynced, renamed into place, and its
@@ -64,7 +74,7 @@ that does it:
     running/<id>, node unreachable           retried with backoff; failed only once the
                                              node stays away ``unreachable_grace``
                                              seconds past the job's time limit
-                                             (NodeWorker._reattach)
+                                             (GpuWorker._reattach)
     running/<id>, Slurm, slurm.json          followed in Slurm by that id
                                              (SlurmWorker._recover)
     running/<id>, Slurm, launching, no id    looked up in Slurm by name (gq-<id>): followed
@@ -83,12 +93,14 @@ Slurm job is looked up by name before it is submitted again.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import bisect
 import codecs
 import collections
 import contextlib
+import copy
 import errno
 import dataclasses
 import functools
@@ -240,33 +252,133 @@ DEFAULT_CONFIG_FILE = "gpuqueue.yaml"
 _REQUIRED = object()
 _NUMBER = (int, float)
 
-#: Top-level config keys: (accepted types, default).
-_CONFIG_KEYS = {
-    "host": (str, "0.0.0.0"),
-    "port": (int, 8000),
-    "spool": (str, "spool"),
-    "tokens": (str, "tokens.yaml"),
-    "timeout_multiplier": (_NUMBER, 2),
-    "max_expected_time": (_NUMBER, 86400),
-    "max_upload_bytes": (int, 16 * 1024 * 1024),
-    "output_limit_bytes": (int, 10 * 1024 * 1024),
-    "kill_grace": (_NUMBER, 10),
-    "log_level": (str, "INFO"),
-    "nodes": (list, None),
-    "node_defaults": (dict, {}),
-    "jump": (dict, None),
-    "known_hosts": (str, "~/.ssh/known_hosts"),
-    "accept_new_host_keys": (bool, False),
-    "keep_remote_dirs": (bool, False),
-    "unreachable_grace": (_NUMBER, 300),
-    "node_timeout": (_NUMBER, 20),
-    "max_pending_per_user": (int, 100),
-    "min_free_bytes": (int, 1024 ** 3),
-    "auth_failures_per_minute": (int, 10),
-    "trusted_proxies": (list, []),
-    "keep_finished_days": (_NUMBER, 30),
-    "foreign_memory_mib": (int, 1024),
-}
+
+def setting(types, default, parse=None, above=None, least=None):
+    """A key of the config file, declared on the Config field it becomes: the types
+    it accepts, its default, a bound (``above`` or ``least``) and ``parse``, which
+    turns the checked value into the field's (it gets the value, the checked
+    mapping and the config file's folder).  load_config reads nothing else."""
+    return dataclasses.field(metadata={"setting": (types, default, parse, above, least)})
+
+
+def _number(value, c, base):
+    return float(value)
+
+
+def _relative(value, c, base):
+    return base / value
+
+
+def _path(value, base):
+    return str((base / Path(value).expanduser()).resolve()) if value is not None else None
+
+
+def _log_level(value, c, base):
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("config: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+    return value.upper()
+
+
+def _nodes(value, c, base):
+    raw_nodes = value if value is not None else [{"id": i, "host": "local"} for i in range(8)]
+    if not raw_nodes:
+        raise ConfigError("config: 'nodes' must list at least one node")
+    defaults = c["node_defaults"]
+    if {"id", "host"} & set(defaults):
+        raise ConfigError("config: node_defaults may not set 'id' or 'host'")
+    nodes = tuple(_node(n, defaults, base, f"config: nodes[{i}]") for i, n in enumerate(raw_nodes))
+    if len({n.id for n in nodes}) != len(nodes):
+        raise ConfigError("config: node ids must be unique")
+    return tuple(sorted(nodes, key=lambda n: n.id))
+
+
+def _jump(value, c, base):
+    return _ssh_target(_checked(value, _JUMP_KEYS, "config: jump"), base) if value else None
+
+
+def _addresses(values, c, base):
+    """``trusted_proxies``: IP addresses, as strings."""
+    for v in values:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ConfigError(f"config: trusted_proxies: {v!r} is not an IP address") from None
+    return frozenset(str(v) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SshTarget:
+    """Where and how to log in over SSH: a node or the jump host."""
+    host: str
+    port: int
+    user: str | None
+    key_file: str | None
+    password_env: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    id: int
+    host: str
+    python: str
+    gpus: tuple  # its GPUs as CUDA_VISIBLE_DEVICES names them (indexes or UUIDs)
+    env: dict
+    workdir: str | None  # None: the default (see _NODE_KEYS)
+    setup: str | None
+    ssh: SshTarget | None  # None for a local node
+    kind: str = "local"
+    run_as: str | None = None  # a local node's jobs run as this user (the server is root)
+    slurm: dict | None = None  # partition, account, gres, max_jobs of a slurm node
+
+    @property
+    def is_local(self):
+        return self.ssh is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The server's config: each field is one key of the config file, declared here
+    once (``setting``); ``source`` is the file itself, when there is one."""
+    host: str = setting(str, "0.0.0.0")
+    port: int = setting(int, 8000)
+    spool: Path = setting(str, "spool", _relative)
+    tokens: Path = setting(str, "tokens.yaml", _relative)
+    timeout_multiplier: float = setting(_NUMBER, 2, _number, above=0)
+    max_expected_time: float = setting(_NUMBER, 86400, _number, above=0)
+    max_upload_bytes: int = setting(int, 16 * 1024 * 1024, least=1024)
+    output_limit_bytes: int = setting(int, 10 * 1024 * 1024, least=1024)
+    kill_grace: float = setting(_NUMBER, 10, _number, above=0)
+    log_level: str = setting(str, "INFO", _log_level)
+    node_defaults: dict = setting(dict, {})  # already applied to each of ``nodes``
+    nodes: tuple = setting(list, None, _nodes)  # None: 8 local nodes
+    jump: SshTarget | None = setting(dict, None, _jump)
+    known_hosts: Path = setting(str, "~/.ssh/known_hosts",
+                                lambda v, c, base: Path(_path(v, base)))
+    accept_new_host_keys: bool = setting(bool, False)
+    keep_remote_dirs: bool = setting(bool, False)
+    unreachable_grace: float = setting(_NUMBER, 300, _number, above=0)
+    node_timeout: float = setting(_NUMBER, 20, _number, above=0)
+    max_pending_per_user: int = setting(int, 100, least=1)
+    min_free_bytes: int = setting(int, 1024 ** 3, least=0)
+    auth_failures_per_minute: int = setting(int, 10, least=1)
+    trusted_proxies: frozenset = setting(list, [], _addresses)
+    keep_finished_days: float = setting(_NUMBER, 30, _number, least=0)  # 0: forever
+    #: A GPU using more than this outside the queue takes no job.
+    foreign_memory_mib: int = setting(int, 1024, least=0)
+    source: Path | None = None
+
+    def time_limit(self, expected_time):
+        """Seconds a job may run before it is killed as a timeout."""
+        return self.timeout_multiplier * expected_time
+
+    @property
+    def gpu_counts(self):
+        return {n.id: len(n.gpus) for n in self.nodes}
+
+
+#: Top-level config keys: (accepted types, default), from Config's declarations.
+_CONFIG_KEYS = {f.name: f.metadata["setting"][:2] for f in dataclasses.fields(Config)
+                if "setting" in f.metadata}
 
 #: Keys of one entry under ``nodes`` (and of ``node_defaults``, less id and host).
 _NODE_KEYS = {
@@ -304,71 +416,6 @@ _JUMP_KEYS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class SshTarget:
-    """Where and how to log in over SSH: a node or the jump host."""
-    host: str
-    port: int
-    user: str | None
-    key_file: str | None
-    password_env: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Node:
-    id: int
-    host: str
-    python: str
-    gpus: tuple  # its GPUs as CUDA_VISIBLE_DEVICES names them (indexes or UUIDs)
-    env: dict
-    workdir: str | None  # None: the default (see _NODE_KEYS)
-    setup: str | None
-    ssh: SshTarget | None  # None for a local node
-    kind: str = "local"
-    run_as: str | None = None  # a local node's jobs run as this user (the server is root)
-    slurm: dict | None = None  # partition, account, gres, max_jobs of a slurm node
-
-    @property
-    def is_local(self):
-        return self.ssh is None
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    host: str
-    port: int
-    spool: Path
-    tokens: Path
-    timeout_multiplier: float
-    max_expected_time: float
-    max_upload_bytes: int
-    output_limit_bytes: int
-    kill_grace: float
-    log_level: str
-    nodes: tuple
-    jump: SshTarget | None
-    known_hosts: Path
-    accept_new_host_keys: bool
-    keep_remote_dirs: bool
-    unreachable_grace: float
-    node_timeout: float
-    max_pending_per_user: int
-    min_free_bytes: int
-    auth_failures_per_minute: int
-    trusted_proxies: frozenset = frozenset()
-    keep_finished_days: float = 30.0  # 0: keep finished jobs forever
-    foreign_memory_mib: int = 1024  # a GPU using more than this outside the queue takes no job
-    source: Path | None = None  # the config file, when there is one
-
-    def time_limit(self, expected_time):
-        """Seconds a job may run before it is killed as a timeout."""
-        return self.timeout_multiplier * expected_time
-
-    @property
-    def gpu_counts(self):
-        return {n.id: len(n.gpus) for n in self.nodes}
-
-
 def _checked(mapping, schema, where):
     """Return mapping with defaults filled in, refusing unknown keys and wrong types."""
     if not isinstance(mapping, dict):
@@ -392,10 +439,6 @@ def _checked(mapping, schema, where):
             raise ConfigError(f"{where}: {key!r} must be finite")
         out[key] = value
     return out
-
-
-def _path(value, base):
-    return str((base / Path(value).expanduser()).resolve()) if value is not None else None
 
 
 def _ssh_target(c, base):
@@ -444,18 +487,9 @@ def _gpus(value, node_id, where):
     return gpus
 
 
-def _addresses(values):
-    """``trusted_proxies``: IP addresses, as strings."""
-    for v in values:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            raise ConfigError(f"config: trusted_proxies: {v!r} is not an IP address") from None
-    return [str(v) for v in values]
-
-
 def load_config(path=None):
-    """Read the config file (or the built-in default: 8 local nodes) and check it."""
+    """Read the config file (or the built-in default: 8 local nodes) and check it,
+    key by key as Config declares them."""
     if path is None:
         raw, base = {}, Path.cwd()
     else:
@@ -466,47 +500,18 @@ def load_config(path=None):
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         base = path.resolve().parent
     c = _checked(raw, _CONFIG_KEYS, "config")
-    for key in ("timeout_multiplier", "max_expected_time", "kill_grace", "unreachable_grace",
-                "node_timeout"):
-        if c[key] <= 0:
-            raise ConfigError(f"config: {key!r} must be above 0")
-    for key in ("max_upload_bytes", "output_limit_bytes"):
-        if c[key] < 1024:
-            raise ConfigError(f"config: {key!r} must be at least 1024")
-    for key in ("max_pending_per_user", "auth_failures_per_minute", "min_free_bytes",
-                "keep_finished_days", "foreign_memory_mib"):
-        if c[key] < (0 if key in ("min_free_bytes", "keep_finished_days",
-                                  "foreign_memory_mib") else 1):
-            raise ConfigError(f"config: {key!r} is too small")
-    if c["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("config: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
-    raw_nodes = c["nodes"] if c["nodes"] is not None else [
-        {"id": i, "host": "local"} for i in range(8)]
-    if not raw_nodes:
-        raise ConfigError("config: 'nodes' must list at least one node")
-    defaults = c["node_defaults"]
-    if {"id", "host"} & set(defaults):
-        raise ConfigError("config: node_defaults may not set 'id' or 'host'")
-    nodes = tuple(_node(n, defaults, base, f"config: nodes[{i}]") for i, n in enumerate(raw_nodes))
-    if len({n.id for n in nodes}) != len(nodes):
-        raise ConfigError("config: node ids must be unique")
-    return Config(
-        host=c["host"], port=c["port"], spool=base / c["spool"], tokens=base / c["tokens"],
-        timeout_multiplier=float(c["timeout_multiplier"]),
-        max_expected_time=float(c["max_expected_time"]),
-        max_upload_bytes=c["max_upload_bytes"], output_limit_bytes=c["output_limit_bytes"],
-        kill_grace=float(c["kill_grace"]), log_level=c["log_level"].upper(),
-        nodes=tuple(sorted(nodes, key=lambda n: n.id)),
-        jump=_ssh_target(_checked(c["jump"], _JUMP_KEYS, "config: jump"), base) if c["jump"] else None,
-        known_hosts=Path(_path(c["known_hosts"], base)),
-        accept_new_host_keys=c["accept_new_host_keys"], keep_remote_dirs=c["keep_remote_dirs"],
-        unreachable_grace=float(c["unreachable_grace"]), node_timeout=float(c["node_timeout"]),
-        max_pending_per_user=c["max_pending_per_user"], min_free_bytes=c["min_free_bytes"],
-        auth_failures_per_minute=c["auth_failures_per_minute"],
-        trusted_proxies=frozenset(_addresses(c["trusted_proxies"])),
-        keep_finished_days=float(c["keep_finished_days"]),
-        foreign_memory_mib=c["foreign_memory_mib"],
-        source=None if path is None else path.resolve())
+    values = {}
+    for f in dataclasses.fields(Config):
+        if "setting" not in f.metadata:
+            continue
+        _, _, parse, above, least = f.metadata["setting"]
+        value = c[f.name]
+        if above is not None and value <= above:
+            raise ConfigError(f"config: {f.name!r} must be above {above:g}")
+        if least is not None and value < least:
+            raise ConfigError(f"config: {f.name!r} is too small: it must be at least {least:g}")
+        values[f.name] = value if parse is None else parse(value, c, base)
+    return Config(**values, source=None if path is None else path.resolve())
 
 
 ###############################################################################
@@ -580,24 +585,27 @@ def isotime(ts):
 #
 # The agent runs once per node, in the node's workdir, over an SSH channel or,
 # on this machine, a pipe.  It reads one JSON command a line and writes one
-# JSON report a line:
+# JSON report a line (COMMANDS and REPORTS declare them; "?": may be absent):
 #
-#   (at start)                          -> ready {protocol, python}
-#   start {id, dir, env, limit, grace, inline}
-#                                       -> started {id, wrapper}, later exited
-#   watch {id, dir, wrapper}            follow a wrapper launched before -> exited
-#   cancel {wrapper}                    SIGTERM: the wrapper kills its job's group
-#   remove {dir}                        a finished job's folder
-#   gpus                                -> gpus {csv}: nvidia-smi's reading, or null
-#   ping                                -> pong, at once: proof the node is alive
-#                                       exited {id[, result, stdout, stderr]}: a
-#                                       wrapper ended; small output comes along
+#   (at start)                                -> ready {protocol, python}
+#   start {id, dir, env, run_as, limit, grace, output_limit, deadline, inline}
+#                                             -> started {id, wrapper, launched}
+#                                             -> exited {id, result?, stdout?, stderr?} once
+#                                                the wrapper ended; small output comes along
+#   watch {id, dir, wrapper}                  -> exited {id}: follow a wrapper launched before
+#   cancel {wrapper}                          SIGTERM: the wrapper kills its job's group
+#   remove {dir}                              a finished job's folder
+#   gpus {}                                   -> gpus {reading}: gpu_reading(), or null
+#   ping {}                                   -> pong {}, at once: proof the node is alive
 #
 # A job's wrapper is forked from the agent into a session of its own, in the
-# job's folder.  It claims ``launched`` (O_EXCL) before it starts code.py, so a
-# job never starts twice; it kills the job's whole process group on SIGTERM or
-# at the time limit, and leaves result.json.  Wrappers outlive the agent and
-# the server, so a restarted server finds them and follows them to their end.
+# job's folder (NodeFiles).  It refuses a start past its ``deadline`` (the
+# start's lease), claims ``launched`` (O_EXCL) before it starts the code, so a
+# job never starts twice, runs it as ``run_as`` when given, caps each stream at
+# ``output_limit`` as it is written, kills the job's whole process group on
+# SIGTERM or at the time limit (``limit``, then ``grace``), and leaves
+# result.json.  Wrappers outlive the agent and the server, so a restarted
+# server finds them and follows them to their end.
 
 #: The node protocol: sent in ``ready`` and written into each wrapper's ``pids``,
 #: so that a server can tell which release started a wrapper it finds running.
@@ -605,6 +613,59 @@ PROTOCOL = 2
 #: Protocols whose wrappers this release follows to their end.  Protocol 1 left
 #: the same files (its ``pids`` named no protocol).
 PROTOCOLS_FOLLOWED = (1, 2)
+
+#: What the server sends the agent: each command's fields.
+COMMANDS = {
+    "start": ("id", "dir", "env", "run_as", "limit", "grace", "output_limit", "deadline",
+              "inline"),
+    "watch": ("id", "dir", "wrapper"),
+    "cancel": ("wrapper",),
+    "remove": ("dir",),
+    "gpus": (),
+    "ping": (),
+}
+#: What the agent reports: each report's fields ("?": may be absent).
+REPORTS = {
+    "ready": ("protocol", "python"),
+    "started": ("id", "wrapper", "launched"),
+    "exited": ("id", "result?", "stdout?", "stderr?"),
+    "gpus": ("reading",),
+    "pong": (),
+}
+
+
+def message(table, op, **fields):
+    """One message of the protocol, as the line that carries it; ValueError for
+    fields that ``table`` (COMMANDS or REPORTS) does not declare for ``op``.
+    Both ends build every message here, so neither can drift from the tables."""
+    declared = table[op]
+    if not ({f for f in declared if f[-1] != "?"} <= fields.keys()
+            <= {f.rstrip("?") for f in declared}):
+        raise ValueError(f"{op} carries {', '.join(declared) or 'nothing'}, not "
+                         f"{', '.join(sorted(fields)) or 'nothing'}")
+    return (json.dumps(dict(fields, op=op)) + "\n").encode()
+
+
+class NodeFiles:
+    """The names in a job's folder on its node, ``<workdir>/<id>``, for both ends:
+    the server writes the code (and Slurm's script), the wrapper the rest."""
+    CODE = "code.py"          # the job's code, as the server sent it
+    LAUNCHED = "launched"     # claimed (O_EXCL) by the one wrapper that starts the job,
+    #                           or by a recovering server, so that none ever will
+    PIDS = "pids"             # {wrapper, job, protocol}: written once the job runs
+    STREAMS = ("stdout", "stderr")  # the job's output, capped as it is written
+    RESULT = "result.json"    # {exit_code, reason}: written last
+    WRAPPER_LOG = "wrapper.log"  # what the wrapper itself wrote to stderr
+    SLURM_SCRIPT = "job.sh"   # on a Slurm node, what sbatch runs instead of a wrapper
+    #: In the workdir itself: what local agents wrote to stderr.
+    AGENT_LOG = "agent.log"
+
+
+#: A job id: 24 hex digits, the submit time in microseconds (14), then random
+#: bits, so that sorting ids sorts by submit time.  A job's folder on its node
+#: is named by it, and the agent touches no other folder.
+JOB_ID_PATTERN = "[0-9a-f]{24}"
+JOB_ID_RE = re.compile(rf"\A{JOB_ID_PATTERN}\Z")
 
 #: What every node's GPUs are read with.
 GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu",
@@ -634,9 +695,9 @@ def gpu_reading():
         return None
     jobs = {}  # process group of each job still running here -> its id
     for name in os.listdir("."):
-        if re.match(r"\A[0-9a-f]{24}\Z", name):
+        if JOB_ID_RE.match(name):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                with open(os.path.join(name, "pids")) as f:
+                with open(os.path.join(name, NodeFiles.PIDS)) as f:
                     pids = json.load(f)
                 if is_wrapper_of(int(pids["wrapper"]), name):
                     jobs[int(pids["job"])] = name
@@ -812,7 +873,7 @@ def wrap(cmd, report):
         report(False)
         return 75
     try:
-        os.close(os.open("launched", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.close(os.open(NodeFiles.LAUNCHED, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         report(False)
         return 75
@@ -830,7 +891,7 @@ def wrap(cmd, report):
     pipes = {}
     sel = selectors.DefaultSelector()
     sel.register(wake_r, selectors.EVENT_READ)
-    for name in ("stdout", "stderr"):
+    for name in NodeFiles.STREAMS:
         r, w = os.pipe()
         pipes[name] = (r, w, CappedOutput(name, cap))
         sel.register(r, selectors.EVENT_READ, pipes[name][2])
@@ -839,12 +900,12 @@ def wrap(cmd, report):
     who = {} if cmd.get("run_as") is None else dict(zip(("user", "group"), cmd["run_as"]),
                                                      extra_groups=[])
     job = subprocess.Popen(
-        [sys.executable, "code.py"], stdin=subprocess.DEVNULL, stdout=pipes["stdout"][1],
+        [sys.executable, NodeFiles.CODE], stdin=subprocess.DEVNULL, stdout=pipes["stdout"][1],
         stderr=pipes["stderr"][1], env=dict(os.environ, **cmd["env"]), start_new_session=True,
         **who)
     for r, w, _ in pipes.values():
         os.close(w)
-    publish("pids", {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
+    publish(NodeFiles.PIDS, {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
     deadline = time.monotonic() + limit
     reason = status = drain_until = None
     while True:
@@ -878,7 +939,7 @@ def wrap(cmd, report):
                 os.close(key.fd)
     for _, _, out in pipes.values():
         out.close()
-    publish("result.json", {"exit_code": exit_code_of(status), "reason": reason})
+    publish(NodeFiles.RESULT, {"exit_code": exit_code_of(status), "reason": reason})
     return 0
 
 
@@ -902,7 +963,7 @@ def fork_wrapper(cmd):
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
-        os.dup2(os.open("wrapper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        os.dup2(os.open(NodeFiles.WRAPPER_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
 
         def report(claimed):
             os.write(claim_w, b"1" if claimed else b"0")
@@ -914,17 +975,17 @@ def fork_wrapper(cmd):
         os._exit(code)
 
 
-def outcome(cmd):
+def exit_report(cmd):
     """A finished wrapper's result and output, for its exit report, when the output
     is small enough to travel on the agent's channel; else nothing (the server
     then reads the files)."""
     try:
-        paths = [os.path.join(cmd["dir"], name) for name in ("stdout", "stderr")]
+        paths = [os.path.join(cmd["dir"], name) for name in NodeFiles.STREAMS]
         if sum(os.path.getsize(p) for p in paths) > cmd.get("inline", 0):
             return {}
-        with open_nofollow(os.path.join(cmd["dir"], "result.json")) as f:
+        with open_nofollow(os.path.join(cmd["dir"], NodeFiles.RESULT)) as f:
             found = {"result": json.load(f)}
-        for name, path in zip(("stdout", "stderr"), paths):
+        for name, path in zip(NodeFiles.STREAMS, paths):
             with open_nofollow(path) as f:
                 found[name] = base64.b64encode(f.read()).decode()
         return found
@@ -936,8 +997,9 @@ def outcome(cmd):
 SAYING = threading.Lock()
 
 
-def say(obj):
-    data = (json.dumps(obj) + "\n").encode()
+def say(op, **fields):
+    """Write one report (REPORTS) to the server."""
+    data = message(REPORTS, op, **fields)
     with SAYING:
         while data:
             data = data[os.write(1, data):]
@@ -946,12 +1008,12 @@ def say(obj):
 def obey(cmd, children, watched):
     """Carry out one command from the server."""
     op = cmd.get("op")
-    if op in ("start", "watch", "remove") and not re.match(r"\A[0-9a-f]{24}\Z", cmd["dir"]):
+    if op in ("start", "watch", "remove") and not JOB_ID_RE.match(cmd["dir"]):
         return  # a job's folder, and nothing else, directly in the workdir
     if op == "start":
         pid, claimed = fork_wrapper(cmd)
         children[pid] = cmd
-        say({"op": "started", "id": cmd["id"], "wrapper": pid, "launched": claimed})
+        say("started", id=cmd["id"], wrapper=pid, launched=claimed)
     elif op == "cancel":
         try:
             os.kill(int(cmd["wrapper"]), signal.SIGTERM)
@@ -962,14 +1024,14 @@ def obey(cmd, children, watched):
         if is_wrapper_of(pid, cmd["dir"]):
             watched[pid] = cmd["id"]
         else:
-            say({"op": "exited", "id": cmd["id"]})
+            say("exited", id=cmd["id"])
     elif op == "remove":
         shutil.rmtree(cmd["dir"], ignore_errors=True)
     elif op == "gpus":  # in a thread: nvidia-smi may take seconds, and pings go on
-        threading.Thread(target=lambda: say({"op": "gpus", "reading": gpu_reading()}),
+        threading.Thread(target=lambda: say("gpus", reading=gpu_reading()),
                          daemon=True).start()
     elif op == "ping":
-        say({"op": "pong"})
+        say("pong")
 
 
 def agent():
@@ -984,7 +1046,7 @@ def agent():
     sel.register(0, selectors.EVENT_READ, "command")
     sel.register(wake_r, selectors.EVENT_READ, "child")
     children, watched, pending = {}, {}, b""
-    say({"op": "ready", "protocol": PROTOCOL, "python": sys.version.split()[0]})
+    say("ready", protocol=PROTOCOL, python=sys.version.split()[0])
     while True:
         # A watched wrapper is no child of ours: nothing signals its end, so look.
         for key, _ in sel.select(0.05 if watched else None):
@@ -1007,80 +1069,139 @@ def agent():
                 if not os.waitpid(pid, os.WNOHANG)[0]:
                     continue
             cmd = children.pop(pid)
-            say(dict(outcome(cmd), op="exited", id=cmd["id"]))
+            say("exited", id=cmd["id"], **exit_report(cmd))
         for pid in list(watched):
             st = proc_state(pid)
             if st is None or st[0] == "Z":
-                say({"op": "exited", "id": watched.pop(pid)})
+                say("exited", id=watched.pop(pid))
 
 
 ###############################################################################
 # Spool #######################################################################
 ###############################################################################
 
-#: Job ids: 14 hex digits of microseconds since the epoch, then 10 random ones,
-#: so that sorting ids sorts by submit time.
-#: A job id: 24 hex digits, the submit time in microseconds (14), then random bits.
-JOB_ID_PATTERN = "[0-9a-f]{24}"
-JOB_ID_RE = re.compile(rf"\A{JOB_ID_PATTERN}\Z")
-
 STATES = ("pending", "running", "completed", "failed", "cancelled")
 FINAL_STATES = STATES[2:]
+
+#: Upper bound for free-text ids in a job's config.
+MAX_ID_LENGTH = 200
 
 
 def new_job_id():
     return f"{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
 
 
+def job_field(schema, default=dataclasses.MISSING, *, doc=None, config=None, stored=False,
+              key=..., show=None, minimum=None, maximum=None, below=None):
+    """A Job field, declared once; submit, job.json, the status record and the
+    OpenAPI document are all derived from what it says here.
+
+    ``schema``: OpenAPI's type of its value in the status record, shown under
+    ``key`` (default: its name; None: not shown) as ``show(job)`` gives it (default:
+    the value itself).  ``config``: "required" or "optional" when config.yaml sets
+    it, then checked against ``minimum``, ``maximum`` (a number, or the name of the
+    Config key that sets it) and ``below`` (a maximum only admins may pass).
+    ``stored``: kept in job.json."""
+    meta = {"schema": {**schema, **({"description": doc} if doc else {})}, "config": config,
+            "stored": stored, "key": key, "show": show, "minimum": minimum,
+            "maximum": maximum, "below": below}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _iso(name):
+    return lambda job: isotime(getattr(job, name))
+
+
+_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}
+_TIME = {"type": "string", "format": "date-time", "nullable": True}
+_NULLABLE_STR = {"type": "string", "nullable": True}
+
+
 @dataclasses.dataclass
 class Job:
-    """One job as the API shows it; ``status`` mirrors the folder the job is in."""
-    id: str
-    user_id: str
-    competition_id: str
-    project_id: str
-    expected_time: float
-    submitted_at: float
-    node_id: int
-    priority: int = 0
-    gpus: int = 1  # GPUs it needs, all on one node
-    status: str = "pending"
-    gpu_ids: tuple = ()  # while it runs: the GPUs it got (CUDA_VISIBLE_DEVICES)
-    started_at: float | None = None
-    finished_at: float | None = None
-    exit_code: int | None = None
-    error: str | None = None
-    cancel_requested: bool = False
-    slurm: dict | None = None  # on a slurm node: Slurm's id, state and reason, in memory
+    """One job as the API shows it; ``status`` mirrors the folder the job is in.
+    The Spool owns every Job: only its methods change one, under its lock."""
+    id: str = job_field({"type": "string"}, stored=True, key="job_id")
+    user_id: str = job_field(_TEXT, doc="the token's user", config="required", stored=True)
+    competition_id: str = job_field(_TEXT, doc="free text, for the user's own bookkeeping",
+                                    config="required", stored=True)
+    project_id: str = job_field(_TEXT, doc="free text, for the user's own bookkeeping",
+                                config="required", stored=True)
+    expected_time: float = job_field(
+        {"type": "number"},
+        doc="seconds; the job is killed after timeout_multiplier times this",
+        config="required", stored=True, minimum=0, maximum="max_expected_time")
+    submitted_at: float = job_field(_TIME, stored=True, show=_iso("submitted_at"))
+    node_id: int = job_field({"type": "integer"})
+    priority: int = job_field({"type": "integer", "default": 0}, 0,
+                              doc="higher runs first; above 0 for admins only",
+                              config="optional", stored=True, minimum=-100, maximum=100,
+                              below=0)
+    gpus: int = job_field({"type": "integer", "default": 1}, 1,
+                          doc="GPUs the job needs, all on one node (default 1)",
+                          config="optional", stored=True, minimum=1)
+    status: str = job_field({"type": "string", "enum": list(STATES)}, "pending",
+                            show=lambda job: job.shown_status)
+    #: While it runs: the GPUs it got (CUDA_VISIBLE_DEVICES).
+    gpu_ids: tuple = job_field(
+        {"type": "array", "items": {"type": "string"}, "nullable": True}, (),
+        doc="the GPUs it got (CUDA_VISIBLE_DEVICES), once started", key="gpu_indices",
+        show=lambda job: list(job.gpu_ids) if job.gpu_ids else None)
+    started_at: float | None = job_field(
+        _TIME, None, show=lambda job: None if job.shown_status == "pending"
+        else isotime(job.started_at))
+    finished_at: float | None = job_field(_TIME, None, show=_iso("finished_at"))
+    exit_code: int | None = job_field({"type": "integer", "nullable": True}, None)
+    error: str | None = job_field(_NULLABLE_STR, None)
+    cancel_requested: bool = job_field({"type": "boolean"}, False)
+    #: On a slurm node: Slurm's id, state and reason (in memory; replaced whole).
+    slurm: dict | None = job_field(
+        {"slurm_job_id": {"type": "string"}, "slurm_state": {"type": "string"},
+         "slurm_reason": _NULLABLE_STR}, None, key=None,
+        show=lambda job: {"slurm_job_id": job.slurm["id"], "slurm_state": job.slurm["state"],
+                          "slurm_reason": job.slurm["reason"]} if job.slurm else {})
 
-    META = ("id", "user_id", "competition_id", "project_id", "expected_time", "submitted_at",
-            "priority", "gpus")
+    @classmethod
+    @functools.cache
+    def stored(cls):
+        """The fields job.json keeps."""
+        return tuple(f for f in dataclasses.fields(cls) if f.metadata["stored"])
+
+    @classmethod
+    @functools.cache
+    def status_keys(cls):
+        """(name, key, show) of each field the status record shows (job_field)."""
+        return tuple((f.name, f.name if f.metadata["key"] is ... else f.metadata["key"],
+                      f.metadata["show"]) for f in dataclasses.fields(cls))
 
     def meta(self):
-        return {k: getattr(self, k) for k in self.META}
+        """What job.json holds."""
+        return {f.name: getattr(self, f.name) for f in self.stored()}
 
     @classmethod
     def from_meta(cls, meta, **state):
         """The job a job.json describes; ValueError naming the field that is wrong.
-        ``priority`` (0) and ``gpus`` (1) may be absent: older job.json files lack them."""
+        A field with a default (``priority``, ``gpus``) may be absent: older job.json
+        files lack them."""
         if not isinstance(meta, dict):
             raise ValueError("job.json is not a mapping")
-        for key in ("id", "user_id", "competition_id", "project_id"):
-            if not isinstance(meta.get(key), str):
-                raise ValueError(f"job.json: {key!r} must be a string")
-        for key in ("expected_time", "submitted_at"):
-            value = meta.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+        fields = {}
+        for f in cls.stored():
+            if f.name not in meta and f.default is not dataclasses.MISSING:
+                continue
+            value, least = meta.get(f.name), f.metadata["minimum"]
+            if f.type == "int":
+                if type(value) is not int or (least is not None and value < least):
+                    raise ValueError(f"job.json: {f.name!r} must be a whole number"
+                                     + ("" if least is None else f" of at least {least}"))
+            elif f.type == "str":
+                if not isinstance(value, str):
+                    raise ValueError(f"job.json: {f.name!r} must be a string")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
-                raise ValueError(f"job.json: {key!r} must be a number")
-        priority, gpus = meta.get("priority", 0), meta.get("gpus", 1)
-        if type(priority) is not int:
-            raise ValueError("job.json: 'priority' must be a whole number")
-        if type(gpus) is not int or gpus < 1:
-            raise ValueError("job.json: 'gpus' must be a whole number above 0")
-        fields = {k: meta[k] for k in cls.META if k not in ("priority", "gpus")}
-        fields["expected_time"] = float(fields["expected_time"])
-        return cls(priority=priority, gpus=gpus, **fields, **state)
+                raise ValueError(f"job.json: {f.name!r} must be a number")
+            fields[f.name] = float(value) if f.type == "float" else value
+        return cls(**fields, **state)
 
     @property
     def shown_status(self):
@@ -1090,22 +1211,37 @@ class Job:
         return self.status
 
     def public(self):
-        shown = self.shown_status
-        out = {
-            "job_id": self.id, "status": shown, "node_id": self.node_id,
-            "user_id": self.user_id, "competition_id": self.competition_id,
-            "project_id": self.project_id, "expected_time": self.expected_time,
-            "priority": self.priority, "gpus": self.gpus,
-            "gpu_indices": list(self.gpu_ids) if self.gpu_ids else None,
-            "submitted_at": isotime(self.submitted_at),
-            "started_at": None if shown == "pending" else isotime(self.started_at),
-            "finished_at": isotime(self.finished_at), "exit_code": self.exit_code,
-            "error": self.error, "cancel_requested": self.cancel_requested,
-        }
-        if self.slurm:
-            out.update(slurm_job_id=self.slurm["id"], slurm_state=self.slurm["state"],
-                       slurm_reason=self.slurm["reason"])
+        """The job's status record: each field's ``key`` and ``show`` (job_field)."""
+        out = {}
+        for name, key, show in self.status_keys():
+            value = show(self) if show else getattr(self, name)
+            if key is None:
+                out.update(value)
+            else:
+                out[key] = value
         return out
+
+
+#: The keys a job's config.yaml may hold, from Job's declarations, and the token,
+#: which is never stored: name -> (its job_field's metadata).
+JOB_KEYS = {**{f.name: f.metadata for f in dataclasses.fields(Job) if f.metadata["config"]},
+            "token": {"schema": {"type": "string", "description": "the token, when no "
+                                 "Authorization header is sent; never stored"},
+                      "config": "optional", "minimum": None, "maximum": None, "below": None}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a job ended, as one value from whoever learnt it (its node's report,
+    Slurm, a cancel) to the job's folder: its status, exit code and error, and
+    what it left behind: ``streams``, each stream's text (a missing one is empty)."""
+    status: str
+    exit_code: int | None = None
+    error: str | None = None
+    streams: dict = dataclasses.field(default_factory=dict)
+
+    def stream(self, name):
+        return self.streams.get(name, "")
 
 
 class FairQueue:
@@ -1219,7 +1355,7 @@ class JobFolder:
 
     CODE = "code.py"          # the script as uploaded
     CONFIG = "config.yaml"    # the config as uploaded, token removed
-    META = "job.json"         # the submit record (Job.META)
+    RECORD = "job.json"       # the submit record (Job.meta)
     START = "start.json"      # claimed by a node: when, and which node
     LAUNCHING = "launching"   # may have reached its node: where it runs there
     SLURM = "slurm.json"      # on a Slurm node, once sbatch answered: Slurm's job id
@@ -1250,7 +1386,7 @@ class JobFolder:
         fds = []
         try:
             for name, data in ((cls.CODE, code), (cls.CONFIG, config_data),
-                               (cls.META, json.dumps(job.meta()).encode())):
+                               (cls.RECORD, json.dumps(job.meta()).encode())):
                 fds.append(os.open(Path(path) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 write_all(fds[-1], data)
             for fd in fds:
@@ -1268,7 +1404,7 @@ class JobFolder:
         if not JOB_ID_RE.match(self.id):
             raise ValueError("the folder's name is not a job id")
         try:
-            meta = read_json(self.path / self.META)
+            meta = read_json(self.path / self.RECORD)
         except OSError as exc:
             raise ValueError(f"no readable job.json: {exc.strerror or exc}") from None
         except ValueError as exc:
@@ -1334,12 +1470,12 @@ class JobFolder:
         work = self.path / self.OLD_WORK
         if not work.is_dir():
             return None
-        found = {s: read_capped(work / s, limit) for s in self.STREAMS}
+        found = {s: read_capped(work / s, limit) for s in NodeFiles.STREAMS}
         found["result"] = found["wrapper"] = None
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            found["result"] = read_json(work / "result.json")
+            found["result"] = read_json(work / NodeFiles.RESULT)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            pid = int(read_json(work / "pids")["wrapper"])
+            pid = int(read_json(work / NodeFiles.PIDS)["wrapper"])
             found["wrapper"] = pid if is_wrapper_of(pid, work) else None
         return found
 
@@ -1354,10 +1490,11 @@ class JobFolder:
     def has_result(self):
         return (self.path / self.RESULT).exists()
 
-    def write_result(self, result, stdout, stderr):
-        """The outcome, output first: result.json is the mark of a finished job."""
-        for name, text in zip(self.STREAMS, (stdout, stderr)):
-            write_file(self.path / name, text, sync_dir=False)
+    def write_result(self, result, outcome):
+        """The record of how the job ended (``result``) and what it left (``outcome``),
+        output first: result.json is the mark of a finished job."""
+        for name in self.STREAMS:
+            write_file(self.path / name, outcome.stream(name), sync_dir=False)
         write_json(self.path / self.RESULT, result)
 
     def read_result(self):
@@ -1372,64 +1509,104 @@ class JobFolder:
         shutil.rmtree(self.path / self.OLD_WORK, ignore_errors=True)
 
 
-class Spool:
-    """The job folders on disk, and the one in-memory index of unfinished jobs.
+@dataclasses.dataclass(frozen=True)
+class NodeState:
+    """One node as the queue holds it, at one moment (Spool.node_state): what the
+    scheduler decides by, and what /api/nodes shows, taken whole under the lock."""
+    running: tuple  # its running jobs
+    drained: bool   # an admin has it drained: it starts nothing
+    holding: object  # Holding: GPUs kept for a job that waits for more; or None
+    foreign: dict   # GPU -> what uses it outside the queue: it takes no new job
+    reading: tuple  # nvidia-smi's last reading of its GPUs, which ``foreign`` came from
 
-    Every queue decision happens under ``self.lock``, a threading lock; the
-    file lock server.lock, held from open() to close(), keeps other processes
-    out.  The lock is never held while a job runs or a node is asked anything;
-    fsyncs of whole job folders happen outside it.
+
+class Spool:
+    """The job folders on disk, and the one in-memory index of unfinished jobs and
+    of each node's GPUs (held for a job, or used outside the queue).
+
+    Everything here is the Spool's alone: other code calls its methods and never
+    reads its attributes.  Every change to the index, and to the Jobs in it,
+    happens in a method of this class under ``self._lock``, a threading lock;
+    readers get copies taken under it (get, node_state), so what they see is
+    whole.  The file lock server.lock, held from open() to close(), keeps other
+    processes out.  The lock is never held while a job runs or a node is asked
+    anything, nor, once open() has recovered the spool, across an fsync: renames
+    happen under it, their fsyncs after.
     """
 
-    def __init__(self, root, node_ids, gpus=None):
-        self.root = Path(root)
-        self.node_ids = tuple(node_ids)
+    def __init__(self, root, node_ids, gpu_counts=None):
+        self._root = Path(root)
+        self._node_ids = tuple(node_ids)
         #: GPUs per node (1 unless told): work is planned in GPU-seconds per GPU.
-        self.gpus = {n: (gpus or {}).get(n, 1) for n in self.node_ids}
-        self.lock = threading.Lock()
+        self._gpu_count = {n: (gpu_counts or {}).get(n, 1) for n in self._node_ids}
+        self._lock = threading.Lock()
         self._server_lock = None
-        self.changed = threading.Condition(self.lock)
+        self._changed = threading.Condition(self._lock)
         #: Unfinished jobs by id: the only in-memory copy of queue state.  What
         #: follows is derived from it, kept up to date by _index, _unindex,
         #: claim and _retire, so a submit never walks every queued job.
-        self.active = {}
+        self._active = {}
         #: Ticket of the last started job per (priority, user), for FairQueue's
         #: turns.  Kept in memory only: after a restart every user starts even.
-        self.served = {}
+        self._served = {}
         self._tickets = itertools.count(1)
         #: Pending jobs per node, in the order they are to run.
-        self.queues = {n: FairQueue(self.served) for n in self.node_ids}
+        self._queues = {n: FairQueue(self._served) for n in self._node_ids}
         #: Expected GPU-seconds of each node's pending jobs.
-        self.pending_seconds = dict.fromkeys(self.node_ids, 0.0)
+        self._pending_seconds = dict.fromkeys(self._node_ids, 0.0)
         #: Pending jobs per user.
-        self.pending_per_user = collections.Counter()
+        self._pending_per_user = collections.Counter()
         #: Running jobs per node, by id.
-        self.running = {n: {} for n in self.node_ids}
+        self._running = {n: {} for n in self._node_ids}
         #: Nodes an admin has drained: they start no job until resumed.  Each has
         #: a ``nodes/<n>/drained`` file, so this survives a restart.
-        self.drained = set()
+        self._drained = set()
+        #: Per node: the Holding its scheduler keeps (set by claim), and its last GPU
+        #: reading with the GPUs it found used outside the queue (set_gpus).  In
+        #: memory only: all are found again.
+        self._holding = dict.fromkeys(self._node_ids)
+        self._foreign = {n: {} for n in self._node_ids}
+        self._reading = dict.fromkeys(self._node_ids, ())
         #: Ids in done/, oldest first.
-        self.done_ids = []
+        self._done_ids = []
         #: Finished-job counts per node and status in done/, for /api/nodes.
-        self.final_counts = {n: dict.fromkeys(FINAL_STATES, 0) for n in self.node_ids}
+        self._final_counts = {n: dict.fromkeys(FINAL_STATES, 0) for n in self._node_ids}
         #: Jobs finished since this server started, per node and status: the
         #: counterpart of each worker's ``started``, for /metrics.
-        self.finished_here = {n: dict.fromkeys(FINAL_STATES, 0) for n in self.node_ids}
+        self._finished_here = {n: dict.fromkeys(FINAL_STATES, 0) for n in self._node_ids}
         #: An open fd of each node's pending/ folder: fsyncing a queue after a rename
         #: is then one syscall, not three, on the submit path.
         self._queue_fds = {}
+        #: The disk guard's last reading: (when, bytes that may still be accepted).
+        self._disk = (-math.inf, 0)
+
+    @property
+    def root(self):
+        return self._root
+
+    @property
+    def node_ids(self):
+        return self._node_ids
 
     # -- layout --------------------------------------------------------------
 
     def pending_dir(self, node_id):
-        return self.root / "nodes" / str(node_id) / "pending"
+        return self._root / "nodes" / str(node_id) / "pending"
 
     def running_dir(self, node_id):
-        return self.root / "nodes" / str(node_id) / "running"
+        return self._root / "nodes" / str(node_id) / "running"
 
     def work_dir(self, node_id):
         """Where a local node's agent runs its jobs (a node's workdir by default)."""
-        return self.root / "nodes" / str(node_id) / "work"
+        return self._root / "nodes" / str(node_id) / "work"
+
+    def incoming_dir(self):
+        """Drop folders (see the Drop folders section)."""
+        return self._root / "incoming"
+
+    def control_dir(self):
+        """Admin requests to the running server (see Admin control)."""
+        return self._root / "control"
 
     def folder(self, job):
         """The folder of an unfinished job, where it is now."""
@@ -1437,34 +1614,34 @@ class Spool:
         return JobFolder(d(job.node_id) / job.id)
 
     def done_folder(self, job_id):
-        return JobFolder(self.root / "done" / job_id)
+        return JobFolder(self._root / "done" / job_id)
 
     # -- opening and recovery ------------------------------------------------
 
     def open(self):
         """Take the spool for this server (or raise SpoolBusy), then recover it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._server_lock = filelock.FileLock(self.root / "server.lock")
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._server_lock = filelock.FileLock(self._root / "server.lock")
         try:
             self._server_lock.acquire(timeout=0)
         except filelock.Timeout:
             try:
-                pid = (self.root / "server.pid").read_text().strip()
+                pid = (self._root / "server.pid").read_text().strip()
             except OSError:
                 pid = "unknown"
             raise SpoolBusy(f"another gpuqueue server (pid {pid}) is using the spool "
-                            f"{self.root}; stop it first or choose another spool") from None
+                            f"{self._root}; stop it first or choose another spool") from None
         try:
-            write_file(self.root / "server.pid", f"{os.getpid()}\n")
+            write_file(self._root / "server.pid", f"{os.getpid()}\n")
         except OSError as exc:  # a full disk must not keep the server from starting
-            log.warning("cannot write %s: %s", self.root / "server.pid", exc.strerror)
+            log.warning("cannot write %s: %s", self._root / "server.pid", exc.strerror)
         for d in ("tmp", "done", "corrupt", "incoming", "control"):
-            (self.root / d).mkdir(exist_ok=True)
-        for n in self.node_ids:
+            (self._root / d).mkdir(exist_ok=True)
+        for n in self._node_ids:
             self.pending_dir(n).mkdir(parents=True, exist_ok=True)
             self.running_dir(n).mkdir(parents=True, exist_ok=True)
             self._queue_fds[n] = os.open(self.pending_dir(n), os.O_RDONLY | os.O_DIRECTORY)
-        with self.lock:
+        with self._lock:
             self._recover()
 
     def close(self):
@@ -1477,15 +1654,15 @@ class Spool:
     def _recover(self):
         """Bring the folders back to a true state: the first rows of the recovery
         table in the module docstring; the rest belong to the node workers."""
-        for leftover in (self.root / "tmp").iterdir():
+        for leftover in (self._root / "tmp").iterdir():
             log.warning("removing unacknowledged upload %s", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
-        for name in os.listdir(self.root / "done"):
+        for name in os.listdir(self._root / "done"):
             if JOB_ID_RE.match(name):
                 self._count_final(self.done_folder(name))
-        for n in self.node_ids:
+        for n in self._node_ids:
             if self._drained_marker(n).exists():
-                self.drained.add(n)
+                self._drained.add(n)
             for status, d in (("pending", self.pending_dir(n)), ("running", self.running_dir(n))):
                 for path in sorted(d.iterdir()):
                     try:
@@ -1495,13 +1672,13 @@ class Spool:
                         continue
                     if job is None:
                         continue
-                    self.active[job.id] = job
+                    self._active[job.id] = job
                     if job.status == "pending":
                         self._index(job)
                     else:
-                        self.running[n][job.id] = job
-        self.done_ids.sort()
-        for d in self.node_ids:
+                        self._running[n][job.id] = job
+        self._done_ids.sort()
+        for d in self._node_ids:
             self._sync_queue(d)
 
     def _load(self, folder, node_id, status):
@@ -1519,7 +1696,7 @@ class Spool:
         except ValueError as exc:
             self._quarantine(folder.path, str(exc))
             return None
-        if job.id in self.active:
+        if job.id in self._active:
             self._quarantine(folder.path, f"a second copy of job {job.id}")
             return None
         job.cancel_requested = folder.cancel_requested()
@@ -1540,35 +1717,59 @@ class Spool:
     def _count_final(self, folder):
         try:
             r = folder.read_result()
-            self.final_counts[r["node_id"]][r["status"]] += 1
+            self._final_counts[r["node_id"]][r["status"]] += 1
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        self.done_ids.append(folder.id)
+        self._done_ids.append(folder.id)
 
     def _index(self, job):
         """Put a pending job into its node's queue (under the lock)."""
-        self.queues[job.node_id].add(job)
-        self.pending_seconds[job.node_id] += job.expected_time * job.gpus
-        self.pending_per_user[job.user_id] += 1
+        self._queues[job.node_id].add(job)
+        self._pending_seconds[job.node_id] += job.expected_time * job.gpus
+        self._pending_per_user[job.user_id] += 1
 
     def _unindex(self, job):
         """Take a pending job out of its node's queue (under the lock)."""
-        self.queues[job.node_id].remove(job)
-        self.pending_seconds[job.node_id] -= job.expected_time * job.gpus
-        self.pending_per_user[job.user_id] -= 1
+        self._queues[job.node_id].remove(job)
+        self._pending_seconds[job.node_id] -= job.expected_time * job.gpus
+        self._pending_per_user[job.user_id] -= 1
 
     def _quarantine(self, path, reason):
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
-        dest = self.root / "corrupt" / f"{path.name}.{secrets.token_hex(3)}"
+        dest = self._root / "corrupt" / f"{path.name}.{secrets.token_hex(3)}"
         os.rename(path, dest)
         log.error("quarantined %s: %s", path, reason)
         write_file(dest.with_name(dest.name + ".REASON"), reason + "\n")
 
     # -- submit --------------------------------------------------------------
 
+    def admit(self, size, min_free):
+        """DiskFull unless the disk keeps ``min_free`` bytes after ``size`` more.
+        Looked at (one statvfs) at most once a second; in between, what was
+        admitted since is counted off the last reading."""
+        now = time.monotonic()
+        with self._lock:
+            when, room = self._disk
+            if now - when >= 1.0:
+                disk = os.statvfs(self._root)
+                when, room = now, disk.f_bavail * disk.f_frsize - min_free
+            size += 4 * 4096  # the job's folder and its small files take blocks too
+            if room < size:
+                self._disk = (when, room)
+                raise DiskFull("the server's spool disk is nearly full; try again later")
+            self._disk = (when, room - size)
+
     def stage(self, job, code, config_data):
-        """Write a new job's folder under tmp/, durably, before it is queued."""
-        return JobFolder.create(self.root / "tmp" / job.id, job, code, config_data)
+        """Write a new job's folder under tmp/, durably, before it is queued;
+        DiskFull (and nothing left behind) when the disk has no room for it."""
+        path = self._root / "tmp" / job.id
+        try:
+            return JobFolder.create(path, job, code, config_data)
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("the server's spool disk is full; try again later") from None
+            raise
 
     def enqueue(self, job, staged, online, max_pending):
         """Queue a staged job on the least-loaded node; returns queue_position's pair.
@@ -1576,17 +1777,18 @@ class Spool:
         Raises TooMany (and removes the staged folder) when the job's user already
         has ``max_pending`` pending jobs.
         """
-        with self.lock:
-            waiting = self.pending_per_user[job.user_id]
+        with self._lock:
+            waiting = self._pending_per_user[job.user_id]
             if waiting < max_pending:
                 loads = self._loads()
-                big = [n for n in self.node_ids if self.gpus[n] >= job.gpus] or list(self.node_ids)
-                open_ = [n for n in big if n not in self.drained]
+                big = [n for n in self._node_ids if self._gpu_count[n] >= job.gpus] \
+                    or list(self._node_ids)
+                open_ = [n for n in big if n not in self._drained]
                 # Offline nodes only when none is online; drained ones only when all are.
                 candidates = [n for n in open_ if n in online] or open_ or big
                 job.node_id = min(candidates, key=lambda n: (loads[n], n))
                 os.rename(staged.path, self.pending_dir(job.node_id) / job.id)
-                self.active[job.id] = job
+                self._active[job.id] = job
                 self._index(job)
                 position = self._position(job)
         if waiting >= max_pending:
@@ -1604,16 +1806,17 @@ class Spool:
 
     def _loads(self, node_id=None):
         """Per node (or for one): expected GPU-seconds of its pending jobs plus what
-        remains of its running ones, per GPU of the node."""
-        return {n: self.pending_seconds[n] / self.gpus[n] + self._running_load(n)
-                for n in self.node_ids} if node_id is None else \
-            self.pending_seconds[node_id] / self.gpus[node_id] + self._running_load(node_id)
+        remains of its running ones, per GPU of the node (under the lock)."""
+        if node_id is not None:
+            return self._pending_seconds[node_id] / self._gpu_count[node_id] \
+                + self._running_load(node_id)
+        return {n: self._loads(n) for n in self._node_ids}
 
     def _running_load(self, node_id):
         """What remains of a node's running jobs, in expected GPU-seconds per GPU."""
         now = time.time()
         return sum(max(0.0, job.expected_time - (now - (job.started_at or now))) * job.gpus
-                   for job in self.running[node_id].values()) / self.gpus[node_id]
+                   for job in self._running[node_id].values()) / self._gpu_count[node_id]
 
     # -- scheduler side ------------------------------------------------------
 
@@ -1621,22 +1824,26 @@ class Spool:
         """Move the job that ``choose`` picks to this node's running/, and return it
         (None when it picks none, or the node is drained).
 
-        ``choose`` gets the candidates, (job, its queue's node) pairs, lazily in the
-        order they are to run: this node's own queue and every other node's, by
-        their turns (see FairQueue), and returns (job, node, gpus) or None; it is
-        the scheduler's rule for which may start here now (NodeWorker.choose).  It
-        runs under the lock, so what it sees of the queues cannot change meanwhile.
-        Without one, the rule of an idle node of one GPU: the first job in turn of
-        its own queue or of a node that is busy or drained."""
+        ``choose(candidates, states)`` gets the candidates, (job, its queue's node)
+        pairs, lazily in the order they are to run: this node's own queue and every
+        other node's, by their turns (see FairQueue); and ``states``, every node's
+        NodeState by id.  It returns ((job, node, gpus) or None, the Holding this
+        node is to keep or None); it is the scheduler's rule for which may start
+        here now (GpuWorker.choose).  It runs under the lock, so what it sees
+        cannot change meanwhile.  Without one, the rule of an idle node of one GPU:
+        the first job in turn of its own queue or of a node that is busy or drained."""
         if choose is None:
-            def choose(candidates):
-                return next(((job, n, ()) for job, n in candidates
-                             if n == node_id or self.running[n] or n in self.drained), None)
-        with self.lock:
-            if node_id in self.drained:
+            def choose(candidates, states):
+                return next(((job, n, ()) for job, n in candidates if n == node_id
+                             or states[n].running or states[n].drained), None), None
+        with self._lock:
+            if node_id in self._drained:
+                self._holding[node_id] = None  # a drained node holds no GPUs for anyone
                 return None
-            orders = [q.order(n) for n, q in self.queues.items() if len(q)]
-            picked = choose((self.active[job_id], n) for _, job_id, n in heapq.merge(*orders))
+            orders = [q.order(n) for n, q in self._queues.items() if len(q)]
+            states = _States(self._state)
+            picked, self._holding[node_id] = choose(
+                ((self._active[job_id], n) for _, job_id, n in heapq.merge(*orders)), states)
             if picked is None:
                 return None
             job, donor, gpus = picked
@@ -1644,8 +1851,8 @@ class Spool:
             self._unindex(job)
             job.node_id, job.status, job.started_at = node_id, "running", time.time()
             job.gpu_ids = tuple(gpus)
-            self.running[node_id][job.id] = job
-            self.served[job.priority, job.user_id] = next(self._tickets)
+            self._running[node_id][job.id] = job
+            self._served[job.priority, job.user_id] = next(self._tickets)
         fsync_dir(self.running_dir(node_id))
         self._sync_queue(donor)
         if donor != node_id:
@@ -1653,19 +1860,54 @@ class Spool:
         self.folder(job).mark_started(job)
         return job
 
+    def _state(self, node_id):
+        """A node's NodeState (under the lock)."""
+        return NodeState(running=tuple(self._running[node_id].values()),
+                         drained=node_id in self._drained, holding=self._holding[node_id],
+                         foreign=self._foreign[node_id], reading=self._reading[node_id])
+
+    def node_state(self, node_id):
+        """A node's NodeState now, its running jobs copies: for any thread."""
+        with self._lock:
+            state = self._state(node_id)
+            return dataclasses.replace(state, running=tuple(map(copy.copy, state.running)))
+
+    def node_states(self):
+        """Every node's NodeState now (node_state's), taken at one moment."""
+        with self._lock:
+            return {n: dataclasses.replace(state, running=tuple(map(copy.copy, state.running)))
+                    for n in self._node_ids for state in (self._state(n),)}
+
+    def set_gpus(self, node_id, reading, foreign):
+        """Record a node's GPU reading and, from it, which of its GPUs are used
+        outside the queue (GPU -> why); returns the GPUs recorded so before."""
+        with self._lock:
+            before, self._foreign[node_id] = self._foreign[node_id], dict(foreign)
+            self._reading[node_id] = tuple(reading)
+        return before
+
     def running_on(self, node_id):
-        return list(self.running[node_id].values())
+        """A node's running jobs, for its own worker: the Spool's Jobs themselves,
+        to hand back to its methods (other threads: node_state)."""
+        with self._lock:
+            return list(self._running[node_id].values())
+
+    def note_slurm(self, job, **fields):
+        """Record what Slurm says of a job (its id, state, reason, exit code), as a
+        new dict: a reader's copy of the job keeps the one it had."""
+        with self._lock:
+            job.slurm = {**(job.slurm or {}), **fields}
 
     def forget(self, job):
         """Drop a running job that cannot be recorded at all from the index, so that
         it does not hold its node forever (its folder stays for an admin)."""
-        with self.lock:
-            self.running[job.node_id].pop(job.id, None)
-            self.active.pop(job.id, None)
-            self.changed.notify_all()
+        with self._lock:
+            self._running[job.node_id].pop(job.id, None)
+            self._active.pop(job.id, None)
+            self._changed.notify_all()
 
-    def finish(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
-        """Record a running job's outcome in its folder, then move the folder to done/.
+    def finish(self, job, outcome):
+        """Record a running job's Outcome in its folder, then move the folder to done/.
 
         A folder that vanished (a job can reach its own) is made again from what is
         known in memory, and the job fails saying so; DiskFull when the disk has no
@@ -1673,74 +1915,82 @@ class Spool:
         folder = self.folder(job)
         try:
             if not folder.path.is_dir():
-                status, error = "failed", "its folder in the spool was removed while it ran"
-                shutil.rmtree(self.root / "tmp" / job.id, ignore_errors=True)
-                staged = JobFolder.create(self.root / "tmp" / job.id, job, b"", b"")
+                outcome = dataclasses.replace(
+                    outcome, status="failed",
+                    error="its folder in the spool was removed while it ran")
+                shutil.rmtree(self._root / "tmp" / job.id, ignore_errors=True)
+                staged = JobFolder.create(self._root / "tmp" / job.id, job, b"", b"")
                 os.rename(staged.path, folder.path)
-            self._write_result(job, folder, status, exit_code, error, stdout, stderr)
+            finished_at = self._write_result(job, folder, outcome)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"no room on the spool's disk: {exc.strerror}") from None
             raise
-        with self.lock:
-            del self.running[job.node_id][job.id]
-            self._retire(job, folder, status, exit_code, error)
-        self._synced_final(job, folder, status, error)
+        with self._lock:
+            del self._running[job.node_id][job.id]
+            self._retire(job, folder, outcome, finished_at)
+        self._synced_final(job, folder, outcome)
 
-    def _write_result(self, job, folder, status, exit_code, error, stdout, stderr):
-        job.finished_at = time.time()
-        result = {"status": status, "exit_code": exit_code, "error": error, "node_id": job.node_id,
-                  "started_at": job.started_at, "finished_at": job.finished_at,
+    def _write_result(self, job, folder, outcome):
+        """Write how the job ended into its folder; when it did (the job itself
+        learns it as it retires)."""
+        finished_at = time.time()
+        result = {"status": outcome.status, "exit_code": outcome.exit_code,
+                  "error": outcome.error, "node_id": job.node_id,
+                  "started_at": job.started_at, "finished_at": finished_at,
                   "gpus": list(job.gpu_ids)}
         if job.slurm:
             result["slurm"] = {k: job.slurm[k] for k in ("id", "state", "reason")}
-        folder.write_result(result, stdout, stderr)
+        folder.write_result(result, outcome)
+        return finished_at
 
-    def _retire(self, job, folder, status, exit_code, error):
+    def _retire(self, job, folder, outcome, finished_at):
         """The one move to done/ (under the lock)."""
         os.rename(folder.path, self.done_folder(job.id).path)
-        del self.active[job.id]
-        job.status, job.exit_code, job.error = status, exit_code, error
-        self.final_counts[job.node_id][status] += 1
-        self.finished_here[job.node_id][status] += 1
-        bisect.insort(self.done_ids, job.id)
-        self.changed.notify_all()
+        del self._active[job.id]
+        job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
+        job.finished_at = finished_at
+        self._final_counts[job.node_id][outcome.status] += 1
+        self._finished_here[job.node_id][outcome.status] += 1
+        bisect.insort(self._done_ids, job.id)
+        self._changed.notify_all()
 
-    def _synced_final(self, job, folder, status, error):
+    def _synced_final(self, job, folder, outcome):
         """After the move to done/: make it durable, and log it."""
         fsync_dir(folder.path.parent)
         self.done_folder(job.id).discard_old_work()
-        log.info("job %s user=%s node=%s %s%s", job.id, job.user_id, job.node_id, status,
-                 f" ({error})" if error else "")
+        log.info("job %s user=%s node=%s %s%s", job.id, job.user_id, job.node_id,
+                 outcome.status, f" ({outcome.error})" if outcome.error else "")
 
     def expire(self, before):
         """Remove finished jobs that finished before ``before`` (a Unix time), and
         what was quarantined before it; returns how many of each.  Only a job
         submitted before then can have finished before then, and ids begin with
-        the submit time, so the candidates are the head of done_ids."""
-        with self.lock:
-            head = self.done_ids[:bisect.bisect_left(self.done_ids,
-                                                     f"{int(before * 1e6):014x}")]
+        the submit time, so the candidates are the head of the done ids."""
+        with self._lock:
+            head = self._done_ids[:bisect.bisect_left(self._done_ids,
+                                                      f"{int(before * 1e6):014x}")]
         jobs = 0
         for job_id in head:
             folder = self.done_folder(job_id)
             try:
                 r = folder.read_result()
-                finished, counted = float(r["finished_at"]), self.final_counts.get(r["node_id"])
+                finished, node = float(r["finished_at"]), r["node_id"]
             except (OSError, ValueError, KeyError, TypeError):
-                finished, counted = folder.path.stat().st_mtime, None
+                finished, node = folder.path.stat().st_mtime, None
             if finished >= before:
                 continue
-            with self.lock:
-                self.done_ids.remove(job_id)
+            with self._lock:
+                self._done_ids.remove(job_id)
+                counted = self._final_counts.get(node)
                 if counted is not None and counted.get(r["status"], 0) > 0:
                     counted[r["status"]] -= 1
-                gone = self.root / "tmp" / f"{job_id}.expired"
+                gone = self._root / "tmp" / f"{job_id}.expired"
                 os.rename(folder.path, gone)  # one step out of sight; tmp/ is cleared at start
             shutil.rmtree(gone, ignore_errors=True)
             jobs += 1
         quarantined = 0
-        corrupt = self.root / "corrupt"
+        corrupt = self._root / "corrupt"
         for name in os.listdir(corrupt):
             if name.endswith(".REASON"):
                 continue
@@ -1760,10 +2010,11 @@ class Spool:
     # -- front-door side -----------------------------------------------------
 
     def get(self, job_id):
-        """The job with this (already validated) id, or None."""
-        job = self.active.get(job_id)
-        if job is not None:
-            return job
+        """A copy of the job with this (already validated) id as it is now, or None."""
+        with self._lock:
+            job = self._active.get(job_id)
+            if job is not None:
+                return copy.copy(job)
         folder = self.done_folder(job_id)
         try:
             job = folder.load(node_id=-1)  # node and status come from result.json
@@ -1780,60 +2031,92 @@ class Spool:
             return None
         return job
 
+    def is_active(self, job_id):
+        """Is the job still unfinished?"""
+        with self._lock:
+            return job_id in self._active
+
+    def pending_ids(self, node_id):
+        """A node's pending job ids, oldest first."""
+        with self._lock:
+            return self._queues[node_id].ids()
+
     def queue_position(self, job):
         """(jobs ahead of it in its node's queue, estimated start time), or
         (None, None) when the job is not pending.  The estimate adds the expected
         times of the running job's rest and of those ahead; work taken by idle
         nodes can only make it earlier."""
-        with self.lock:
-            return self._position(job)
+        with self._lock:
+            live = self._active.get(job.id)
+            return self._position(live) if live is not None else (None, None)
 
     def _position(self, job):
-        ahead = self.queues[job.node_id].ahead(job)
+        if job.status != "pending":
+            return None, None
+        ahead = self._queues[job.node_id].ahead(job)
         if ahead is None:
             return None, None
         n = job.node_id
-        return ahead[0], time.time() + self._running_load(n) + ahead[1] / self.gpus[n]
+        return ahead[0], time.time() + self._running_load(n) + ahead[1] / self._gpu_count[n]
 
-    def request_cancel(self, job):
-        """Cancel a pending job now, or mark a running one for its scheduler to kill.
-
-        Returns False when the job had already finished.
-        """
-        with self.lock:
-            if job.id not in self.active:
-                return False
-            job.cancel_requested = True
-            folder = self.folder(job)
-            if job.status == "running":
+    def request_cancel(self, job_id):
+        """Cancel a pending job now, or mark a running one for its scheduler to kill;
+        either is on disk before it shows.  Returns False when the job had already
+        finished.  A pending job leaves its queue under the lock, so that no
+        scheduler claims it; its record is written after, and its move to done/ is
+        under the lock again."""
+        while True:
+            with self._lock:
+                job = self._active.get(job_id)
+                if job is None:
+                    return False
+                if job.cancel_requested:
+                    return True  # asked for already
+                folder = self.folder(job)
+                running = job.status == "running"
+                if not running:
+                    self._unindex(job)  # pending still, but in no queue: claimed by no one
+                    job.cancel_requested = True
+            if not running:
+                break
+            try:
                 folder.mark_cancel()
-                return True
-            # Done whole under the lock, so that no scheduler claims it half-way.
-            self._unindex(job)
-            self._write_result(job, folder, "cancelled", None, "cancelled while pending", "", "")
-            self._retire(job, folder, "cancelled", None, "cancelled while pending")
-        self._synced_final(job, folder, "cancelled", "cancelled while pending")
+            except FileNotFoundError:
+                continue  # it ended, or went back to its queue, meanwhile: look again
+            with self._lock:
+                job.cancel_requested = True
+            return True
+        outcome = Outcome("cancelled", error="cancelled while pending")
+        try:
+            finished_at = self._write_result(job, folder, outcome)
+        except BaseException:
+            with self._lock:
+                job.cancel_requested = False
+                self._index(job)
+            raise
+        with self._lock:
+            self._retire(job, folder, outcome, finished_at)
+        self._synced_final(job, folder, outcome)
         return True
 
-    def wait_finished(self, job, timeout):
-        with self.changed:
-            self.changed.wait_for(lambda: job.id not in self.active, timeout)
-        return job.id not in self.active
+    def wait_finished(self, job_id, timeout):
+        with self._changed:
+            return self._changed.wait_for(lambda: job_id not in self._active, timeout)
 
     def job_ids(self, before=None):
         """Job ids newest first, only those older than ``before`` when it is given."""
-        with self.lock:
-            active = sorted(self.active)
-            done = self.done_ids[:bisect.bisect_left(self.done_ids, before)] if before \
-                else self.done_ids[:]
+        with self._lock:
+            active = sorted(self._active)
+            done = self._done_ids[:bisect.bisect_left(self._done_ids, before)] if before \
+                else self._done_ids[:]
         if before:
             active = active[:bisect.bisect_left(active, before)]
         return heapq.merge(reversed(active), reversed(done), reverse=True)
 
     def find(self, user=None, status=None, limit=100, before=None):
-        """Up to ``limit`` jobs, newest first, of ``user`` and in ``status`` when
-        given, older than the id ``before``; and the cursor for the next page (None
-        on the last)."""
+        """Up to ``limit`` jobs (copies), newest first, of ``user`` and in ``status``
+        when given, older than the id ``before``; and the cursor for the next page
+        (None on the last)."""
         found = []
         for job_id in self.job_ids(before=before):
             job = self.get(job_id)
@@ -1846,27 +2129,34 @@ class Spool:
 
     def counts(self):
         """(pending, running) jobs over all nodes."""
-        return (sum(len(q) for q in self.queues.values()),
-                sum(len(r) for r in self.running.values()))
+        with self._lock:
+            return (sum(len(q) for q in self._queues.values()),
+                    sum(len(r) for r in self._running.values()))
 
     def node_stats(self):
-        loads = self._loads()
-        return {n: {"queued_jobs": len(self.queues[n]), "queued_seconds": round(loads[n], 3),
-                    **self.final_counts[n]} for n in self.node_ids}
+        with self._lock:
+            loads = self._loads()
+            return {n: {"queued_jobs": len(self._queues[n]), "queued_seconds": round(loads[n], 3),
+                        **self._final_counts[n]} for n in self._node_ids}
+
+    def finished_here(self):
+        """Jobs finished since this server started: node -> status -> count."""
+        with self._lock:
+            return {n: dict(c) for n, c in self._finished_here.items()}
 
     def move_pending(self, node_id, online):
         """Move a node's pending jobs to the least-loaded of ``online`` nodes that
         are not drained, oldest first.  Returns the nodes that received jobs.
         """
-        online = [n for n in online if n not in self.drained and n != node_id]
-        if not online or not self.queues[node_id]:
-            return set()
         moved = set()
-        with self.lock:
+        with self._lock:
+            online = [n for n in online if n not in self._drained and n != node_id]
+            if not online or not self._queues[node_id]:
+                return set()
             loads = self._loads()
-            for job_id in self.queues[node_id].ids():
-                job = self.active[job_id]
-                fits = [n for n in online if self.gpus[n] >= job.gpus]
+            for job_id in self._queues[node_id].ids():
+                job = self._active[job_id]
+                fits = [n for n in online if self._gpu_count[n] >= job.gpus]
                 if not fits:
                     continue  # no online node is big enough: it waits here
                 dest = min(fits, key=lambda n: (loads[n], n))
@@ -1874,7 +2164,7 @@ class Spool:
                 self._unindex(job)
                 job.node_id = dest
                 self._index(job)
-                loads[dest] += job.expected_time * job.gpus / self.gpus[dest]
+                loads[dest] += job.expected_time * job.gpus / self._gpu_count[dest]
                 moved.add(dest)
         for n in moved | {node_id}:
             self._sync_queue(n)
@@ -1885,46 +2175,63 @@ class Spool:
         """Make the spool the server's alone, but for a way through to the local nodes'
         workdirs inside it (for ``run_as``): no other user may list or open anything
         else here.  Each job's own folder there is its user's."""
-        for d in [self.root, self.root / "nodes"] + [self.root / "nodes" / str(n)
-                                                     for n in self.node_ids]:
+        for d in [self._root, self._root / "nodes"] + [self._root / "nodes" / str(n)
+                                                       for n in self._node_ids]:
             os.chmod(d, 0o711)
-        for n in self.node_ids:
+        for n in self._node_ids:
             self.work_dir(n).mkdir(exist_ok=True)
             os.chmod(self.work_dir(n), 0o711)
             for d in (self.pending_dir(n), self.running_dir(n)):
                 os.chmod(d, 0o700)
         for name in ("tmp", "done", "corrupt", "incoming", "control"):
-            mode = (self.root / name).stat().st_mode
+            mode = (self._root / name).stat().st_mode
             if name == "incoming" and mode & 0o070:
                 continue  # an admin shared it with a team's group on purpose (README)
-            os.chmod(self.root / name, 0o700)
+            os.chmod(self._root / name, 0o700)
 
     def _drained_marker(self, node_id):
-        return self.root / "nodes" / str(node_id) / "drained"
+        return self._root / "nodes" / str(node_id) / "drained"
+
+    def is_drained(self, node_id):
+        with self._lock:
+            return node_id in self._drained
 
     def set_drained(self, node_id, drained):
         """Drain a node (it starts no more jobs) or resume it; on disk first."""
         marker = self._drained_marker(node_id)
-        with self.lock:
+        if drained:
+            write_file(marker, b"")
+        else:
+            marker.unlink(missing_ok=True)
+            fsync_dir(marker.parent)
+        with self._lock:
+            (self._drained.add if drained else self._drained.discard)(node_id)
             if drained:
-                write_file(marker, b"")
-                self.drained.add(node_id)
-            else:
-                marker.unlink(missing_ok=True)
-                fsync_dir(marker.parent)
-                self.drained.discard(node_id)
+                self._holding[node_id] = None
 
     def requeue(self, job):
         """Put a claimed job that never launched back at its place in its node's queue."""
         folder = self.folder(job)
         folder.reset()
-        with self.lock:
+        with self._lock:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
-            del self.running[job.node_id][job.id]
+            del self._running[job.node_id][job.id]
             job.status, job.started_at, job.gpu_ids = "pending", None, ()
             self._index(job)
         self._sync_queue(job.node_id)
         fsync_dir(self.running_dir(job.node_id))
+
+
+class _States(dict):
+    """Every node's NodeState, each made when first asked for (inside claim)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, node_id):
+        state = self[node_id] = self._make(node_id)
+        return state
 
 
 ###############################################################################
@@ -2150,41 +2457,6 @@ class AuthThrottle:
 # Executors read and write spool files only through the JobFolder they are
 # given.
 
-#: Seconds allowed for TCP connect, SSH banner, authentication and channel opens.
-SSH_TIMEOUT = 10
-#: Seconds between SSH keepalives, so a dead link is noticed.
-SSH_KEEPALIVE = 5
-#: Seconds the server waits past a start's lease before it gives the job to
-#: another node: how far the server's and the nodes' clocks may disagree.
-LEASE_MARGIN = 5
-#: Most seconds between reconnect attempts to an offline node.
-SSH_MAX_BACKOFF = 10
-#: Seconds a node's ``setup`` line and python start-up may take before the
-#: agent reports in.  (A job's start is confirmed within its lease: node_timeout.)
-WRAPPER_START_TIMEOUT = 120
-#: Seconds a new server waits for its local nodes' agents before it announces itself.
-LOCAL_START_TIMEOUT = 10
-#: Seconds a Slurm command (sbatch, squeue, scancel) may take on the login host.
-SLURM_TIMEOUT = 60
-#: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
-SLURM_POLL = 2
-#: Seconds between the supervisor's looks at gpuqueue's threads.
-SUPERVISE_INTERVAL = 5
-#: Seconds between looks for finished jobs past ``keep_finished_days``, at most.
-RETENTION_SWEEP = 3600
-#: Pending jobs a node's scheduler looks through for one that may start now.
-CLAIM_DEPTH = 200
-#: Seconds between GPU readings of a node, and the most one may take.
-GPU_REFRESH = 30
-GPU_TIMEOUT = 25
-#: ...while the node has free GPUs and jobs wait: a GPU used outside the queue is
-#: noticed, and one freed again taken, within this.
-GPU_BUSY_REFRESH = 5
-#: Output up to this many bytes (both streams) comes with a job's exit report from
-#: the node's agent; more is read from the files.  Saves a dozen round trips per job.
-INLINE_OUTPUT = 64 * 1024
-
-
 @functools.cache
 def node_program():
     """(file name, source) of the node program: the Node program section of this
@@ -2201,7 +2473,7 @@ def node_program():
     return f"gq_node-{hashlib.sha256(source.encode()).hexdigest()[:16]}.py", source
 
 
-def read_gpus(reading, visible, foreign_mib, held):
+def gpus_from_reading(reading, visible, foreign_mib, held):
     """A node's GPUs (``visible``: its ``gpus``, indexes or UUIDs, in order) from its
     gpu_reading: per GPU nvidia-smi's figures, the processes on it, and ``foreign``,
     why it takes no new job, when something outside the queue uses it: a process
@@ -2254,14 +2526,21 @@ def describe_exit(exit_code):
     return "failed", f"exit code {exit_code}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How a run ended, as the wrapper left it."""
-    exit_code: int | None
-    reason: str | None  # None, "timeout", "cancelled", "lost" or "unfollowed"
-    stdout: str
-    stderr: str
-    detail: str | None = None  # why, for "unfollowed"
+def run_outcome(exit_code, reason, streams, detail=None):
+    """The Outcome of a run as its wrapper left it: ``reason`` is None (it ended by
+    itself), "timeout", "cancelled", "lost" (no result) or "unfollowed" (stopped,
+    ``detail`` says why)."""
+    if reason == "cancelled":
+        return Outcome("cancelled", exit_code, "cancelled while running", streams)
+    if reason == "timeout":
+        return Outcome("failed", exit_code, "timeout", streams)
+    if reason == "lost":
+        return Outcome("failed", exit_code, "the job's wrapper ended without a result "
+                       "(killed or crashed)", streams)
+    if reason == "unfollowed":
+        return Outcome("failed", exit_code, detail, streams)
+    status, error = describe_exit(exit_code)
+    return Outcome(status, exit_code, error, streams)
 
 
 class Run:
@@ -2273,7 +2552,7 @@ class Run:
         self.wrapper_pid = None
         self.link_lost = False  # ended because the link to its node broke, not by exiting
         self.report = {}  # the agent's exit report: result and output, when small
-        self.outcome = None  # known without asking the node (recovery settled it)
+        self.outcome = None  # its Outcome, known without asking the node (recovery)
         self.cancel_sent = False
         self.exited = threading.Event()
         self._on_exit = on_exit
@@ -2310,9 +2589,11 @@ class _Agent:
         self._send_lock = threading.Lock()
         threading.Thread(target=self._listen, daemon=True, name="agent").start()
 
-    def send(self, **command):
+    def send(self, op, **fields):
+        """Send one command (COMMANDS)."""
+        data = message(COMMANDS, op, **fields)
         with self._send_lock:  # the scheduler and the GPU telemetry both send
-            self.channel.sendall((json.dumps(command) + "\n").encode())
+            self.channel.sendall(data)
 
     def reply(self, key, timeout):
         """The report called ``key`` (e.g. ("started", job id)), or None."""
@@ -2322,7 +2603,7 @@ class _Agent:
 
     def ask(self, op, timeout):
         """Send ``op`` and wait for its answer (the reply to ping is pong)."""
-        self.send(op=op)
+        self.send(op)
         return self.reply(({"ping": "pong"}.get(op, op), None), timeout)
 
     def close(self):
@@ -2389,7 +2670,180 @@ class _PipeChannel:
                 f.close()
 
 
-class LocalLink:
+@dataclasses.dataclass(frozen=True)
+class TreeEntry:
+    """One entry of a folder tree on a node: its path below the tree's top ('/'
+    between names), what it is ("file", "dir", "link" or "other"), a file's size."""
+    path: str
+    kind: str
+    size: int = 0
+
+
+def _kind(mode):
+    return ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
+            else "link" if stat.S_ISLNK(mode) else "other")
+
+
+class Link(abc.ABC):
+    """What every node's link offers an executor: the node's agent, and the files in
+    its workdir, named relative to it ("<id>/stdout").  LocalLink and SshLink are the
+    two; each provides the primitives marked abstract, and the folder-tree
+    operations below are built on them alike.  Nothing here follows a link: a
+    symbolic link or a special file in a tree is listed as such, never read."""
+
+    #: The pwd entry of a local node's ``run_as`` user and its (uid, gid), or None.
+    owner = None
+    run_as = None
+
+    @abc.abstractmethod
+    def connect(self):
+        """Open the link unless it is up; NodeError with the reason if it fails."""
+
+    @abc.abstractmethod
+    def up(self):
+        """Is the link open?"""
+
+    @abc.abstractmethod
+    def close(self):
+        """Let the link go (the node's wrappers live on)."""
+
+    @abc.abstractmethod
+    def guard(self, step, *args):
+        """Run a step on the link, any failure of the link itself a NodeError."""
+
+    @abc.abstractmethod
+    def describe(self, rel):
+        """Where ``rel`` is, for people and the spool's ``launching`` record."""
+
+    @abc.abstractmethod
+    def install(self, name, text):
+        """Put the node program in the workdir, unless this release's copy is there."""
+
+    @abc.abstractmethod
+    def start_agent(self, program):
+        """Start the node's agent; its channel (sendall, recv, close)."""
+
+    @abc.abstractmethod
+    def why_not_started(self, channel):
+        """What an agent that ended wrote to stderr."""
+
+    @abc.abstractmethod
+    def new_folder(self, rel, files):
+        """A fresh folder ``rel`` holding ``files`` (name -> bytes)."""
+
+    @abc.abstractmethod
+    def create_once(self, rel):
+        """Create ``rel`` unless it exists: True when this call made it, or when its
+        folder is gone (so nothing there can make it any more)."""
+
+    @abc.abstractmethod
+    def read_text(self, rel):
+        """A small file's text; FileNotFoundError when it is missing."""
+
+    @abc.abstractmethod
+    def read_capped(self, rel, limit):
+        """An output file's text, its head and tail kept past ``limit`` bytes."""
+
+    @abc.abstractmethod
+    def read_output(self, rel, offset, limit):
+        """Up to ``limit`` bytes of a running job's file from ``offset`` (any thread)."""
+
+    @abc.abstractmethod
+    def exists(self, rel):
+        """Is there anything at ``rel``?"""
+
+    @abc.abstractmethod
+    def remove(self, rel):
+        """Remove the tree at ``rel``, if there is one."""
+
+    @abc.abstractmethod
+    def _entries(self, rel):
+        """(name, st_mode, st_size) of each entry of a folder, links not followed."""
+
+    @abc.abstractmethod
+    def _open_file(self, rel):
+        """A binary reader of the regular file at ``rel``, refusing links."""
+
+    @abc.abstractmethod
+    def _make_dir(self, rel):
+        """A new folder (its parent exists)."""
+
+    @abc.abstractmethod
+    def _write_new(self, rel, source):
+        """A new file at ``rel`` with what the reader ``source`` gives."""
+
+    # -- folder trees, from the primitives --------------------------------------
+
+    def list_tree(self, rel, most):
+        """Every entry below ``rel``, parents before children: (entries, whether
+        there were more than ``most``)."""
+        def walk():
+            found, todo = [], [""]
+            while todo:
+                sub = todo.pop(0)
+                for name, mode, size in sorted(self._entries(f"{rel}/{sub}".rstrip("/"))):
+                    if len(found) == most:
+                        return found, True
+                    entry = TreeEntry(f"{sub}{name}", _kind(mode),
+                                      size if stat.S_ISREG(mode) else 0)
+                    found.append(entry)
+                    if entry.kind == "dir":
+                        todo.append(f"{entry.path}/")
+            return found, False
+        return self.guard(walk)
+
+    def fetch_tree(self, rel, dest, most_entries, most_bytes):
+        """Copy the regular files below ``rel`` into the new local folder ``dest``,
+        looking at ``most_entries`` entries and copying ``most_bytes`` bytes at most:
+        (the TreeEntries copied, those left out: links, special files, files that
+        went meanwhile, and what did not fit).  A file that grows while it is copied
+        is cut at the size it was listed with."""
+        entries, _ = self.list_tree(rel, most_entries)
+        os.mkdir(dest, 0o700)
+        copied, left, room = [], [], most_bytes
+
+        def copy_one(entry):
+            with self._open_file(f"{rel}/{entry.path}") as src, \
+                    open(os.path.join(dest, entry.path), "xb") as out:
+                todo = entry.size
+                while todo and (chunk := src.read(min(todo, 1 << 20))):
+                    out.write(chunk)
+                    todo -= len(chunk)
+        for entry in entries:
+            if entry.kind == "dir":
+                os.mkdir(os.path.join(dest, entry.path), 0o700)
+            elif entry.kind != "file" or entry.size > room:
+                left.append(entry)
+            else:
+                try:
+                    self.guard(copy_one, entry)
+                except FileNotFoundError:
+                    left.append(entry)
+                    continue
+                copied.append(entry)
+                room -= entry.size
+        return copied, left
+
+    def put_tree(self, src, rel):
+        """Copy the local folder tree ``src`` (regular files and folders alone) to a
+        new folder ``rel``."""
+        def put():
+            self._make_dir(rel)
+            for top, dirs, files in os.walk(src):
+                here = os.path.relpath(top, src)
+                base = rel if here == "." else f"{rel}/{here}"
+                for d in sorted(dirs):
+                    if not os.path.islink(os.path.join(top, d)):
+                        self._make_dir(f"{base}/{d}")
+                for f in sorted(files):
+                    path = os.path.join(top, f)
+                    if stat.S_ISREG(os.lstat(path).st_mode):
+                        with open_nofollow(path) as source:
+                            self._write_new(f"{base}/{f}", source)
+        self.guard(put)
+
+
+class LocalLink(Link):
     """This machine as a node: files in its workdir by path, its agent over a pipe.
 
     With ``run_as`` (a pwd entry) each job's folder belongs to that user, who runs
@@ -2425,7 +2879,7 @@ class LocalLink:
         write_file(self.root / name, text)
 
     def start_agent(self, program):
-        with open(self.root / "agent.log", "ab") as errlog:
+        with open(self.root / NodeFiles.AGENT_LOG, "ab") as errlog:
             proc = subprocess.Popen([self.node.python, program], cwd=self.root,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=errlog, start_new_session=True)
@@ -2433,7 +2887,7 @@ class LocalLink:
 
     def why_not_started(self, channel):
         """What this agent wrote to stderr (agent.log keeps every agent's)."""
-        with open(self.root / "agent.log", "rb") as f:
+        with open(self.root / NodeFiles.AGENT_LOG, "rb") as f:
             f.seek(channel.log_from)
             return _last_words(f.read())
 
@@ -2448,13 +2902,10 @@ class LocalLink:
         path.mkdir(mode=0o700)
         for name, data in files.items():
             (path / name).write_bytes(data)
-        if self.owner is not None:
-            for p in [path, *(path / name for name in files)]:
-                os.chown(p, self.owner.pw_uid, self.owner.pw_gid)
+        for p in [path, *(path / name for name in files)]:
+            self._own(p)
 
-    def claim(self, rel):
-        """Create ``rel`` unless it exists: True when this call made it, or when
-        its folder is gone (so nothing there can claim it any more)."""
+    def create_once(self, rel):
         try:
             os.close(os.open(self.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         except FileExistsError:
@@ -2471,7 +2922,6 @@ class LocalLink:
         return read_capped(self.root / rel, limit, opener=open_nofollow)
 
     def read_output(self, rel, offset, limit):
-        """Up to ``limit`` bytes of a running job's file from ``offset`` (any thread)."""
         try:
             with open_nofollow(self.root / rel) as f:
                 f.seek(offset)
@@ -2479,6 +2929,58 @@ class LocalLink:
         except FileNotFoundError:
             return b""
 
+    def exists(self, rel):
+        return os.path.lexists(self.root / rel)
+
+    def remove(self, rel):
+        shutil.rmtree(self.root / rel, ignore_errors=True)
+
+    def _entries(self, rel):
+        with os.scandir(self.root / rel) as found:
+            return [(e.name, (st := e.stat(follow_symlinks=False)).st_mode, st.st_size)
+                    for e in found]
+
+    def _open_file(self, rel):
+        """Each step from the workdir down is opened without following a link, so a
+        job that swaps a folder for a link between a listing and a read (its folder
+        is its own under ``run_as``) cannot lead the server elsewhere."""
+        names = rel.split("/")
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in names[:-1]:
+                fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                     dir_fd=fd), fd
+                os.close(parent)
+            fd, parent = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                 dir_fd=fd), fd
+            os.close(parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", rel)
+        return os.fdopen(fd, "rb")
+
+    def _make_dir(self, rel):
+        os.mkdir(self.root / rel, 0o700)
+        self._own(self.root / rel)
+
+    def _write_new(self, rel, source):
+        fd = os.open(self.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out)
+        self._own(self.root / rel)
+
+    def _own(self, path):
+        if self.owner is not None:
+            os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
+
+
+#: Seconds allowed for TCP connect, SSH banner, authentication and channel opens.
+SSH_TIMEOUT = 10
+#: Seconds between SSH keepalives, so a dead link is noticed.
+SSH_KEEPALIVE = 5
 
 _known_hosts_lock = threading.Lock()
 
@@ -2541,7 +3043,11 @@ def _ssh_connection(target, config, gateway=None):
     return conn
 
 
-class SshLink:
+#: Seconds a command on a host (sbatch, squeue, scancel) may take.
+SLURM_TIMEOUT = 60
+
+
+class SshLink(Link):
     """A node, or a Slurm login host, over SSH (through the jump host when one is
     configured): one persistent connection, opened once and reused, with an SFTP
     channel on it for the files in the node's workdir.  Owned by its node's
@@ -2667,8 +3173,7 @@ class SshLink:
                     f.write(data)
         self.guard(make)
 
-    def claim(self, rel):
-        """Create ``rel`` unless it exists (see LocalLink.claim)."""
+    def create_once(self, rel):
         def make():
             folder = self.path(rel).rsplit("/", 1)[0]
             try:
@@ -2700,9 +3205,29 @@ class SshLink:
     def remove(self, rel):
         self.guard(lambda: _rmtree(self.sftp, self.path(rel)))
 
+    def _entries(self, rel):
+        return [(a.filename, a.st_mode, a.st_size)
+                for a in self.sftp.listdir_attr(self.path(rel))]  # lstat's figures
+
+    def _open_file(self, rel):
+        """The file as SFTP opens it, which follows links: on an SSH node a job runs
+        as the login user, so what it could link to, the login reads anyway.  Only
+        what was listed as a regular file is opened."""
+        f = self.sftp.open(self.path(rel), "rb")
+        f.prefetch()
+        return f
+
+    def _make_dir(self, rel):
+        self.sftp.mkdir(self.path(rel), 0o700)
+
+    def _write_new(self, rel, source):
+        with self.sftp.open(self.path(rel), "wx") as out:
+            out.set_pipelined(True)
+            shutil.copyfileobj(source, out, 1 << 15)
+
     def read_output(self, rel, offset, limit):
-        """Up to ``limit`` bytes of a running job's file from ``offset``, over an SFTP
-        channel of its own (HTTP threads call this; the scheduler's channel is its own)."""
+        """Over an SFTP channel of its own: HTTP threads call this, and the
+        scheduler's channel is its own."""
         conn = self.conn
         if conn is None or not conn.is_connected:
             raise NodeError(f"node {self.node.id} is not connected")
@@ -2715,6 +3240,16 @@ class SshLink:
             return b""
         except Exception as exc:
             raise NodeError(self.reason(exc)) from None
+
+
+#: Seconds a node's ``setup`` line and python start-up may take before the
+#: agent reports in.  (A job's start is confirmed within its lease: node_timeout.)
+WRAPPER_START_TIMEOUT = 120
+#: Output up to this many bytes (both streams) comes with a job's exit report from
+#: the node's agent; more is read from the files.  Saves a dozen round trips per job.
+INLINE_OUTPUT = 64 * 1024
+#: The most seconds a GPU reading may take.
+GPU_TIMEOUT = 25
 
 
 class AgentExecutor:
@@ -2784,13 +3319,13 @@ class AgentExecutor:
         self.close()
         return False
 
-    def _send(self, run, **command):
+    def _send(self, run, op, **fields):
         """Tell the agent something about a run it follows."""
         self.connect()
         if run is not None:
             self._agent.runs[run.job.id] = run
         try:
-            self._agent.send(**command)
+            self._agent.send(op, **fields)
         except (OSError, EOFError) as exc:
             self.close()
             raise NodeError(f"lost the link to node {self.node.id}: {exc}") from None
@@ -2805,7 +3340,7 @@ class AgentExecutor:
         passed.  LeaseUnconfirmed when the node did not answer in time: the job may
         not start after the lease, so it may go elsewhere once the lease is over."""
         self.connect()
-        self.link.new_folder(job.id, {"code.py": folder.code()})
+        self.link.new_folder(job.id, {NodeFiles.CODE: folder.code()})
         lease = time.time() + self.config.node_timeout
         folder.mark_launching(self.link.describe(job.id))
         run = Run(job, job.id, on_exit)
@@ -2813,7 +3348,7 @@ class AgentExecutor:
         owner = getattr(self.link, "owner", None)
         if owner is not None:
             env.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
-        self._send(run, op="start", id=job.id, dir=job.id, env=env,
+        self._send(run, "start", id=job.id, dir=job.id, env=env,
                    run_as=getattr(self.link, "run_as", None),
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
                    output_limit=self.config.output_limit_bytes, deadline=lease,
@@ -2835,7 +3370,8 @@ class AgentExecutor:
         old = folder.old_run(self.config.output_limit_bytes)
         if old is not None:
             return self._old_local_run(job, old, on_exit)
-        if folder.launched_where() is None or self.link.claim(f"{job.id}/launched"):
+        launched = f"{job.id}/{NodeFiles.LAUNCHED}"
+        if folder.launched_where() is None or self.link.create_once(launched):
             return None
         run = Run(job, job.id, on_exit)
         pids = self._wrapper_pids(job.id)
@@ -2843,14 +3379,14 @@ class AgentExecutor:
         if pids is None:
             run.ended()  # collect() finds its result, or calls it lost
         elif protocol not in PROTOCOLS_FOLLOWED:
-            self._send(None, op="cancel", wrapper=pids["wrapper"])
-            run.outcome = Outcome(None, "unfollowed", "", "", detail=(
+            self._send(None, "cancel", wrapper=pids["wrapper"])
+            run.outcome = run_outcome(None, "unfollowed", {}, detail=(
                 f"started by a gpuqueue release of node protocol {protocol}, which this "
                 f"release (protocol {PROTOCOL}) cannot follow; it was stopped"))
             run.ended()
         else:
             run.wrapper_pid = pids["wrapper"]
-            self._send(run, op="watch", id=job.id, dir=job.id, wrapper=run.wrapper_pid)
+            self._send(run, "watch", id=job.id, dir=job.id, wrapper=run.wrapper_pid)
         return run
 
     def _wrapper_pids(self, rel, patience=2.0):
@@ -2860,7 +3396,7 @@ class AgentExecutor:
         end = time.monotonic() + patience
         while True:
             try:
-                pids = json.loads(self.link.read_text(f"{rel}/pids"))
+                pids = json.loads(self.link.read_text(f"{rel}/{NodeFiles.PIDS}"))
                 pids["wrapper"] = int(pids["wrapper"])
                 return pids
             except (FileNotFoundError, ValueError, KeyError, TypeError):
@@ -2874,13 +3410,14 @@ class AgentExecutor:
         else it is stopped (this release cannot follow it) and fails saying so."""
         run = Run(job, None, on_exit)
         r = old["result"]
+        streams = {s: old[s] for s in NodeFiles.STREAMS}
         try:
-            run.outcome = Outcome(r["exit_code"], r["reason"], old["stdout"], old["stderr"])
+            run.outcome = run_outcome(r["exit_code"], r["reason"], streams)
         except (KeyError, TypeError):
             if old["wrapper"] is not None:
                 with contextlib.suppress(OSError):
                     os.kill(old["wrapper"], signal.SIGTERM)  # it kills its job's group
-            run.outcome = Outcome(None, "unfollowed", old["stdout"], old["stderr"], detail=(
+            run.outcome = run_outcome(None, "unfollowed", streams, detail=(
                 "started by an older gpuqueue release (node protocol 1), whose local "
                 "jobs this release cannot follow; it was stopped"))
         run.ended()
@@ -2888,7 +3425,7 @@ class AgentExecutor:
 
     def cancel(self, run):
         if run.wrapper_pid is not None:
-            self._send(None, op="cancel", wrapper=run.wrapper_pid)
+            self._send(None, "cancel", wrapper=run.wrapper_pid)
 
     def collect(self, run):
         """The run's Outcome; NodeError when its link broke before it ended."""
@@ -2899,26 +3436,26 @@ class AgentExecutor:
         r = run.report
         if "result" in r:  # small output came with the exit report
             try:
-                out, err = (base64.b64decode(r[s]).decode("utf-8", "replace")
-                            for s in ("stdout", "stderr"))
-                return Outcome(r["result"]["exit_code"], r["result"]["reason"], out, err)
+                streams = {s: base64.b64decode(r[s]).decode("utf-8", "replace")
+                           for s in NodeFiles.STREAMS}
+                return run_outcome(r["result"]["exit_code"], r["result"]["reason"], streams)
             except (KeyError, TypeError, ValueError):
                 pass  # read the files instead
         limit = self.config.output_limit_bytes
         # The wrapper capped the files as they were written; the room is for its note.
-        out, err = (self.link.read_capped(f"{run.work}/{s}", limit + CUT_NOTE_ROOM)
-                    for s in ("stdout", "stderr"))
+        streams = {s: self.link.read_capped(f"{run.work}/{s}", limit + CUT_NOTE_ROOM)
+                   for s in NodeFiles.STREAMS}
         try:
-            r = json.loads(self.link.read_text(f"{run.work}/result.json"))
-            return Outcome(r["exit_code"], r["reason"], out, err)
+            r = json.loads(self.link.read_text(f"{run.work}/{NodeFiles.RESULT}"))
+            return run_outcome(r["exit_code"], r["reason"], streams)
         except (FileNotFoundError, ValueError, KeyError):
-            return Outcome(None, "lost", out, err)
+            return run_outcome(None, "lost", streams)
 
     def cleanup(self, run):
         """Remove the job's folder on the node, once its outcome is safe in the spool
         (before that, a restart would read a missing folder as 'never launched')."""
         if run.work is not None and not self.config.keep_remote_dirs:
-            self._send(None, op="remove", dir=run.work)
+            self._send(None, "remove", dir=run.work)
 
     def gpu_reading(self):
         """nvidia-smi's reading on the node (gpu_reading), asked of its agent.  Called
@@ -2981,20 +3518,22 @@ class SlurmExecutor:
         remote = self.link.path(job.id)
         env = {k: v for k, v in job_env(self.node, job).items() if k != "CUDA_VISIBLE_DEVICES"}
         script = "#!/bin/sh\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()) \
-            + f"exec {shlex.quote(self.node.python)} code.py\n"
-        self.link.new_folder(job.id, {"code.py": folder.code(), "job.sh": script.encode()})
+            + f"exec {shlex.quote(self.node.python)} {NodeFiles.CODE}\n"
+        self.link.new_folder(job.id, {NodeFiles.CODE: folder.code(),
+                                      NodeFiles.SLURM_SCRIPT: script.encode()})
         folder.mark_launching(self.link.describe(job.id))  # from here on Slurm may have it
         limit = math.ceil(self.config.time_limit(job.expected_time))
         days, rest = divmod(limit, 86400)
         argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
-                f"--output={remote}/stdout", f"--error={remote}/stderr",
+                f"--output={remote}/{NodeFiles.STREAMS[0]}",
+                f"--error={remote}/{NodeFiles.STREAMS[1]}",
                 f"--time={days}-{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"]
         argv += [f"--{k}={self.node.slurm[k]}" for k in ("partition", "account")
                  if self.node.slurm[k]]
         gres = slurm_gres(self.node.slurm["gres"], job.gpus)
         if gres:
             argv.append(f"--gres={gres}")
-        code, out, err = self.link.run(*argv, f"{remote}/job.sh")
+        code, out, err = self.link.run(*argv, f"{remote}/{NodeFiles.SLURM_SCRIPT}")
         slurm_id = out.strip().split(";")[0]
         if code != 0 or not slurm_id.isdigit():
             raise SlurmRefused(err.strip() or out.strip() or f"sbatch exited with {code}")
@@ -3039,14 +3578,14 @@ class SlurmExecutor:
         if code != 0:
             log.warning("node %s: scancel %s: %s", self.node.id, " ".join(slurm_ids), err.strip())
 
-    def outputs(self, job):
-        """(stdout, stderr) of a job's files, capped like every job's."""
+    def streams(self, job):
+        """The text of a job's output files, capped like every job's."""
         limit = self.config.output_limit_bytes
-        return tuple(self.link.read_capped(f"{job.id}/{s}", limit) for s in ("stdout", "stderr"))
+        return {s: self.link.read_capped(f"{job.id}/{s}", limit) for s in NodeFiles.STREAMS}
 
     def ran(self, job):
         """Did Slurm ever start the job?  It creates the output files when it does."""
-        return self.link.exists(f"{job.id}/stdout")
+        return self.link.exists(f"{job.id}/{NodeFiles.STREAMS[0]}")
 
     def remove(self, job):
         if not self.config.keep_remote_dirs:
@@ -3073,13 +3612,16 @@ def _mkdirs(sftp, path):
 
 
 def _rmtree(sftp, path):
-    """Remove a remote job folder (it holds files only)."""
+    """Remove a remote folder tree (links in it are removed, not followed)."""
     try:
-        names = sftp.listdir(path)
+        entries = sftp.listdir_attr(path)
     except FileNotFoundError:
         return
-    for name in names:
-        sftp.remove(f"{path}/{name}")
+    for a in entries:
+        if stat.S_ISDIR(a.st_mode):
+            _rmtree(sftp, f"{path}/{a.filename}")
+        else:
+            sftp.remove(f"{path}/{a.filename}")
     sftp.rmdir(path)
 
 
@@ -3098,8 +3640,111 @@ def _last_words(stderr, limit=500):
 
 
 ###############################################################################
-# Scheduler ###################################################################
+# Job requests ################################################################
 ###############################################################################
+# What a submit must hold to become a job: config.yaml's keys, as JOB_KEYS
+# (from Job's fields) declares them.
+
+#: Bytes a job's config.yaml may have: its few keys need far less.  Checked before
+#: the YAML is parsed, so no upload can make the parser work hard.
+MAX_CONFIG_BYTES = 8 * 1024
+
+_JSON_TYPES = {"string": str, "integer": int, "number": _NUMBER}
+
+
+@functools.cache
+def _job_config_loader():
+    """YAML's safe loader (the C one where built), refusing a key given twice: plain
+    YAML keeps the last one, so a config could say one thing to a reader and another
+    to the server."""
+    class JobConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        def construct_mapping(self, node, deep=False):
+            mapping = super().construct_mapping(node, deep)
+            if len(mapping) != len(node.value):
+                keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+                twice = next((k for k in keys if keys.count(k) > 1), "?")
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {twice[:40]!r} is given twice", node.start_mark)
+            return mapping
+    return JobConfigLoader
+
+
+def key_bounds(spec, config):
+    """(minimum, maximum) of a JOB_KEYS entry, a maximum named by a Config key read
+    from ``config``."""
+    high = spec["maximum"]
+    return spec["minimum"], getattr(config, high) if isinstance(high, str) else high
+
+
+def parse_job_config(data, config):
+    """The checked mapping from an uploaded config.yaml, as JOB_KEYS declares its
+    keys; BadRequest saying what is wrong."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise BadRequest(f"config_file is larger than {MAX_CONFIG_BYTES} bytes; it holds a few "
+                         "short keys")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("config_file must be UTF-8 text") from None
+    try:
+        cfg = yaml.load(text, Loader=_job_config_loader())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        if "given twice" in str(exc.problem):
+            raise BadRequest(f"config_file: {exc.problem}{where}") from None
+        raise BadRequest(f"config_file is not valid YAML{where}") from None
+    except (yaml.YAMLError, RecursionError, ValueError, TypeError):
+        raise BadRequest("config_file is not valid YAML") from None
+    if not isinstance(cfg, dict):
+        raise BadRequest("config_file must be a YAML mapping of keys to values")
+    for key in cfg:
+        if key not in JOB_KEYS:
+            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "…"
+            raise BadRequest(f"config_file: unknown key {shown!r}; allowed: {', '.join(JOB_KEYS)}")
+    for key, spec in JOB_KEYS.items():
+        if key not in cfg:
+            if spec["config"] == "required":
+                raise BadRequest(f"config_file: missing key {key!r}")
+            continue
+        cfg[key] = _checked_key(key, spec, cfg[key], config)
+    return cfg
+
+
+def _checked_key(key, spec, value, config):
+    kind = spec["schema"]["type"]
+    if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
+        what = {"number": "a number", "integer": "a whole number"}.get(kind, "a string (quote it)")
+        raise BadRequest(f"config_file: {key!r} must be {what}")
+    if kind == "string":
+        if key != "token" and not (0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
+            raise BadRequest(f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable "
+                             "characters")
+        return value
+    low, high = key_bounds(spec, config)
+    if kind == "number":
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not (math.isfinite(value) and value > low and (high is None or value <= high)):
+            raise BadRequest(f"config_file: {key!r} must be above {low:g}"
+                             + ("" if high is None else f" and at most {high:g}"))
+    elif not ((low is None or value >= low) and (high is None or value <= high)):
+        raise BadRequest(f"config_file: {key!r} must be from {low} to {high}" if high is not None
+                         else f"config_file: {key!r} must be {low} or more")
+    return value
+
+
+###############################################################################
+# Node workers ################################################################
+###############################################################################
+# One thread per node, which alone uses its node's executor: Worker is what
+# every kind shares (its thread, its online state, recording a job's end);
+# GpuWorker runs jobs on GPUs through an agent (local and SSH nodes) and
+# SlurmWorker hands them to sbatch.  Which job may start where is decided in
+# ``choose``, called by Spool.claim under the spool's lock with every node's
+# NodeState.
 
 
 class Histogram:
@@ -3120,16 +3765,28 @@ class Histogram:
         self.sum += seconds
 
 
-class NodeWorker:
-    """One thread per node: starts the jobs that may start there now (one per GPU,
-    or several GPUs for one job), follows them to their ends, and records how
-    each ended.
+@dataclasses.dataclass(frozen=True)
+class Holding:
+    """GPUs a node keeps for a job that waits for more of them than are free."""
+    job_id: str
+    gpus: tuple
+    by: float  # the time by which they will all be free
 
-    It sleeps on ``wake``, which submit, cancel and a job's exit set, so a freed
-    GPU takes its next job at once.  It alone uses its executor (and so its
-    connection); the jobs it follows are ``runs``.  While its node is unreachable
-    it is ``offline``: it hands its pending jobs to online nodes and retries with
-    backoff.  Which job may start is ``choose``'s to say.
+
+#: Most seconds between reconnect attempts to an offline node.
+SSH_MAX_BACKOFF = 10
+#: Pending jobs a node's scheduler looks through for one that may start now.
+CLAIM_DEPTH = 200
+
+
+class Worker:
+    """One node's thread: what every kind of node shares.
+
+    It sleeps on ``wake``, which submit, cancel and a job's exit set.  It alone
+    uses its executor (and so its connection).  While its node is unreachable it
+    is offline (``online``, and ``error`` says why): it hands its pending jobs to
+    online nodes and retries with backoff.  Each kind says in ``_step`` what one
+    round does, and in ``room``, ``cost`` and ``choose`` which jobs it may start.
     """
 
     def __init__(self, node, spool, executor, config, peers):
@@ -3142,17 +3799,12 @@ class NodeWorker:
         self.online = False
         self.error = "connecting"
         self.settled = threading.Event()  # set once the first connect has succeeded or failed
-        self.runs = {}  # job id -> the Run of each job this node follows
-        self.gpus = []  # nvidia-smi's last reading of the node's GPUs (see watch_gpus)
-        self.foreign = {}  # GPU -> what uses it outside the queue: it takes no new job
-        self.holding = None  # Holding: GPUs kept for a job that waits for more of them
         self.started = 0  # jobs launched since the server started
-        self.dispatch = Histogram()  # seconds from claim to the job's wrapper running
+        self.dispatch = Histogram()  # seconds from claim to the job's start on its node
 
     def run(self):
-        """The node's thread: follow again what runs there, then take jobs forever.
-        Whatever escapes a step is logged and the loop goes on; the Scheduler's
-        supervisor restarts a thread that ends anyway."""
+        """The node's thread, forever.  Whatever escapes a step is logged and the
+        loop goes on; the Scheduler's supervisor restarts a thread that ends anyway."""
         self._resume_all()
         while True:
             try:
@@ -3163,87 +3815,21 @@ class NodeWorker:
                 self.wake.clear()
 
     def _resume_all(self):
-        for job in self.spool.running_on(self.node.id):
-            self._guarded(job, self._resume, job)
+        """Follow again what runs on the node, once, before the first step."""
 
     def _step(self):
-        if not self.online:
-            self._bring_online()
-        self.wake.clear()
-        try:
-            self._reap()
-            self._pass_cancels()
-        except NodeError as exc:
-            self._lost(exc)
-            return
-        job = self.spool.claim(self.node.id, self.choose)
-        if job is not None:
-            self._guarded(job, self._execute, job)
-            return  # look again at once: another job may fit beside it
-        if self.node.id in self.spool.drained:
-            self._shed()
-        if not self.wake.wait(self.config.node_timeout / 2) and not self.executor.healthy():
-            self._lost(NodeError(f"node {self.node.id} did not answer within "
-                                 f"{self.config.node_timeout:g} s"))
+        raise NotImplementedError
 
-    def _guarded(self, job, step, *args):
-        """Run one job step; whatever goes wrong fails that job, never the node's thread."""
-        try:
-            step(*args)
-        except Exception as exc:
-            self.runs.pop(job.id, None)
-            self._failed_inside(job, exc)
+    # -- which jobs start here --------------------------------------------------
 
-    def _failed_inside(self, job, exc):
-        """Fail a job that met a fault inside gpuqueue (logged with its traceback)."""
-        log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
-        try:
-            self._record(job, "failed", error=f"internal error: {exc}")
-        except Exception:
-            log.exception("node %s: job %s cannot be recorded; it leaves the index",
-                          self.node.id, job.id)
-            self.spool.forget(job)
-
-    def _record(self, job, status, exit_code=None, error=None, stdout="", stderr=""):
-        """Record how a job ended.  On a full disk the job stays running until there
-        is room again: nothing is lost, and nothing needs a hand."""
-        backoff = 1.0
-        while job.id in self.spool.active:
-            try:
-                self.spool.finish(job, status, exit_code, error, stdout, stderr)
-            except DiskFull as exc:
-                if backoff == 1.0:
-                    log.error("node %s: job %s cannot be recorded yet: %s", self.node.id,
-                              job.id, exc)
-                self.wake.wait(backoff)  # no event says that space came back
-                self.wake.clear()
-                backoff = min(backoff * 2, 10.0)
-
-    # -- which job starts: GPUs, turns, and holding GPUs for a big job ---------
-
-    def assigned(self, job):
-        """The GPUs a running job holds (one started before jobs had GPUs of their
-        own holds the node's first)."""
-        return job.gpu_ids or self.node.gpus[:job.gpus]
-
-    def free_gpus(self):
-        """This node's GPUs that no running job holds and nothing outside the queue
-        uses, in the node's order (under the spool's lock)."""
-        taken = {g for job in self.spool.running[self.node.id].values()
-                 for g in self.assigned(job)}
-        return [g for g in self.node.gpus if g not in taken and g not in self.foreign]
-
-    def room(self):
-        """How many GPUs a job could start on here now, as another node's scheduler
-        counts them: none while offline or drained, and none of those held."""
-        if not self.online or self.node.id in self.spool.drained:
-            return 0
-        held = self.holding.gpus if self.holding else ()
-        return sum(g not in held for g in self.free_gpus())
+    def room(self, state):
+        """How much of ``cost`` a job could start on here now, as another node's
+        scheduler counts it, from this node's NodeState."""
+        raise NotImplementedError
 
     def cost(self, job):
         """What a job takes of ``room``."""
-        return job.gpus
+        raise NotImplementedError
 
     def could_start(self, job, room):
         """Would this node start ``job`` now, given the room left (``room``, a dict
@@ -3254,66 +3840,45 @@ class NodeWorker:
             return True
         return False
 
-    def choose(self, candidates):
-        """The scheduler's rule, called by Spool.claim under its lock with the
-        pending jobs in the order they are to run: the first that may start here
-        now, as (job, its queue's node, its GPUs), or None.
+    def _rooms(self, states):
+        return {n: w.room(states[n]) if w.online else 0
+                for n, w in self.peers.items() if n != self.node.id}
 
-        A job of another node's queue is taken only if that node could not start
-        it now (idle GPUs take work from busy nodes).  The first of this node's own
-        jobs that does not fit is *held for*: the GPUs that will free up first are
-        kept for it, and it starts once they have (Holding); meanwhile a later job
-        may use a held GPU only if its time limit ends before then (conservative
-        backfill), so a big job is never starved by a stream of small ones."""
-        free = self.free_gpus()
-        room = {n: w.room() for n, w in self.peers.items() if n != self.node.id}
-        now = time.time()
-        holding = None
-        for seen, (job, n) in enumerate(candidates):
-            if seen == CLAIM_DEPTH:
-                break
-            if n != self.node.id and self.peers[n].could_start(job, room):
-                continue
-            if job.gpus > len(self.node.gpus):
-                continue
-            if holding is None:
-                if job.gpus <= len(free):
-                    self.holding = None
-                    return job, n, free[:job.gpus]
-                if n == self.node.id:
-                    holding = self._hold(job, free, now)
-                    if holding is not None and not free:
-                        break  # held for, and nothing free to fill meanwhile
-                continue
-            ends = now + self.config.time_limit(job.expected_time) + self.config.kill_grace
-            usable = [g for g in free if g not in holding.gpus]
-            if ends <= holding.by:
-                usable += [g for g in free if g in holding.gpus]
-            if job.gpus <= len(usable):
-                self.holding = holding
-                return job, n, usable[:job.gpus]
-        self.holding = holding
-        return None
+    # -- a job's end -------------------------------------------------------------
 
-    def _hold(self, job, free, now):
-        """The GPUs to keep for ``job``: the free ones, then those whose running jobs'
-        time limits end first, and the time by which they will all be free (time
-        limits are enforced, so it holds).  None when GPUs used outside the queue
-        leave too few."""
-        def end(running):
-            return ((running.started_at or now) + self.config.time_limit(running.expected_time)
-                    + self.config.kill_grace)
-        held, by = list(free), now
-        for running in sorted(self.spool.running[self.node.id].values(), key=end):
-            if len(held) >= job.gpus:
-                break
-            held += [g for g in self.assigned(running) if g not in self.foreign]
-            by = max(by, end(running))
-        if len(held) < job.gpus:
-            return None
-        return Holding(job.id, tuple(held[:job.gpus]), by)
+    def _guarded(self, job, step, *args):
+        """Run one job step; whatever goes wrong fails that job, never the node's thread."""
+        try:
+            step(*args)
+        except Exception as exc:
+            self._failed_inside(job, exc)
 
-    # -- the node's state ---------------------------------------------------
+    def _failed_inside(self, job, exc):
+        """Fail a job that met a fault inside gpuqueue (logged with its traceback)."""
+        log.exception("node %s: job %s failed inside gpuqueue", self.node.id, job.id)
+        try:
+            self._record(job, Outcome("failed", error=f"internal error: {exc}"))
+        except Exception:
+            log.exception("node %s: job %s cannot be recorded; it leaves the index",
+                          self.node.id, job.id)
+            self.spool.forget(job)
+
+    def _record(self, job, outcome):
+        """Record how a job ended.  On a full disk the job stays running until there
+        is room again: nothing is lost, and nothing needs a hand."""
+        backoff = 1.0
+        while self.spool.is_active(job.id):
+            try:
+                self.spool.finish(job, outcome)
+            except DiskFull as exc:
+                if backoff == 1.0:
+                    log.error("node %s: job %s cannot be recorded yet: %s", self.node.id,
+                              job.id, exc)
+                self.wake.wait(backoff)  # no event says that space came back
+                self.wake.clear()
+                backoff = min(backoff * 2, 10.0)
+
+    # -- the node's state ---------------------------------------------------------
 
     def _bring_online(self):
         backoff = 1.0
@@ -3349,11 +3914,157 @@ class NodeWorker:
         for n in self.spool.move_pending(self.node.id, online):
             self.peers[n].wake.set()
 
+    # -- what it shows --------------------------------------------------------------
+
+    def why_waiting(self, job, state):
+        """Why a job planned for this node has not started yet, for its status."""
+        n = self.node.id
+        if not self.online:
+            return f"node {n} is offline: {self.error}"
+        if state.drained:
+            return f"node {n} is drained; another node may take it"
+        return "jobs ahead of it start first"
+
+    def info(self, state):
+        """The node as /api/nodes shows it, from one NodeState."""
+        return {"id": self.node.id, "host": self.node.host,
+                "state": "online" if self.online else "offline",
+                "drained": state.drained, "error": self.error,
+                "running_job": state.running[0].id if state.running else None,
+                "running_jobs": [j.id for j in state.running]}
+
+
+#: Seconds the server waits past a start's lease before it gives the job to
+#: another node: how far the server's and the nodes' clocks may disagree.
+LEASE_MARGIN = 5
+
+
+class GpuWorker(Worker):
+    """A local or SSH node: starts the jobs that may start there now (one per GPU,
+    or several GPUs for one job) through its agent, follows them to their ends
+    (``runs``), and records how each ended.  A freed GPU takes its next job at
+    once: the job's exit wakes the thread."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.runs = {}  # job id -> the Run of each job this node follows
+
+    def _resume_all(self):
+        for job in self.spool.running_on(self.node.id):
+            self._guarded(job, self._resume, job)
+
+    def _step(self):
+        if not self.online:
+            self._bring_online()
+        self.wake.clear()
+        try:
+            self._reap()
+            self._pass_cancels()
+        except NodeError as exc:
+            self._lost(exc)
+            return
+        job = self.spool.claim(self.node.id, self.choose)
+        if job is not None:
+            self._guarded(job, self._execute, job)
+            return  # look again at once: another job may fit beside it
+        if self.spool.is_drained(self.node.id):
+            self._shed()
+        if not self.wake.wait(self.config.node_timeout / 2) and not self.executor.healthy():
+            self._lost(NodeError(f"node {self.node.id} did not answer within "
+                                 f"{self.config.node_timeout:g} s"))
+
+    def _guarded(self, job, step, *args):
+        try:
+            step(*args)
+        except Exception as exc:
+            self.runs.pop(job.id, None)
+            self._failed_inside(job, exc)
+
+    # -- which job starts: GPUs, turns, and holding GPUs for a big job ---------
+
+    def assigned(self, job):
+        """The GPUs a running job holds (one started before jobs had GPUs of their
+        own holds the node's first)."""
+        return job.gpu_ids or self.node.gpus[:job.gpus]
+
+    def free_gpus(self, state):
+        """This node's GPUs that no running job holds and nothing outside the queue
+        uses, in the node's order."""
+        taken = {g for job in state.running for g in self.assigned(job)}
+        return [g for g in self.node.gpus if g not in taken and g not in state.foreign]
+
+    def room(self, state):
+        """Free GPUs but those held; none while drained."""
+        if state.drained:
+            return 0
+        held = state.holding.gpus if state.holding else ()
+        return sum(g not in held for g in self.free_gpus(state))
+
+    def cost(self, job):
+        return job.gpus
+
+    def choose(self, candidates, states):
+        """The scheduler's rule, called by Spool.claim under its lock with the
+        pending jobs in the order they are to run: (the first that may start here
+        now, as (job, its queue's node, its GPUs), or None; the Holding to keep).
+
+        A job of another node's queue is taken only if that node could not start
+        it now (idle GPUs take work from busy nodes).  The first of this node's own
+        jobs that does not fit is *held for*: the GPUs that will free up first are
+        kept for it, and it starts once they have (Holding); meanwhile a later job
+        may use a held GPU only if its time limit ends before then (conservative
+        backfill), so a big job is never starved by a stream of small ones."""
+        state = states[self.node.id]
+        free = self.free_gpus(state)
+        room = self._rooms(states)
+        now = time.time()
+        holding = None
+        for seen, (job, n) in enumerate(candidates):
+            if seen == CLAIM_DEPTH:
+                break
+            if n != self.node.id and self.peers[n].could_start(job, room):
+                continue
+            if job.gpus > len(self.node.gpus):
+                continue
+            if holding is None:
+                if job.gpus <= len(free):
+                    return (job, n, free[:job.gpus]), None
+                if n == self.node.id:
+                    holding = self._hold(job, free, state, now)
+                    if holding is not None and not free:
+                        break  # held for, and nothing free to fill meanwhile
+                continue
+            ends = now + self.config.time_limit(job.expected_time) + self.config.kill_grace
+            usable = [g for g in free if g not in holding.gpus]
+            if ends <= holding.by:
+                usable += [g for g in free if g in holding.gpus]
+            if job.gpus <= len(usable):
+                return (job, n, usable[:job.gpus]), holding
+        return None, holding
+
+    def _hold(self, job, free, state, now):
+        """The GPUs to keep for ``job``: the free ones, then those whose running jobs'
+        time limits end first, and the time by which they will all be free (time
+        limits are enforced, so it holds).  None when GPUs used outside the queue
+        leave too few."""
+        def end(running):
+            return ((running.started_at or now) + self.config.time_limit(running.expected_time)
+                    + self.config.kill_grace)
+        held, by = list(free), now
+        for running in sorted(state.running, key=end):
+            if len(held) >= job.gpus:
+                break
+            held += [g for g in self.assigned(running) if g not in state.foreign]
+            by = max(by, end(running))
+        if len(held) < job.gpus:
+            return None
+        return Holding(job.id, tuple(held[:job.gpus]), by)
+
     # -- jobs ----------------------------------------------------------------
 
     def _execute(self, job):
         if job.cancel_requested:
-            self._record(job, "cancelled", error="cancelled before it started")
+            self._record(job, Outcome("cancelled", error="cancelled before it started"))
             return
         log.info("job %s user=%s node=%s running on GPU %s", job.id, job.user_id, self.node.id,
                  ",".join(job.gpu_ids))
@@ -3425,8 +4136,8 @@ class NodeWorker:
             except NodeError as exc:
                 self._set_offline(str(exc))
                 if time.time() > give_up:
-                    self._record(job, "failed", error=f"node {self.node.id} unreachable "
-                                 f"while the job ran: {exc}")
+                    self._record(job, Outcome("failed", error=f"node {self.node.id} "
+                                              f"unreachable while the job ran: {exc}"))
                     return None
             self.wake.wait(backoff)
             self.wake.clear()
@@ -3454,96 +4165,74 @@ class NodeWorker:
                 del self.runs[job_id]
                 self._guarded(run.job, self._settle, run, outcome)
 
-    def _settle(self, run, o):
-        job = run.job
-        if o.reason == "cancelled":
-            status, error = "cancelled", "cancelled while running"
-        elif o.reason == "timeout":
-            status, error = "failed", "timeout"
-        elif o.reason == "lost":
-            status, error = "failed", "the job's wrapper ended without a result (killed or crashed)"
-        elif o.reason == "unfollowed":
-            status, error = "failed", o.detail
-        else:
-            status, error = describe_exit(o.exit_code)
-        self._record(job, status, o.exit_code, error, o.stdout, o.stderr)
+    def _settle(self, run, outcome):
+        self._record(run.job, outcome)
         try:
             self.executor.cleanup(run)
         except NodeError as exc:
-            log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
+            log.warning("job %s: its folder on node %s stays: %s", run.job.id, self.node.id,
+                        exc)
 
-    def read_gpus(self):
-        """Take a reading of the node's GPUs (from the telemetry thread), and from it
+    # -- GPUs ------------------------------------------------------------------
+
+    def take_gpu_reading(self):
+        """Read the node's GPUs (from the telemetry thread), and from the reading
         which GPUs are used outside the queue; a change wakes the scheduler."""
-        held = {g for job in self.spool.running_on(self.node.id) for g in self.assigned(job)}
-        self.gpus = read_gpus(self.executor.gpu_reading(), self.node.gpus,
-                              self.config.foreign_memory_mib, held)
-        foreign = {g["device"]: g["foreign"] for g in self.gpus if g["foreign"]}
-        if foreign != self.foreign:
-            for device in foreign.keys() - self.foreign.keys():
+        state = self.spool.node_state(self.node.id)
+        held = {g for job in state.running for g in self.assigned(job)}
+        reading = gpus_from_reading(self.executor.gpu_reading(), self.node.gpus,
+                                    self.config.foreign_memory_mib, held)
+        foreign = {g["device"]: g["foreign"] for g in reading if g["foreign"]}
+        before = self.spool.set_gpus(self.node.id, reading, foreign)
+        if foreign != before:
+            for device in foreign.keys() - before.keys():
                 log.warning("node %s: GPU %s is %s; it takes no new job until that ends",
                             self.node.id, device, foreign[device])
-            for device in self.foreign.keys() - foreign.keys():
+            for device in before.keys() - foreign.keys():
                 log.info("node %s: GPU %s is no longer used outside the queue", self.node.id,
                          device)
-            self.foreign = foreign
             self.wake.set()
 
-    def why_waiting(self, job):
-        """Why a job planned for this node has not started yet, for its status."""
-        n = self.node.id
-        if not self.online:
-            return f"node {n} is offline: {self.error}"
-        if n in self.spool.drained:
-            return f"node {n} is drained; another node may take it"
-        holding = self.holding
-        because = "".join(f"; GPU {d} is {why}" for d, why in self.foreign.items())
+    def why_waiting(self, job, state):
+        if not self.online or state.drained:
+            return super().why_waiting(job, state)
+        n, holding = self.node.id, state.holding
+        because = "".join(f"; GPU {d} is {why}" for d, why in state.foreign.items())
         if holding and holding.job_id == job.id:
             return (f"node {n} keeps GPU {','.join(holding.gpus)} for it; it starts by "
                     f"{isotime(holding.by)} at the latest{because}")
-        free = len(self.free_gpus())
+        free = len(self.free_gpus(state))
         if free < job.gpus:
             return f"it needs {job.gpus} GPU(s); {free} of node {n}'s {len(self.node.gpus)} " \
                    f"are free{because}"
         return f"jobs ahead of it start first{because}"
 
-    def gpu_slots(self):
+    def gpu_slots(self, state):
         """Each GPU of the node: busy (and the job on it), held for a big job, used
         outside the queue, or free."""
-        on = {g: job.id for job in self.spool.running_on(self.node.id) for g in self.assigned(job)}
-        holding = self.holding
-        slots = []
-        for g in self.node.gpus:
-            state = ("busy" if g in on else "foreign" if g in self.foreign
-                     else "held" if holding and g in holding.gpus else "free")
-            slots.append({"gpu": g, "state": state, "job": on.get(g)})
-        return slots
+        on = {g: job.id for job in state.running for g in self.assigned(job)}
+        holding = state.holding
+        return [{"gpu": g, "job": on.get(g),
+                 "state": ("busy" if g in on else "foreign" if g in state.foreign
+                           else "held" if holding and g in holding.gpus else "free")}
+                for g in self.node.gpus]
 
-    def info(self):
-        running = self.spool.running_on(self.node.id)
-        info = {"id": self.node.id, "host": self.node.host,
-                "state": "online" if self.online else "offline",
-                "drained": self.node.id in self.spool.drained, "error": self.error,
-                "running_job": running[0].id if running else None,
-                "running_jobs": [j.id for j in running], "gpu_slots": self.gpu_slots()}
-        holding = self.holding
-        if holding:
-            info["holding"] = {"job_id": holding.job_id, "gpus": list(holding.gpus),
-                               "until": isotime(holding.by)}
-        if self.gpus:
-            info["gpus"] = self.gpus
+    def info(self, state):
+        info = super().info(state)
+        info["gpu_slots"] = self.gpu_slots(state)
+        if state.holding:
+            info["holding"] = {"job_id": state.holding.job_id, "gpus": list(state.holding.gpus),
+                               "until": isotime(state.holding.by)}
+        if state.reading:
+            info["gpus"] = list(state.reading)
         return info
 
 
-@dataclasses.dataclass(frozen=True)
-class Holding:
-    """GPUs a node keeps for a job that waits for more of them than are free."""
-    job_id: str
-    gpus: tuple
-    by: float  # the time by which they will all be free
+#: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
+SLURM_POLL = 2
 
 
-class SlurmWorker(NodeWorker):
+class SlurmWorker(Worker):
     """A Slurm cluster as one node: it hands up to ``max_jobs`` jobs at a time to
     sbatch and lets Slurm decide when and where each runs.  Every SLURM_POLL
     seconds (and at once when woken) it asks squeue about them, passes cancels
@@ -3552,15 +4241,13 @@ class SlurmWorker(NodeWorker):
     A job's Slurm id is recorded in ``slurm.json`` in its folder once sbatch
     answers.  A claimed job without one (a crash or a lost link right around
     sbatch) is looked up by its name, ``gq-<id>``, before anything is sent again,
-    so it never becomes two Slurm jobs.
+    so it never becomes two Slurm jobs.  Every step's _recover settles the jobs
+    found running.
     """
 
     def __init__(self, *args):
         super().__init__(*args)
         self.counts = {}  # Slurm's pending and running counts of our jobs, at the last look
-
-    def _resume_all(self):
-        pass  # every step's _recover settles the jobs found running
 
     def _step(self):
         if not self.online:
@@ -3585,41 +4272,40 @@ class SlurmWorker(NodeWorker):
             self._failed_inside(job, exc)
 
     def _fill(self):
-        while len(self.spool.running[self.node.id]) < self.node.slurm["max_jobs"]:
+        while len(self.spool.running_on(self.node.id)) < self.node.slurm["max_jobs"]:
             job = self.spool.claim(self.node.id, self.choose)
             if job is None:
                 return
             self._job_step(self._submit, job)
 
-    def choose(self, candidates):
+    def choose(self, candidates, states):
         """Slurm places jobs on GPUs itself: the first job in turn that this node's
         GPUs are enough for and that its own node could not start now."""
-        room = {n: w.room() for n, w in self.peers.items() if n != self.node.id}
+        room = self._rooms(states)
         for seen, (job, n) in enumerate(candidates):
             if seen == CLAIM_DEPTH:
                 break
             if n != self.node.id and self.peers[n].could_start(job, room):
                 continue
             if job.gpus <= len(self.node.gpus):
-                return job, n, ()
-        return None
+                return (job, n, ()), None
+        return None, None
 
-    def room(self):
-        if not self.online or self.node.id in self.spool.drained:
-            return 0
-        return self.node.slurm["max_jobs"] - len(self.spool.running[self.node.id])
+    def room(self, state):
+        """Jobs it may still hand to Slurm; none while drained."""
+        return 0 if state.drained else self.node.slurm["max_jobs"] - len(state.running)
 
     def cost(self, job):
         return 1  # one of max_jobs
 
     def _submit(self, job):
         if job.cancel_requested:
-            self._record(job, "cancelled", error="cancelled before it started")
+            self._record(job, Outcome("cancelled", error="cancelled before it started"))
             return
         try:
             slurm_id = self.executor.submit(job, self.spool.folder(job))
         except SlurmRefused as exc:
-            self._record(job, "failed", error=f"sbatch refused the job: {exc}")
+            self._record(job, Outcome("failed", error=f"sbatch refused the job: {exc}"))
             return
         self._note_slurm_id(job, slurm_id)
         self.started += 1
@@ -3628,8 +4314,8 @@ class SlurmWorker(NodeWorker):
 
     def _note_slurm_id(self, job, slurm_id):
         self.spool.folder(job).record_slurm(slurm_id)
-        job.slurm = {"id": slurm_id, "state": "PENDING", "reason": None, "exit_code": 0,
-                     "scancel_sent": False}
+        self.spool.note_slurm(job, id=slurm_id, state="PENDING", reason=None, exit_code=0,
+                              scancel_sent=False)
 
     def _recover(self):
         """Settle claimed jobs with no Slurm id in memory: read slurm.json, else
@@ -3648,7 +4334,8 @@ class SlurmWorker(NodeWorker):
                 self._note_slurm_id(job, found[job.id][0])
                 log.info("job %s found again in Slurm as job %s", job.id, found[job.id][0])
             elif self.spool.folder(job).launched_where() is not None and self.executor.ran(job):
-                self._end(job, "failed", None, "Slurm ran the job but no longer knows how it ended")
+                self._end(job, Outcome("failed", error="Slurm ran the job but no longer "
+                                                       "knows how it ended"))
             else:
                 self.spool.requeue(job)
                 log.info("job %s never reached Slurm: queued again", job.id)
@@ -3659,7 +4346,7 @@ class SlurmWorker(NodeWorker):
         if cancel:
             self.executor.cancel([j.slurm["id"] for j in cancel])
             for j in cancel:
-                j.slurm["scancel_sent"] = True
+                self.spool.note_slurm(j, scancel_sent=True)
         found = self.executor.states([j.id for j in jobs]) if jobs else {}
         self.counts = collections.Counter("pending" if st in SLURM_WAITING else "running"
                                           for _, st, _, _ in found.values() if st in SLURM_ACTIVE)
@@ -3672,49 +4359,65 @@ class SlurmWorker(NodeWorker):
                     self._job_step(self._forgotten, job)
                     continue
                 state, reason, exit_code = known
-            job.slurm.update(state=state, reason=None if reason in ("", "None") else reason,
-                             exit_code=exit_code)
+            self.spool.note_slurm(job, state=state, exit_code=exit_code,
+                                  reason=None if reason in ("", "None") else reason)
             if state not in SLURM_ACTIVE:
                 self._job_step(self._finish, job)
 
     def _forgotten(self, job):
-        self._end(job, "failed", None, f"Slurm no longer knows job {job.slurm['id']}, and "
-                                       "keeps no accounting")
+        self._end(job, Outcome("failed", error=f"Slurm no longer knows job {job.slurm['id']}, "
+                                               "and keeps no accounting"))
 
     def _finish(self, job):
         """How Slurm says the job ended, in gpuqueue's terms; Slurm's reason in ``error``."""
         state, reason, code = job.slurm["state"], job.slurm["reason"], job.slurm["exit_code"]
         because = f" (Slurm: {reason})" if reason and reason != "NonZeroExitCode" else ""
         if state == "COMPLETED":
-            self._end(job, "completed", 0, None)
+            self._end(job, Outcome("completed", 0))
         elif state == "CANCELLED" and job.cancel_requested:
-            self._end(job, "cancelled", None, "cancelled while in Slurm")
+            self._end(job, Outcome("cancelled", error="cancelled while in Slurm"))
         elif state == "TIMEOUT":
-            self._end(job, "failed", code, "timeout")
+            self._end(job, Outcome("failed", code, "timeout"))
         elif state == "FAILED":
-            self._end(job, "failed", code, (describe_exit(code)[1] or "exit code 0") + because)
+            self._end(job, Outcome("failed", code, (describe_exit(code)[1] or "exit code 0")
+                                   + because))
         else:  # CANCELLED by someone else, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED...
-            self._end(job, "failed", code, f"Slurm: {state}{because}")
+            self._end(job, Outcome("failed", code, f"Slurm: {state}{because}"))
 
-    def _end(self, job, status, exit_code, error):
-        out, err = self.executor.outputs(job)
-        self._record(job, status, exit_code, error, out, err)
+    def _end(self, job, outcome):
+        """Record a job Slurm is done with, its output read from the shared folder."""
+        self._record(job, dataclasses.replace(outcome, streams=self.executor.streams(job)))
         try:
             self.executor.remove(job)
         except NodeError as exc:
             log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
 
-    def info(self):
-        info = super().info()
+    def why_waiting(self, job, state):
+        if self.online and not state.drained and self.room(state) <= 0:
+            return (f"node {self.node.id} has {len(state.running)} jobs in Slurm, the most it "
+                    "hands over at once")
+        return super().why_waiting(job, state)
+
+    def info(self, state):
+        info = super().info(state)
         info["slurm"] = {"pending": self.counts.get("pending", 0),
                          "running": self.counts.get("running", 0)}
         return info
+
+
+###############################################################################
+# Background threads ##########################################################
+###############################################################################
 
 
 def _thread(name, target):
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return thread
+
+
+#: Seconds between the supervisor's looks at gpuqueue's threads.
+SUPERVISE_INTERVAL = 5
 
 
 def _supervise(running, targets):
@@ -3726,6 +4429,10 @@ def _supervise(running, targets):
             if not thread.is_alive():
                 log.error("thread %s ended; starting it again", name)
                 running[name] = _thread(name, targets[name])
+
+
+#: Seconds between looks for finished jobs past ``keep_finished_days``, at most.
+RETENTION_SWEEP = 3600
 
 
 def keep_finished(spool, days):
@@ -3745,8 +4452,15 @@ def keep_finished(spool, days):
         time.sleep(min(RETENTION_SWEEP, max(1.0, keep / 4)))  # a clock, not an event
 
 
-def watch_gpus(workers):
-    """The thread that reads every online node's GPUs with nvidia-smi, over the
+#: Seconds between GPU readings of a node...
+GPU_REFRESH = 30
+#: ...and while the node has free GPUs and jobs wait: a GPU used outside the queue
+#: is noticed, and one freed again taken, within this.
+GPU_BUSY_REFRESH = 5
+
+
+def watch_gpus(spool, workers):
+    """The thread that reads every online GPU node's GPUs with nvidia-smi, over the
     node's existing connection: every GPU_BUSY_REFRESH seconds while jobs wait and
     the node has GPUs that no job holds (free, or used outside the queue), else
     every GPU_REFRESH (a node not read yet, or whose reading failed: every 2 s).
@@ -3759,13 +4473,14 @@ def watch_gpus(workers):
             if not w.online:
                 wait[n] = 0.0  # read again as soon as it is back
                 continue
-            if w.spool.counts()[0] and any(s["state"] != "busy" for s in w.gpu_slots()):
+            if spool.counts()[0] and any(slot["state"] != "busy"
+                                         for slot in w.gpu_slots(spool.node_state(n))):
                 wait[n] = min(wait[n], GPU_BUSY_REFRESH)
             if now - last[n] < wait[n]:
                 continue
             last[n] = now
             try:
-                w.read_gpus()
+                w.take_gpu_reading()
                 wait[n] = GPU_REFRESH
             except NodeError:
                 wait[n] = 2
@@ -3775,99 +4490,21 @@ def watch_gpus(workers):
         time.sleep(1)  # a clock for readings that are due, not a wait for an event
 
 
-#: The keys a job's config.yaml may hold: name -> (types, required, meaning).
-#: The validator below and the API's documentation (openapi) both read it.
-JOB_KEYS = {
-    "competition_id": (str, True, "free text, for the user's own bookkeeping"),
-    "project_id": (str, True, "free text, for the user's own bookkeeping"),
-    "user_id": (str, True, "the token's user"),
-    "expected_time": (_NUMBER, True, "seconds; the job is killed after timeout_multiplier "
-                                     "times this"),
-    "priority": (int, False, "higher runs first; above 0 for admins only"),
-    "gpus": (int, False, "GPUs the job needs, all on one node (default 1)"),
-    "token": (str, False, "the token, when no Authorization header is sent; never stored"),
+###############################################################################
+# Scheduler ###################################################################
+###############################################################################
+
+#: Seconds a new server waits for its local nodes' agents before it announces itself.
+LOCAL_START_TIMEOUT = 10
+
+#: What a job's status record carries beside its own fields (Scheduler.shown).
+SHOWN_BESIDE = {
+    "time_limit": {"type": "number", "description": "seconds it may run before it is killed"},
+    "queue_position": {"type": "integer", "nullable": True, "minimum": 0,
+                       "description": "while pending: jobs ahead of it on its node; 0 is next"},
+    "estimated_start": {"type": "string", "format": "date-time", "nullable": True},
+    "waiting": {"type": "string", "description": "while pending: why it has not started yet"},
 }
-
-#: A job's ``priority`` lies in this range; only admins may go above 0.
-PRIORITY_RANGE = (-100, 100)
-
-#: Upper bound for free-text ids in a job's config.
-MAX_ID_LENGTH = 200
-
-#: Bytes a job's config.yaml may have: its few keys need far less.  Checked before
-#: the YAML is parsed, so no upload can make the parser work hard.
-MAX_CONFIG_BYTES = 8 * 1024
-
-
-@functools.cache
-def _job_config_loader():
-    """YAML's safe loader (the C one where built), refusing a key given twice: plain
-    YAML keeps the last one, so a config could say one thing to a reader and another
-    to the server."""
-    class JobConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-        def construct_mapping(self, node, deep=False):
-            mapping = super().construct_mapping(node, deep)
-            if len(mapping) != len(node.value):
-                keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
-                twice = next((k for k in keys if keys.count(k) > 1), "?")
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {twice[:40]!r} is given twice", node.start_mark)
-            return mapping
-    return JobConfigLoader
-
-
-def parse_job_config(data, max_expected_time):
-    """The checked mapping from an uploaded config.yaml; BadRequest saying what is wrong."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise BadRequest(f"config_file is larger than {MAX_CONFIG_BYTES} bytes; it holds a few "
-                         "short keys")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("config_file must be UTF-8 text") from None
-    try:
-        cfg = yaml.load(text, Loader=_job_config_loader())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        if "given twice" in str(exc.problem):
-            raise BadRequest(f"config_file: {exc.problem}{where}") from None
-        raise BadRequest(f"config_file is not valid YAML{where}") from None
-    except (yaml.YAMLError, RecursionError, ValueError, TypeError):
-        raise BadRequest("config_file is not valid YAML") from None
-    if not isinstance(cfg, dict):
-        raise BadRequest("config_file must be a YAML mapping of keys to values")
-    for key in cfg:
-        if key not in JOB_KEYS:
-            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "…"
-            raise BadRequest(f"config_file: unknown key {shown!r}; allowed: {', '.join(JOB_KEYS)}")
-    for key, (types, required, _) in JOB_KEYS.items():
-        if key not in cfg:
-            if required:
-                raise BadRequest(f"config_file: missing key {key!r}")
-            continue
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            kind = {_NUMBER: "a number", int: "a whole number"}.get(types, "a string (quote it)")
-            raise BadRequest(f"config_file: {key!r} must be {kind}")
-        if isinstance(value, str) and key != "token" and not (
-                0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
-            raise BadRequest(f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable characters")
-    try:
-        t = float(cfg["expected_time"])
-    except OverflowError:
-        t = math.inf
-    if not math.isfinite(t) or t <= 0 or t > max_expected_time:
-        raise BadRequest(f"config_file: 'expected_time' must be seconds above 0 and at most "
-                            f"{max_expected_time:g}")
-    cfg["expected_time"] = t
-    lo, hi = PRIORITY_RANGE
-    if not lo <= cfg.get("priority", 0) <= hi:
-        raise BadRequest(f"config_file: 'priority' must be from {lo} to {hi}")
-    if cfg.get("gpus", 1) < 1:
-        raise BadRequest("config_file: 'gpus' must be 1 or more")
-    return cfg
-
 
 
 def _run_as(node):
@@ -3889,9 +4526,10 @@ def _run_as(node):
 
 class Scheduler:
     """The front door: everything the HTTP API, drop folders and admin control
-    may ask of the queue (submit, look, cancel, read output, drain).  It alone
-    reaches into the spool's index and the node workers; none of its callers
-    do, and none of them needs to know who else calls.
+    may ask of the queue (submit, look, cancel, read output, drain, figures).  It
+    alone reaches the spool and the node workers; none of its callers do, and
+    none of them needs to know who else calls.  What it hands out are copies
+    (Spool.get) and plain values.
 
     With ``serving`` false (an admin command while no server runs) there are no
     node workers: requests act on the spool alone.
@@ -3899,16 +4537,16 @@ class Scheduler:
 
     def __init__(self, config, spool, tokens=None, serving=True):
         self.config = config
-        self.spool = spool
-        self.tokens = tokens
-        self.throttle = AuthThrottle(config.auth_failures_per_minute)
-        self.workers = {}
-        self._disk_checked = (-math.inf, True)  # (when, had room)
+        self._spool = spool
+        self._tokens = tokens
+        self._throttle = AuthThrottle(config.auth_failures_per_minute)
+        self._workers = {}
+        self.serving = serving
         if serving:
-            kinds = {"local": NodeWorker, "ssh": NodeWorker, "slurm": SlurmWorker}
+            kinds = {"local": GpuWorker, "ssh": GpuWorker, "slurm": SlurmWorker}
             for n in config.nodes:
-                self.workers[n.id] = kinds[n.kind](n, spool, self._executor(n), config,
-                                                   self.workers)
+                self._workers[n.id] = kinds[n.kind](n, spool, self._executor(n), config,
+                                                    self._workers)
             if any(n.run_as for n in config.nodes):
                 spool.close_to_others()
                 for path in (config.source, config.tokens):  # no job may read or change them
@@ -3918,7 +4556,8 @@ class Scheduler:
 
     def _executor(self, node):
         if node.kind == "local":
-            root = Path(node.workdir).expanduser() if node.workdir else self.spool.work_dir(node.id)
+            root = (Path(node.workdir).expanduser() if node.workdir
+                    else self._spool.work_dir(node.id))
             return AgentExecutor(node, self.config, LocalLink(node, root, _run_as(node)))
         if node.kind == "ssh":
             return AgentExecutor(node, self.config, SshLink(node, self.config))
@@ -3929,34 +4568,42 @@ class Scheduler:
         function) pairs that run forever), each kept alive by a supervisor thread.
         Returns once the local nodes' agents are up (a moment), so that a new
         server shows them online."""
-        threads = {f"node-{n}": w.run for n, w in self.workers.items()}
-        threads.update({"gpus": functools.partial(watch_gpus, self.workers)}, **dict(loops))
+        threads = {f"node-{n}": w.run for n, w in self._workers.items()}
+        gpu_nodes = {n: w for n, w in self._workers.items() if isinstance(w, GpuWorker)}
+        threads.update({"gpus": functools.partial(watch_gpus, self._spool, gpu_nodes)},
+                       **dict(loops))
         if self.config.keep_finished_days:
-            threads["retention"] = functools.partial(keep_finished, self.spool,
+            threads["retention"] = functools.partial(keep_finished, self._spool,
                                                      self.config.keep_finished_days)
         running = {name: _thread(name, target) for name, target in threads.items()}
         _thread("supervisor", functools.partial(_supervise, running, threads))
         deadline = time.monotonic() + LOCAL_START_TIMEOUT
-        for w in self.workers.values():
+        for w in self._workers.values():
             if w.node.is_local:
                 w.settled.wait(max(0.0, deadline - time.monotonic()))
 
     def _wake(self, node_ids):
         for n in node_ids:
-            if n in self.workers:
-                self.workers[n].wake.set()
+            if n in self._workers:
+                self._workers[n].wake.set()
+
+    def incoming_dir(self):
+        return self._spool.incoming_dir()
+
+    def control_dir(self):
+        return self._spool.control_dir()
 
     # -- who -----------------------------------------------------------------
 
     def authenticate(self, token, source):
         """The token's record; Unauthorized for a bad token, TooMany for a source
         that keeps trying."""
-        self.throttle.check(source, token)
+        self._throttle.check(source, token)
         try:
-            return self.tokens.authenticate(token)
+            return self._tokens.authenticate(token)
         except Unauthorized as exc:
             if exc.guess:
-                self.throttle.failed(source, token)
+                self._throttle.failed(source, token)
             raise
 
     # -- jobs ----------------------------------------------------------------
@@ -3972,120 +4619,103 @@ class Scheduler:
             code.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("code must be UTF-8 text") from None
-        cfg = parse_job_config(config_data, self.config.max_expected_time)
+        cfg = parse_job_config(config_data, self.config)
         if user is None:
             user = self.authenticate(cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
             raise Forbidden("user_id in config_file is not the token's user")
-        if cfg.get("priority", 0) > 0 and not user["admin"]:
-            raise Forbidden("only an admin may give a job a priority above 0")
+        for key, spec in JOB_KEYS.items():
+            if spec["below"] is not None and cfg.get(key, 0) > spec["below"] and not user["admin"]:
+                raise Forbidden(f"only an admin may give a job a {key} above {spec['below']}")
         most = max(len(n.gpus) for n in self.config.nodes)
         if cfg.get("gpus", 1) > most:
             raise BadRequest(f"config_file: 'gpus' is {cfg['gpus']}, but no node has more "
                              f"than {most}")
-        self._check_disk(len(code) + len(config_data))
-        job = Job(id=job_id or new_job_id(), user_id=cfg["user_id"],
-                  competition_id=cfg["competition_id"], project_id=cfg["project_id"],
-                  expected_time=cfg["expected_time"], priority=cfg.get("priority", 0),
-                  gpus=cfg.get("gpus", 1), submitted_at=time.time(), node_id=-1)
+        self._spool.admit(len(code) + len(config_data), self.config.min_free_bytes)
+        job = Job(id=job_id or new_job_id(), submitted_at=time.time(), node_id=-1,
+                  **{k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"})
         if "token" in cfg:  # the token never reaches the disk
             kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
             config_data = ("# token removed by gpuqueue\n"
                            + yaml.safe_dump(kept)).encode()
-        try:
-            staged = self.spool.stage(job, code, config_data)
-        except OSError as exc:
-            shutil.rmtree(self.spool.root / "tmp" / job.id, ignore_errors=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull("the server's spool disk is full; try again later") from None
-            raise
-        online = {n for n, w in self.workers.items() if w.online}
-        position, start = self.spool.enqueue(job, staged, online, self.config.max_pending_per_user)
+        staged = self._spool.stage(job, code, config_data)
+        online = {n for n, w in self._workers.items() if w.online}
+        position, start = self._spool.enqueue(job, staged, online,
+                                              self.config.max_pending_per_user)
         # Its node, and any with a free GPU that may take it (a held one, if it is short).
-        self._wake(n for n, w in self.workers.items()
-                   if n == job.node_id or w.room() or w.holding)
+        states = self._spool.node_states()
+        self._wake(n for n, w in self._workers.items()
+                   if n == job.node_id or w.online and w.room(states[n]) or states[n].holding)
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         return job, position, start
 
-    def _check_disk(self, size):
-        """DiskFull unless the spool's disk keeps ``min_free_bytes`` after this
-        upload.  Looked at (one statvfs) at most once a second; in between, what
-        was accepted since is counted off the last reading."""
-        now = time.monotonic()
-        with self.spool.lock:
-            when, room = self._disk_checked
-            if now - when >= 1.0:
-                disk = os.statvfs(self.spool.root)
-                when, room = now, disk.f_bavail * disk.f_frsize - self.config.min_free_bytes
-            size += 4 * 4096  # the job's folder and its small files take blocks too
-            if room < size:
-                self._disk_checked = (when, room)
-                raise DiskFull("the server's spool disk is nearly full; try again later")
-            self._disk_checked = (when, room - size)
-
     def job(self, job_id, user=None):
-        """The job if ``user`` (a token record; None: an admin) may see it; NotFound
-        for an unknown, malformed or someone else's id alike."""
-        job = self.spool.get(job_id) if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+        """A copy of the job if ``user`` (a token record; None: an admin) may see
+        it; NotFound for an unknown, malformed or someone else's id alike."""
+        job = self._spool.get(job_id) if isinstance(job_id, str) and JOB_ID_RE.match(job_id) \
+            else None
         if job is None or not (user is None or user["admin"] or job.user_id == user["user"]):
             raise NotFound(f"no such job {job_id!r}" if user is None else "no such job")
         return job
 
+    def queue_position(self, job):
+        """(jobs ahead of it, estimated start) while it is pending, else (None, None)."""
+        return self._spool.queue_position(job)
+
     def shown(self, job):
-        """A job's public record, with its time limit, and its place in the queue
-        while it waits."""
+        """A job's public record, with what SHOWN_BESIDE declares: its time limit,
+        and its place in the queue while it waits."""
         out = job.public()
         out["time_limit"] = self.config.time_limit(job.expected_time)
         if job.status == "pending":
-            position, start = self.spool.queue_position(job)
+            position, start = self._spool.queue_position(job)
             out["queue_position"], out["estimated_start"] = position, isotime(start)
-            if job.node_id in self.workers:
-                out["waiting"] = self.workers[job.node_id].why_waiting(job)
+            if job.node_id in self._workers:
+                out["waiting"] = self._workers[job.node_id].why_waiting(
+                    job, self._spool.node_state(job.node_id))
         return out
 
     def find(self, user=None, status=None, limit=100, before=None):
-        return self.spool.find(user, status, limit, before)
+        return self._spool.find(user, status, limit, before)
 
     def output(self, job):
-        """The paths of a finished job's stdout and stderr; Conflict while it has not
+        """The paths of a finished job's streams, by name; Conflict while it has not
         finished."""
         if job.status in ("pending", "running"):
             raise Conflict(f"job is {job.status}; results are ready once it finishes")
-        folder = self.spool.done_folder(job.id)
-        return tuple(folder.stream(s) for s in JobFolder.STREAMS)
+        folder = self._spool.done_folder(job.id)
+        return {s: folder.stream(s) for s in JobFolder.STREAMS}
 
     def cancel(self, job):
         """Record a cancel and answer at once: a pending job is cancelled now; a running
         one is stopped by its node's worker meanwhile (``cancel_requested`` shows until
         it has ended), so no caller waits on a kill.  A job already being cancelled
         answers at once too; Conflict once the job has finished."""
-        if job.status == "running" and job.cancel_requested:
-            return job
-        if not self.spool.request_cancel(job):
-            raise Conflict(f"job {job.id} already {self.spool.get(job.id).status}")
+        if not self._spool.request_cancel(job.id):
+            raise Conflict(f"job {job.id} already {self._spool.get(job.id).status}")
         self._wake([job.node_id])
-        return self.spool.get(job.id)
+        return self._spool.get(job.id)
 
     def read_output(self, job, stream, offset, limit):
         """(up to ``limit`` bytes of a job's stream from ``offset``, the job as it was
         when they were read): from its node while it runs, else from the spool."""
         for _ in range(3):  # the job may finish, and its folder move, while we read
-            job = self.spool.get(job.id)
+            job = self._spool.get(job.id)
             if job.status == "pending":
                 return b"", job
             if job.status == "running":
-                worker = self.workers.get(job.node_id)
+                worker = self._workers.get(job.node_id)
                 if worker is None:
                     raise Unavailable("the server is not running")
                 try:
                     data = worker.executor.read_output(job, stream, offset, limit)
                 except NodeError as exc:
                     raise Unavailable(f"cannot read the job's output now: {exc}") from None
-                if self.spool.get(job.id).status == "running":
+                if self._spool.get(job.id).status == "running":
                     return data, job
                 continue
             try:
-                with open(self.spool.done_folder(job.id).stream(stream), "rb") as f:
+                with open(self._spool.done_folder(job.id).stream(stream), "rb") as f:
                     f.seek(offset)
                     return f.read(limit), job
             except FileNotFoundError:
@@ -4093,63 +4723,67 @@ class Scheduler:
         raise Unavailable("the job changed state while its output was read; try again")
 
     def wait_finished(self, job, timeout):
-        return self.spool.wait_finished(job, timeout)
+        return self._spool.wait_finished(job.id, timeout)
 
     # -- nodes ---------------------------------------------------------------
 
     def nodes(self):
-        """Every node: its worker's view (or, with no server, the spool's) and its queue."""
-        stats = self.spool.node_stats()
+        """Every node: its worker's view (or, with no server, the spool's) and its
+        queue, each from one NodeState."""
+        stats, states = self._spool.node_stats(), self._spool.node_states()
         out = []
         for n in self.config.nodes:
-            if n.id in self.workers:
-                info = self.workers[n.id].info()
+            state = states[n.id]
+            if n.id in self._workers:
+                info = self._workers[n.id].info(state)
             else:
-                running = self.spool.running_on(n.id)
                 info = {"id": n.id, "host": n.host, "state": "server not running",
-                        "drained": n.id in self.spool.drained, "error": None,
-                        "running_job": running[0].id if running else None}
+                        "drained": state.drained, "error": None,
+                        "running_job": state.running[0].id if state.running else None}
             out.append({**info, **stats[n.id]})
         return out
 
     def queue_length(self):
-        return self.spool.counts()[0]
+        return self._spool.counts()[0]
+
+    def metrics(self):
+        """The figures /metrics shows: every node as nodes() has it, with the jobs
+        its worker started and those finished since the server started, and its
+        dispatch histogram; and the pending and running jobs over all nodes."""
+        finished = self._spool.finished_here()
+        nodes = self.nodes()
+        for n in nodes:
+            w = self._workers[n["id"]]
+            n.update(started=w.started, finished=finished[n["id"]], dispatch=w.dispatch)
+        pending, running = self._spool.counts()
+        return {"pending": pending, "running": running, "nodes": nodes}
 
     def drain(self, node, drained):
         """Drain a node (it starts nothing new; its pending jobs move on) or resume it;
         what happened, in words."""
-        if type(node) is not int or node not in self.spool.node_ids:
-            raise NotFound(f"no node {node!r}; the nodes are "
-                           f"{', '.join(map(str, self.spool.node_ids))}")
-        self.spool.set_drained(node, drained)
+        node_ids = self._spool.node_ids
+        if type(node) is not int or node not in node_ids:
+            raise NotFound(f"no node {node!r}; the nodes are {', '.join(map(str, node_ids))}")
+        self._spool.set_drained(node, drained)
         if not drained:
             self._wake([node])
             return f"node {node} resumed"
-        online = [n for n, w in self.workers.items() if w.online] \
-            if self.workers else self.spool.node_ids
-        moved = self.spool.move_pending(node, online)
+        online = [n for n, w in self._workers.items() if w.online] \
+            if self._workers else node_ids
+        moved = self._spool.move_pending(node, online)
         self._wake(moved)
-        running = self.spool.running_on(node)
+        running = self._spool.node_state(node).running
         message = f"node {node} drained: it starts no new job"
         if running:
             message += f"; job {running[0].id} runs to its end"
         if moved:
             message += f"; its pending jobs moved to node(s) {', '.join(map(str, sorted(moved)))}"
         return message
+
+
 ###############################################################################
 # HTTP API ####################################################################
 ###############################################################################
-
-#: Seconds a request's headers may take to arrive, and bytes per second its body
-#: must arrive at after that; connections one address may hold open.  What a
-#: reverse proxy in front adds to this is in the README.
-HEADER_TIMEOUT = 10
-MIN_BODY_RATE = 16 * 1024
-PER_ADDRESS_CONNECTIONS = 64
-#: Connections open at once, all addresses together (each costs a descriptor, not
-#: a thread), and waitress's worker threads.
-CONNECTION_LIMIT = 2000
-HTTP_THREADS = 8
 
 #: Bytes of output one /api/logs answer or follow line carries at most.
 LOG_CHUNK = 64 * 1024
@@ -4338,7 +4972,7 @@ class Api:
         """A finished job's record and output, as one JSON object sent in pieces from
         the stored files: memory per request stays small whatever the output's size."""
         job = self._job(job_id, self._user())
-        paths = dict(zip(JobFolder.STREAMS, self.scheduler.output(job)))
+        paths = self.scheduler.output(job)
         head = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
                 "error": job.error}
         bottle.response.content_type = "application/json"
@@ -4473,9 +5107,8 @@ class Api:
 
     def metrics(self):
         """Prometheus text format; no token, like /api/nodes, and no user names."""
-        nodes = self.scheduler.nodes()
-        workers = self.scheduler.workers
-        pending, running = self.scheduler.spool.counts()
+        figures = self.scheduler.metrics()
+        nodes, pending, running = figures["nodes"], figures["pending"], figures["running"]
         lines = []
 
         def metric(name, kind, help_, samples):
@@ -4486,12 +5119,11 @@ class Api:
                [('{state="pending"}', pending), ('{state="running"}', running)])
         # Both counters start from 0 with the server, as Prometheus expects of a
         # counter; what the spool keeps, whenever it finished, is a gauge.
-        finished = self.scheduler.spool.finished_here
         metric("jobs_started_total", "counter", "Jobs launched since the server started.",
-               [(f'{{node="{n["id"]}"}}', workers[n["id"]].started) for n in nodes])
+               [(f'{{node="{n["id"]}"}}', n["started"]) for n in nodes])
         metric("jobs_finished_total", "counter",
                "Jobs finished since the server started, by node and status.",
-               [(f'{{node="{n["id"]}",status="{st}"}}', finished[n["id"]][st]) for n in nodes
+               [(f'{{node="{n["id"]}",status="{st}"}}', n["finished"][st]) for n in nodes
                 for st in FINAL_STATES])
         metric("jobs_kept", "gauge", "Finished jobs kept in the spool, by node and status "
                                      "(see keep_finished_days).",
@@ -4507,7 +5139,7 @@ class Api:
                [(f'{{node="{n["id"]}"}}', int(n["drained"])) for n in nodes])
         samples = []
         for n in nodes:
-            h, i = workers[n["id"]].dispatch, n["id"]
+            h, i = n["dispatch"], n["id"]
             samples += [(f'_bucket{{node="{i}",le="{b:g}"}}', c) for b, c in zip(h.BOUNDS, h.buckets)]
             samples += [(f'_bucket{{node="{i}",le="+Inf"}}', h.count),
                         (f'_sum{{node="{i}"}}', round(h.sum, 6)), (f'_count{{node="{i}"}}', h.count)]
@@ -4591,6 +5223,18 @@ def logged(app):
                      status[0] if status else "-", environ.get("gpuqueue.user", "-"),
                      (time.monotonic() - began) * 1000)
     return wsgi
+
+
+#: Seconds a request's headers may take to arrive, and bytes per second its body
+#: must arrive at after that; connections one address may hold open.  What a
+#: reverse proxy in front adds to this is in the README.
+HEADER_TIMEOUT = 10
+MIN_BODY_RATE = 16 * 1024
+PER_ADDRESS_CONNECTIONS = 64
+#: Connections open at once, all addresses together (each costs a descriptor, not
+#: a thread), and waitress's worker threads.
+CONNECTION_LIMIT = 2000
+HTTP_THREADS = 8
 
 
 @functools.cache
@@ -4718,8 +5362,8 @@ def _http_server(app, host, port, config):
 
 def openapi(config):
     """The OpenAPI 3 document, built from small pieces so each shape is written once,
-    and from the tables and limits the validators use (JOB_KEYS, PRIORITY_RANGE,
-    PAGE_MAX, the config's limits), so that it cannot drift from them."""
+    and from the declarations the code itself reads (Job's fields, JOB_KEYS,
+    SHOWN_BESIDE, PAGE_MAX, the config's limits), so that it cannot drift from them."""
     def ref(name):
         return {"$ref": f"#/components/schemas/{name}"}
 
@@ -4737,43 +5381,30 @@ def openapi(config):
     status = {"type": "string", "enum": list(STATES)}
     position = {"type": "integer", "nullable": True, "minimum": 0,
                 "description": "jobs ahead of it on its node: 0 is next"}
-    json_type = {str: "string", int: "integer", _NUMBER: "number"}
-    lo, hi = PRIORITY_RANGE
+    lo, hi = key_bounds(JOB_KEYS["priority"], config)
     job_config = {
         "type": "object", "additionalProperties": False,
         "description": f"What config_file holds, as a YAML mapping of at most "
                        f"{MAX_CONFIG_BYTES} bytes; a key given twice is refused.",
-        "required": [k for k, (_, required, _) in JOB_KEYS.items() if required],
-        "properties": {k: {"type": json_type[types], "description": meaning}
-                       for k, (types, _, meaning) in JOB_KEYS.items()}}
-    for key in ("competition_id", "project_id", "user_id"):
-        job_config["properties"][key].update(minLength=1, maxLength=MAX_ID_LENGTH)
-    job_config["properties"]["expected_time"].update(
-        minimum=0, exclusiveMinimum=True, maximum=config.max_expected_time)
-    job_config["properties"]["priority"].update(minimum=lo, maximum=hi, default=0)
-    job_status = {
-        "type": "object",
-        "required": ["job_id", "status", "node_id", "user_id", "competition_id", "project_id",
-                     "expected_time", "priority", "submitted_at", "started_at", "finished_at",
-                     "exit_code", "error"],
-        "properties": {
-            "job_id": {"type": "string"}, "status": status, "node_id": {"type": "integer"},
-            "queue_position": position, "estimated_start": time_,
-            "time_limit": {"type": "number", "description": "seconds it may run before it "
-                                                            "is killed"},
-            "user_id": {"type": "string"},
-            "competition_id": {"type": "string"}, "project_id": {"type": "string"},
-            "expected_time": {"type": "number"}, "priority": {"type": "integer"},
-            "gpus": {"type": "integer", "minimum": 1},
-            "gpu_indices": {"type": "array", "items": {"type": "string"}, "nullable": True,
-                            "description": "the GPUs it got (CUDA_VISIBLE_DEVICES), once started"},
-            "waiting": {"type": "string", "description": "while pending: why it has not "
-                                                         "started yet"},
-            "submitted_at": time_, "started_at": time_,
-            "finished_at": time_, "exit_code": {"type": "integer", "nullable": True},
-            "error": nullable_str, "cancel_requested": {"type": "boolean"},
-            "slurm_job_id": {"type": "string"},
-            "slurm_state": {"type": "string"}, "slurm_reason": nullable_str}}
+        "required": [k for k, spec in JOB_KEYS.items() if spec["config"] == "required"],
+        "properties": {}}
+    for key, spec in JOB_KEYS.items():
+        low, high = key_bounds(spec, config)
+        bounds = {name: value for name, value in (("minimum", low), ("maximum", high))
+                  if value is not None}
+        if spec["schema"]["type"] == "number" and low is not None:
+            bounds["exclusiveMinimum"] = True  # as parse_job_config checks a number
+        job_config["properties"][key] = {**spec["schema"], **bounds}
+    job_status = {"type": "object", "required": [], "properties": {}}
+    for f in dataclasses.fields(Job):
+        key, schema = f.metadata["key"], f.metadata["schema"]
+        if key is None:  # a field shown under several keys, when it has a value
+            job_status["properties"].update(schema)
+            continue
+        key = f.name if key is ... else key
+        job_status["properties"][key] = schema
+        job_status["required"].append(key)
+    job_status["properties"].update(SHOWN_BESIDE)
     return {
         "openapi": "3.0.3",  # what the Swagger UI of swagger-ui-bundle reads
         "info": {"title": "gpuqueue", "version": __version__,
@@ -4879,7 +5510,9 @@ def openapi(config):
                         "config_file": {"type": "string", "format": "binary",
                                         "description": "config.yaml: a YAML mapping with "
                                         + ", ".join(f"{k}{'' if required else ' (optional)'}"
-                                                    for k, (_, required, _) in JOB_KEYS.items())
+                                                    for k, required in
+                                                    ((k, v["config"] == "required")
+                                                     for k, v in JOB_KEYS.items()))
                                         + f"; priority from {lo} to {hi}"}}}}}},
                 "responses": {"201": answer("queued", "Submitted"),
                               "400": answer("bad upload or config"), **errors,
@@ -5232,7 +5865,7 @@ class Incoming:
     RECEIPT = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.receipt\.json\Z")
 
     def __init__(self, scheduler):
-        self.dir = scheduler.spool.root / "incoming"
+        self.dir = scheduler.incoming_dir()
         self.scheduler = scheduler
         self.max_bytes = scheduler.config.max_upload_bytes
         #: Claimed folders still without a receipt (the disk was full, say): tried
@@ -5266,12 +5899,15 @@ class Incoming:
     def _deliver(self, job_id, name):
         """Put a finished job's output and outcome beside its receipt, so that a
         drop-folder user needs no HTTP client at all; result.json goes last."""
-        job = self.scheduler.spool.get(job_id)
+        try:
+            job = self.scheduler.job(job_id)
+        except NotFound:
+            job = None
         if job is None:
             log.warning("incoming: job %s of %r is gone; its results cannot be delivered",
                         job_id, name)
         elif job.status in FINAL_STATES:
-            for stream, path in zip(JobFolder.STREAMS, self.scheduler.output(job)):
+            for stream, path in self.scheduler.output(job).items():
                 write_file(self.dir / f"{name}.{job_id}.{stream}", path.read_bytes(),
                            sync_dir=False)
             write_json(self.dir / f"{name}.{job_id}.result.json", {
@@ -5311,7 +5947,7 @@ class Incoming:
         self.unanswered.add(claimed)
         try:
             job = self.scheduler.job(job_id)
-            position, start = self.scheduler.spool.queue_position(job)
+            position, start = self.scheduler.queue_position(job)
         except NotFound:
             try:
                 script, config = self._files(path)
@@ -5414,7 +6050,7 @@ class Control:
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
-        self.dir = scheduler.spool.root / "control"
+        self.dir = scheduler.control_dir()
 
     def scan(self):
         for name in sorted(os.listdir(self.dir)):
@@ -5475,14 +6111,14 @@ class Control:
             raise BadRequest("limit must be a whole number above 0")
         found, _ = self.scheduler.find(user, status, limit)
         return {"ok": True, "jobs": [{**job.public(), "queue_position":
-                                      self.scheduler.spool.queue_position(job)[0]}
+                                      self.scheduler.queue_position(job)[0]}
                                      for job in found]}
 
     def _cancel(self, job_id):
         job = self.scheduler.cancel(self.scheduler.job(job_id))
         if job.status != "running":
             return {"ok": True, "message": f"job {job.id} cancelled"}
-        when = "now" if self.scheduler.workers else "as soon as the server starts"
+        when = "now" if self.scheduler.serving else "as soon as the server starts"
         return {"ok": True, "message": f"job {job.id} is running on node {job.node_id}: "
                                        f"it is being stopped {when}"}
 

@@ -57,9 +57,10 @@ def test_the_documents_numbers_are_the_codes_and_the_configs(make_server):
     assert set(job_config_schema["properties"]) == set(gpuqueue.JOB_KEYS)
     assert job_config_schema["additionalProperties"] is False
     assert sorted(job_config_schema["required"]) == sorted(
-        k for k, (_, required, _) in gpuqueue.JOB_KEYS.items() if required)
+        k for k, spec in gpuqueue.JOB_KEYS.items() if spec["config"] == "required")
     priority = job_config_schema["properties"]["priority"]
-    assert (priority["minimum"], priority["maximum"]) == gpuqueue.PRIORITY_RANGE
+    assert (priority["minimum"], priority["maximum"]) == gpuqueue.key_bounds(
+        gpuqueue.JOB_KEYS["priority"], gpuqueue.load_config())
     expected_time = job_config_schema["properties"]["expected_time"]
     assert expected_time["maximum"] == 1234  # this server's max_expected_time, not the default
     assert "1234" in json.dumps(expected_time)

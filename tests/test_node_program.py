@@ -23,7 +23,7 @@ from test_spool import dead_pid, prepared_server  # noqa: E402
 # -- the pieces ------------------------------------------------------------------
 
 
-def test_read_gpus_tells_gpuqueues_own_from_what_is_outside_the_queue():
+def test_gpus_from_reading_tells_gpuqueues_own_from_what_is_outside_the_queue():
     reading = {"csv": "0, GPU-a, A100, 9000, 40960, 50\n1, GPU-b, A100, 3000, 40960, 1\n"
                       "2, GPU-c, A100, 9000, 40960, 0\n3, GPU-d, A100, [N/A], 40960, 0\n"
                       "4, GPU-e, A100, 0, 40960, 0\n",
@@ -31,7 +31,7 @@ def test_read_gpus_tells_gpuqueues_own_from_what_is_outside_the_queue():
                         {"gpu": "GPU-b", "pid": 11, "memory_mib": 200, "user": "bob", "job": None},
                         "junk"]}
     # Node GPUs by index and by UUID, in the node's order; GPU 4 is not the node's.
-    found = gpuqueue.read_gpus(reading, ("GPU-c", "0", "1", "3"), 1024, held=set())
+    found = gpuqueue.gpus_from_reading(reading, ("GPU-c", "0", "1", "3"), 1024, held=set())
     assert [g["device"] for g in found] == ["GPU-c", "0", "1", "3"]
     c, a, b, d = found
     # A figure the board does not give is None; the GPU is still there, still watched.
@@ -41,8 +41,8 @@ def test_read_gpus_tells_gpuqueues_own_from_what_is_outside_the_queue():
     assert b["foreign"] == "used outside the queue by pid 11 of bob (200 MiB)"
     assert c["foreign"] == "9000 MiB in use outside the queue"  # nothing in sight uses it
     # ...unless a job of the queue holds that GPU: its figures may be a moment old.
-    assert gpuqueue.read_gpus(reading, ("GPU-c",), 1024, held={"GPU-c"})[0]["foreign"] is None
-    assert gpuqueue.read_gpus(None, ("0",), 1024, set()) == []
+    assert gpuqueue.gpus_from_reading(reading, ("GPU-c",), 1024, held={"GPU-c"})[0]["foreign"] is None
+    assert gpuqueue.gpus_from_reading(None, ("0",), 1024, set()) == []
 
 
 def test_exit_code_of_matches_the_kernels_wait_status():

@@ -14,7 +14,7 @@ from conftest import ROOT, job_config
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gpuqueue import Job, Spool  # noqa: E402
+from gpuqueue import Job, Outcome, Spool  # noqa: E402
 
 _ids = itertools.count()
 
@@ -37,7 +37,7 @@ def run_all(spool, node=0):
     order = []
     while (job := spool.claim(node)) is not None:
         order.append(job.id)
-        spool.finish(job, "completed", exit_code=0)
+        spool.finish(job, Outcome("completed", 0))
     return order
 
 
@@ -102,7 +102,7 @@ def test_queue_position_is_the_order_jobs_really_start(tmp_path_factory, jobs, a
         queue(spool, job)
     for _ in range(already_run):  # some turns taken, so users start out uneven
         if (job := spool.claim(0)) is not None:
-            spool.finish(job, "completed", exit_code=0)
+            spool.finish(job, Outcome("completed", 0))
     waiting = [j for j in made if j.status == "pending"]
     predicted = sorted(waiting, key=lambda j: spool.queue_position(j)[0])
     assert sorted(spool.queue_position(j)[0] for j in waiting) == list(range(len(waiting)))
@@ -142,15 +142,15 @@ def test_a_drained_node_starts_nothing_and_others_take_its_queue(tmp_path):
     later = make_job()
     queue(spool, later)
     assert later.node_id == 0
-    spool.finish(spool.running_on(0)[0], "completed", exit_code=0)
+    spool.finish(spool.running_on(0)[0], Outcome("completed", 0))
     # Node 0 is free: it takes what waits on drained node 1, oldest first.
     assert run_all(spool, 0) == [job.id, later.id]
     spool.close()
     again = open_spool(tmp_path / "spool", nodes=2)
-    assert again.drained == {1}
+    assert [n for n in again.node_ids if again.is_drained(n)] == [1]
     again.set_drained(1, False)
     again.close()
-    assert open_spool(tmp_path / "spool", nodes=2).drained == set()
+    assert not any(map(open_spool(tmp_path / "spool", nodes=2).is_drained, (0, 1)))
 
 
 def test_fair_share_over_http_on_one_node(make_server, tmp_path):

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import gpuqueue  # noqa: E402
-from gpuqueue import Job, Spool, SpoolBusy  # noqa: E402
+from gpuqueue import Job, Outcome, Spool, SpoolBusy  # noqa: E402
 
 
 # -- helpers -------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     assert gpuqueue.read_json(folder / "job.json") == job.meta()
     assert (folder / "code.py").read_text() == "print('a')\n"
     assert "expected_time: 100" in (folder / "config.yaml").read_text()
-    assert spool.active[job.id] is job and job.status == "pending"
+    assert spool.is_active(job.id) and spool.get(job.id) == job and job.status == "pending"
 
     b, pb = submit(spool, expected_time=10)   # loads 100/0/0 -> node 1
     c, pc = submit(spool, expected_time=10)   # loads 100/10/0 -> node 2
@@ -115,7 +115,7 @@ def test_stage_writes_under_tmp_and_enqueue_places_on_least_loaded_node(tmp_path
     e, pe = submit(spool, expected_time=5)    # loads 100/20/10 -> node 2
     assert [(j.node_id, p) for j, p in ((b, pb), (c, pc), (d, pd), (e, pe))] == \
         [(1, 0), (2, 0), (1, 1), (2, 1)]
-    assert {n: q.ids() for n, q in spool.queues.items()} == {0: [job.id], 1: [b.id, d.id], 2: [c.id, e.id]}
+    assert {n: spool.pending_ids(n) for n in spool.node_ids} == {0: [job.id], 1: [b.id, d.id], 2: [c.id, e.id]}
     assert listing(root / "tmp") == []
     assert listing(spool.pending_dir(1)) == sorted([b.id, d.id])
     stats = spool.node_stats()
@@ -132,7 +132,7 @@ def test_enqueue_places_only_on_online_nodes(tmp_path, spools):
     assert j.node_id == 1 and pos == 0        # least loaded of the online ones
     k, pos = submit(spool, expected_time=10, online={2})
     assert k.node_id == 2 and pos == 1        # node 2 carries 1000 s but is the only one up
-    assert spool.queues[0].ids() == []
+    assert spool.pending_ids(0) == []
     assert listing(spool.pending_dir(0)) == []
     assert listing(spool.pending_dir(2)) == sorted([big.id, k.id])
 
@@ -152,7 +152,7 @@ def test_claim_takes_the_oldest_pending_job(tmp_path, spools):
     start = gpuqueue.read_json(folder / "start.json")
     assert start == {"started_at": a.started_at, "node_id": 0, "gpus": []}
     assert before <= a.started_at <= time.time()
-    assert spool.queues[0].ids() == [b.id]
+    assert spool.pending_ids(0) == [b.id]
     assert spool.queue_position(b)[0] == 0 and spool.queue_position(a)[0] is None
     assert spool.running_on(0) == [a] and spool.running_on(1) == []
 
@@ -171,7 +171,7 @@ def test_finish_moves_folder_to_done_with_result_and_output(tmp_path, spools):
     (spool.folder(a).path / "work").mkdir()
     (spool.folder(a).path / "work" / "stdout").write_text("raw")
 
-    spool.finish(a, "failed", 3, "exit code 3", "out\n", "err\n")
+    spool.finish(a, Outcome("failed", 3, "exit code 3", {"stdout": "out\n", "stderr": "err\n"}))
     done = spool.root / "done" / a.id
     assert not (spool.running_dir(0) / a.id).exists()
     assert {"result.json", "stdout", "stderr", "job.json", "code.py", "start.json"} <= set(listing(done))
@@ -180,7 +180,7 @@ def test_finish_moves_folder_to_done_with_result_and_output(tmp_path, spools):
     r = gpuqueue.read_json(done / "result.json")
     assert r["status"] == "failed" and r["exit_code"] == 3 and r["error"] == "exit code 3"
     assert r["node_id"] == 0 and r["started_at"] == a.started_at and r["finished_at"] >= r["started_at"]
-    assert a.id not in spool.active
+    assert not spool.is_active(a.id)
 
     got = spool.get(a.id)
     assert got is not a
@@ -191,7 +191,7 @@ def test_finish_moves_folder_to_done_with_result_and_output(tmp_path, spools):
     assert [done_folder.stream(s).read_text() for s in ("stdout", "stderr")] == ["out\n", "err\n"]
 
     spool.claim(0)
-    spool.finish(b, "completed", 0, None, "ok\n", "")
+    spool.finish(b, Outcome("completed", 0, None, {"stdout": "ok\n"}))
     assert spool.get(b.id).status == "completed" and spool.get(b.id).error is None
     stats = spool.node_stats()[0]
     assert (stats["completed"], stats["failed"], stats["cancelled"], stats["queued_jobs"]) == (1, 1, 0, 0)
@@ -212,9 +212,9 @@ def test_request_cancel_pending_running_and_finished(tmp_path, spools):
     spool.claim(0)
 
     # pending: finished at once as cancelled, gone from its queue
-    assert spool.request_cancel(pend) is True
-    assert spool.queues[0].ids() == [later.id] and spool.queue_position(later)[0] == 0
-    assert pend.id not in spool.active
+    assert spool.request_cancel(pend.id) is True
+    assert spool.pending_ids(0) == [later.id] and spool.queue_position(later)[0] == 0
+    assert not spool.is_active(pend.id)
     assert not (spool.pending_dir(0) / pend.id).exists()
     done = spool.root / "done" / pend.id
     assert gpuqueue.read_json(done / "result.json")["status"] == "cancelled"
@@ -223,24 +223,24 @@ def test_request_cancel_pending_running_and_finished(tmp_path, spools):
     assert spool.node_stats()[0]["cancelled"] == 1
 
     # running: a cancel file for its scheduler, the job stays running
-    assert spool.request_cancel(run) is True
+    assert spool.request_cancel(run.id) is True
     assert (spool.running_dir(0) / run.id / "cancel").exists()
-    assert run.cancel_requested and run.status == "running" and run.id in spool.active
+    assert run.cancel_requested and run.status == "running" and spool.is_active(run.id)
     assert spool.node_stats()[0]["cancelled"] == 1
 
     # finished: nothing to do
-    assert spool.request_cancel(pend) is False
-    spool.finish(run, "cancelled", -15, "cancelled while running")
-    assert spool.request_cancel(run) is False
+    assert spool.request_cancel(pend.id) is False
+    spool.finish(run, Outcome("cancelled", -15, "cancelled while running"))
+    assert spool.request_cancel(run.id) is False
     assert spool.get(run.id).status == "cancelled"
 
     # a fresh Spool sees the cancel file of a running job
     other, _ = submit(spool)
     assert spool.claim(0) is later
-    spool.request_cancel(later)
+    spool.request_cancel(later.id)
     again = reopen(spools, spool)
-    assert again.active[later.id].cancel_requested is True
-    assert again.active[other.id].cancel_requested is False
+    assert again.get(later.id).cancel_requested is True
+    assert again.get(other.id).cancel_requested is False
 
 
 def test_job_ids_newest_first_and_queue_position(tmp_path, spools):
@@ -249,14 +249,14 @@ def test_job_ids_newest_first_and_queue_position(tmp_path, spools):
     ids = [j.id for j in jobs]
     assert ids == sorted(ids)                 # ids sort by submit time
     spool.claim(0)
-    spool.finish(jobs[0], "completed", 0)
-    spool.request_cancel(jobs[2])
+    spool.finish(jobs[0], Outcome("completed", 0))
+    spool.request_cancel(jobs[2].id)
     assert list(spool.job_ids()) == ids[::-1]       # active and done together, newest first
     assert [spool.queue_position(j)[0] for j in jobs] == [None, 0, None, 1]
     again = reopen(spools, spool)
     assert list(again.job_ids()) == ids[::-1]
-    assert again.queues[0].ids() == [ids[1], ids[3]]
-    assert again.queue_position(again.active[ids[3]])[0] == 1
+    assert again.pending_ids(0) == [ids[1], ids[3]]
+    assert again.queue_position(again.get(ids[3]))[0] == 1
 
 
 def test_second_spool_on_same_root_is_refused_naming_the_first_pid(tmp_path, spools):
@@ -273,7 +273,7 @@ def test_second_spool_on_same_root_is_refused_naming_the_first_pid(tmp_path, spo
     spools.close(first)
     # Once the first is closed, the spool can be taken again.
     third = spools(tmp_path / "spool")
-    assert job.id in third.active
+    assert third.is_active(job.id)
 
 
 def test_write_file_is_atomic_and_honours_mode(tmp_path):
@@ -333,9 +333,9 @@ def test_recovery_removes_tmp_leftovers(tmp_path, spools):
 
     again = spools(tmp_path / "spool")
     assert listing(again.root / "tmp") == []
-    assert job.id not in again.active and again.get(job.id) is None
+    assert not again.is_active(job.id) and again.get(job.id) is None
     assert job.id not in list(again.job_ids())
-    assert kept.id in again.active            # a queued job is not touched
+    assert again.is_active(kept.id)            # a queued job is not touched
 
 
 @pytest.mark.parametrize("where", ["pending", "running"])
@@ -359,13 +359,13 @@ def test_recovery_moves_folder_with_result_to_done_exactly_once(tmp_path, spools
     again = spools(tmp_path / "spool", nodes=(0,))
     done = again.root / "done" / job.id
     assert done.is_dir() and not folder.exists()
-    assert job.id not in again.active and job.id not in again.queues[0].ids()
+    assert not again.is_active(job.id) and job.id not in again.pending_ids(0)
     got = again.get(job.id)
     assert got.status == status and got.node_id == 0
     assert [(done / s).read_text() for s in ("stdout", "stderr")] == ["out\n", ""]
     assert again.node_stats()[0][status] == 1
     assert list(again.job_ids()).count(job.id) == 1
-    assert again.queues[0].ids() == [other.id]
+    assert again.pending_ids(0) == [other.id]
 
     # A second restart neither moves nor counts it again.
     third = reopen(spools, again)
@@ -406,15 +406,15 @@ def test_recovery_quarantines_folders_without_readable_job_json(tmp_path, spools
         assert (dest / "code.py").read_text() == contents[job_id]
         reason = dest.with_name(dest.name + ".REASON").read_text()
         assert "job.json" in reason and reason.strip()
-        assert job_id not in again.active and again.get(job_id) is None
+        assert not again.is_active(job_id) and again.get(job_id) is None
     assert listing(again.pending_dir(0)) == [good.id]
     assert listing(again.running_dir(0)) == []
-    assert again.queues[0].ids() == [good.id] and list(again.active) == [good.id]
+    assert again.pending_ids(0) == [good.id] and [j for j in again.job_ids() if again.is_active(j)] == [good.id]
     # Nothing quarantined comes back at the next start, and nothing is lost.
     third = reopen(spools, again)
     assert sorted(p.name for p in corrupt.iterdir() if not p.name.endswith(".REASON")) == \
         sorted(p.name for p in moved.values())
-    assert list(third.active) == [good.id]
+    assert [j for j in third.job_ids() if third.is_active(j)] == [good.id]
 
 
 def test_recovery_survives_a_stray_file_in_a_queue_folder(tmp_path, spools):
@@ -426,7 +426,7 @@ def test_recovery_survives_a_stray_file_in_a_queue_folder(tmp_path, spools):
     stray.write_text("left here by hand\n")
 
     again = spools(tmp_path / "spool", nodes=(0,))   # must not raise
-    assert again.queues[0].ids() == [good.id]
+    assert again.pending_ids(0) == [good.id]
     kept = [p for p in again.root.rglob("*") if p.is_file() and p.read_text() == "left here by hand\n"]
     assert kept, "the stray file was deleted"
 
@@ -443,15 +443,15 @@ def test_recovery_requeues_running_job_without_start_json(tmp_path, spools):
     again = spools(tmp_path / "spool", nodes=(0,))
     assert listing(again.running_dir(0)) == []
     assert listing(again.pending_dir(0)) == sorted([claimed.id, waiting.id])
-    job = again.active[claimed.id]
+    job = again.get(claimed.id)
     assert job.status == "pending" and job.started_at is None
     assert again.running_on(0) == []
-    assert claimed.id in again.queues[0].ids(), \
-        f"requeued job {claimed.id} is pending but missing from the queue {again.queues[0].ids()}"
-    assert again.queues[0].ids() == [claimed.id, waiting.id]      # oldest id first
+    assert claimed.id in again.pending_ids(0), \
+        f"requeued job {claimed.id} is pending but missing from the queue {again.pending_ids(0)}"
+    assert again.pending_ids(0) == [claimed.id, waiting.id]      # oldest id first
     assert again.queue_position(job)[0] == 0
     assert again.node_stats()[0]["queued_jobs"] == 2
-    assert again.claim(0) is job
+    assert again.claim(0).id == job.id
 
 
 # -- recovery with a real server ----------------------------------------------
