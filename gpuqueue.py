@@ -108,6 +108,7 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import io
 import ipaddress
 import itertools
 import json
@@ -286,7 +287,8 @@ def _nodes(value, c, base):
     defaults = c["node_defaults"]
     if {"id", "host"} & set(defaults):
         raise ConfigError("config: node_defaults may not set 'id' or 'host'")
-    nodes = tuple(_node(n, defaults, base, f"config: nodes[{i}]") for i, n in enumerate(raw_nodes))
+    nodes = tuple(_node(n, defaults, base, f"config: nodes[{i}]", c)
+                  for i, n in enumerate(raw_nodes))
     if len({n.id for n in nodes}) != len(nodes):
         raise ConfigError("config: node ids must be unique")
     return tuple(sorted(nodes, key=lambda n: n.id))
@@ -294,6 +296,32 @@ def _nodes(value, c, base):
 
 def _jump(value, c, base):
     return _ssh_target(_checked(value, _JUMP_KEYS, "config: jump"), base) if value else None
+
+
+def _environments(value, c, base):
+    """``environments``: name -> {python, setup}, what a job asks for by name."""
+    out = {}
+    for name, env in value.items():
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name)):
+            raise ConfigError(f"config: environments: {name!r} is not a name (letters, "
+                              "digits, '_', '.', '-')")
+        env = _checked(env, {"python": (str, _REQUIRED), "setup": (str, None)},
+                       f"config: environments: {name}")
+        out[name] = Environment(name, env["python"], env["setup"])
+    return out
+
+
+def system_python():
+    """The python3 a user of this machine gets: the first on PATH outside the
+    server's own virtualenv, so that jobs never run inside it."""
+    venv = sys.prefix if sys.prefix != sys.base_prefix else None
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("python3", path=folder) if folder else None
+        if found and not (venv and os.path.realpath(found).startswith(
+                os.path.realpath(venv) + os.sep)) and not (venv and folder.startswith(venv)):
+            return found
+    base = os.path.join(sys.base_prefix, "bin", "python3")
+    return base if os.path.exists(base) else "python3"
 
 
 def _addresses(values, c, base):
@@ -317,6 +345,15 @@ class SshTarget:
 
 
 @dataclasses.dataclass(frozen=True)
+class Environment:
+    """What a job may ask to run with: an interpreter, and a shell line run first
+    (``module load cuda/12``); both the admin's, never a user's."""
+    name: str
+    python: str
+    setup: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Node:
     id: int
     host: str
@@ -329,6 +366,10 @@ class Node:
     kind: str = "local"
     run_as: str | None = None  # a local node's jobs run as this user (the server is root)
     slurm: dict | None = None  # partition, account, gres, max_jobs of a slurm node
+    #: The interpreter of its jobs that ask for no environment: ``python`` when given,
+    #: else the machine's python3, never the server's virtualenv.
+    job_python: str = "python3"
+    environments: tuple = ()  # the names of the config's environments it has
 
     @property
     def is_local(self):
@@ -365,6 +406,13 @@ class Config:
     keep_finished_days: float = setting(_NUMBER, 30, _number, least=0)  # 0: forever
     #: A GPU using more than this outside the queue takes no job.
     foreign_memory_mib: int = setting(int, 1024, least=0)
+    #: A project (an archive as ``code``) unpacked: its bytes and its files.
+    max_project_bytes: int = setting(int, 256 * 1024 ** 2, least=1024)
+    max_project_files: int = setting(int, 10000, least=1)
+    #: What a job leaves in $GPUQUEUE_OUTPUT_DIR that is brought back, at most.
+    max_output_files_bytes: int = setting(int, 1024 ** 3, least=0)
+    max_output_files: int = setting(int, 1000, least=0)
+    environments: dict = setting(dict, {}, _environments)  # name -> Environment
     source: Path | None = None
 
     def time_limit(self, expected_time):
@@ -399,6 +447,7 @@ _NODE_KEYS = {
     "account": (str, None),
     "gres": (str, None),
     "max_jobs": (int, 50),
+    "environments": (list, None),  # the names of ``environments`` it has; default all
 }
 
 #: What a node is: ``local`` (this machine; host "local"), ``ssh`` (a GPU machine
@@ -446,7 +495,7 @@ def _ssh_target(c, base):
                      key_file=_path(c["key_file"], base), password_env=c["password_env"])
 
 
-def _node(raw, defaults, base, where):
+def _node(raw, defaults, base, where, c):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping")
     n = _checked({**defaults, **raw}, _NODE_KEYS, where)
@@ -461,6 +510,12 @@ def _node(raw, defaults, base, where):
     if kind == "slurm" and n["max_jobs"] < 1:
         raise ConfigError(f"{where}: 'max_jobs' must be at least 1")
     slurm = {k: n[k] for k in ("partition", "account", "gres", "max_jobs")}
+    envs = c["environments"]
+    names = list(envs) if n["environments"] is None else n["environments"]
+    missing = [e for e in names if e not in envs]
+    if missing:
+        raise ConfigError(f"{where}: environments: {missing[0]!r} is not one of the "
+                          f"config's environments ({', '.join(envs) or 'none'})")
     if n["run_as"] is not None and kind != "local":
         raise ConfigError(f"{where}: 'run_as' is for local nodes; an SSH node's jobs run as "
                           "its SSH user")
@@ -470,7 +525,9 @@ def _node(raw, defaults, base, where):
                 env={str(k): str(v) for k, v in n["env"].items()},
                 workdir=n["workdir"] or (None if local else "~/.gpuqueue"), setup=n["setup"],
                 ssh=None if local else _ssh_target(n, base),
-                kind=kind, slurm=slurm if kind == "slurm" else None, run_as=n["run_as"])
+                kind=kind, slurm=slurm if kind == "slurm" else None, run_as=n["run_as"],
+                job_python=n["python"] or (system_python() if local else "python3"),
+                environments=tuple(dict.fromkeys(names)))
 
 
 def _gpus(value, node_id, where):
@@ -588,7 +645,7 @@ def isotime(ts):
 # JSON report a line (COMMANDS and REPORTS declare them; "?": may be absent):
 #
 #   (at start)                                -> ready {protocol, python}
-#   start {id, dir, env, run_as, limit, grace, output_limit, deadline, inline}
+#   start {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch}
 #                                             -> started {id, wrapper, launched}
 #                                             -> exited {id, result?, stdout?, stderr?} once
 #                                                the wrapper ended; small output comes along
@@ -597,6 +654,8 @@ def isotime(ts):
 #   remove {dir}                              a finished job's folder
 #   gpus {}                                   -> gpus {reading}: gpu_reading(), or null
 #   ping {}                                   -> pong {}, at once: proof the node is alive
+#   check {environments}                      -> checked {environments}: each one's python
+#                                                started (with its setup), or why not
 #
 # A job's wrapper is forked from the agent into a session of its own, in the
 # job's folder (NodeFiles).  It refuses a start past its ``deadline`` (the
@@ -604,25 +663,29 @@ def isotime(ts):
 # job never starts twice, runs it as ``run_as`` when given, caps each stream at
 # ``output_limit`` as it is written, kills the job's whole process group on
 # SIGTERM or at the time limit (``limit``, then ``grace``), and leaves
-# result.json.  Wrappers outlive the agent and the server, so a restarted
+# result.json.  ``launch`` says what to run: {python, setup, entry, project}; with a
+# project (an archive) the wrapper first unpacks it, as the job's user, and the
+# job runs inside it.  Either way the job's files go in outputs/ of the folder it
+# runs in ($GPUQUEUE_OUTPUT_DIR), which the server brings back once it has ended.  Wrappers outlive the agent and the server, so a restarted
 # server finds them and follows them to their end.
 
 #: The node protocol: sent in ``ready`` and written into each wrapper's ``pids``,
 #: so that a server can tell which release started a wrapper it finds running.
-PROTOCOL = 2
-#: Protocols whose wrappers this release follows to their end.  Protocol 1 left
-#: the same files (its ``pids`` named no protocol).
-PROTOCOLS_FOLLOWED = (1, 2)
+PROTOCOL = 3
+#: Protocols whose wrappers this release follows to their end.  Protocols 1 and 2
+#: left the same files (1's ``pids`` named no protocol; 2 ran code.py alone).
+PROTOCOLS_FOLLOWED = (1, 2, 3)
 
 #: What the server sends the agent: each command's fields.
 COMMANDS = {
     "start": ("id", "dir", "env", "run_as", "limit", "grace", "output_limit", "deadline",
-              "inline"),
+              "inline", "launch"),
     "watch": ("id", "dir", "wrapper"),
     "cancel": ("wrapper",),
     "remove": ("dir",),
     "gpus": (),
     "ping": (),
+    "check": ("environments",),
 }
 #: What the agent reports: each report's fields ("?": may be absent).
 REPORTS = {
@@ -631,6 +694,7 @@ REPORTS = {
     "exited": ("id", "result?", "stdout?", "stderr?"),
     "gpus": ("reading",),
     "pong": (),
+    "checked": ("environments",),
 }
 
 
@@ -649,7 +713,10 @@ def message(table, op, **fields):
 class NodeFiles:
     """The names in a job's folder on its node, ``<workdir>/<id>``, for both ends:
     the server writes the code (and Slurm's script), the wrapper the rest."""
-    CODE = "code.py"          # the job's code, as the server sent it
+    CODE = "code.py"          # the job's code, as the server sent it: a script, or
+    PROJECT_ARCHIVE = "project.archive"  # a project's archive (tar or zip), which is
+    PROJECT = "project"       # unpacked here; the job then runs in this folder
+    OUTPUTS = "outputs"       # in the folder the job runs in: its files, brought back
     LAUNCHED = "launched"     # claimed (O_EXCL) by the one wrapper that starts the job,
     #                           or by a recovering server, so that none ever will
     PIDS = "pids"             # {wrapper, job, protocol}: written once the job runs
@@ -660,12 +727,148 @@ class NodeFiles:
     #: In the workdir itself: what local agents wrote to stderr.
     AGENT_LOG = "agent.log"
 
+    @classmethod
+    def outputs(cls, job_dir, project):
+        """Where a job's files are, below the workdir."""
+        return f"{job_dir}/{cls.PROJECT}/{cls.OUTPUTS}" if project else \
+            f"{job_dir}/{cls.OUTPUTS}"
+
 
 #: A job id: 24 hex digits, the submit time in microseconds (14), then random
 #: bits, so that sorting ids sorts by submit time.  A job's folder on its node
 #: is named by it, and the agent touches no other folder.
 JOB_ID_PATTERN = "[0-9a-f]{24}"
 JOB_ID_RE = re.compile(rf"\A{JOB_ID_PATTERN}\Z")
+
+class ProjectRefused(Exception):
+    """An archive gpuqueue will not unpack as a project: which entry, and why."""
+
+
+#: The longest path of a file inside a project.
+MAX_PROJECT_PATH = 1024
+
+
+def archive_kind(head):
+    """"tar" or "zip" when ``head`` (a file's first 512 bytes) opens an archive of
+    that kind (tar compressed with gzip, bzip2 or xz too), else None (a script).
+    By content: a client's file name says nothing."""
+    if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+        return "tar"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def _project_path(name, seen, files):
+    """A member's path made plain ("a/b"), or ProjectRefused naming it."""
+    shown = name if len(name) <= 200 else name[:200] + "..."
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise ProjectRefused("%r: an absolute path" % shown)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ProjectRefused("%r: a path with '..' in it" % shown)
+    if "\\" in name or "\0" in name:
+        raise ProjectRefused("%r: a backslash or NUL in its path" % shown)
+    if len(name.encode()) > MAX_PROJECT_PATH or any(len(p.encode()) > 255 for p in parts):
+        raise ProjectRefused("%r: a path longer than %d bytes (or a name longer than 255)"
+                             % (shown, MAX_PROJECT_PATH))
+    path = "/".join(parts)
+    if path in seen:
+        raise ProjectRefused("%r: given twice" % shown)
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in files:
+            raise ProjectRefused("%r: inside %r, which is a file" % (shown, "/".join(parts[:i])))
+    seen.add(path)
+    return path
+
+
+def unpack_project(fileobj, kind, dest, max_bytes, max_files):
+    """Read a project archive (``kind`` from archive_kind) member by member, and with
+    ``dest`` write it there: the set of its files' paths.  ProjectRefused for
+    absolute paths, '..', links, special files, duplicates, more than ``max_files``
+    entries, more than ``max_bytes`` unpacked, long paths.  Memory stays bounded:
+    each member is streamed, and nothing is read past a limit."""
+    import tarfile
+    import zipfile
+    seen, files, total = set(), set(), [0]
+
+    def member(name, kind_of, opener, mode):
+        if len(seen) >= max_files:
+            raise ProjectRefused("%r: the project has more than %d files (max_project_files)"
+                                 % (name[:200], max_files))
+        if kind_of == "link":
+            raise ProjectRefused("%r: a link; a project holds files and folders alone"
+                                 % name[:200])
+        if kind_of == "special":
+            raise ProjectRefused("%r: a special file (a device, a fifo); a project holds "
+                                 "files and folders alone" % name[:200])
+        if kind_of == "dir" and name.rstrip("/") and \
+                "/".join(p for p in name.split("/") if p not in ("", ".")) in seen:
+            return  # a folder named twice is one folder
+        path = _project_path(name, seen, files)
+        if not path:
+            return
+        target = os.path.join(dest, path) if dest is not None else None
+        if kind_of == "dir":
+            if target is not None:
+                os.makedirs(target, 0o755, exist_ok=True)
+            return
+        files.add(path)
+        out = None
+        if target is not None:
+            os.makedirs(os.path.dirname(target) or ".", 0o755, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o755 if mode & 0o111 else 0o644)
+            out = os.fdopen(fd, "wb")
+        try:
+            with opener() as src:
+                room = max_bytes - total[0]
+                done = 0
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    done += len(chunk)
+                    if done > room:
+                        raise ProjectRefused("%r: the project unpacks to more than "
+                                             "max_project_bytes (%d bytes)"
+                                             % (name[:200], max_bytes))
+                    if out is not None:
+                        out.write(chunk)
+                total[0] += done
+        finally:
+            if out is not None:
+                out.close()
+
+    if kind == "zip":
+        with zipfile.ZipFile(fileobj) as zf:
+            for info in zf.infolist():
+                mode = info.external_attr >> 16
+                fmt = stat.S_IFMT(mode)
+                if info.flag_bits & 0x1:
+                    raise ProjectRefused("%r: encrypted" % info.filename[:200])
+                kind_of = ("dir" if info.is_dir() or fmt == stat.S_IFDIR else
+                           "link" if fmt == stat.S_IFLNK else
+                           "file" if fmt in (0, stat.S_IFREG) else "special")
+                member(info.filename, kind_of, lambda info=info: zf.open(info), mode)
+    else:
+        with tarfile.open(fileobj=fileobj, mode="r:*") as tf:
+            while True:
+                info = tf.next()
+                if info is None:
+                    break
+                tf.members = []  # keep no list of a million members
+                kind_of = ("dir" if info.isdir() else "file" if info.isreg() else
+                           "link" if info.issym() or info.islnk() else "special")
+                if kind_of == "file" and info.size > max_bytes - total[0]:
+                    raise ProjectRefused("%r: the project unpacks to more than "
+                                         "max_project_bytes (%d bytes)"
+                                         % (info.name[:200], max_bytes))
+                member(info.name, kind_of, lambda info=info: tf.extractfile(info), info.mode)
+    return files
+
 
 #: What every node's GPUs are read with.
 GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu",
@@ -880,6 +1083,35 @@ def wrap(cmd, report):
     report(True)
     limit, grace = float(cmd["limit"]), float(cmd["grace"])
     cap = int(cmd.get("output_limit", 10 * 1024 * 1024))
+    # ``run_as``: the job runs as that user, with that group alone; the wrapper stays
+    # root, so the job cannot touch it, its files, or the agent.
+    who = {} if cmd.get("run_as") is None else dict(zip(("user", "group"), cmd["run_as"]),
+                                                     extra_groups=[])
+    run = cmd["launch"]
+    here, why_not = os.getcwd(), None
+    if run.get("project"):  # unpacked as the job's user, in a process of its own
+        p = run["project"]
+        r = subprocess.run([sys.executable, cmd["program"], "unpack", p["kind"],
+                            NodeFiles.PROJECT_ARCHIVE, NodeFiles.PROJECT, str(p["max_bytes"]),
+                            str(p["max_files"])], stdin=subprocess.DEVNULL,
+                           capture_output=True, **who)
+        if r.returncode:
+            why_not = "its project could not be unpacked: " + \
+                r.stderr.decode("utf-8", "replace").strip()[-1000:]
+        here = os.path.join(here, NodeFiles.PROJECT)
+    outputs = os.path.join(here, NodeFiles.OUTPUTS)
+    if why_not is None:
+        try:
+            os.mkdir(outputs, 0o755)
+            if who:
+                os.chown(outputs, *cmd["run_as"], follow_symlinks=False)
+        except FileExistsError:
+            pass  # the project brought one
+        except OSError as exc:
+            why_not = "cannot make its outputs folder: %s" % exc
+    argv = [run["python"], run["entry"]]
+    if run.get("setup"):
+        argv = ["/bin/sh", "-c", run["setup"] + '\nexec "$0" "$@"'] + argv
     stop = []  # a SIGTERM arrived: a cancel
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     signal.signal(signal.SIGCHLD, lambda *a: None)
@@ -895,16 +1127,26 @@ def wrap(cmd, report):
         r, w = os.pipe()
         pipes[name] = (r, w, CappedOutput(name, cap))
         sel.register(r, selectors.EVENT_READ, pipes[name][2])
-    # ``run_as``: the job runs as that user, with that group alone; the wrapper stays
-    # root, so the job cannot touch it, its files, or the agent.
-    who = {} if cmd.get("run_as") is None else dict(zip(("user", "group"), cmd["run_as"]),
-                                                     extra_groups=[])
-    job = subprocess.Popen(
-        [sys.executable, NodeFiles.CODE], stdin=subprocess.DEVNULL, stdout=pipes["stdout"][1],
-        stderr=pipes["stderr"][1], env=dict(os.environ, **cmd["env"]), start_new_session=True,
-        **who)
+    job = None
+    if why_not is None:
+        try:
+            job = subprocess.Popen(
+                argv, cwd=here, stdin=subprocess.DEVNULL, stdout=pipes["stdout"][1],
+                stderr=pipes["stderr"][1], start_new_session=True,
+                env=dict(os.environ, **cmd["env"], GPUQUEUE_OUTPUT_DIR=outputs), **who)
+        except OSError as exc:
+            why_not = "cannot start %s: %s" % (run["python"], exc.strerror or exc)
     for r, w, _ in pipes.values():
         os.close(w)
+    if job is None:
+        for name, (r, _, out) in pipes.items():
+            os.close(r)
+            if name == "stderr":
+                out.write(("gpuqueue: the job did not start: %s\n" % why_not).encode())
+            out.close()
+        publish(NodeFiles.RESULT, {"exit_code": None, "reason": "not started",
+                                   "detail": why_not})
+        return 0
     publish(NodeFiles.PIDS, {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
     deadline = time.monotonic() + limit
     reason = status = drain_until = None
@@ -957,6 +1199,7 @@ def fork_wrapper(cmd):
     try:
         os.close(claim_r)
         os.setsid()
+        cmd["program"] = os.path.abspath(sys.argv[0])  # the unpacker, for a project
         os.chdir(cmd["dir"])
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -997,6 +1240,45 @@ def exit_report(cmd):
 SAYING = threading.Lock()
 
 
+def check_environments(environments):
+    """Whether each environment's python starts, with its setup line: name -> None,
+    or the reason it does not (what it wrote, or that it hung)."""
+    found = {}
+    for name, env in environments.items():
+        argv = [env["python"], "-c", "import sys; print(sys.version.split()[0])"]
+        if env.get("setup"):
+            argv = ["/bin/sh", "-c", env["setup"] + '\nexec "$0" "$@"'] + argv
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            found[name] = None if r.returncode == 0 else "%s exited with %d: %s" % (
+                env["python"], r.returncode,
+                r.stderr.decode("utf-8", "replace").strip()[-300:] or "no message")
+        except subprocess.TimeoutExpired:
+            found[name] = "%s did not start within 60 s" % env["python"]
+        except OSError as exc:
+            found[name] = "cannot run %s: %s" % (env["python"], exc.strerror or exc)
+    return found
+
+
+def node_main(argv):
+    """The node program's entry: the agent, or (``unpack KIND ARCHIVE DEST MAX_BYTES
+    MAX_FILES``) a project's unpacking, which wrappers and Slurm's job.sh run as
+    the job's user."""
+    if argv[:1] != ["unpack"]:
+        return agent()
+    kind, archive, dest, max_bytes, max_files = argv[1:]
+    try:
+        with open(archive, "rb") as f:
+            unpack_project(f, kind, dest, int(max_bytes), int(max_files))
+    except ProjectRefused as exc:
+        sys.stderr.write("%s\n" % exc)
+        return 2
+    except Exception as exc:  # tarfile, zipfile, zlib: each its own error
+        sys.stderr.write("not a readable %s archive: %s\n" % (kind, exc))
+        return 2
+    return 0
+
+
 def say(op, **fields):
     """Write one report (REPORTS) to the server."""
     data = message(REPORTS, op, **fields)
@@ -1032,6 +1314,9 @@ def obey(cmd, children, watched):
                          daemon=True).start()
     elif op == "ping":
         say("pong")
+    elif op == "check":  # in a thread: a setup line may take seconds
+        threading.Thread(target=lambda: say("checked", environments=check_environments(
+            cmd["environments"])), daemon=True).start()
 
 
 def agent():
@@ -1082,6 +1367,8 @@ def agent():
 
 STATES = ("pending", "running", "completed", "failed", "cancelled")
 FINAL_STATES = STATES[2:]
+#: Where a finished job's files stand: see Job.outputs.
+OUTPUT_STATES = ("collecting", "complete", "truncated", "lost", "none")
 
 #: Upper bound for free-text ids in a job's config.
 MAX_ID_LENGTH = 200
@@ -1140,6 +1427,19 @@ class Job:
     gpus: int = job_field({"type": "integer", "default": 1}, 1,
                           doc="GPUs the job needs, all on one node (default 1)",
                           config="optional", stored=True, minimum=1)
+    entrypoint: str | None = job_field(
+        {**_TEXT, "nullable": True}, None,
+        doc="with a project (an archive as code): the script in it to run (default main.py)",
+        config="optional", stored=True)
+    environment: str | None = job_field(
+        {**_TEXT, "nullable": True}, None,
+        doc="one of the server's environments (GET /api/nodes lists them); default: the "
+        "node's python3", config="optional", stored=True)
+    env: dict = job_field(
+        {"type": "object", "additionalProperties": {"type": "string"}}, None,
+        doc="the job's own environment variables (config.yaml: a mapping; the status "
+        "record shows their names alone)", config="optional", stored=True,
+        show=lambda job: sorted(job.env or ()))
     status: str = job_field({"type": "string", "enum": list(STATES)}, "pending",
                             show=lambda job: job.shown_status)
     #: While it runs: the GPUs it got (CUDA_VISIBLE_DEVICES).
@@ -1154,6 +1454,12 @@ class Job:
     exit_code: int | None = job_field({"type": "integer", "nullable": True}, None)
     error: str | None = job_field(_NULLABLE_STR, None)
     cancel_requested: bool = job_field({"type": "boolean"}, False)
+    #: Once it has ended: where its files stand (OUTPUT_STATES).
+    outputs: str | None = job_field(
+        {"type": "string", "enum": list(OUTPUT_STATES), "nullable": True}, None,
+        doc="once it has ended, its files ($GPUQUEUE_OUTPUT_DIR): being brought back, "
+        "complete, truncated (past the limits; GET /api/outputs says what was cut), lost "
+        "(not brought back, with the reason) or none (it never ran)")
     #: On a slurm node: Slurm's id, state and reason (in memory; replaced whole).
     slurm: dict | None = job_field(
         {"slurm_job_id": {"type": "string"}, "slurm_state": {"type": "string"},
@@ -1197,6 +1503,13 @@ class Job:
             elif f.type == "str":
                 if not isinstance(value, str):
                     raise ValueError(f"job.json: {f.name!r} must be a string")
+            elif f.type == "str | None":
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"job.json: {f.name!r} must be a string or null")
+            elif f.type == "dict":
+                if value is not None and not (isinstance(value, dict) and all(
+                        isinstance(v, str) for v in value.values())):
+                    raise ValueError(f"job.json: {f.name!r} must map names to strings")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise ValueError(f"job.json: {f.name!r} must be a number")
@@ -1353,7 +1666,8 @@ class JobFolder:
     never a path), so that each file name means one thing everywhere.
     """
 
-    CODE = "code.py"          # the script as uploaded
+    CODE = "code.py"          # the script as uploaded, or
+    PROJECT = "project.archive"  # the project (an archive) as uploaded
     CONFIG = "config.yaml"    # the config as uploaded, token removed
     RECORD = "job.json"       # the submit record (Job.meta)
     START = "start.json"      # claimed by a node: when, and which node
@@ -1385,7 +1699,8 @@ class JobFolder:
         # hand-off between eight busy threads.
         fds = []
         try:
-            for name, data in ((cls.CODE, code), (cls.CONFIG, config_data),
+            for name, data in ((cls.PROJECT if job.entrypoint else cls.CODE, code),
+                               (cls.CONFIG, config_data),
                                (cls.RECORD, json.dumps(job.meta()).encode())):
                 fds.append(os.open(Path(path) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 write_all(fds[-1], data)
@@ -1415,7 +1730,11 @@ class JobFolder:
         return job
 
     def code(self):
-        return (self.path / self.CODE).read_bytes()
+        """The script or the project's archive, as uploaded."""
+        try:
+            return (self.path / self.CODE).read_bytes()
+        except FileNotFoundError:
+            return (self.path / self.PROJECT).read_bytes()
 
     # -- claim, launch, cancel -----------------------------------------------
 
@@ -1771,8 +2090,9 @@ class Spool:
                 raise DiskFull("the server's spool disk is full; try again later") from None
             raise
 
-    def enqueue(self, job, staged, online, max_pending):
-        """Queue a staged job on the least-loaded node; returns queue_position's pair.
+    def enqueue(self, job, staged, online, max_pending, able=None):
+        """Queue a staged job on the least-loaded node (of ``able``, those that can run
+        it, when given); returns queue_position's pair.
 
         Raises TooMany (and removes the staged folder) when the job's user already
         has ``max_pending`` pending jobs.
@@ -1781,8 +2101,8 @@ class Spool:
             waiting = self._pending_per_user[job.user_id]
             if waiting < max_pending:
                 loads = self._loads()
-                big = [n for n in self._node_ids if self._gpu_count[n] >= job.gpus] \
-                    or list(self._node_ids)
+                big = [n for n in self._node_ids if self._gpu_count[n] >= job.gpus
+                       and (able is None or n in able)] or list(able or self._node_ids)
                 open_ = [n for n in big if n not in self._drained]
                 # Offline nodes only when none is online; drained ones only when all are.
                 candidates = [n for n in open_ if n in online] or open_ or big
@@ -2147,16 +2467,18 @@ class Spool:
     def move_pending(self, node_id, online):
         """Move a node's pending jobs to the least-loaded of ``online`` nodes that
         are not drained, oldest first.  Returns the nodes that received jobs.
+        ``online`` maps each node to whether it can run a job (its environment).
         """
         moved = set()
         with self._lock:
+            takes = online
             online = [n for n in online if n not in self._drained and n != node_id]
             if not online or not self._queues[node_id]:
                 return set()
             loads = self._loads()
             for job_id in self._queues[node_id].ids():
                 job = self._active[job_id]
-                fits = [n for n in online if self._gpu_count[n] >= job.gpus]
+                fits = [n for n in online if self._gpu_count[n] >= job.gpus and takes[n](job)]
                 if not fits:
                     continue  # no online node is big enough: it waits here
                 dest = min(fits, key=lambda n: (loads[n], n))
@@ -2468,8 +2790,8 @@ def node_program():
                if lines[i].startswith("# ") and lines[i].rstrip().endswith("###")) - 1
     source = ('"""gpuqueue\'s node program: made from gpuqueue.py, holds no user data."""\n'
               "import base64, collections, contextlib, json, math, os, pwd, re, selectors, "
-              "shutil, signal, subprocess, sys, threading, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
-              'if __name__ == "__main__":\n    sys.exit(agent())\n')
+              "shutil, signal, stat, subprocess, sys, threading, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
+              'if __name__ == "__main__":\n    sys.exit(node_main(sys.argv[1:]))\n')
     return f"gq_node-{hashlib.sha256(source.encode()).hexdigest()[:16]}.py", source
 
 
@@ -2528,8 +2850,8 @@ def describe_exit(exit_code):
 
 def run_outcome(exit_code, reason, streams, detail=None):
     """The Outcome of a run as its wrapper left it: ``reason`` is None (it ended by
-    itself), "timeout", "cancelled", "lost" (no result) or "unfollowed" (stopped,
-    ``detail`` says why)."""
+    itself), "timeout", "cancelled", "lost" (no result), "unfollowed" (stopped) or
+    "not started" (its project or interpreter failed it); ``detail`` says why."""
     if reason == "cancelled":
         return Outcome("cancelled", exit_code, "cancelled while running", streams)
     if reason == "timeout":
@@ -2537,7 +2859,7 @@ def run_outcome(exit_code, reason, streams, detail=None):
     if reason == "lost":
         return Outcome("failed", exit_code, "the job's wrapper ended without a result "
                        "(killed or crashed)", streams)
-    if reason == "unfollowed":
+    if reason in ("unfollowed", "not started"):
         return Outcome("failed", exit_code, detail, streams)
     status, error = describe_exit(exit_code)
     return Outcome(status, exit_code, error, streams)
@@ -2562,9 +2884,27 @@ class Run:
         self._on_exit()
 
 
+def job_run(node, config, job, code):
+    """What a job's wrapper runs (the start's ``launch``): the interpreter and setup
+    of its environment, its entry script and, for a project, how to unpack it."""
+    env = config.environments.get(job.environment) if job.environment else None
+    kind = archive_kind(code[:512]) if job.entrypoint else None
+    return {"python": env.python if env else node.job_python,
+            "setup": env.setup if env else None,
+            "entry": job.entrypoint or NodeFiles.CODE,
+            "project": kind and {"kind": kind, "max_bytes": config.max_project_bytes,
+                                 "max_files": config.max_project_files}}
+
+
+def node_files(job, code):
+    """The files a job's folder on its node starts with."""
+    return {NodeFiles.PROJECT_ARCHIVE if job.entrypoint else NodeFiles.CODE: code}
+
+
 def job_env(node, job):
-    """Variables every job gets, whatever its node."""
-    return {**node.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    """Variables every job gets, whatever its node: the job's own (``env``) first,
+    so that gpuqueue's win."""
+    return {**node.env, **(job.env or {}), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": ",".join(job.gpu_ids or node.gpus[:job.gpus]),
             "GPUQUEUE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
 
@@ -2601,10 +2941,10 @@ class _Agent:
             self._cond.wait_for(lambda: key in self._replies or self.closed, timeout)
             return self._replies.pop(key, None)
 
-    def ask(self, op, timeout):
-        """Send ``op`` and wait for its answer (the reply to ping is pong)."""
-        self.send(op)
-        return self.reply(({"ping": "pong"}.get(op, op), None), timeout)
+    def ask(self, op, timeout, **fields):
+        """Send ``op`` and wait for its answer (ping's is pong, check's checked)."""
+        self.send(op, **fields)
+        return self.reply(({"ping": "pong", "check": "checked"}.get(op, op), None), timeout)
 
     def close(self):
         self._closing = True
@@ -3250,6 +3590,8 @@ WRAPPER_START_TIMEOUT = 120
 INLINE_OUTPUT = 64 * 1024
 #: The most seconds a GPU reading may take.
 GPU_TIMEOUT = 25
+#: The most seconds a node's check of its environments may take (each has 60).
+ENVIRONMENT_CHECK_TIMEOUT = 180
 
 
 class AgentExecutor:
@@ -3267,6 +3609,9 @@ class AgentExecutor:
         self.config = config
         self.link = link
         self._agent = None
+        #: The node's environments: name -> None (it works) or why not; replaced
+        #: whole at each connect, read by any thread.
+        self.environments = dict.fromkeys(node.environments)
 
     # -- the link and the agent ----------------------------------------------
 
@@ -3300,6 +3645,22 @@ class AgentExecutor:
             raise NodeError("the node's agent did not start: "
                             f"{self.link.why_not_started(channel) or 'no answer'}")
         self._agent = agent
+        if self.node.environments:
+            self._check_environments()
+
+    def _check_environments(self):
+        """Ask the node whether each of its environments' pythons starts; the ones
+        that do not show in /api/nodes with the reason and take no job."""
+        envs = {n: {"python": e.python, "setup": e.setup}
+                for n, e in self.config.environments.items() if n in self.node.environments}
+        reply = self._agent.ask("check", ENVIRONMENT_CHECK_TIMEOUT, environments=envs)
+        found = (reply or {}).get("environments")
+        if not isinstance(found, dict):
+            found = dict.fromkeys(envs, "the node did not answer its check")
+        self.environments = {n: found.get(n) for n in envs}
+        for name, why in self.environments.items():
+            if why:
+                log.warning("node %s: environment %s does not work: %s", self.node.id, name, why)
 
     def close(self):
         if self._agent is not None:
@@ -3340,7 +3701,8 @@ class AgentExecutor:
         passed.  LeaseUnconfirmed when the node did not answer in time: the job may
         not start after the lease, so it may go elsewhere once the lease is over."""
         self.connect()
-        self.link.new_folder(job.id, {NodeFiles.CODE: folder.code()})
+        code = folder.code()
+        self.link.new_folder(job.id, node_files(job, code))
         lease = time.time() + self.config.node_timeout
         folder.mark_launching(self.link.describe(job.id))
         run = Run(job, job.id, on_exit)
@@ -3352,7 +3714,8 @@ class AgentExecutor:
                    run_as=getattr(self.link, "run_as", None),
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
                    output_limit=self.config.output_limit_bytes, deadline=lease,
-                   inline=min(INLINE_OUTPUT, self.config.output_limit_bytes))
+                   inline=min(INLINE_OUTPUT, self.config.output_limit_bytes),
+                   launch=job_run(self.node, self.config, job, code))
         reply = self._agent.reply(("started", job.id), max(0.0, lease - time.time()))
         if reply is None:
             self.close()
@@ -3438,7 +3801,8 @@ class AgentExecutor:
             try:
                 streams = {s: base64.b64decode(r[s]).decode("utf-8", "replace")
                            for s in NodeFiles.STREAMS}
-                return run_outcome(r["result"]["exit_code"], r["result"]["reason"], streams)
+                return run_outcome(r["result"]["exit_code"], r["result"]["reason"], streams,
+                                   r["result"].get("detail"))
             except (KeyError, TypeError, ValueError):
                 pass  # read the files instead
         limit = self.config.output_limit_bytes
@@ -3447,7 +3811,7 @@ class AgentExecutor:
                    for s in NodeFiles.STREAMS}
         try:
             r = json.loads(self.link.read_text(f"{run.work}/{NodeFiles.RESULT}"))
-            return run_outcome(r["exit_code"], r["reason"], streams)
+            return run_outcome(r["exit_code"], r["reason"], streams, r.get("detail"))
         except (FileNotFoundError, ValueError, KeyError):
             return run_outcome(None, "lost", streams)
 
@@ -3505,9 +3869,20 @@ class SlurmExecutor:
         self.node = node
         self.config = config
         self.link = link
+        #: Taken to work: its compute nodes are not this login host, so only the
+        #: job can find out.
+        self.environments = dict.fromkeys(node.environments)
+        self._installed = False
 
     def connect(self):
+        """Connect, and put the node program (a project's unpacker) in the shared
+        workdir once per link."""
+        if not self.link.up():
+            self._installed = False
         self.link.connect()
+        if not self._installed:
+            self.link.guard(self.link.install, *node_program())
+            self._installed = True
 
     def gpu_reading(self):
         return None  # the login host's GPUs are not the jobs' GPUs
@@ -3517,9 +3892,19 @@ class SlurmExecutor:
         self.link.connect()
         remote = self.link.path(job.id)
         env = {k: v for k, v in job_env(self.node, job).items() if k != "CUDA_VISIBLE_DEVICES"}
-        script = "#!/bin/sh\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()) \
-            + f"exec {shlex.quote(self.node.python)} {NodeFiles.CODE}\n"
-        self.link.new_folder(job.id, {NodeFiles.CODE: folder.code(),
+        code = folder.code()
+        run = job_run(self.node, self.config, job, code)
+        q = shlex.quote
+        script = "#!/bin/sh\n" + "".join(f"export {k}={q(v)}\n" for k, v in env.items())
+        if run["project"]:  # unpacked by the node program, which connect() put beside it
+            p = run["project"]
+            script += (f"{q(self.node.python)} ../{q(node_program()[0])} unpack {p['kind']} "
+                       f"{NodeFiles.PROJECT_ARCHIVE} {NodeFiles.PROJECT} {p['max_bytes']} "
+                       f"{p['max_files']} || exit 125\ncd {NodeFiles.PROJECT} || exit 125\n")
+        script += (f"mkdir -p {NodeFiles.OUTPUTS}\nexport GPUQUEUE_OUTPUT_DIR=\"$PWD/"
+                   f"{NodeFiles.OUTPUTS}\"\n" + (f"{run['setup']}\n" if run["setup"] else "")
+                   + f"exec {q(run['python'])} {q(run['entry'])}\n")
+        self.link.new_folder(job.id, {**node_files(job, code),
                                       NodeFiles.SLURM_SCRIPT: script.encode()})
         folder.mark_launching(self.link.describe(job.id))  # from here on Slurm may have it
         limit = math.ceil(self.config.time_limit(job.expected_time))
@@ -3649,7 +4034,13 @@ def _last_words(stderr, limit=500):
 #: the YAML is parsed, so no upload can make the parser work hard.
 MAX_CONFIG_BYTES = 8 * 1024
 
-_JSON_TYPES = {"string": str, "integer": int, "number": _NUMBER}
+_JSON_TYPES = {"string": str, "integer": int, "number": _NUMBER, "object": dict}
+
+#: A job's own variables (``env``): names like a shell's, and not too many or long.
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+MAX_ENV_VARS, MAX_ENV_VALUE = 64, 4096
+#: Variables gpuqueue sets for every job, which ``env`` may not change.
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTHONUNBUFFERED")
 
 
 @functools.cache
@@ -3711,11 +4102,39 @@ def parse_job_config(data, config):
     return cfg
 
 
+def _checked_env(key, value):
+    """A job's own variables: names checked, values made strings, gpuqueue's own
+    variables refused (a job must not move itself to another GPU or job id)."""
+    if len(value) > MAX_ENV_VARS:
+        raise BadRequest(f"config_file: {key!r} sets {len(value)} variables, more than "
+                         f"{MAX_ENV_VARS}")
+    out = {}
+    for name, v in value.items():
+        shown = name if isinstance(name, str) and len(name) <= 40 and name.isprintable() else "…"
+        if not (isinstance(name, str) and ENV_NAME_RE.match(name)):
+            raise BadRequest(f"config_file: {key!r}: {shown!r} is not a variable name "
+                             "(letters, digits and '_', not starting with a digit)")
+        if name in RESERVED_ENV or name.startswith("GPUQUEUE_"):
+            raise BadRequest(f"config_file: {key!r}: {name} is set by gpuqueue and cannot "
+                             "be changed")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise BadRequest(f"config_file: {key!r}: {name} must be a string or a number")
+        v = str(v)
+        if len(v) > MAX_ENV_VALUE or "\0" in v:
+            raise BadRequest(f"config_file: {key!r}: {name} must be at most {MAX_ENV_VALUE} "
+                             "characters, without NUL")
+        out[name] = v
+    return out
+
+
 def _checked_key(key, spec, value, config):
     kind = spec["schema"]["type"]
     if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
-        what = {"number": "a number", "integer": "a whole number"}.get(kind, "a string (quote it)")
+        what = {"number": "a number", "integer": "a whole number",
+                "object": "a mapping of names to values"}.get(kind, "a string (quote it)")
         raise BadRequest(f"config_file: {key!r} must be {what}")
+    if kind == "object":
+        return _checked_env(key, value)
     if kind == "string":
         if key != "token" and not (0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
             raise BadRequest(f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable "
@@ -3835,7 +4254,7 @@ class Worker:
         """Would this node start ``job`` now, given the room left (``room``, a dict
         of every node's)?  If so, the room is taken, as its own scheduler would."""
         n = self.node.id
-        if job.gpus <= len(self.node.gpus) and self.cost(job) <= room.get(n, 0):
+        if job.gpus <= len(self.node.gpus) and self.has(job) and self.cost(job) <= room.get(n, 0):
             room[n] -= self.cost(job)
             return True
         return False
@@ -3910,7 +4329,7 @@ class Worker:
 
     def _shed(self):
         """Hand this node's pending jobs to online nodes that are not drained."""
-        online = [n for n, w in self.peers.items() if w.online and w is not self]
+        online = {n: w.has for n, w in self.peers.items() if w.online and w is not self}
         for n in self.spool.move_pending(self.node.id, online):
             self.peers[n].wake.set()
 
@@ -3931,7 +4350,14 @@ class Worker:
                 "state": "online" if self.online else "offline",
                 "drained": state.drained, "error": self.error,
                 "running_job": state.running[0].id if state.running else None,
-                "running_jobs": [j.id for j in state.running]}
+                "running_jobs": [j.id for j in state.running],
+                "environments": dict(self.executor.environments)}
+
+    def has(self, job):
+        """Has this node the environment ``job`` asks for, in working order (as far
+        as its last check knows)?"""
+        return job.environment is None or (
+            self.executor.environments.get(job.environment, "absent") is None)
 
 
 #: Seconds the server waits past a start's lease before it gives the job to
@@ -4024,7 +4450,7 @@ class GpuWorker(Worker):
                 break
             if n != self.node.id and self.peers[n].could_start(job, room):
                 continue
-            if job.gpus > len(self.node.gpus):
+            if job.gpus > len(self.node.gpus) or not self.has(job):
                 continue
             if holding is None:
                 if job.gpus <= len(free):
@@ -4287,7 +4713,7 @@ class SlurmWorker(Worker):
                 break
             if n != self.node.id and self.peers[n].could_start(job, room):
                 continue
-            if job.gpus <= len(self.node.gpus):
+            if job.gpus <= len(self.node.gpus) and self.has(job):
                 return (job, n, ()), None
         return None, None
 
@@ -4613,13 +5039,19 @@ class Scheduler:
         way in for uploads and dropped folders alike.  ``user`` is the caller's token
         record when it was already checked; else the config's ``token`` is.
         (job, position, start)."""
-        if not code.strip():
-            raise BadRequest("code is empty")
-        try:
-            code.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("code must be UTF-8 text") from None
+        kind = archive_kind(code[:512])
+        if kind is None:
+            if not code.strip():
+                raise BadRequest("code is empty")
+            try:
+                code.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("code must be UTF-8 text, or a project: a tar or zip "
+                                 "archive") from None
         cfg = parse_job_config(config_data, self.config)
+        if kind is None and "entrypoint" in cfg:
+            raise BadRequest("config_file: 'entrypoint' names the script inside a project, "
+                             "but code is a single script, not an archive")
         if user is None:
             user = self.authenticate(cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
@@ -4627,10 +5059,13 @@ class Scheduler:
         for key, spec in JOB_KEYS.items():
             if spec["below"] is not None and cfg.get(key, 0) > spec["below"] and not user["admin"]:
                 raise Forbidden(f"only an admin may give a job a {key} above {spec['below']}")
-        most = max(len(n.gpus) for n in self.config.nodes)
+        able = self._able(cfg.get("environment"))
+        most = max(len(n.gpus) for n in self.config.nodes if able is None or n.id in able)
         if cfg.get("gpus", 1) > most:
             raise BadRequest(f"config_file: 'gpus' is {cfg['gpus']}, but no node has more "
                              f"than {most}")
+        if kind is not None:  # checked whole before anything is written
+            cfg["entrypoint"] = self._check_project(code, kind, cfg.get("entrypoint"))
         self._spool.admit(len(code) + len(config_data), self.config.min_free_bytes)
         job = Job(id=job_id or new_job_id(), submitted_at=time.time(), node_id=-1,
                   **{k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"})
@@ -4641,13 +5076,54 @@ class Scheduler:
         staged = self._spool.stage(job, code, config_data)
         online = {n for n, w in self._workers.items() if w.online}
         position, start = self._spool.enqueue(job, staged, online,
-                                              self.config.max_pending_per_user)
+                                              self.config.max_pending_per_user, able)
         # Its node, and any with a free GPU that may take it (a held one, if it is short).
         states = self._spool.node_states()
         self._wake(n for n, w in self._workers.items()
                    if n == job.node_id or w.online and w.room(states[n]) or states[n].holding)
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         return job, position, start
+
+    def _able(self, environment):
+        """The nodes that have ``environment`` working (None: any node will do);
+        BadRequest naming the environments there are when none has it."""
+        if environment is None:
+            return None
+        names = ", ".join(self.config.environments) or "none are configured"
+        if environment not in self.config.environments:
+            raise BadRequest(f"config_file: environment {environment!r} is not one of the "
+                             f"server's environments ({names})")
+        nodes = {n.id for n in self.config.nodes if environment in n.environments}
+        working = {n for n in nodes if n not in self._workers
+                   or self._workers[n].executor.environments.get(environment) is None}
+        if not working:
+            why = ("no node has it" if not nodes else "it does not work on any node that has "
+                   "it (GET /api/nodes says why)")
+            raise BadRequest(f"config_file: environment {environment!r}: {why}; the "
+                             f"environments: {names}")
+        return working
+
+    def _check_project(self, code, kind, entrypoint):
+        """Read a project's archive through, as its node will unpack it, so that a
+        bad one is refused now: its entry script, made plain; BadRequest naming the
+        entry and the reason."""
+        try:
+            entry = _project_path(entrypoint or "main.py", set(), set())
+        except ProjectRefused as exc:
+            raise BadRequest(f"config_file: entrypoint {exc}") from None
+        try:
+            files = unpack_project(io.BytesIO(code), kind, None, self.config.max_project_bytes,
+                                   self.config.max_project_files)
+        except ProjectRefused as exc:
+            raise BadRequest(f"code: {exc}") from None
+        except Exception as exc:  # tarfile, zipfile and zlib each raise their own
+            raise BadRequest(f"code: not a readable {kind} archive ({exc})") from None
+        if entry not in files:
+            scripts = sorted(f for f in files if f.endswith(".py"))[:5]
+            raise BadRequest(f"config_file: entrypoint {entry!r} is not a file in the project"
+                             + (f"; its scripts include {', '.join(scripts)}" if scripts
+                                else "; it holds no .py file"))
+        return entry
 
     def job(self, job_id, user=None):
         """A copy of the job if ``user`` (a token record; None: an admin) may see
@@ -4768,8 +5244,8 @@ class Scheduler:
         if not drained:
             self._wake([node])
             return f"node {node} resumed"
-        online = [n for n, w in self._workers.items() if w.online] \
-            if self._workers else node_ids
+        online = {n: w.has for n, w in self._workers.items() if w.online} \
+            if self._workers else dict.fromkeys(node_ids, lambda job: True)
         moved = self._spool.move_pending(node, online)
         self._wake(moved)
         running = self._spool.node_state(node).running
@@ -5969,10 +6445,11 @@ class Incoming:
         log.info("incoming: %r became job %s", name, job.id)
 
     def _refuse(self, current, path, reason, name=None):
+        """Set the folder aside, then say why: the reason file is what a user (or a
+        script) waits for, so it must not appear before the folder it speaks of."""
         base = f"{name or current}.{utcnow().strftime('%Y%m%dT%H%M%S%f')}Z"
-        write_file(self.dir / f"{base}.reason.txt", f"refused: {reason}\n")
         os.rename(path, self.dir / f"{base}.refused")
-        fsync_dir(self.dir)
+        write_file(self.dir / f"{base}.reason.txt", f"refused: {reason}\n")
         log.warning("incoming: refused %r: %s", name or current, reason)
 
     @staticmethod
