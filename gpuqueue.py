@@ -1552,6 +1552,9 @@ class Outcome:
     exit_code: int | None = None
     error: str | None = None
     streams: dict = dataclasses.field(default_factory=dict)
+    #: Where the job's files are on its node (below its workdir), to be brought
+    #: back; None when it never ran there.
+    outputs_at: str | None = None
 
     def stream(self, name):
         return self.streams.get(name, "")
@@ -1676,6 +1679,9 @@ class JobFolder:
     CANCEL = "cancel"         # a cancel was asked for
     RESULT = "result.json"    # finished: how (written last; the move to done/ follows)
     STREAMS = ("stdout", "stderr")  # finished: the output, capped
+    OUTPUTS = "outputs"       # finished: the job's files, brought back from its node
+    OUTPUTS_TMP = ".outputs.tmp"  # ...while they are being brought back
+    LISTING = "outputs.json"  # ...and what came back (written last: then they are whole)
     #: A local job's work folder inside its job folder, as releases before node
     #: protocol 2 made it; recovery meets it after an upgrade.
     OLD_WORK = "work"
@@ -1819,6 +1825,38 @@ class JobFolder:
     def read_result(self):
         return read_json(self.path / self.RESULT)
 
+    def outputs_state(self, result):
+        """Where the job's files stand (OUTPUT_STATES), from its result and listing."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return read_json(self.path / self.LISTING)["state"]
+        found = result.get("outputs")
+        return found.get("state") if isinstance(found, dict) else None
+
+    def listing(self):
+        """outputs.json: what came back; None while nothing is whole yet."""
+        try:
+            return read_json(self.path / self.LISTING)
+        except (OSError, ValueError):
+            return None
+
+    def output_file(self, rel):
+        """The path of one of the job's files, by its path in the listing."""
+        return self.path / self.OUTPUTS / rel
+
+    def store_outputs(self, fetch):
+        """Bring the job's files in: ``fetch(folder)`` fills a fresh folder and says
+        what it holds (the listing); the folder takes its place, then the listing
+        is written, last, so files are never shown whole while half-written.  What
+        a cut-short attempt left is removed first."""
+        tmp, final = self.path / self.OUTPUTS_TMP, self.path / self.OUTPUTS
+        for old in (tmp, final):
+            shutil.rmtree(old, ignore_errors=True)
+        (self.path / self.LISTING).unlink(missing_ok=True)
+        listing = fetch(tmp)
+        if tmp.is_dir():
+            os.rename(tmp, final)
+        write_json(self.path / self.LISTING, listing)
+
     def stream(self, name):
         """The path of a finished job's stdout or stderr."""
         assert name in self.STREAMS
@@ -1898,6 +1936,9 @@ class Spool:
         self._queue_fds = {}
         #: The disk guard's last reading: (when, bytes that may still be accepted).
         self._disk = (-math.inf, 0)
+        #: Per node: finished jobs whose files a stopped server had not brought back
+        #: yet, (id, where on the node), found at recovery for the node's collector.
+        self._uncollected = collections.defaultdict(list)
 
     @property
     def root(self):
@@ -2037,7 +2078,9 @@ class Spool:
         try:
             r = folder.read_result()
             self._final_counts[r["node_id"]][r["status"]] += 1
-        except (OSError, ValueError, KeyError, TypeError):
+            if folder.outputs_state(r) == "collecting":  # the server stopped meanwhile
+                self._uncollected[r["node_id"]].append((folder.id, r["outputs"]["at"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         self._done_ids.append(folder.id)
 
@@ -2261,6 +2304,8 @@ class Spool:
                   "gpus": list(job.gpu_ids)}
         if job.slurm:
             result["slurm"] = {k: job.slurm[k] for k in ("id", "state", "reason")}
+        result["outputs"] = ({"state": "collecting", "at": outcome.outputs_at}
+                             if outcome.outputs_at else {"state": "none"})
         folder.write_result(result, outcome)
         return finished_at
 
@@ -2270,6 +2315,7 @@ class Spool:
         del self._active[job.id]
         job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
         job.finished_at = finished_at
+        job.outputs = "collecting" if outcome.outputs_at else "none"
         self._final_counts[job.node_id][outcome.status] += 1
         self._finished_here[job.node_id][outcome.status] += 1
         bisect.insort(self._done_ids, job.id)
@@ -2346,10 +2392,31 @@ class Spool:
                 r["node_id"], r["status"], r["exit_code"], r["error"])
             job.started_at, job.finished_at, job.slurm = (
                 r["started_at"], r["finished_at"], r.get("slurm"))
+            job.outputs = folder.outputs_state(r)
             job.gpu_ids = tuple(map(str, r.get("gpus") or ()))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return job
+
+    def uncollected(self, node_id):
+        """The node's finished jobs whose files are still to be brought back, found
+        at recovery: (id, where on the node) pairs, handed out once."""
+        with self._lock:
+            return self._uncollected.pop(node_id, [])
+
+    def store_outputs(self, job_id, fetch):
+        """Bring a finished job's files into its folder (JobFolder.store_outputs);
+        FileNotFoundError when the job is gone (retention removed it meanwhile)."""
+        folder = self.done_folder(job_id)
+        if not folder.has_result():
+            raise FileNotFoundError(errno.ENOENT, "no such finished job", job_id)
+        folder.store_outputs(fetch)
+
+    def outputs(self, job_id):
+        """(a finished job's listing, or None while its files are not whole; its
+        JobFolder, to find each file)."""
+        folder = self.done_folder(job_id)
+        return folder.listing(), folder
 
     def is_active(self, job_id):
         """Is the job still unfinished?"""
@@ -3052,6 +3119,11 @@ class Link(abc.ABC):
         """Run a step on the link, any failure of the link itself a NodeError."""
 
     @abc.abstractmethod
+    def side(self):
+        """A context giving this link for a thread other than its owner's (a file
+        listing or a copy beside the scheduler); NodeError while it is down."""
+
+    @abc.abstractmethod
     def describe(self, rel):
         """Where ``rel`` is, for people and the spool's ``launching`` record."""
 
@@ -3114,6 +3186,11 @@ class Link(abc.ABC):
 
     # -- folder trees, from the primitives --------------------------------------
 
+    def open_file(self, rel):
+        """A binary reader of the regular file at ``rel`` (links refused, as
+        _open_file says)."""
+        return self.guard(self._open_file, rel)
+
     def list_tree(self, rel, most):
         """Every entry below ``rel``, parents before children: (entries, whether
         there were more than ``most``)."""
@@ -3132,13 +3209,15 @@ class Link(abc.ABC):
             return found, False
         return self.guard(walk)
 
-    def fetch_tree(self, rel, dest, most_entries, most_bytes):
+    def fetch_tree(self, rel, dest, most_entries, most_bytes, entries=None, most_files=None):
         """Copy the regular files below ``rel`` into the new local folder ``dest``,
-        looking at ``most_entries`` entries and copying ``most_bytes`` bytes at most:
+        looking at ``most_entries`` entries (or at ``entries``, a list_tree already
+        taken) and copying ``most_bytes`` bytes and ``most_files`` files at most:
         (the TreeEntries copied, those left out: links, special files, files that
         went meanwhile, and what did not fit).  A file that grows while it is copied
         is cut at the size it was listed with."""
-        entries, _ = self.list_tree(rel, most_entries)
+        if entries is None:
+            entries, _ = self.list_tree(rel, most_entries)
         os.mkdir(dest, 0o700)
         copied, left, room = [], [], most_bytes
 
@@ -3152,7 +3231,7 @@ class Link(abc.ABC):
         for entry in entries:
             if entry.kind == "dir":
                 os.mkdir(os.path.join(dest, entry.path), 0o700)
-            elif entry.kind != "file" or entry.size > room:
+            elif entry.kind != "file" or entry.size > room or len(copied) == most_files:
                 left.append(entry)
             else:
                 try:
@@ -3233,6 +3312,9 @@ class LocalLink(Link):
 
     def guard(self, step, *args):
         return step(*args)
+
+    def side(self):
+        return contextlib.nullcontext(self)  # files by path: any thread may
 
     # -- files, named relative to the workdir --------------------------------
 
@@ -3444,16 +3526,41 @@ class SshLink(Link):
             return f"unknown host key: {text} (add it to {config.known_hosts})"
         return f"{self.node.ssh.host}:{self.node.ssh.port} via {hop}: {type(exc).__name__}: {text}"
 
+    #: True in a side() copy, which never connects or closes the connection itself.
+    _side = False
+
     def guard(self, step, *args):
         """Run a step on the connection, turning any SSH failure into NodeError."""
         try:
-            self.connect()
+            if not self._side:
+                self.connect()
             return step(*args)
         except (NodeError, FileNotFoundError):
             raise
         except Exception as exc:
-            self.close()
+            if not self._side:
+                self.close()
             raise NodeError(self.reason(exc)) from None
+
+    @contextlib.contextmanager
+    def side(self):
+        """This link with an SFTP channel of its own on the same connection: no new
+        login, and the scheduler's channel stays the scheduler's."""
+        conn = self.conn
+        if conn is None or not conn.is_connected:
+            raise NodeError(f"node {self.node.id} is not connected")
+        try:
+            sftp = conn.client.open_sftp()
+            sftp.get_channel().settimeout(self.config.node_timeout)
+        except Exception as exc:
+            raise NodeError(self.reason(exc)) from None
+        other = copy.copy(self)
+        other.sftp, other._side = sftp, True
+        try:
+            yield other
+        finally:
+            with contextlib.suppress(Exception):
+                sftp.close()
 
     def path(self, rel):
         """An absolute path in the workdir (Slurm wants absolute paths)."""
@@ -3815,11 +3922,20 @@ class AgentExecutor:
         except (FileNotFoundError, ValueError, KeyError):
             return run_outcome(None, "lost", streams)
 
-    def cleanup(self, run):
-        """Remove the job's folder on the node, once its outcome is safe in the spool
-        (before that, a restart would read a missing folder as 'never launched')."""
-        if run.work is not None and not self.config.keep_remote_dirs:
-            self._send(None, "remove", dir=run.work)
+    def remove_folder(self, rel):
+        """Remove a finished job's folder on the node, once its outcome and files are
+        safe in the spool (before that, a restart would read a missing folder as
+        'never launched').  From the collector's thread: the agent's sends are
+        locked, and nothing here connects."""
+        if self.config.keep_remote_dirs:
+            return
+        agent = self._agent
+        if agent is None or agent.closed:
+            raise NodeError(f"node {self.node.id} is not connected")
+        try:
+            agent.send("remove", dir=rel)
+        except (OSError, EOFError) as exc:
+            raise NodeError(f"lost the link to node {self.node.id}: {exc}") from None
 
     def gpu_reading(self):
         """nvidia-smi's reading on the node (gpu_reading), asked of its agent.  Called
@@ -3972,9 +4088,11 @@ class SlurmExecutor:
         """Did Slurm ever start the job?  It creates the output files when it does."""
         return self.link.exists(f"{job.id}/{NodeFiles.STREAMS[0]}")
 
-    def remove(self, job):
+    def remove_folder(self, rel):
+        """Remove a finished job's folder from the shared workdir (any thread)."""
         if not self.config.keep_remote_dirs:
-            self.link.remove(job.id)
+            with self.link.side() as side:
+                side.remove(rel)
 
 
 def _sftp_path(path):
@@ -4198,6 +4316,137 @@ SSH_MAX_BACKOFF = 10
 CLAIM_DEPTH = 200
 
 
+class Collector:
+    """One node's finished jobs' files ($GPUQUEUE_OUTPUT_DIR), brought back to the
+    spool in a thread of its own, so that the node's next job never waits for a
+    copy.  Over the node's link as a side() (an SFTP channel of its own on the
+    connection already held; no new login).  A node that is away is tried again
+    with backoff, for ``unreachable_grace``; then the files are marked lost, with
+    the reason, and left where they are.  Each job's folder on its node goes once
+    its files are safe in the spool."""
+
+    def __init__(self, node, spool, executor, config):
+        self.node = node
+        self.spool = spool
+        self.executor = executor
+        self.config = config
+        #: Heap of (when to try, job id, where on the node, when to give up, the
+        #: backoff after the next failure).
+        self._todo = []
+        self._cond = threading.Condition()
+
+    def add(self, job_id, at):
+        with self._cond:
+            heapq.heappush(self._todo, (0.0, job_id, at, time.time()
+                                        + self.config.unreachable_grace, 1.0))
+            self._cond.notify()
+
+    def run(self):
+        for job_id, at in self.spool.uncollected(self.node.id):
+            self.add(job_id, at)
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._todo and self._todo[0][0] <= time.time(),
+                                    timeout=self._todo[0][0] - time.time() if self._todo else None)
+                if not self._todo or self._todo[0][0] > time.time():
+                    continue
+                _, job_id, at, give_up, backoff = heapq.heappop(self._todo)
+            self._collect(job_id, at, give_up, backoff)
+
+    def _collect(self, job_id, at, give_up, backoff):
+        keep = False
+        try:
+            with self.executor.link.side() as link:
+                keep = self._store(job_id, link, at)
+        except NodeError as exc:
+            if time.time() < give_up:
+                with self._cond:
+                    heapq.heappush(self._todo, (time.time() + backoff, job_id, at, give_up,
+                                                min(backoff * 2, 60.0)))
+                return
+            keep = True
+            self._lost(job_id, f"node {self.node.id} stayed unreachable: {exc}; they are left "
+                       f"on it at {self.executor.link.describe(at)}")
+        except FileNotFoundError:
+            return  # the job is gone (retention): nothing to bring back for
+        except Exception as exc:
+            log.exception("node %s: the files of job %s could not be brought back",
+                          self.node.id, job_id)
+            keep = True
+            self._lost(job_id, f"internal error: {exc}")
+        if not keep:
+            try:
+                self.executor.remove_folder(at.split("/")[0])
+            except NodeError as exc:
+                log.warning("job %s: its folder on node %s stays: %s", job_id, self.node.id, exc)
+
+    def _lost(self, job_id, why):
+        with contextlib.suppress(FileNotFoundError):
+            self.spool.store_outputs(job_id, lambda folder: dict(OUTPUTS_LOST, error=why))
+        log.warning("job %s: its files were not brought back: %s", job_id, why)
+
+    def _store(self, job_id, link, at):
+        """Copy the job's files into the spool; True when they must stay on the node
+        (the spool had no room for them)."""
+        c = self.config
+        keep = []
+
+        def fetch(dest):
+            try:
+                entries, more = link.list_tree(at, 2 * c.max_output_files + 100)
+            except FileNotFoundError:
+                entries, more = [], False  # it wrote nothing (or never ran)
+            room, count, need = c.max_output_files_bytes, 0, 0
+            for e in entries:
+                if e.kind == "file" and e.size <= room and count < c.max_output_files:
+                    room, count, need = room - e.size, count + 1, need + e.size
+            try:
+                self.spool.admit(need, c.min_free_bytes)
+            except DiskFull as exc:
+                keep.append(True)
+                return dict(OUTPUTS_LOST, error=f"{exc.message} ({need} bytes); they are left "
+                            f"on node {self.node.id} at {link.describe(at)}")
+            copied, left = link.fetch_tree(at, dest, None, c.max_output_files_bytes,
+                                           entries=entries, most_files=c.max_output_files)
+            return outputs_listing(dest, copied, left, more, c)
+        self.spool.store_outputs(job_id, fetch)
+        return bool(keep)
+
+
+#: The listing of files that were not brought back (``error`` says why).
+OUTPUTS_LOST = {"state": "lost", "files": [], "skipped": [], "truncated": False, "cut": None,
+                "error": None}
+
+
+def outputs_listing(dest, copied, left, more, config):
+    """outputs.json for the files brought back into ``dest``: each with its sha256;
+    links and special files skipped; what did not fit counted as cut.  Every file
+    and folder is synced first: the listing, once written, says they are whole."""
+    files = []
+    for e in copied:
+        digest = hashlib.sha256()
+        with open(os.path.join(dest, e.path), "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            os.fsync(f.fileno())
+        files.append({"path": e.path, "size": e.size, "sha256": digest.hexdigest()})
+    for top, _, _ in os.walk(dest):
+        fsync_dir(top)
+    skipped = [{"path": e.path, "reason": "a symbolic link: not followed" if e.kind == "link"
+                else "not a regular file"} for e in left if e.kind in ("link", "other")]
+    cut = [e for e in left if e.kind == "file"]
+    truncated = bool(cut) or more
+    note = None
+    if truncated:
+        note = (f"cut at the limits: max_output_files {config.max_output_files}, "
+                f"max_output_files_bytes {config.max_output_files_bytes}"
+                + ("; the folder held more entries than were looked at" if more else ""))
+    return {"state": "truncated" if truncated else "complete", "files": files,
+            "skipped": skipped, "truncated": truncated,
+            "cut": {"files": len(cut), "bytes": sum(e.size for e in cut), "more": more}
+            if truncated else None, "error": note}
+
+
 class Worker:
     """One node's thread: what every kind of node shares.
 
@@ -4220,6 +4469,7 @@ class Worker:
         self.settled = threading.Event()  # set once the first connect has succeeded or failed
         self.started = 0  # jobs launched since the server started
         self.dispatch = Histogram()  # seconds from claim to the job's start on its node
+        self.collector = Collector(node, spool, executor, config)
 
     def run(self):
         """The node's thread, forever.  Whatever escapes a step is logged and the
@@ -4592,12 +4842,13 @@ class GpuWorker(Worker):
                 self._guarded(run.job, self._settle, run, outcome)
 
     def _settle(self, run, outcome):
-        self._record(run.job, outcome)
-        try:
-            self.executor.cleanup(run)
-        except NodeError as exc:
-            log.warning("job %s: its folder on node %s stays: %s", run.job.id, self.node.id,
-                        exc)
+        """Record how a run ended; its files are brought back beside the scheduler."""
+        if run.work is None:  # an old release's local run: it left no files to bring
+            self._record(run.job, outcome)
+            return
+        at = NodeFiles.outputs(run.work, bool(run.job.entrypoint))
+        self._record(run.job, dataclasses.replace(outcome, outputs_at=at))
+        self.collector.add(run.job.id, at)
 
     # -- GPUs ------------------------------------------------------------------
 
@@ -4811,12 +5062,12 @@ class SlurmWorker(Worker):
             self._end(job, Outcome("failed", code, f"Slurm: {state}{because}"))
 
     def _end(self, job, outcome):
-        """Record a job Slurm is done with, its output read from the shared folder."""
-        self._record(job, dataclasses.replace(outcome, streams=self.executor.streams(job)))
-        try:
-            self.executor.remove(job)
-        except NodeError as exc:
-            log.warning("job %s: its folder on node %s stays: %s", job.id, self.node.id, exc)
+        """Record a job Slurm is done with, its output read from the shared folder;
+        its files are brought back from there beside the scheduler."""
+        at = NodeFiles.outputs(job.id, bool(job.entrypoint))
+        self._record(job, dataclasses.replace(outcome, streams=self.executor.streams(job),
+                                              outputs_at=at))
+        self.collector.add(job.id, at)
 
     def why_waiting(self, job, state):
         if self.online and not state.drained and self.room(state) <= 0:
@@ -4950,6 +5201,16 @@ def _run_as(node):
     return user
 
 
+@contextlib.contextmanager
+def _node_file(link, rel):
+    """A running job's file on its node, opened beside the node's scheduler."""
+    try:
+        with link.side() as side, side.open_file(rel) as f:
+            yield f
+    except NodeError as exc:
+        raise Unavailable(f"cannot read the job's file now: {exc}") from None
+
+
 class Scheduler:
     """The front door: everything the HTTP API, drop folders and admin control
     may ask of the queue (submit, look, cancel, read output, drain, figures).  It
@@ -4995,6 +5256,7 @@ class Scheduler:
         Returns once the local nodes' agents are up (a moment), so that a new
         server shows them online."""
         threads = {f"node-{n}": w.run for n, w in self._workers.items()}
+        threads.update({f"collect-{n}": w.collector.run for n, w in self._workers.items()})
         gpu_nodes = {n: w for n, w in self._workers.items() if isinstance(w, GpuWorker)}
         threads.update({"gpus": functools.partial(watch_gpus, self._spool, gpu_nodes)},
                        **dict(loops))
@@ -5198,6 +5460,43 @@ class Scheduler:
                 return b"", job
         raise Unavailable("the job changed state while its output was read; try again")
 
+    def outputs(self, job):
+        """A job's files: (the listing GET /api/outputs shows; path -> (size, opener)
+        of each file to send, ``opener()`` a context giving a binary reader).  While
+        the job runs, what is on its node so far, read over the node's connection
+        (no sha256 then); Conflict while it is pending."""
+        if job.status == "pending":
+            raise Conflict("job is pending; its files are listed once it runs")
+        base = {"job_id": job.id, "skipped": [], "truncated": False, "cut": None, "error": None}
+        if job.status == "running":
+            worker = self._workers.get(job.node_id)
+            if worker is None:
+                raise Unavailable("the server is not running")
+            at = NodeFiles.outputs(job.id, bool(job.entrypoint))
+            link = worker.executor.link
+            try:
+                with link.side() as side:
+                    entries, more = side.list_tree(at, 2 * self.config.max_output_files + 100)
+            except FileNotFoundError:
+                entries, more = [], False
+            except NodeError as exc:
+                raise Unavailable(f"cannot read the job's files now: {exc}") from None
+            files = [e for e in entries if e.kind == "file"]
+            listing = dict(base, state="running", truncated=more,
+                           files=[{"path": e.path, "size": e.size, "sha256": None}
+                                  for e in files],
+                           skipped=[{"path": e.path, "reason": "not a regular file"}
+                                    for e in entries if e.kind in ("link", "other")])
+            return listing, {e.path: (e.size, functools.partial(_node_file, link,
+                                                                 f"{at}/{e.path}"))
+                             for e in files}
+        stored, folder = self._spool.outputs(job.id)
+        if stored is None:
+            return dict(base, state=job.outputs or "none", files=[]), {}
+        return dict(base, **stored), {
+            f["path"]: (f["size"], functools.partial(open, folder.output_file(f["path"]), "rb"))
+            for f in stored["files"]}
+
     def wait_finished(self, job, timeout):
         return self._spool.wait_finished(job.id, timeout)
 
@@ -5263,6 +5562,8 @@ class Scheduler:
 
 #: Bytes of output one /api/logs answer or follow line carries at most.
 LOG_CHUNK = 64 * 1024
+#: Bytes per piece when a job's file is sent.
+FILE_CHUNK = 1024 * 1024
 #: Seconds between looks at a followed job's output while it has nothing new.
 LOG_POLL = 0.5
 #: Seconds between the keep-alive spaces of a quiet follow, and between its checks
@@ -5319,6 +5620,33 @@ class HttpError(GpuqueueError):
         self.status = status
 
 
+#: Types a job's file is sent with, to be shown in a browser: text and pictures that
+#: run no script (never HTML or SVG, which would run in the dashboard's origin).
+SHOWN_INLINE = {".txt": "text/plain; charset=utf-8", ".log": "text/plain; charset=utf-8",
+                ".csv": "text/plain; charset=utf-8", ".json": "text/plain; charset=utf-8",
+                ".yaml": "text/plain; charset=utf-8", ".png": "image/png",
+                ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif"}
+
+
+def tar_stream(files):
+    """A tar of ``files`` (path -> (size, opener)), made as it is sent.  Each member
+    is as long as its listing says: a file that grew is cut there, one that shrank
+    (or went) is padded with zeros, so the tar is always whole."""
+    import tarfile
+    now = time.time()
+    for path, (size, opener) in sorted(files.items()):
+        info = tarfile.TarInfo(path)
+        info.size, info.mode, info.mtime = size, 0o644, now
+        yield info.tobuf(tarfile.PAX_FORMAT)
+        todo = size
+        with contextlib.suppress(FileNotFoundError, Unavailable), opener() as f:
+            while todo > 0 and (chunk := f.read(min(todo, FILE_CHUNK))):
+                todo -= len(chunk)
+                yield chunk
+        yield bytes(todo) + bytes(-size % 512)
+    yield bytes(1024)
+
+
 def http_status(exc):
     """The status code that answers a GpuqueueError."""
     if isinstance(exc, HttpError):
@@ -5357,6 +5685,8 @@ class Api:
         ("GET", "/api/nodes", "nodes"),
         ("GET", "/api/jobs", "jobs"),
         ("GET", "/api/logs/<job_id>", "logs"),
+        ("GET", "/api/outputs/<job_id>", "outputs"),
+        ("GET", "/api/outputs/<job_id>/<path:path>", "output_file"),
         ("GET", "/metrics", "metrics"),
     )
 
@@ -5526,6 +5856,64 @@ class Api:
                 "offset": int(offset), "next_offset": int(offset) + len(data),
                 "data": data.decode("utf-8", "replace"),
                 "complete": job.status in FINAL_STATES and not data}
+
+    def outputs(self, job_id):
+        """The job's files ($GPUQUEUE_OUTPUT_DIR) as a listing, or with archive=tar
+        all of them as one tar, streamed."""
+        job = self._job(job_id, self._user())
+        query = bottle.request.query
+        if set(query) - {"archive"} or query.get("archive", "tar") != "tar" or \
+                len(query.getall("archive")) > 1:
+            raise BadRequest("the one query parameter is archive=tar")
+        listing, files = self.scheduler.outputs(job)
+        if "archive" not in query:
+            return listing
+        bottle.response.content_type = "application/x-tar"
+        bottle.response.set_header("Content-Disposition",
+                                   f'attachment; filename="{job.id}-outputs.tar"')
+        return tar_stream(files)
+
+    def output_file(self, job_id, path):
+        """One of the job's files, with HTTP Range, so that a large checkpoint's
+        interrupted download resumes."""
+        job = self._job(job_id, self._user())
+        _, files = self.scheduler.outputs(job)
+        if path not in files:
+            raise NotFound("no such file among the job's outputs (GET /api/outputs/"
+                           f"{job.id} lists them)")
+        size, opener = files[path]
+        start, end = 0, size
+        header = bottle.request.environ.get("HTTP_RANGE")
+        if header:
+            ranges = list(bottle.parse_range_header(header, size))
+            if not ranges:
+                bottle.response.set_header("Content-Range", f"bytes */{size}")
+                raise HttpError(416, f"the file has {size} bytes; the range asks for others")
+            start, end = ranges[0]
+            bottle.response.status = 206
+            bottle.response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        stack = contextlib.ExitStack()
+        try:
+            f = stack.enter_context(opener())
+        except FileNotFoundError:
+            raise NotFound("the file is gone from the job's node") from None
+        bottle.response.content_type = SHOWN_INLINE.get(
+            os.path.splitext(path)[1].lower(), "application/octet-stream")
+        if bottle.response.content_type == "application/octet-stream":
+            bottle.response.set_header("Content-Disposition", "attachment; filename=\""
+                                       + re.sub(r'[^\w.-]', "_", path.rsplit("/", 1)[-1]) + '"')
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
+        bottle.response.set_header("Accept-Ranges", "bytes")
+        bottle.response.set_header("Content-Length", str(end - start))
+
+        def body():
+            with stack:
+                f.seek(start)
+                todo = end - start
+                while todo > 0 and (chunk := f.read(min(todo, FILE_CHUNK))):
+                    todo -= len(chunk)
+                    yield chunk
+        return body()
 
     def _read_log(self, job, stream, offset):
         data, job = self.scheduler.read_output(job, stream, offset, LOG_CHUNK)
