@@ -5739,9 +5739,15 @@ class Api:
     # -- routes --------------------------------------------------------------
 
     def index(self):
+        c = self.config
         return {"name": "gpuqueue", "version": __version__,
-                "nodes": len(self.config.nodes),
-                "queue_length": self.scheduler.queue_length(), "docs": "/docs"}
+                "nodes": len(c.nodes),
+                "queue_length": self.scheduler.queue_length(), "docs": "/docs",
+                "limits": {"max_upload_bytes": c.max_upload_bytes,
+                           "max_project_bytes": c.max_project_bytes,
+                           "max_project_files": c.max_project_files,
+                           "max_output_files_bytes": c.max_output_files_bytes,
+                           "max_output_files": c.max_output_files}}
 
     def submit(self):
         req = bottle.request
@@ -7104,9 +7110,16 @@ class Client:
             raise Unavailable(f"the stream from {self.server} broke: {exc}") from None
 
     def submit(self, script, config):
+        """Submit a script, or a folder (packed by pack_project, within the
+        server's limits, which GET / tells)."""
+        if os.path.isdir(script):
+            code, filename = pack_project(script, self.call("GET", "/")["limits"]), \
+                "project.tar.gz"
+        else:
+            code, filename = Path(script).read_bytes(), Path(script).name
         boundary = secrets.token_hex(16)
         body = b""
-        for name, filename, data in (("code", Path(script).name, Path(script).read_bytes()),
+        for name, filename, data in (("code", filename, code),
                                      ("config_file", Path(config).name, Path(config).read_bytes())):
             body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
                      f"filename=\"{urllib.parse.quote(filename)}\"\r\n"
@@ -7117,6 +7130,95 @@ class Client:
 
     def job_path(self, what, job_id):
         return f"/api/{what}/{urllib.parse.quote(job_id, safe='')}"
+
+    def download(self, path, dest, size, sha256=None):
+        """A job's file into ``dest``, by way of ``dest``.part: a download cut short
+        resumes from what it holds (HTTP Range); the sha256, when the server has
+        one, is checked before the file takes its name."""
+        part = Path(f"{dest}.part")
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        if have < size or not size:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with self._open(self._request("GET", path, headers=headers), timeout=None) as r, \
+                    open(part, "ab" if have and r.status == 206 else "wb") as out:
+                shutil.copyfileobj(r, out, 1 << 20)
+        if sha256 is not None:
+            digest = hashlib.sha256()
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                part.unlink()
+                raise GpuqueueError(f"{dest}: its sha256 is not the server's; run the "
+                                    "command again to download it afresh")
+        os.replace(part, dest)
+
+
+#: Left out of a project by ``submit DIR``, whatever .gpuqueueignore says.
+PACK_LEFT_OUT = (".git", ".hg", ".svn", "__pycache__", ".venv", "venv", ".mypy_cache",
+                 ".pytest_cache", ".ipynb_checkpoints")
+
+
+def pack_project(folder, limits, out=sys.stderr):
+    """A folder as a tar.gz for ``submit DIR``: without version control, caches,
+    virtualenvs (any folder with a pyvenv.cfg) and what its .gpuqueueignore names
+    (shell patterns, one a line, matched against paths and names; '#' comments).
+    Refused before anything is sent when it is over the server's ``limits``,
+    naming the largest files, so that a user knows what to leave out."""
+    import fnmatch
+    import tarfile
+    root = Path(folder)
+    patterns = []
+    with contextlib.suppress(FileNotFoundError):
+        patterns = [p.strip().rstrip("/") for p in (root / ".gpuqueueignore").read_text()
+                    .splitlines() if p.strip() and not p.lstrip().startswith("#")]
+
+    def ignored(rel, name):
+        return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+    files, left = [], []
+    for top, dirs, names in os.walk(root):
+        here = Path(top).relative_to(root)
+        for d in list(dirs):
+            rel = (here / d).as_posix()
+            if d in PACK_LEFT_OUT or (Path(top) / d / "pyvenv.cfg").exists() or ignored(rel, d) \
+                    or os.path.islink(Path(top) / d):
+                dirs.remove(d)
+                left.append(rel + "/")
+        dirs.sort()
+        for n in sorted(names):
+            rel = (here / n).as_posix()
+            st = os.lstat(Path(top) / n)
+            if ignored(rel, n) or not stat.S_ISREG(st.st_mode):
+                left.append(rel)
+            else:
+                files.append((rel, st.st_size))
+    total = sum(size for _, size in files)
+    largest = ", ".join(f"{rel} ({size / 1e6:.1f} MB)" for rel, size in
+                        sorted(files, key=lambda f: -f[1])[:5])
+    if total > limits["max_project_bytes"] or len(files) > limits["max_project_files"]:
+        raise BadRequest(f"{folder} holds {len(files)} files, {total / 1e6:.1f} MB: over the "
+                         f"server's max_project_bytes ({limits['max_project_bytes'] / 1e6:.1f} "
+                         f"MB) or max_project_files ({limits['max_project_files']}). Its "
+                         f"largest files: {largest}; name what the job does not need in "
+                         f"{root / '.gpuqueueignore'}")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tf:
+        for rel, _ in files:
+            tf.add(root / rel, arcname=rel, recursive=False)
+    data = buf.getvalue()
+    if len(data) > limits["max_upload_bytes"]:
+        raise BadRequest(f"{folder} packs to {len(data) / 1e6:.1f} MB, over the server's "
+                         f"max_upload_bytes ({limits['max_upload_bytes'] / 1e6:.1f} MB). Its "
+                         f"largest files: {largest}; name what the job does not need in "
+                         f"{root / '.gpuqueueignore'}")
+    print(f"gpuqueue: packing {folder}: {len(files)} files, {total / 1e6:.1f} MB, "
+          f"{len(data) / 1e6:.1f} MB to send"
+          + (f" (left out: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''})"
+             if left else ""), file=out)
+    return data
 
 
 def _in_line(position):
@@ -7255,6 +7357,8 @@ def _watch(client, job):
 
 
 def cli_submit(args, client):
+    if args.outputs and not args.wait:
+        raise BadRequest("-o/--outputs downloads the job's files once it ends: add --wait")
     job = client.submit(args.script, args.job_config)
     if not args.wait:
         print(json.dumps(job, indent=1) if args.json else
@@ -7266,11 +7370,56 @@ def cli_submit(args, client):
                 not in FINAL_STATES:
             time.sleep(WAIT_POLL)
         results = client.call("GET", client.job_path("results", job["job_id"]))
+        if args.outputs:
+            _download_outputs(client, job["job_id"], args.outputs, quiet=True)
         _print_results(results, as_json=True)
         return _exit_status(results)
     print(f"job {job['job_id']} queued on node {job['node_id']}", file=sys.stderr)
     job = _watch(client, job)
+    if job is not None and args.outputs:
+        _download_outputs(client, job["job_id"], args.outputs)
     return 130 if job is None else _exit_status(job)
+
+
+def _download_outputs(client, job_id, folder, quiet=False):
+    """A finished job's files into ``folder`` once they are back on the server
+    (each checked against its sha256); says what was cut, skipped or lost."""
+    while (listing := client.call("GET", client.job_path("outputs", job_id)))["state"] \
+            == "collecting":
+        time.sleep(WAIT_POLL)
+    root = Path(folder)
+    total = 0
+    for f in listing["files"]:
+        parts = f["path"].split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise GpuqueueError(f"the server listed a file as {f['path']!r}: refused")
+        dest = root.joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download(client.job_path("outputs", job_id) + "/" + urllib.parse.quote(
+            f["path"]), dest, f["size"], f["sha256"])
+        total += f["size"]
+    if not quiet:
+        print(f"gpuqueue: {len(listing['files'])} files of job {job_id}, {total / 1e6:.1f} MB, "
+              f"in {root}", file=sys.stderr)
+    for note in ([listing["error"]] if listing["error"] else []) + [
+            f"{s['path']}: {s['reason']}" for s in listing["skipped"]]:
+        print(f"gpuqueue: {note}", file=sys.stderr)
+    return listing
+
+
+def cli_outputs(args, client):
+    if args.outputs:
+        listing = _download_outputs(client, args.job_id, args.outputs, quiet=args.json)
+    else:
+        listing = client.call("GET", client.job_path("outputs", args.job_id))
+    if args.json:
+        print(json.dumps(listing, indent=1))
+    elif not args.outputs:
+        for f in listing["files"]:
+            print(f"{f['size']:>14}  {f['path']}")
+        print(f"{len(listing['files'])} files, {listing['state']}"
+              + (f": {listing['error']}" if listing["error"] else ""))
+    return 0 if listing["state"] in ("complete", "running") else 1
 
 
 def cli_status(args, client):
@@ -7356,13 +7505,22 @@ def client_parser():
         p.set_defaults(run=run)
         return p
 
-    p = command("submit", cli_submit, "Submit SCRIPT with its config.yaml.")
-    p.add_argument("script")
+    p = command("submit", cli_submit, "Submit SCRIPT, or a project folder DIR (packed without "
+                ".git, caches, virtualenvs and what DIR/.gpuqueueignore names), with its "
+                "config.yaml.")
+    p.add_argument("script", metavar="SCRIPT|DIR")
     p.add_argument("-c", "--config", dest="job_config", required=True, help="The job's config.yaml.")
     p.add_argument("--wait", action="store_true",
                    help="Follow the job: its output as it is written, how long it has run "
                         "against its expected time and limit; exit with its exit code.")
+    p.add_argument("-o", "--outputs", metavar="DIR",
+                   help="With --wait: download the job's files ($GPUQUEUE_OUTPUT_DIR) into DIR "
+                        "once it ends.")
     command("status", cli_status, "A job's status.").add_argument("job_id")
+    p = command("outputs", cli_outputs, "List a job's files ($GPUQUEUE_OUTPUT_DIR), or with -o "
+                                        "download them (checked, and resumed when cut short).")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--outputs", metavar="DIR", help="Download them into DIR.")
     command("results", cli_results,
             "A finished job's stdout (and stderr, on stderr).").add_argument("job_id")
     command("cancel", cli_cancel, "Cancel a pending or running job.").add_argument("job_id")
