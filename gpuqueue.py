@@ -6712,14 +6712,17 @@ def _logged_step(step):
 
 class Incoming:
     """spool/incoming/: a folder dropped there holding one ``.py`` script and a
-    ``config.yaml`` (same keys as an upload, token included) becomes a job.
+    ``config.yaml`` (same keys as an upload, token included) becomes a job; so does
+    a project folder (subfolders allowed) whose config.yaml names its
+    ``entrypoint``.
 
     The outcome stays where the folder was dropped; nothing dropped is deleted::
 
         NAME.<job id>.accepted/   the folder as dropped, and NAME.<job id>.receipt.json
         NAME.<job id>.stdout      once the job has ended: its output, and then
         NAME.<job id>.stderr      NAME.<job id>.result.json (status, exit code,
-                                  error, times), written last
+        NAME.<job id>.outputs/    error, times), written last; outputs/ holds the
+                                  job's files and .listing.json, what came back
         NAME.<time>.refused/      the folder as dropped, and NAME.<time>.reason.txt
 
     Names starting with '.' are never looked at: copy a folder in under a
@@ -6729,7 +6732,7 @@ class Incoming:
     queued exactly once at the next start.
     """
 
-    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json|stdout|stderr|result\.json)"
+    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json|stdout|stderr|result\.json|outputs)"
                          r"|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
     CLAIMED = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.accepted\Z")
     RECEIPT = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.receipt\.json\Z")
@@ -6776,7 +6779,8 @@ class Incoming:
         if job is None:
             log.warning("incoming: job %s of %r is gone; its results cannot be delivered",
                         job_id, name)
-        elif job.status in FINAL_STATES:
+        elif job.status in FINAL_STATES and job.outputs != "collecting":
+            self._deliver_files(job, name)
             for stream, path in self.scheduler.output(job).items():
                 write_file(self.dir / f"{name}.{job_id}.{stream}", path.read_bytes(),
                            sync_dir=False)
@@ -6788,6 +6792,24 @@ class Incoming:
         else:
             return
         del self.awaited[job_id]
+
+    def _deliver_files(self, job, name):
+        """The job's files as NAME.<id>.outputs/ (by way of a dot-name, so that it
+        is whole once it has its name), before result.json says the job is done."""
+        final = self.dir / f"{name}.{job.id}.outputs"
+        if final.exists():
+            return  # delivered before a restart
+        tmp = self.dir / f".{name}.{job.id}.outputs.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        listing, files = self.scheduler.outputs(job)
+        for path, (_, opener) in files.items():
+            dest = tmp.joinpath(*path.split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with opener() as src, open(dest, "xb") as out:
+                shutil.copyfileobj(src, out, FILE_CHUNK)
+        write_json(tmp / ".listing.json", listing)
+        os.rename(tmp, final)
 
     def _guarded(self, step, *args):
         try:
@@ -6863,6 +6885,8 @@ class Incoming:
             raise BadRequest("a symbolic link; drop a real folder")
         if not stat.S_ISDIR(st.st_mode):
             raise BadRequest("not a folder; drop a folder holding one .py script and config.yaml")
+        if self._is_project(path):
+            return self._project(path), _read_nofollow(path / "config.yaml")
         scripts, total = [], 0
         names = sorted(os.listdir(path))
         for n in names:
@@ -6870,7 +6894,8 @@ class Incoming:
             if stat.S_ISLNK(st.st_mode):
                 raise BadRequest(f"{n!r} is a symbolic link")
             if stat.S_ISDIR(st.st_mode):
-                raise BadRequest(f"{n!r} is a folder; nested folders are not accepted")
+                raise BadRequest(f"{n!r} is a folder; nested folders are accepted in a "
+                                 "project alone, with entrypoint: in its config.yaml")
             if not stat.S_ISREG(st.st_mode):
                 raise BadRequest(f"{n!r} is not a regular file")
             total += st.st_size
@@ -6884,6 +6909,47 @@ class Incoming:
         if len(scripts) != 1 or "config.yaml" not in names:
             raise BadRequest("a drop folder holds exactly one .py script and one config.yaml")
         return _read_nofollow(path / scripts[0]), _read_nofollow(path / "config.yaml")
+
+    @staticmethod
+    def _is_project(path):
+        """Does the folder's config.yaml name an entrypoint (then it is a project)?"""
+        try:
+            cfg = yaml.safe_load(_read_nofollow(path / "config.yaml")[:MAX_CONFIG_BYTES])
+        except (OSError, BadRequest, yaml.YAMLError, ValueError):
+            return False  # _files says what is wrong with it
+        return isinstance(cfg, dict) and "entrypoint" in cfg
+
+    def _project(self, path):
+        """A dropped project as a tar, config.yaml (its token) left out; links and
+        special files refused, the project limits checked as it is read."""
+        import tarfile
+        c = self.scheduler.config
+        buf, count, total = io.BytesIO(), 0, 0
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for top, dirs, names in os.walk(path):
+                here = Path(top).relative_to(path)
+                for n in sorted(dirs) + sorted(names):
+                    rel = (here / n).as_posix()
+                    st = os.lstat(Path(top) / n)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise BadRequest(f"{rel!r} is a symbolic link")
+                    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                        raise BadRequest(f"{rel!r} is not a regular file")
+                    count += 1
+                    if count > c.max_project_files:
+                        raise BadRequest(f"more than {c.max_project_files} files "
+                                         "(max_project_files)")
+                    if rel == "config.yaml" or stat.S_ISDIR(st.st_mode):
+                        continue
+                    total += st.st_size
+                    if total > c.max_project_bytes:
+                        raise BadRequest(f"larger than {c.max_project_bytes} bytes in all "
+                                         "(max_project_bytes)")
+                    data = _read_nofollow(Path(top) / n)
+                    info = tarfile.TarInfo(rel)
+                    info.size, info.mode = len(data), st.st_mode & 0o755
+                    tf.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
 
 
 def _read_nofollow(path):
