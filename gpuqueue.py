@@ -6072,7 +6072,8 @@ class Api:
         res.set_header("Referrer-Policy", "no-referrer")
         return self.dashboard.render(nonce=nonce, version=__version__, job_id=job_id,
                                 json_job_id=json.dumps(job_id), nodes=self.scheduler.nodes(),
-                                gpu_text=gpu_text, duration=duration)
+                                gpu_text=gpu_text, environments_text=environments_text,
+                                duration=duration)
 
 
 def logged(app):
@@ -6350,6 +6351,10 @@ def openapi(config):
                                             "until": time_}},
                                         "running_jobs": {"type": "array",
                                                          "items": {"type": "string"}},
+                                        "environments": {
+                                            "type": "object", "additionalProperties":
+                                            nullable_str, "description": "its environments: "
+                                            "null when it works, else why not"},
                                         "error": nullable_str, "running_job": nullable_str,
                                         "queued_jobs": {"type": "integer"},
                                         "queued_seconds": {"type": "number"},
@@ -6365,7 +6370,10 @@ def openapi(config):
                     "properties": {"name": {"type": "string"}, "version": {"type": "string"},
                                    "nodes": {"type": "integer"},
                                    "queue_length": {"type": "integer"},
-                                   "docs": {"type": "string"}}}}}}}}},
+                                   "docs": {"type": "string"},
+                                   "limits": {"type": "object", "description": "what an upload "
+                                              "and a job's files may be, in bytes and files",
+                                              "additionalProperties": {"type": "integer"}}}}}}}}}},
             "/api/submit": {"post": {
                 "summary": "Submit a job",
                 "description": "The token comes from the Authorization header or, failing "
@@ -6376,7 +6384,11 @@ def openapi(config):
                     "type": "object", "required": ["code", "config_file"],
                     "properties": {
                         "code": {"type": "string", "format": "binary",
-                                 "description": "the Python script (UTF-8)"},
+                                 "description": "the Python script (UTF-8), or a project: a "
+                                 "tar, tar.gz or zip of a folder, its script named by "
+                                 "`entrypoint` (default main.py); unpacked at most "
+                                 f"{config.max_project_bytes} bytes, "
+                                 f"{config.max_project_files} files"},
                         "config_file": {"type": "string", "format": "binary",
                                         "description": "config.yaml: a YAML mapping with "
                                         + ", ".join(f"{k}{'' if required else ' (optional)'}"
@@ -6458,6 +6470,55 @@ def openapi(config):
                     "application/x-ndjson": {"schema": {"type": "string"}}}},
                     "400": answer("bad query parameter"), **errors, "404": answer("no such job"),
                     "503": answer("the node cannot be read now, or too many follows")}}},
+            "/api/outputs/{job_id}": {"get": {
+                "summary": "A job's files",
+                "description": "What the job left in $GPUQUEUE_OUTPUT_DIR, once brought back "
+                               "(state collecting until then); while it runs, what is on its "
+                               "node so far (no sha256). With archive=tar: all of them as one "
+                               "tar.",
+                "security": secured,
+                "parameters": lenient_id + [{"name": "archive", "in": "query",
+                                             "schema": {"type": "string", "enum": ["tar"]}}],
+                "responses": {"200": {"description": "the listing, or the tar", "content": {
+                    "application/json": {"schema": {
+                        "type": "object", "required": ["job_id", "state", "files", "skipped",
+                                                       "truncated", "cut", "error"],
+                        "properties": {
+                            "job_id": {"type": "string"},
+                            "state": {"type": "string",
+                                      "enum": ["running", *OUTPUT_STATES]},
+                            "files": {"type": "array", "items": {
+                                "type": "object", "properties": {
+                                    "path": {"type": "string"}, "size": {"type": "integer"},
+                                    "sha256": {"type": "string", "nullable": True}}}},
+                            "skipped": {"type": "array", "items": {
+                                "type": "object", "properties": {
+                                    "path": {"type": "string"}, "reason": {"type": "string"}}}},
+                            "truncated": {"type": "boolean"},
+                            "cut": {"type": "object", "nullable": True, "description":
+                                    "files and bytes left out at the limits"},
+                            "error": {"type": "string", "nullable": True}}}},
+                    "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                    "400": answer("bad query parameter"), **errors, "404": answer("no such job"),
+                    "409": answer("the job is pending"),
+                    "503": answer("the node cannot be read now")}}},
+            "/api/outputs/{job_id}/{path}": {"get": {
+                "summary": "One of a job's files",
+                "description": "Its bytes; with a Range header, a part of them (206), so "
+                               "that an interrupted download resumes.",
+                "security": secured,
+                "parameters": lenient_id + [{"name": "path", "in": "path", "required": True,
+                                             "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the file", "content": {
+                    "application/octet-stream": {"schema": {"type": "string",
+                                                            "format": "binary"}}}},
+                              "206": {"description": "the range asked for", "content": {
+                                  "application/octet-stream": {"schema": {
+                                      "type": "string", "format": "binary"}}}},
+                              **errors, "404": answer("no such job or file"),
+                              "409": answer("the job is pending"),
+                              "416": answer("the range is outside the file"),
+                              "503": answer("the node cannot be read now")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text format 0.0.4", "content": {
                     "text/plain": {"schema": {"type": "string"}}}}}}},
@@ -6525,10 +6586,10 @@ button{cursor:pointer}
 <main><p id="error" role="alert"></p>
 % if job_id is None:
 <section><h2>Nodes</h2><table id="nodes"><thead><tr><th>Node</th><th>Host</th><th>State</th>
-<th>Running job</th><th>Queued</th><th>Queued work</th><th>GPUs: busy, held (for a job that needs more), foreign (used outside the queue) or free</th></tr></thead><tbody>
+<th>Running job</th><th>Queued</th><th>Queued work</th><th>GPUs: busy, held (for a job that needs more), foreign (used outside the queue) or free</th><th>Environments</th></tr></thead><tbody>
 % for n in nodes:
 <tr><td>{{n["id"]}}</td><td>{{n["host"]}}</td><td class="{{n["state"]}}">{{n["state"]}}{{" (drained)" if n["drained"] else ""}}</td>
-<td class="id">{{", ".join(n.get("running_jobs") or []) or "–"}}</td><td>{{n["queued_jobs"]}}</td><td>{{duration(n["queued_seconds"])}}</td><td>{{gpu_text(n)}}</td></tr>
+<td class="id">{{", ".join(n.get("running_jobs") or []) or "–"}}</td><td>{{n["queued_jobs"]}}</td><td>{{duration(n["queued_seconds"])}}</td><td>{{gpu_text(n)}}</td><td>{{environments_text(n)}}</td></tr>
 % end
 </tbody></table></section>
 <section><h2>Jobs</h2><p>Yours (an admin's token shows everyone's), newest first; your pending ones in each node's queue show their place.</p>
@@ -6537,7 +6598,8 @@ button{cursor:pointer}
 % else:
 <section><h2>Job <span class="id" id="job-id">{{job_id}}</span></h2>
 <dl id="job"></dl><button id="cancel" type="button">Cancel this job</button>
-<h3>stdout</h3><pre id="stdout"></pre><h3>stderr</h3><pre id="stderr"></pre></section>
+<h3>stdout</h3><pre id="stdout"></pre><h3>stderr</h3><pre id="stderr"></pre>
+<h3>Files</h3><p id="files-state"></p><table id="files"><thead><tr><th>File</th><th>Bytes</th><th>sha256</th></tr></thead><tbody></tbody></table></section>
 % end
 </main>
 <script nonce="{{nonce}}">
@@ -6582,13 +6644,14 @@ function gpuText(n) {
       (g.foreign ? ", " + g.foreign : "") : "");
   }).join("; ") || "–";
 }
+const envText = n => Object.entries(n.environments || {}).map(([name, why]) => why ? name + " (not working: " + why + ")" : name).join(", ") || "–";
 async function refreshNodes() {
   const r = await fetch("/api/nodes");
   const {nodes} = await r.json();
   $("nodes").tBodies[0].replaceChildren(...nodes.map(n => row([
     [n.id], [n.host], [n.state + (n.drained ? " (drained)" : ""), n.state],
     [(n.running_jobs || []).join(", ") || null, "id"],
-    [n.queued_jobs], [duration(n.queued_seconds)], [gpuText(n)]])));
+    [n.queued_jobs], [duration(n.queued_seconds)], [gpuText(n)], [envText(n)]])));
 }
 // People count from 1; the API's queue_position from 0 (0 is next).
 const inLine = p => p === 0 ? "next" : "#" + (p + 1);
@@ -6603,6 +6666,35 @@ async function refreshJobs() {
   }));
 }
 const offsets = {stdout: 0, stderr: 0};
+let filesDone = false;  // the listing of a finished job's files no longer changes
+// A file link needs the token, which a plain link cannot send: fetched, then saved.
+async function download(path) {
+  try {
+    const r = await fetch("/api/outputs/" + JOB + "/" + path.split("/").map(encodeURIComponent).join("/"),
+                          {headers: {"Authorization": "Bearer " + token}});
+    if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || "HTTP " + r.status);
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(await r.blob());
+    a.download = path.split("/").pop();
+    a.click();
+    URL.revokeObjectURL(a.href);
+  } catch (e) { showError(e.message); }
+}
+async function refreshFiles(status) {
+  if (filesDone || status === "pending") return;
+  const f = await api("/api/outputs/" + JOB);
+  $("files-state").textContent = f.state + (f.error ? ": " + f.error : "") +
+    (f.skipped.length ? "; skipped: " + f.skipped.map(s => s.path + " (" + s.reason + ")").join(", ") : "");
+  $("files").tBodies[0].replaceChildren(...f.files.map(x => {
+    const tr = row([[x.path], [x.size], [x.sha256 ? x.sha256.slice(0, 16) : null, "id"]]);
+    const a = document.createElement("a");
+    a.href = "#"; a.textContent = x.path;
+    a.addEventListener("click", ev => { ev.preventDefault(); download(x.path); });
+    tr.cells[0].replaceChildren(a);
+    return tr;
+  }));
+  filesDone = !["running", "collecting"].includes(f.state);
+}
 async function refreshJob() {
   const j = await api("/api/status/" + JOB);
   const items = [["status", j.status], ["user", j.user_id], ["node", j.node_id], ["priority", j.priority],
@@ -6626,6 +6718,7 @@ async function refreshJob() {
       offsets[stream] = part.next_offset;
     }
   }
+  await refreshFiles(j.status);
 }
 async function refresh() {
   $("who").textContent = token ? "token set" : "no token";
@@ -6663,6 +6756,12 @@ def duration(seconds):
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def environments_text(node):
+    """A node's environments in one line, as the page's script writes them too."""
+    return ", ".join(f"{name} (not working: {why})" if why else name
+                     for name, why in (node.get("environments") or {}).items()) or "–"
 
 
 def gpu_text(node):
