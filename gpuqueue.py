@@ -663,7 +663,7 @@ def isotime(ts):
 # job never starts twice, runs it as ``run_as`` when given, caps each stream at
 # ``output_limit`` as it is written, kills the job's whole process group on
 # SIGTERM or at the time limit (``limit``, then ``grace``), and leaves
-# result.json.  ``launch`` says what to run: {python, setup, entry, project}; with a
+# result.json.  ``launch`` says what to run: {python, setup, entry, archive}; with a
 # project (an archive) the wrapper first unpacks it, as the job's user, and the
 # job runs inside it.  Either way the job's files go in outputs/ of the folder it
 # runs in ($GPUQUEUE_OUTPUT_DIR), which the server brings back once it has ended.  Wrappers outlive the agent and the server, so a restarted
@@ -1089,8 +1089,8 @@ def wrap(cmd, report):
                                                      extra_groups=[])
     run = cmd["launch"]
     here, why_not = os.getcwd(), None
-    if run.get("project"):  # unpacked as the job's user, in a process of its own
-        p = run["project"]
+    if run.get("archive"):  # unpacked as the job's user, in a process of its own
+        p = run["archive"]
         r = subprocess.run([sys.executable, cmd["program"], "unpack", p["kind"],
                             NodeFiles.PROJECT_ARCHIVE, NodeFiles.PROJECT, str(p["max_bytes"]),
                             str(p["max_files"])], stdin=subprocess.DEVNULL,
@@ -1379,17 +1379,20 @@ def new_job_id():
 
 
 def job_field(schema, default=dataclasses.MISSING, *, doc=None, config=None, stored=False,
-              key=..., show=None, minimum=None, maximum=None, below=None):
+              key=..., show=None, shown_schema=None, minimum=None, maximum=None, below=None):
     """A Job field, declared once; submit, job.json, the status record and the
     OpenAPI document are all derived from what it says here.
 
     ``schema``: OpenAPI's type of its value in the status record, shown under
     ``key`` (default: its name; None: not shown) as ``show(job)`` gives it (default:
-    the value itself).  ``config``: "required" or "optional" when config.yaml sets
+    the value itself; ``shown_schema`` its type there when not ``schema``).
+    ``config``: "required" or "optional" when config.yaml sets
     it, then checked against ``minimum``, ``maximum`` (a number, or the name of the
     Config key that sets it) and ``below`` (a maximum only admins may pass).
     ``stored``: kept in job.json."""
-    meta = {"schema": {**schema, **({"description": doc} if doc else {})}, "config": config,
+    described = {"description": doc} if doc else {}
+    meta = {"schema": {**schema, **described}, "config": config,
+            "shown_schema": {**shown_schema, **described} if shown_schema else None,
             "stored": stored, "key": key, "show": show, "minimum": minimum,
             "maximum": maximum, "below": below}
     return dataclasses.field(default=default, metadata=meta)
@@ -1439,7 +1442,8 @@ class Job:
         {"type": "object", "additionalProperties": {"type": "string"}}, None,
         doc="the job's own environment variables (config.yaml: a mapping; the status "
         "record shows their names alone)", config="optional", stored=True,
-        show=lambda job: sorted(job.env or ()))
+        show=lambda job: sorted(job.env or ()),
+        shown_schema={"type": "array", "items": {"type": "string"}})
     status: str = job_field({"type": "string", "enum": list(STATES)}, "pending",
                             show=lambda job: job.shown_status)
     #: While it runs: the GPUs it got (CUDA_VISIBLE_DEVICES).
@@ -1456,7 +1460,7 @@ class Job:
     cancel_requested: bool = job_field({"type": "boolean"}, False)
     #: Once it has ended: where its files stand (OUTPUT_STATES).
     outputs: str | None = job_field(
-        {"type": "string", "enum": list(OUTPUT_STATES), "nullable": True}, None,
+        {"type": "string", "enum": [*OUTPUT_STATES, None], "nullable": True}, None,
         doc="once it has ended, its files ($GPUQUEUE_OUTPUT_DIR): being brought back, "
         "complete, truncated (past the limits; GET /api/outputs says what was cut), lost "
         "(not brought back, with the reason) or none (it never ran)")
@@ -2959,7 +2963,7 @@ def job_run(node, config, job, code):
     return {"python": env.python if env else node.job_python,
             "setup": env.setup if env else None,
             "entry": job.entrypoint or NodeFiles.CODE,
-            "project": kind and {"kind": kind, "max_bytes": config.max_project_bytes,
+            "archive": kind and {"kind": kind, "max_bytes": config.max_project_bytes,
                                  "max_files": config.max_project_files}}
 
 
@@ -4012,8 +4016,8 @@ class SlurmExecutor:
         run = job_run(self.node, self.config, job, code)
         q = shlex.quote
         script = "#!/bin/sh\n" + "".join(f"export {k}={q(v)}\n" for k, v in env.items())
-        if run["project"]:  # unpacked by the node program, which connect() put beside it
-            p = run["project"]
+        if run["archive"]:  # unpacked by the node program, which connect() put beside it
+            p = run["archive"]
             script += (f"{q(self.node.python)} ../{q(node_program()[0])} unpack {p['kind']} "
                        f"{NodeFiles.PROJECT_ARCHIVE} {NodeFiles.PROJECT} {p['max_bytes']} "
                        f"{p['max_files']} || exit 125\ncd {NodeFiles.PROJECT} || exit 125\n")
@@ -6268,7 +6272,7 @@ def openapi(config):
         job_config["properties"][key] = {**spec["schema"], **bounds}
     job_status = {"type": "object", "required": [], "properties": {}}
     for f in dataclasses.fields(Job):
-        key, schema = f.metadata["key"], f.metadata["schema"]
+        key, schema = f.metadata["key"], f.metadata["shown_schema"] or f.metadata["schema"]
         if key is None:  # a field shown under several keys, when it has a value
             job_status["properties"].update(schema)
             continue
@@ -6820,8 +6824,8 @@ class Incoming:
         NAME.<job id>.accepted/   the folder as dropped, and NAME.<job id>.receipt.json
         NAME.<job id>.stdout      once the job has ended: its output, and then
         NAME.<job id>.stderr      NAME.<job id>.result.json (status, exit code,
-        NAME.<job id>.outputs/    error, times), written last; outputs/ holds the
-                                  job's files and .listing.json, what came back
+        NAME.<job id>.outputs/    error, times, how its files came back), written
+                                  last; outputs/ holds the job's files
         NAME.<time>.refused/      the folder as dropped, and NAME.<time>.reason.txt
 
     Names starting with '.' are never looked at: copy a folder in under a
@@ -6879,7 +6883,7 @@ class Incoming:
             log.warning("incoming: job %s of %r is gone; its results cannot be delivered",
                         job_id, name)
         elif job.status in FINAL_STATES and job.outputs != "collecting":
-            self._deliver_files(job, name)
+            listing = self._deliver_files(job, name)
             for stream, path in self.scheduler.output(job).items():
                 write_file(self.dir / f"{name}.{job_id}.{stream}", path.read_bytes(),
                            sync_dir=False)
@@ -6887,7 +6891,8 @@ class Incoming:
                 "job_id": job.id, "status": job.status, "exit_code": job.exit_code,
                 "error": job.error, "node_id": job.node_id,
                 "submitted_at": isotime(job.submitted_at), "started_at": isotime(job.started_at),
-                "finished_at": isotime(job.finished_at)})
+                "finished_at": isotime(job.finished_at),
+                "outputs": {k: listing[k] for k in ("state", "skipped", "cut", "error")}})
         else:
             return
         del self.awaited[job_id]
@@ -6896,19 +6901,19 @@ class Incoming:
         """The job's files as NAME.<id>.outputs/ (by way of a dot-name, so that it
         is whole once it has its name), before result.json says the job is done."""
         final = self.dir / f"{name}.{job.id}.outputs"
+        listing, files = self.scheduler.outputs(job)
         if final.exists():
-            return  # delivered before a restart
+            return listing  # delivered before a restart
         tmp = self.dir / f".{name}.{job.id}.outputs.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        listing, files = self.scheduler.outputs(job)
         for path, (_, opener) in files.items():
             dest = tmp.joinpath(*path.split("/"))
             dest.parent.mkdir(parents=True, exist_ok=True)
             with opener() as src, open(dest, "xb") as out:
                 shutil.copyfileobj(src, out, FILE_CHUNK)
-        write_json(tmp / ".listing.json", listing)
         os.rename(tmp, final)
+        return listing
 
     def _guarded(self, step, *args):
         try:
@@ -7223,7 +7228,7 @@ def _ask_server(folder, request):
 # and the server's packages.  main() hands each command line to its half.
 
 #: The client commands; ``jobs list`` and ``jobs cancel`` are the admin's, through the spool.
-CLIENT_COMMANDS = ("submit", "status", "results", "cancel", "logs", "jobs")
+CLIENT_COMMANDS = ("submit", "status", "results", "cancel", "logs", "jobs", "outputs")
 #: Where the client commands look for the server unless told (--server, GPUQUEUE_URL).
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Seconds between a waiting client's looks at its job.

@@ -70,20 +70,22 @@ def _wait_final(s, server, token, count):
         time.sleep(POLL)
 
 
-def gaps(server):
-    """Idle gaps (ms) between consecutive jobs on the same node, on a started server."""
+def gaps(server, job=GAP_JOB, nodes=NODES, rounds=ROUNDS):
+    """Idle gaps (ms) between consecutive jobs on the same node, on a started server
+    with ``nodes`` nodes, ``rounds`` jobs each; ``job`` prints time.time() first and
+    last."""
     token = server.token("alice")
     s = requests.Session()
     s.headers["Authorization"] = f"Bearer {token}"
     _wait_online(s, server)
     cfg = job_config("alice", 10)
-    for _ in range(NODES * ROUNDS):
+    for _ in range(nodes * rounds):
         r = s.post(server.url + "/api/submit", timeout=30,
-                   files={"code": ("j.py", GAP_JOB), "config_file": ("c.yaml", cfg)})
+                   files={"code": ("j.py", job), "config_file": ("c.yaml", cfg)})
         if r.status_code != 201:
             raise RuntimeError(f"submit refused: {r.status_code} {r.text}")
     submitted = time.time()
-    jobs, _ = _wait_final(s, server, token, NODES * ROUNDS)
+    jobs, _ = _wait_final(s, server, token, nodes * rounds)
     runs = []  # (node, first line, last line)
     for j in jobs:
         res = s.get(f"{server.url}/api/results/{j['job_id']}", timeout=30).json()
@@ -100,7 +102,7 @@ def gaps(server):
         spans.sort()
         for (_, last), (first, _) in zip(spans, spans[1:]):
             waiting = sum(1 for f in firsts if f > last)
-            if last > submitted and waiting >= NODES:
+            if last > submitted and waiting >= nodes:
                 out.append((first - last) * 1000)
     return out, len(by_node)
 

@@ -9,6 +9,7 @@ import fairness
 import gpus
 import idle
 import makespan
+import outputs
 import scale
 import slowclients
 import submit
@@ -23,7 +24,7 @@ def main():
     for name, module in (("dispatch", dispatch), ("submit", submit), ("drain", drain),
                          ("scale", scale), ("makespan", makespan),
                          ("fairness", fairness), ("idle", idle),
-                         ("slowclients", slowclients), ("gpus", gpus)):
+                         ("slowclients", slowclients), ("gpus", gpus), ("outputs", outputs)):
         if not only or name in only:
             rows += module.run()
     if only:

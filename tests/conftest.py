@@ -107,11 +107,13 @@ class Server:
         return r.json()
 
     def wait(self, job_id, states=FINAL, timeout=60, user="alice", token=None):
-        """Poll a job's status until it is in ``states`` (a generous bound, not a timing test)."""
+        """Poll a job's status until it is in ``states`` (a generous bound, not a timing test);
+        a finished job also until its files are back (the spool is still then)."""
         end = time.monotonic() + timeout
         while True:
             st = self.status(job_id, token=token, user=user)
-            if st["status"] in states:
+            if st["status"] in states and not (st["status"] in FINAL
+                                               and st.get("outputs") == "collecting"):
                 return st
             assert time.monotonic() < end, f"job {job_id} stuck in {st}\n{self.log()}"
             time.sleep(0.05)

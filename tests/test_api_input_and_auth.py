@@ -600,6 +600,7 @@ def test_unknown_route_and_wrong_method_are_json(shared, method, path, expected)
 
 EXPECTED_PATHS = {"/", "/api/submit", "/api/status/{job_id}", "/api/results/{job_id}",
                   "/api/cancel/{job_id}", "/api/nodes", "/api/jobs", "/api/logs/{job_id}",
+                  "/api/outputs/{job_id}", "/api/outputs/{job_id}/{path}",
                   "/metrics", "/openapi.json", "/docs"}
 
 #: Response codes the tests in this file (and test_api_flow) see from each operation.
@@ -612,6 +613,8 @@ SEEN_CODES = {
     ("get", "/api/nodes"): {200},
     ("get", "/api/jobs"): {200, 400, 401, 403},
     ("get", "/api/logs/{job_id}"): {200, 400, 404},  # tests/test_client.py
+    ("get", "/api/outputs/{job_id}"): {200, 404, 409},  # tests/test_projects.py
+    ("get", "/api/outputs/{job_id}/{path}"): {200, 206, 404},
     ("get", "/metrics"): {200},
     ("get", "/openapi.json"): {200},
     ("get", "/docs"): {200},
@@ -621,7 +624,7 @@ PUBLIC = {("get", "/"), ("get", "/api/nodes"), ("get", "/metrics"), ("get", "/op
 
 
 def _server_routes():
-    routes = {(m.lower(), re.sub(r"<(\w+)>", r"{\1}", p)) for m, p, _ in gpuqueue.Api.ROUTES}
+    routes = {(m.lower(), re.sub(r"<(\w+)(?::\w+)?>", r"{\1}", p)) for m, p, _ in gpuqueue.Api.ROUTES}
     return routes | {("get", "/docs"), ("get", "/openapi.json")}
 
 
@@ -651,8 +654,9 @@ def test_openapi_document_matches_the_routes(shared):
                 assert _resolve(doc, schema) == doc["components"]["schemas"]["Error"]
         secured = any("bearer" in s for s in op.get("security", []))
         assert secured == ((method, path) not in PUBLIC), (method, path)
-        if "{job_id}" in path:
-            assert [p["name"] for p in op["parameters"] if p["in"] == "path"] == ["job_id"]
+        if "{job_id}" in path:  # each {name} in the path is a path parameter, in order
+            assert [p["name"] for p in op["parameters"] if p["in"] == "path"] == \
+                re.findall(r"{(\w+)}", path)
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
@@ -764,6 +768,7 @@ def test_real_answers_match_the_schemas(make_server):
     for job_id in (running["job_id"], pending["job_id"]):
         check(doc, server.get(f"/api/status/{job_id}", alice), "get", "/api/status/{job_id}")
         check(doc, server.get(f"/api/results/{job_id}", alice), "get", "/api/results/{job_id}")
+        check(doc, server.get(f"/api/outputs/{job_id}", alice), "get", "/api/outputs/{job_id}")
     page = server.get("/api/jobs", admin)
     check(doc, page, "get", "/api/jobs")
     assert len(page.json()["jobs"]) == 2

@@ -141,6 +141,10 @@ class Agent:
         assert self.proc.wait(10) == 0  # it ends when the server goes away
 
 
+#: What each start here runs: the folder's code.py, with this interpreter.
+LAUNCH = {"python": sys.executable, "setup": None, "entry": "code.py", "archive": None}
+
+
 def job_folder(workdir, code):
     job_id = gpuqueue.new_job_id()
     (workdir / job_id).mkdir()
@@ -158,7 +162,8 @@ def test_agent_reports_ready_answers_ping_and_runs_a_job(tmp_path):
         job_id = job_folder(tmp_path, "import os, sys\nprint(os.environ['X'])\n"
                                       "print('e', file=sys.stderr)\nsys.exit(4)\n")
         agent.send(op="start", id=job_id, dir=job_id, env={"X": "from env"}, limit=30,
-                   grace=1, inline=65536)
+                   grace=1, inline=65536,
+                   launch=LAUNCH)
         started = agent.read()
         assert started["op"] == "started" and started["id"] == job_id
         exited = agent.read()
@@ -167,7 +172,7 @@ def test_agent_reports_ready_answers_ping_and_runs_a_job(tmp_path):
         pids = json.loads((tmp_path / job_id / "pids").read_text())
         assert pids["protocol"] == gpuqueue.PROTOCOL and pids["wrapper"] == started["wrapper"]
         # A second start of the same folder is refused by the launch claim.
-        agent.send(op="start", id=job_id, dir=job_id, env={}, limit=30, grace=1, inline=0)
+        agent.send(op="start", id=job_id, dir=job_id, env={}, limit=30, grace=1, inline=0, launch=LAUNCH)
         assert agent.read()["op"] == "started"
         assert agent.read() == {"op": "exited", "id": job_id}  # no second result
         assert json.loads((tmp_path / job_id / "result.json").read_text())["exit_code"] == 4
@@ -180,14 +185,14 @@ def test_agent_times_out_and_cancels_whole_jobs(tmp_path):
     try:
         agent.read()
         slow = job_folder(tmp_path, "import time\ntime.sleep(60)\n")
-        agent.send(op="start", id=slow, dir=slow, env={}, limit=0.5, grace=0.5, inline=0)
+        agent.send(op="start", id=slow, dir=slow, env={}, limit=0.5, grace=0.5, inline=0, launch=LAUNCH)
         agent.read()
         exited = agent.read()
         assert exited["op"] == "exited" and exited["id"] == slow
         assert exited["result"] == {"exit_code": -signal.SIGTERM, "reason": "timeout"}
 
         other = job_folder(tmp_path, "import time\ntime.sleep(60)\n")
-        agent.send(op="start", id=other, dir=other, env={}, limit=60, grace=0.5, inline=0)
+        agent.send(op="start", id=other, dir=other, env={}, limit=60, grace=0.5, inline=0, launch=LAUNCH)
         wrapper = agent.read()["wrapper"]
         wait_for(lambda: (tmp_path / other / "pids").exists(), what="the job to start")
         agent.send(op="cancel", wrapper=wrapper)
@@ -216,7 +221,7 @@ def test_gpu_readings_beside_a_running_job_never_end_the_agent(tmp_path):
         jobs = [job_folder(work, "import time\ntime.sleep(60)\n") for _ in range(2)]
         wrappers = []
         for job_id in jobs:
-            agent.send(op="start", id=job_id, dir=job_id, env={}, limit=60, grace=0.5, inline=0)
+            agent.send(op="start", id=job_id, dir=job_id, env={}, limit=60, grace=0.5, inline=0, launch=LAUNCH)
             wrappers.append(agent.read()["wrapper"])
         for _ in range(100):
             agent.send(op="gpus")

@@ -757,12 +757,15 @@ def test_a_dropped_project_runs_and_its_outputs_land_before_the_result(make_serv
     result = incoming / f"proj.{job_id}.result.json"
     wait_for(result.exists, "the result", timeout=60)
     outputs = incoming / f"proj.{job_id}.outputs"
-    assert tree(outputs) == {"out.txt": b"abab\n", "sub/deep.bin": bytes(range(256))}
-    assert json.loads(result.read_text())["status"] == "completed"
+    want = {"out.txt": b"abab\n", "sub/deep.bin": bytes(range(256))}
+    landed = tree(outputs)
+    assert landed == want, sorted(landed)  # the job's files, whole, and nothing else
+    r = json.loads(result.read_text())
+    assert r["status"] == "completed" and r["outputs"]["state"] == "complete", r
     assert (incoming / f"proj.{job_id}.stdout").read_text() == "dropped abab\n"
     st = wait_outputs(server, job_id)
     assert st["outputs"] == "complete"
-    check_files(server, job_id, tree(outputs))
+    check_files(server, job_id, want)
 
 
 # -- the config -----------------------------------------------------------------------

@@ -6,12 +6,13 @@ a third waits in Slurm as PENDING. Slurm checks time limits only every ~30 s, so
 time-limit test takes a minute or more. Nothing here skips: no Slurm is a failure.
 """
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import alive, job_config, kill_processes_under
+from conftest import alive, job_config, kill_processes_under, wait_for
 from sshcluster import NODE_HOME, Cluster, open_to_nodes
 from slurmcluster import SlurmCluster
 
@@ -99,8 +100,11 @@ def test_a_job_runs_in_slurm_and_its_output_comes_back(slurm_server, slurm, ssh,
     # The time limit Slurm got is timeout_multiplier x expected_time: 2 x 60 s.
     assert info["TimeLimit"] == "00:02:00"
     assert info["WorkDir"] == str(home_dir / sub["job_id"])
-    assert not (home_dir / sub["job_id"]).exists()  # removed once the job was recorded
-    home_dir.rmdir()
+    # Removed once the job and its files were recorded; beside it, the node program
+    # (a project's unpacker) stays in the workdir.
+    wait_for(lambda: not (home_dir / sub["job_id"]).exists(), "the job's folder removed")
+    assert [p.name.startswith("gq_node-") for p in home_dir.iterdir()] == [True]
+    shutil.rmtree(home_dir)
 
 
 def test_a_failing_job_reports_its_exit_code_and_stderr(slurm_server):

@@ -1,0 +1,52 @@
+"""10. The idle gap with a job's files to bring back.
+
+4 local nodes, 6 jobs each, submitted at once. Each job prints time.time() first and
+last (idle.py's gap: from one job's last line to the next job's first line on the same
+node). Baseline: the jobs write nothing. Then each job writes 100 MB into
+$GPUQUEUE_OUTPUT_DIR before its last line: the files are brought back beside the
+scheduler, so the next job should not wait for the copy. Target: p50 gap with files
+<= 1.5 x without (the copy and its hashing share the same two cores as the jobs).
+"""
+import shutil
+
+from common import Row, Server, kill_processes_under, pct, workdir
+from idle import GAP_SLEEP, gaps
+
+NODES, ROUNDS, MB = 4, 6, 100
+FILES_JOB = ("import os, time\nprint(time.time(), flush=True)\n"
+             f"time.sleep({GAP_SLEEP})\n"
+             "with open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'ck.bin'), 'wb') as f:\n"
+             f"    f.write(bytes({MB} << 20))\n"
+             "print(time.time())\n")
+PLAIN_JOB = ("import time\nprint(time.time(), flush=True)\n"
+             f"time.sleep({GAP_SLEEP})\nprint(time.time())\n")
+
+
+def measure(root, name, job):
+    server = Server(root / name, nodes=NODES, max_pending_per_user=10 ** 6,
+                    keep_finished_days=0).start()
+    try:
+        found, _ = gaps(server, job=job, nodes=NODES, rounds=ROUNDS)
+        return found
+    finally:
+        server.kill()
+        kill_processes_under(root)
+        shutil.rmtree(root / name, ignore_errors=True)  # 2.4 GB of files
+
+
+def run():
+    root = workdir("outputs")
+    plain = measure(root, "plain", PLAIN_JOB)
+    files = measure(root, "files", FILES_JOB)
+    rows = []
+    for p in (50, 90):
+        base, value = pct(plain, p), pct(files, p)
+        row = Row("outputs", f"idle gap p{p}, {MB} MB of files per job vs none", base, value,
+                  value / base if base else None, "<= 1.5" if p == 50 else "", "ms")
+        row.show()
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    run()
