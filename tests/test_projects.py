@@ -785,3 +785,27 @@ def test_a_node_may_list_only_the_configs_environments(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(gpuqueue.ConfigError, match="nope"):
         gpuqueue.load_config(tmp_path / "bad.yaml")
+
+
+def test_files_the_spool_has_no_room_for_leave_the_result_and_stay_on_the_node(make_server,
+                                                                               tmp_path):
+    """The disk guard counts a job's files: with too little room they are not stored,
+    the job keeps its result and the reason, its files stay on its node, and the node
+    goes on to its next job."""
+    disk = os.statvfs(tmp_path)
+    free = disk.f_bavail * disk.f_frsize
+    # Room for submits (a few KiB), none for the 200 MB the job writes on the same disk.
+    server = make_server(nodes=1, min_free_bytes=free - 100 * MiB)
+    code = ("import os\nwith open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'big.bin'),"
+            " 'wb') as f:\n    f.write(bytes(200 << 20))\nprint('wrote')\n")
+    job_id = server.submit_ok(code, expected_time=60)["job_id"]
+    st = wait_outputs(server, job_id)
+    assert st["status"] == "completed" and st["outputs"] == "lost", st
+    assert server.results(job_id)["stdout"] == "wrote\n"
+    lst = listing(server, job_id)
+    assert lst["files"] == [] and "nearly full" in lst["error"] and "left on node 0" in lst["error"]
+    kept = server.dir / "spool" / "nodes" / "0" / "work" / job_id / "outputs" / "big.bin"
+    assert kept.stat().st_size == 200 << 20  # still on the node, as the error says
+    kept.unlink()  # the room comes back; the node was never stuck
+    nxt = server.submit_ok("print('next')\n")["job_id"]
+    assert server.wait(nxt)["status"] == "completed"

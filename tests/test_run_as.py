@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from conftest import job_config
 from sshcluster import open_to_nodes
 
 JOB_USER = "gqjob"
@@ -103,3 +104,43 @@ def test_run_as_is_refused_for_ssh_nodes_and_unknown_users(make_server):
                                               "run_as": JOB_USER}])
     r = server.cli("nodes", "list", check=False)
     assert r.returncode != 0 and "'run_as' is for local nodes" in r.stderr
+
+
+def test_a_run_as_project_unpacks_as_the_job_user_and_its_links_are_never_followed(
+        make_server, tmp_path, job_user):
+    """The project is unpacked by the job's user (its files are the job's to change),
+    and what the job leaves in its outputs comes back without the server following
+    any link it made there: to the token file, or to the server's own folder."""
+    import io
+    import tarfile
+    open_to_nodes(tmp_path, writable=False)
+    server = make_server(start=False, nodes=[{"id": 0, "host": "local", "run_as": JOB_USER,
+                                              "python": "/usr/bin/python3"}])
+    server.start()
+    secret = server.dir / "tokens.yaml"
+    main = (f"import os, json\nout = os.environ['GPUQUEUE_OUTPUT_DIR']\n"
+            "owners = {p: os.stat(p).st_uid for p in ('main.py', 'pkg', 'pkg/data.txt', out)}\n"
+            "open('pkg/data.txt', 'a').write('changed')\n"
+            "open(os.path.join(out, 'mine.txt'), 'w').write(json.dumps(owners))\n"
+            f"os.symlink({str(secret)!r}, os.path.join(out, 'tokens'))\n"
+            f"os.symlink({str(server.dir)!r}, os.path.join(out, 'server'))\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in (("main.py", main.encode()), ("pkg/data.txt", b"d")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    token = server.token("alice")
+    r = server.post("/api/submit", token, files={"code": ("p.tgz", buf.getvalue()),
+                                                 "config_file": ("c.yaml", job_config())})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    st = server.wait(job_id)
+    assert st["status"] == "completed", server.results(job_id)
+    listing = server.get(f"/api/outputs/{job_id}", token).json()
+    assert [f["path"] for f in listing["files"]] == ["mine.txt"]
+    assert sorted(s["path"] for s in listing["skipped"]) == ["server", "tokens"]
+    owners = json.loads(server.get(f"/api/outputs/{job_id}/mine.txt", token).content)
+    assert set(owners.values()) == {job_user.pw_uid}, owners
+    tar = server.get(f"/api/outputs/{job_id}?archive=tar", token).content
+    assert b"sha256" not in tar and secret.read_bytes()[:40] not in tar
