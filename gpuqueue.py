@@ -3188,6 +3188,11 @@ class Link(abc.ABC):
     def _write_new(self, rel, source):
         """A new file at ``rel`` with what the reader ``source`` gives."""
 
+    def move_tree(self, rel, dest):
+        """Move the tree at ``rel`` to the new local folder ``dest`` if it can be done
+        by a rename (no byte copied): True if it was; False to copy it instead."""
+        return False
+
     # -- folder trees, from the primitives --------------------------------------
 
     def open_file(self, rel):
@@ -3360,6 +3365,22 @@ class LocalLink(Link):
 
     def remove(self, rel):
         shutil.rmtree(self.root / rel, ignore_errors=True)
+
+    def move_tree(self, rel, dest):
+        """A rename within the spool's disk, when the job ran as the server's own user
+        (a ``run_as`` job's files are copied, never taken: their owner could still
+        hold them open)."""
+        if self.owner is not None:
+            return False
+        try:
+            os.rename(self.root / rel, dest)
+        except FileNotFoundError:
+            os.mkdir(dest, 0o700)  # it wrote nothing
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:  # a workdir on another disk
+                return False
+            raise
+        return True
 
     def _entries(self, rel):
         with os.scandir(self.root / rel) as found:
@@ -4396,6 +4417,8 @@ class Collector:
         keep = []
 
         def fetch(dest):
+            if link.move_tree(at, dest):
+                return self._taken(dest)
             try:
                 entries, more = link.list_tree(at, 2 * c.max_output_files + 100)
             except FileNotFoundError:
@@ -4415,6 +4438,27 @@ class Collector:
             return outputs_listing(dest, copied, left, more, c)
         self.spool.store_outputs(job_id, fetch)
         return bool(keep)
+
+    def _taken(self, dest):
+        """The listing of files moved into ``dest`` whole: past the limits, and what
+        is not a regular file, is removed from it as a copy would have left it out."""
+        c = self.config
+        entries, more = LocalLink(self.node, dest.parent).list_tree(
+            dest.name, 2 * c.max_output_files + 100)
+        kept, left, room = [], [], c.max_output_files_bytes
+        for e in entries:
+            if e.kind == "file" and e.size <= room and len(kept) < c.max_output_files:
+                kept.append(e)
+                room -= e.size
+            elif e.kind != "dir":
+                left.append(e)
+        wanted = {e.path for e in kept}
+        for top, dirs, names in os.walk(dest):
+            for n in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+                path = os.path.join(top, n)
+                if os.path.relpath(path, dest).replace(os.sep, "/") not in wanted:
+                    os.unlink(path)  # a link is removed, never followed
+        return outputs_listing(dest, kept, left, more, c)
 
 
 #: The listing of files that were not brought back (``error`` says why).

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -794,8 +795,13 @@ def test_files_the_spool_has_no_room_for_leave_the_result_and_stay_on_the_node(m
     goes on to its next job."""
     disk = os.statvfs(tmp_path)
     free = disk.f_bavail * disk.f_frsize
-    # Room for submits (a few KiB), none for the 200 MB the job writes on the same disk.
-    server = make_server(nodes=1, min_free_bytes=free - 100 * MiB)
+    # Room for submits (a few KiB), none for the 200 MB the job writes. Its node's
+    # workdir is on another disk (memory), so its files are copied, not moved, into
+    # the spool.
+    workdir = Path("/dev/shm") / f"gq-{uuid.uuid4().hex}"
+    server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(workdir)}],
+                         min_free_bytes=free - 100 * MiB)
+    assert os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev
     code = ("import os\nwith open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'big.bin'),"
             " 'wb') as f:\n    f.write(bytes(200 << 20))\nprint('wrote')\n")
     job_id = server.submit_ok(code, expected_time=60)["job_id"]
@@ -804,8 +810,26 @@ def test_files_the_spool_has_no_room_for_leave_the_result_and_stay_on_the_node(m
     assert server.results(job_id)["stdout"] == "wrote\n"
     lst = listing(server, job_id)
     assert lst["files"] == [] and "nearly full" in lst["error"] and "left on node 0" in lst["error"]
-    kept = server.dir / "spool" / "nodes" / "0" / "work" / job_id / "outputs" / "big.bin"
-    assert kept.stat().st_size == 200 << 20  # still on the node, as the error says
-    kept.unlink()  # the room comes back; the node was never stuck
-    nxt = server.submit_ok("print('next')\n")["job_id"]
-    assert server.wait(nxt)["status"] == "completed"
+    kept = workdir / job_id / "outputs" / "big.bin"
+    try:
+        assert kept.stat().st_size == 200 << 20  # still on the node, as the error says
+        kept.unlink()
+        nxt = server.submit_ok("print('next')\n")["job_id"]  # the node was never stuck
+        assert server.wait(nxt)["status"] == "completed"
+    finally:
+        server.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_local_jobs_files_are_moved_into_the_spool_not_copied(server):
+    """On a local node whose workdir is on the spool's disk (the default) the files are
+    taken by a rename: the spool holds the very file the job wrote, no second copy."""
+    code = ("import os\np = os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'w.bin')\n"
+            "open(p, 'wb').write(b'w' * 4096)\nprint(os.stat(p).st_ino)\n")
+    job_id = server.submit_ok(code)["job_id"]
+    assert wait_outputs(server, job_id)["outputs"] == "complete"
+    inode = int(server.results(job_id)["stdout"])
+    stored = server.dir / "spool" / "done" / job_id / "outputs" / "w.bin"
+    assert stored.stat().st_ino == inode and stored.read_bytes() == b"w" * 4096
+    assert listing(server, job_id)["files"] == [
+        {"path": "w.bin", "size": 4096, "sha256": hashlib.sha256(b"w" * 4096).hexdigest()}]
