@@ -1372,6 +1372,8 @@ OUTPUT_STATES = ("collecting", "complete", "truncated", "lost", "none")
 
 #: Upper bound for free-text ids in a job's config.
 MAX_ID_LENGTH = 200
+#: The most retries a job may ask for.
+MAX_RETRIES = 10
 
 
 def new_job_id():
@@ -1444,6 +1446,16 @@ class Job:
         "record shows their names alone)", config="optional", stored=True,
         show=lambda job: sorted(job.env or ()),
         shown_schema={"type": "array", "items": {"type": "string"}})
+    retries: int = job_field({"type": "integer", "default": 0}, 0,
+                             doc="times a failed job is queued again (never a cancelled one)",
+                             config="optional", stored=True, minimum=0, maximum=MAX_RETRIES)
+    retry_on_exit: list | None = job_field(
+        {"type": "array", "items": {"type": "integer"}, "nullable": True}, None,
+        doc="with retries: only these exit codes count as a failed attempt (a job whose "
+        "node stayed away always counts)", config="optional", stored=True)
+    #: Which run of the job this is: 1, then one more for each retry.
+    attempt: int = job_field({"type": "integer"}, 1,
+                             doc="which run of the job this is (1 + the retries it took)")
     status: str = job_field({"type": "string", "enum": list(STATES)}, "pending",
                             show=lambda job: job.shown_status)
     #: While it runs: the GPUs it got (CUDA_VISIBLE_DEVICES).
@@ -1510,6 +1522,10 @@ class Job:
             elif f.type == "str | None":
                 if value is not None and not isinstance(value, str):
                     raise ValueError(f"job.json: {f.name!r} must be a string or null")
+            elif f.type == "list | None":
+                if value is not None and not (isinstance(value, list) and all(
+                        type(v) is int for v in value)):
+                    raise ValueError(f"job.json: {f.name!r} must list whole numbers")
             elif f.type == "dict":
                 if value is not None and not (isinstance(value, dict) and all(
                         isinstance(v, str) for v in value.values())):
@@ -1681,6 +1697,7 @@ class JobFolder:
     LAUNCHING = "launching"   # may have reached its node: where it runs there
     SLURM = "slurm.json"      # on a Slurm node, once sbatch answered: Slurm's job id
     CANCEL = "cancel"         # a cancel was asked for
+    ATTEMPT = "attempt"       # after a retry: which run the job is on (absent: its first)
     RESULT = "result.json"    # finished: how (written last; the move to done/ follows)
     STREAMS = ("stdout", "stderr")  # finished: the output, capped
     OUTPUTS = "outputs"       # finished: the job's files, brought back from its node
@@ -1735,6 +1752,7 @@ class JobFolder:
         except ValueError as exc:
             raise ValueError(f"unreadable job.json: {exc}") from None
         job = Job.from_meta(meta, **state)
+        job.attempt = self.attempt()
         if job.id != self.id:
             raise ValueError(f"job.json names job {job.id!r}, not the folder's {self.id!r}")
         return job
@@ -1861,10 +1879,28 @@ class JobFolder:
             os.rename(tmp, final)
         write_json(self.path / self.LISTING, listing)
 
-    def stream(self, name):
-        """The path of a finished job's stdout or stderr."""
+    def stream(self, name, attempt=None):
+        """The path of a finished job's stdout or stderr (of an earlier ``attempt``)."""
         assert name in self.STREAMS
-        return self.path / name
+        return self.path / (name if attempt is None else f"{name}.{attempt}")
+
+    def attempt(self):
+        try:
+            value = int((self.path / self.ATTEMPT).read_text())
+        except (OSError, ValueError):
+            return 1
+        return value if 1 <= value <= MAX_RETRIES + 1 else 1
+
+    def keep_attempt(self, attempt, outcome):
+        """Keep a failed attempt's output (as stdout.N, stderr.N and result.N.json)
+        and forget its claim, then say the next attempt is on.  A crash in between
+        costs at most one more attempt, never a lost job."""
+        for name in self.STREAMS:
+            write_file(self.path / f"{name}.{attempt}", outcome.stream(name), sync_dir=False)
+        write_json(self.path / f"result.{attempt}.json", {
+            "attempt": attempt, "exit_code": outcome.exit_code, "error": outcome.error})
+        self.reset()
+        write_file(self.path / self.ATTEMPT, str(attempt + 1))
 
     def discard_old_work(self):
         shutil.rmtree(self.path / self.OLD_WORK, ignore_errors=True)
@@ -1979,6 +2015,16 @@ class Spool:
 
     def done_folder(self, job_id):
         return JobFolder(self._root / "done" / job_id)
+
+    def folder_of(self, job_id):
+        """The job's folder wherever it is now (its queue, running/ or done/), for
+        reading alone; None for an unknown job."""
+        with self._lock:
+            job = self._active.get(job_id)
+            if job is not None:
+                return self.folder(job)
+        folder = self.done_folder(job_id)
+        return folder if folder.path.is_dir() else None
 
     # -- opening and recovery ------------------------------------------------
 
@@ -2601,6 +2647,29 @@ class Spool:
             (self._drained.add if drained else self._drained.discard)(node_id)
             if drained:
                 self._holding[node_id] = None
+
+    def retry(self, job, outcome):
+        """Queue a failed job again for its next attempt, its output kept aside; its
+        node's queue takes it back at its place (an idle node may take it from there,
+        and an offline node hands it on)."""
+        folder = self.folder(job)
+        try:
+            folder.keep_attempt(job.attempt, outcome)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no room on the spool's disk: {exc.strerror}") from None
+            raise
+        with self._lock:
+            os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
+            del self._running[job.node_id][job.id]
+            job.status, job.started_at, job.gpu_ids = "pending", None, ()
+            job.attempt, job.slurm, job.cancel_requested = job.attempt + 1, None, False
+            self._index(job)
+            self._changed.notify_all()
+        self._sync_queue(job.node_id)
+        fsync_dir(self.running_dir(job.node_id))
+        log.info("job %s user=%s node=%s failed (%s): attempt %d of %d queued", job.id,
+                 job.user_id, job.node_id, outcome.error, job.attempt, job.retries + 1)
 
     def requeue(self, job):
         """Put a claimed job that never launched back at its place in its node's queue."""
@@ -4177,7 +4246,7 @@ def _last_words(stderr, limit=500):
 #: the YAML is parsed, so no upload can make the parser work hard.
 MAX_CONFIG_BYTES = 8 * 1024
 
-_JSON_TYPES = {"string": str, "integer": int, "number": _NUMBER, "object": dict}
+_JSON_TYPES = {"string": str, "integer": int, "number": _NUMBER, "object": dict, "array": list}
 
 #: A job's own variables (``env``): names like a shell's, and not too many or long.
 ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
@@ -4274,10 +4343,16 @@ def _checked_key(key, spec, value, config):
     kind = spec["schema"]["type"]
     if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
         what = {"number": "a number", "integer": "a whole number",
-                "object": "a mapping of names to values"}.get(kind, "a string (quote it)")
+                "object": "a mapping of names to values",
+                "array": "a list"}.get(kind, "a string (quote it)")
         raise BadRequest(f"config_file: {key!r} must be {what}")
     if kind == "object":
         return _checked_env(key, value)
+    if kind == "array":  # exit codes: a signal's is minus its number
+        if len(value) > 32 or not all(type(v) is int and -64 <= v <= 255 for v in value):
+            raise BadRequest(f"config_file: {key!r} must list at most 32 exit codes, each "
+                             "from -64 to 255")
+        return sorted(set(value))
     if kind == "string":
         if key != "token" and not (0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
             raise BadRequest(f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable "
@@ -4581,11 +4656,19 @@ class Worker:
             self.spool.forget(job)
 
     def _record(self, job, outcome):
-        """Record how a job ended.  On a full disk the job stays running until there
+        """Record how a job ended, or queue it again for another attempt (retries);
+        True when it has finished.  On a full disk the job stays running until there
         is room again: nothing is lost, and nothing needs a hand."""
+        again = outcome.status == "failed" and job.attempt <= job.retries and (
+            not job.retry_on_exit or outcome.exit_code is None
+            or outcome.exit_code in job.retry_on_exit) and not job.cancel_requested
         backoff = 1.0
         while self.spool.is_active(job.id):
             try:
+                if again:
+                    self.spool.retry(job, outcome)
+                    self.wake.set()
+                    return False
                 self.spool.finish(job, outcome)
             except DiskFull as exc:
                 if backoff == 1.0:
@@ -4594,6 +4677,7 @@ class Worker:
                 self.wake.wait(backoff)  # no event says that space came back
                 self.wake.clear()
                 backoff = min(backoff * 2, 10.0)
+        return True
 
     # -- the node's state ---------------------------------------------------------
 
@@ -4895,8 +4979,14 @@ class GpuWorker(Worker):
             self._record(run.job, outcome)
             return
         at = NodeFiles.outputs(run.work, bool(run.job.entrypoint))
-        self._record(run.job, dataclasses.replace(outcome, outputs_at=at))
-        self.collector.add(run.job.id, at)
+        if self._record(run.job, dataclasses.replace(outcome, outputs_at=at)):
+            self.collector.add(run.job.id, at)
+            return
+        try:  # queued again: its next attempt may start elsewhere
+            self.executor.link.guard(self.executor.link.remove, run.work)
+        except NodeError as exc:
+            log.warning("job %s: its folder on node %s stays: %s", run.job.id, self.node.id,
+                        exc)
 
     # -- GPUs ------------------------------------------------------------------
 
@@ -5113,9 +5203,9 @@ class SlurmWorker(Worker):
         """Record a job Slurm is done with, its output read from the shared folder;
         its files are brought back from there beside the scheduler."""
         at = NodeFiles.outputs(job.id, bool(job.entrypoint))
-        self._record(job, dataclasses.replace(outcome, streams=self.executor.streams(job),
-                                              outputs_at=at))
-        self.collector.add(job.id, at)
+        if self._record(job, dataclasses.replace(outcome, streams=self.executor.streams(job),
+                                                 outputs_at=at)):
+            self.collector.add(job.id, at)
 
     def why_waiting(self, job, state):
         if self.online and not state.drained and self.room(state) <= 0:
@@ -5464,9 +5554,19 @@ class Scheduler:
     def find(self, user=None, status=None, limit=100, before=None):
         return self._spool.find(user, status, limit, before)
 
-    def output(self, job):
-        """The paths of a finished job's streams, by name; Conflict while it has not
-        finished."""
+    def output(self, job, attempt=None):
+        """The paths of a finished job's streams, by name (an earlier ``attempt``'s,
+        with its exit code and error, from the job's folder wherever it is); Conflict
+        while it has not finished."""
+        if attempt is not None:
+            folder = self._spool.folder_of(job.id)
+            if not 1 <= attempt < self._spool.get(job.id).attempt or folder is None:
+                raise NotFound(f"job {job.id} has no earlier attempt {attempt}")
+            try:
+                r = read_json(folder.path / f"result.{attempt}.json")
+            except (OSError, ValueError):
+                raise NotFound(f"job {job.id} has no earlier attempt {attempt}") from None
+            return {s: folder.stream(s, attempt) for s in JobFolder.STREAMS}, r
         if job.status in ("pending", "running"):
             raise Conflict(f"job is {job.status}; results are ready once it finishes")
         folder = self._spool.done_folder(job.id)
@@ -5832,9 +5932,17 @@ class Api:
         """A finished job's record and output, as one JSON object sent in pieces from
         the stored files: memory per request stays small whatever the output's size."""
         job = self._job(job_id, self._user())
-        paths = self.scheduler.output(job)
+        query = bottle.request.query
+        if set(query) - {"attempt"} or not re.fullmatch(r"[0-9]{1,2}", query.get("attempt", "1")):
+            raise BadRequest("the one query parameter is attempt, a number")
         head = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
-                "error": job.error}
+                "error": job.error, "attempt": job.attempt}
+        if "attempt" in query:  # an earlier attempt's output, kept when it was retried
+            paths, r = self.scheduler.output(job, int(query["attempt"]))
+            head = {"job_id": job.id, "status": "failed", "exit_code": r["exit_code"],
+                    "error": r["error"], "attempt": r["attempt"]}
+        else:
+            paths = self.scheduler.output(job)
         bottle.response.content_type = "application/json"
 
         def pieces():
@@ -6379,7 +6487,8 @@ def openapi(config):
                             "properties": {"job_id": {"type": "string"}, "status": status,
                                            "stdout": {"type": "string"}, "stderr": {"type": "string"},
                                            "exit_code": {"type": "integer", "nullable": True},
-                                           "error": nullable_str}},
+                                           "error": nullable_str,
+                                           "attempt": {"type": "integer"}}},
                 "Node": {"type": "object",
                          "required": ["id", "host", "state", "drained", "error", "running_job",
                                       "queued_jobs", "queued_seconds", "completed", "failed",
@@ -6459,9 +6568,13 @@ def openapi(config):
                               "404": answer("no such job (or not yours)")}}},
             "/api/results/{job_id}": {"get": {
                 "summary": "A finished job's output", "security": secured,
-                "parameters": lenient_id,
+                "description": "With attempt=N: an earlier attempt's, kept when the job was "
+                               "retried.",
+                "parameters": lenient_id + [{"name": "attempt", "in": "query",
+                                             "schema": {"type": "integer", "minimum": 1}}],
                 "responses": {"200": answer("stdout, stderr and exit code", "Results"), **errors,
-                              "404": answer("no such job (or not yours)"),
+                              "400": answer("bad query parameter"),
+                              "404": answer("no such job (or not yours), or attempt"),
                               "409": answer("the job has not finished")}}},
             "/api/cancel/{job_id}": {"post": {
                 "summary": "Cancel a pending or running job", "security": secured,
