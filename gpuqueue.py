@@ -1374,6 +1374,8 @@ OUTPUT_STATES = ("collecting", "complete", "truncated", "lost", "none")
 MAX_ID_LENGTH = 200
 #: The most retries a job may ask for.
 MAX_RETRIES = 10
+#: The most jobs one job may wait for (after and after_any together).
+MAX_DEPENDENCIES = 1000
 
 
 def new_job_id():
@@ -1453,6 +1455,19 @@ class Job:
         {"type": "array", "items": {"type": "integer"}, "nullable": True}, None,
         doc="with retries: only these exit codes count as a failed attempt (a job whose "
         "node stayed away always counts)", config="optional", stored=True)
+    after: list | None = job_field(
+        {"type": "array", "items": {"type": "string"}, "nullable": True}, None,
+        doc="job ids: this job runs once all of them completed; if one fails or is "
+        "cancelled, so is this job", config="optional", stored=True)
+    after_any: list | None = job_field(
+        {"type": "array", "items": {"type": "string"}, "nullable": True}, None,
+        doc="job ids: this job runs once all of them have ended, however they ended",
+        config="optional", stored=True)
+    #: While pending: the jobs in ``after`` and ``after_any`` that have not ended yet
+    #: (kept by the Spool, found again at recovery).
+    waiting_on: frozenset = job_field(
+        {"type": "array", "items": {"type": "string"}}, frozenset(),
+        doc="the jobs it still waits for (after, after_any)", show=lambda job: sorted(job.waiting_on))
     #: Which run of the job this is: 1, then one more for each retry.
     attempt: int = job_field({"type": "integer"}, 1,
                              doc="which run of the job this is (1 + the retries it took)")
@@ -1523,9 +1538,10 @@ class Job:
                 if value is not None and not isinstance(value, str):
                     raise ValueError(f"job.json: {f.name!r} must be a string or null")
             elif f.type == "list | None":
+                item = str if f.metadata["schema"]["items"]["type"] == "string" else int
                 if value is not None and not (isinstance(value, list) and all(
-                        type(v) is int for v in value)):
-                    raise ValueError(f"job.json: {f.name!r} must list whole numbers")
+                        type(v) is item for v in value)):
+                    raise ValueError(f"job.json: {f.name!r} must be a list of {item.__name__}")
             elif f.type == "dict":
                 if value is not None and not (isinstance(value, dict) and all(
                         isinstance(v, str) for v in value.values())):
@@ -1976,6 +1992,13 @@ class Spool:
         self._queue_fds = {}
         #: The disk guard's last reading: (when, bytes that may still be accepted).
         self._disk = (-math.inf, 0)
+        #: Dependencies: job id -> ids of pending jobs waiting for it to end (those
+        #: jobs are in no queue until it has); and jobs to cancel, with the reason,
+        #: as their ``after`` dependency did not complete (cancel_doomed).
+        self._waiters = collections.defaultdict(set)
+        self._doomed = []
+        #: Called (under the lock) with a node's id when one of its jobs stops waiting.
+        self.on_ready = lambda node_id: None
         #: Per node: finished jobs whose files a stopped server had not brought back
         #: yet, (id, where on the node), found at recovery for the node's collector.
         self._uncollected = collections.defaultdict(list)
@@ -2053,6 +2076,7 @@ class Spool:
             self._queue_fds[n] = os.open(self.pending_dir(n), os.O_RDONLY | os.O_DIRECTORY)
         with self._lock:
             self._recover()
+        self.cancel_doomed()  # jobs whose dependency failed while the server was down
 
     def close(self):
         for fd in self._queue_fds.values():
@@ -2070,6 +2094,7 @@ class Spool:
         for name in os.listdir(self._root / "done"):
             if JOB_ID_RE.match(name):
                 self._count_final(self.done_folder(name))
+        pending = []
         for n in self._node_ids:
             if self._drained_marker(n).exists():
                 self._drained.add(n)
@@ -2084,9 +2109,12 @@ class Spool:
                         continue
                     self._active[job.id] = job
                     if job.status == "pending":
-                        self._index(job)
+                        pending.append(job)
                     else:
                         self._running[n][job.id] = job
+        for job in pending:  # once every unfinished job is known: what each waits for
+            job.waiting_on = self._waiting_on(job, {})
+            self._index(job)
         self._done_ids.sort()
         for d in self._node_ids:
             self._sync_queue(d)
@@ -2135,16 +2163,74 @@ class Spool:
         self._done_ids.append(folder.id)
 
     def _index(self, job):
-        """Put a pending job into its node's queue (under the lock)."""
-        self._queues[job.node_id].add(job)
-        self._pending_seconds[job.node_id] += job.expected_time * job.gpus
+        """Put a pending job into its node's queue, or, while it waits for other jobs,
+        beside the jobs it waits for (under the lock)."""
+        if job.waiting_on:
+            for dep in job.waiting_on:
+                self._waiters[dep].add(job.id)
+        else:
+            self._queues[job.node_id].add(job)
+            self._pending_seconds[job.node_id] += job.expected_time * job.gpus
         self._pending_per_user[job.user_id] += 1
 
     def _unindex(self, job):
         """Take a pending job out of its node's queue (under the lock)."""
-        self._queues[job.node_id].remove(job)
-        self._pending_seconds[job.node_id] -= job.expected_time * job.gpus
+        if job.waiting_on:
+            for dep in job.waiting_on:
+                self._waiters[dep].discard(job.id)
+        else:
+            self._queues[job.node_id].remove(job)
+            self._pending_seconds[job.node_id] -= job.expected_time * job.gpus
         self._pending_per_user[job.user_id] -= 1
+
+    def _waiting_on(self, job, ended):
+        """Which of a pending job's dependencies have not ended (under the lock), and
+        adds to ``_doomed`` a job whose ``after`` dependency did not complete.
+        ``ended``: id -> status of dependencies read beforehand; one that ended
+        since is read now."""
+        waiting = set()
+        for dep in set(job.after or ()) | set(job.after_any or ()):
+            if dep in self._active:
+                waiting.add(dep)
+                continue
+            status = ended.get(dep) or self._ended_status(dep)
+            if dep in (job.after or ()) and status != "completed":
+                self._doomed.append((job.id, f"its dependency {dep} "
+                                     + (f"{status}" if status else "no longer exists")))
+        return frozenset(waiting)
+
+    def _ended_status(self, job_id):
+        try:
+            return self.done_folder(job_id).read_result()["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _release(self, job, status):
+        """A job has ended (under the lock): the jobs waiting for it wait no more for
+        it, and those that needed it completed are doomed."""
+        for waiter_id in self._waiters.pop(job.id, ()):
+            waiter = self._active.get(waiter_id)
+            if waiter is None or job.id not in waiter.waiting_on:
+                continue
+            if status != "completed" and job.id in (waiter.after or ()):
+                self._doomed.append((waiter_id, f"its dependency {job.id} {status}"))
+                continue
+            waiter.waiting_on = waiter.waiting_on - {job.id}
+            if not waiter.waiting_on:
+                self._queues[waiter.node_id].add(waiter)
+                self._pending_seconds[waiter.node_id] += waiter.expected_time * waiter.gpus
+                self.on_ready(waiter.node_id)
+
+    def cancel_doomed(self):
+        """Cancel every pending job whose ``after`` dependency failed or was
+        cancelled, saying which: never left pending forever (and their own waiters
+        in turn)."""
+        while True:
+            with self._lock:
+                if not self._doomed:
+                    return
+                job_id, why = self._doomed.pop(0)
+            self.request_cancel(job_id, why)
 
     def _quarantine(self, path, reason):
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
@@ -2183,9 +2269,10 @@ class Spool:
                 raise DiskFull("the server's spool disk is full; try again later") from None
             raise
 
-    def enqueue(self, job, staged, online, max_pending, able=None):
+    def enqueue(self, job, staged, online, max_pending, able=None, ended=None):
         """Queue a staged job on the least-loaded node (of ``able``, those that can run
-        it, when given); returns queue_position's pair.
+        it, when given); returns queue_position's pair.  A job with dependencies waits
+        beside them (``ended``: the statuses of those already over, read before).
 
         Raises TooMany (and removes the staged folder) when the job's user already
         has ``max_pending`` pending jobs.
@@ -2202,6 +2289,7 @@ class Spool:
                 job.node_id = min(candidates, key=lambda n: (loads[n], n))
                 os.rename(staged.path, self.pending_dir(job.node_id) / job.id)
                 self._active[job.id] = job
+                job.waiting_on = self._waiting_on(job, ended or {})
                 self._index(job)
                 position = self._position(job)
         if waiting >= max_pending:
@@ -2343,6 +2431,7 @@ class Spool:
             del self._running[job.node_id][job.id]
             self._retire(job, folder, outcome, finished_at)
         self._synced_final(job, folder, outcome)
+        self.cancel_doomed()
 
     def _write_result(self, job, folder, outcome):
         """Write how the job ended into its folder; when it did (the job itself
@@ -2369,6 +2458,7 @@ class Spool:
         self._final_counts[job.node_id][outcome.status] += 1
         self._finished_here[job.node_id][outcome.status] += 1
         bisect.insort(self._done_ids, job.id)
+        self._release(job, outcome.status)
         self._changed.notify_all()
 
     def _synced_final(self, job, folder, outcome):
@@ -2496,8 +2586,9 @@ class Spool:
         n = job.node_id
         return ahead[0], time.time() + self._running_load(n) + ahead[1] / self._gpu_count[n]
 
-    def request_cancel(self, job_id):
-        """Cancel a pending job now, or mark a running one for its scheduler to kill;
+    def request_cancel(self, job_id, why=None):
+        """Cancel a pending job now (``why``: not by a user, but because...), or mark a
+        running one for its scheduler to kill;
         either is on disk before it shows.  Returns False when the job had already
         finished.  A pending job leaves its queue under the lock, so that no
         scheduler claims it; its record is written after, and its move to done/ is
@@ -2523,7 +2614,8 @@ class Spool:
             with self._lock:
                 job.cancel_requested = True
             return True
-        outcome = Outcome("cancelled", error="cancelled while pending")
+        outcome = Outcome("cancelled", error=f"cancelled while pending: {why}" if why
+                          else "cancelled while pending")
         try:
             finished_at = self._write_result(job, folder, outcome)
         except BaseException:
@@ -2534,6 +2626,7 @@ class Spool:
         with self._lock:
             self._retire(job, folder, outcome, finished_at)
         self._synced_final(job, folder, outcome)
+        self.cancel_doomed()
         return True
 
     def wait_finished(self, job_id, timeout):
@@ -4348,6 +4441,12 @@ def _checked_key(key, spec, value, config):
         raise BadRequest(f"config_file: {key!r} must be {what}")
     if kind == "object":
         return _checked_env(key, value)
+    if kind == "array" and spec["schema"]["items"]["type"] == "string":  # job ids
+        if len(value) > MAX_DEPENDENCIES or not all(
+                isinstance(v, str) and JOB_ID_RE.match(v) for v in value):
+            raise BadRequest(f"config_file: {key!r} must list at most {MAX_DEPENDENCIES} job "
+                             "ids")
+        return sorted(set(value))
     if kind == "array":  # exit codes: a signal's is minus its number
         if len(value) > 32 or not all(type(v) is int and -64 <= v <= 255 for v in value):
             raise BadRequest(f"config_file: {key!r} must list at most 32 exit codes, each "
@@ -5367,6 +5466,7 @@ class Scheduler:
         self._throttle = AuthThrottle(config.auth_failures_per_minute)
         self._workers = {}
         self.serving = serving
+        spool.on_ready = self._ready
         if serving:
             kinds = {"local": GpuWorker, "ssh": GpuWorker, "slurm": SlurmWorker}
             for n in config.nodes:
@@ -5407,6 +5507,12 @@ class Scheduler:
         for w in self._workers.values():
             if w.node.is_local:
                 w.settled.wait(max(0.0, deadline - time.monotonic()))
+
+    def _ready(self, node_id):
+        """A job of this node stopped waiting for others (called under the spool's lock:
+        it only sets an event)."""
+        if node_id in self._workers:
+            self._workers[node_id].wake.set()
 
     def _wake(self, node_ids):
         for n in node_ids:
@@ -5466,6 +5572,7 @@ class Scheduler:
                              f"than {most}")
         if kind is not None:  # checked whole before anything is written
             cfg["entrypoint"] = self._check_project(code, kind, cfg.get("entrypoint"))
+        ended = self._dependencies(cfg, user)
         self._spool.admit(len(code) + len(config_data), self.config.min_free_bytes)
         job = Job(id=job_id or new_job_id(), submitted_at=time.time(), node_id=-1,
                   **{k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"})
@@ -5476,13 +5583,33 @@ class Scheduler:
         staged = self._spool.stage(job, code, config_data)
         online = {n for n, w in self._workers.items() if w.online}
         position, start = self._spool.enqueue(job, staged, online,
-                                              self.config.max_pending_per_user, able)
+                                              self.config.max_pending_per_user, able, ended)
         # Its node, and any with a free GPU that may take it (a held one, if it is short).
         states = self._spool.node_states()
         self._wake(n for n, w in self._workers.items()
                    if n == job.node_id or w.online and w.room(states[n]) or states[n].holding)
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
+        self._spool.cancel_doomed()  # it needed a job that had failed already
         return job, position, start
+
+    def _dependencies(self, cfg, user):
+        """The statuses of a new job's dependencies that have ended, by id; NotFound
+        for one the caller may not see (someone else's, unless an admin's) or that
+        does not exist.  A job can only wait for jobs that exist before it, so no
+        cycle can arise."""
+        deps = set(cfg.get("after") or ()) | set(cfg.get("after_any") or ())
+        if len(deps) > MAX_DEPENDENCIES:
+            raise BadRequest(f"config_file: a job may wait for at most {MAX_DEPENDENCIES} "
+                             "jobs")
+        ended = {}
+        for dep in sorted(deps):
+            try:
+                found = self.job(dep, user)
+            except NotFound:
+                raise NotFound(f"config_file: no such job {dep!r} to wait for") from None
+            if found.status in FINAL_STATES:
+                ended[dep] = found.status
+        return ended
 
     def _able(self, environment):
         """The nodes that have ``environment`` working (None: any node will do);
@@ -5543,7 +5670,12 @@ class Scheduler:
         and its place in the queue while it waits."""
         out = job.public()
         out["time_limit"] = self.config.time_limit(job.expected_time)
-        if job.status == "pending":
+        if job.status == "pending" and job.waiting_on:
+            out["queue_position"], out["estimated_start"] = None, None
+            out["waiting"] = (f"waiting for {len(job.waiting_on)} job(s) to end: "
+                              + ", ".join(sorted(job.waiting_on)[:5])
+                              + (" ..." if len(job.waiting_on) > 5 else ""))
+        elif job.status == "pending":
             position, start = self._spool.queue_position(job)
             out["queue_position"], out["estimated_start"] = position, isotime(start)
             if job.node_id in self._workers:

@@ -83,3 +83,74 @@ def test_a_retry_survives_a_kill_9_and_its_attempt_counts_on(make_server, tmp_pa
     assert server.results(job_id)["stdout"] == "second try\n"
     first = server.get(f"/api/results/{job_id}?attempt=1", server.token()).json()
     assert first["stdout"] == "first try\n" and first["exit_code"] == 3
+
+
+def waiter(path):
+    """A job that runs until ``path`` exists."""
+    return (f"import os, time\nwhile not os.path.exists({str(path)!r}):\n    time.sleep(0.05)\n"
+            "print('done waiting')\n")
+
+
+def test_a_chain_runs_in_order_and_a_failed_link_cancels_the_rest(server, tmp_path):
+    go = tmp_path / "go"
+    first = server.submit_ok(waiter(go), config=job_config(expected_time=60))["job_id"]
+    second = server.submit_ok("print('second')\n", config=job_config(after=[first]))
+    assert second["queue_position"] is None  # it waits for a job, not in a queue
+    second = second["job_id"]
+    third = server.submit_ok("print('third')\n", config=job_config(after=[second]))["job_id"]
+    st = server.status(second)
+    assert st["status"] == "pending" and st["waiting_on"] == [first], st
+    assert first in st["waiting"]
+    go.touch()
+    assert server.wait(third)["status"] == "completed"
+    assert server.results(third)["stdout"] == "third\n"
+    done = {j: server.status(j)["finished_at"] for j in (first, second, third)}
+    assert done[first] <= server.status(second)["started_at"] and \
+        done[second] <= server.status(third)["started_at"]
+
+    # A chain whose first link fails: the rest is cancelled at once, each naming why.
+    bad = server.submit_ok("import sys\nsys.exit(5)\n")["job_id"]
+    after_bad = server.submit_ok("print('never')\n", config=job_config(after=[bad]))["job_id"]
+    last = server.submit_ok("print('never')\n", config=job_config(after=[after_bad]))["job_id"]
+    anyway = server.submit_ok("print('anyway')\n", config=job_config(after_any=[bad]))["job_id"]
+    st = server.wait(last)
+    assert st["status"] == "cancelled" and after_bad in st["error"], st
+    st = server.status(after_bad)
+    assert st["status"] == "cancelled" and f"its dependency {bad} failed" in st["error"], st
+    assert server.wait(anyway)["status"] == "completed"
+    # Submitted after its dependency had failed: cancelled at once all the same.
+    late = server.submit_ok("print('never')\n", config=job_config(after=[bad]))["job_id"]
+    assert server.wait(late)["status"] == "cancelled"
+
+
+def test_a_dependency_must_be_a_job_the_user_may_see(server):
+    alices = server.submit_ok("print(1)\n")["job_id"]
+    r = server.submit("print(2)\n", config=job_config("bob", after=[alices]), user="bob")
+    assert r.status_code == 404 and "no such job" in r.json()["error"], r.text
+    r = server.submit("print(2)\n", config=job_config(after=["0" * 24]))
+    assert r.status_code == 404, r.text
+    r = server.submit("print(2)\n", config=job_config(after=["not an id"]))
+    assert r.status_code == 400 and "'after' must list" in r.json()["error"], r.text
+    admin = server.token("root", admin=True)
+    r = server.submit("print(3)\n", config=job_config("bob", after=[alices]), token=admin)
+    assert r.status_code == 201, r.text  # an admin may chain anyone's jobs
+
+
+def test_dependencies_hold_across_a_kill_9(make_server, tmp_path):
+    server = make_server(nodes=2)
+    go = tmp_path / "go"
+    first = server.submit_ok(waiter(go), config=job_config(expected_time=60))["job_id"]
+    server.wait(first, ("running",))
+    then = server.submit_ok("print('then')\n", config=job_config(after=[first]))["job_id"]
+    doomed_first = server.submit_ok(waiter(go) + "import sys\nsys.exit(1)\n",
+                                    config=job_config(expected_time=60))["job_id"]
+    doomed = server.submit_ok("print('never')\n",
+                              config=job_config(after=[doomed_first]))["job_id"]
+    server.kill()
+    server.start()
+    for job_id, on in ((then, first), (doomed, doomed_first)):
+        st = server.status(job_id)
+        assert st["status"] == "pending" and st["waiting_on"] == [on], st
+    go.touch()
+    assert server.wait(then)["status"] == "completed"
+    assert server.wait(doomed)["status"] == "cancelled"
