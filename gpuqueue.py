@@ -202,6 +202,10 @@ class Conflict(GpuqueueError):
     """Not possible in the job's present state (e.g. results of a running job)."""
 
 
+class KeyReused(GpuqueueError):
+    """An Idempotency-Key sent again with a different request."""
+
+
 class TooMany(GpuqueueError):
     """A limit on how much one caller may have or do at once; ``retry_after``: seconds
     until it lifts, when known."""
@@ -1376,6 +1380,10 @@ MAX_ID_LENGTH = 200
 MAX_RETRIES = 10
 #: The most jobs one job may wait for (after and after_any together).
 MAX_DEPENDENCIES = 1000
+#: Seconds a submit's Idempotency-Key is remembered.
+KEY_TTL = 24 * 3600
+#: An Idempotency-Key: printable, and not long.
+KEY_RE = re.compile(r"\A[\x21-\x7e]{1,255}\Z")
 
 
 def new_job_id():
@@ -2537,6 +2545,40 @@ class Spool:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return job
+
+    # -- retry-safe submits ----------------------------------------------------
+
+    def _key_path(self, user, key):
+        digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()
+        return self._root / "keys" / f"{digest}.json"
+
+    def key_record(self, user, key):
+        """What a submit with this user's Idempotency-Key left (KEY_TTL seconds at
+        most), or None."""
+        try:
+            record = read_json(self._key_path(user, key))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("at", 0) < time.time() - KEY_TTL:
+            return None
+        return record
+
+    def remember_key(self, user, key, record):
+        """Keep a submit's Idempotency-Key record, durably: written before the job is
+        queued (its id chosen), and again with the answer once it is."""
+        (self._root / "keys").mkdir(exist_ok=True)
+        write_json(self._key_path(user, key), record)
+
+    def expire_keys(self):
+        """Remove Idempotency-Key records past KEY_TTL; how many."""
+        gone = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._root / "keys"):
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_mtime < time.time() - KEY_TTL:
+                        os.unlink(entry.path)
+                        gone += 1
+        return gone
 
     def uncollected(self, node_id):
         """The node's finished jobs whose files are still to be brought back, found
@@ -5357,6 +5399,7 @@ def keep_finished(spool, days):
     while True:
         try:
             jobs, quarantined = spool.expire(time.time() - keep)
+            spool.expire_keys()
         except OSError as exc:
             log.error("removing old finished jobs failed (tried again later): %s", exc)
         else:
@@ -5464,6 +5507,8 @@ class Scheduler:
         self._spool = spool
         self._tokens = tokens
         self._throttle = AuthThrottle(config.auth_failures_per_minute)
+        #: Submits with the same Idempotency-Key go one at a time (striped by key).
+        self._key_locks = [threading.Lock() for _ in range(64)]
         self._workers = {}
         self.serving = serving
         spool.on_ready = self._ready
@@ -5540,11 +5585,13 @@ class Scheduler:
 
     # -- jobs ----------------------------------------------------------------
 
-    def submit(self, code, config_data, user=None, source="incoming", job_id=None):
+    def submit(self, code, config_data, user=None, source="incoming", job_id=None,
+               idempotency_key=None):
         """Check a job (script bytes, config.yaml bytes) and queue it durably: the one
         way in for uploads and dropped folders alike.  ``user`` is the caller's token
         record when it was already checked; else the config's ``token`` is.
-        (job, position, start)."""
+        ``idempotency_key``: the request's Idempotency-Key.  (job, position, start,
+        replayed: whether this answer is a former one's, and nothing was queued)."""
         kind = archive_kind(code[:512])
         if kind is None:
             if not code.strip():
@@ -5573,6 +5620,48 @@ class Scheduler:
         if kind is not None:  # checked whole before anything is written
             cfg["entrypoint"] = self._check_project(code, kind, cfg.get("entrypoint"))
         ended = self._dependencies(cfg, user)
+        if idempotency_key is not None:
+            key = idempotency_key
+            with self._key_locks[hash((user["user"], key)) % len(self._key_locks)]:
+                return self._submit_once(code, config_data, cfg, user, key, (able, ended))
+        return self._enqueue(code, config_data, cfg, job_id, (able, ended)) + (False,)
+
+    def _submit_once(self, code, config_data, cfg, user, key, placing):
+        """A submit with an Idempotency-Key: the same key from the same user within
+        KEY_TTL answers as the first did and queues nothing; with another request it
+        is refused.  The job's id is kept with the key before the job is queued, so a
+        crash in between never queues it twice: the retry queues it under that id."""
+        if not KEY_RE.match(key):
+            raise BadRequest("Idempotency-Key must be 1-255 printable characters")
+        digest = hashlib.sha256(code + b"\0" + config_data).hexdigest()
+        record = self._spool.key_record(user["user"], key)
+        if record is not None and record.get("request") != digest:
+            raise KeyReused("this Idempotency-Key was sent with a different job; use a new "
+                            "key for a new job")
+        if record is not None:
+            job = self._spool.get(record["job_id"])
+            if job is not None and "answer" in record:
+                a = record["answer"]
+                return job, a["queue_position"], a["estimated_start"], True
+            job_id = record["job_id"]  # the first try was cut short: queue it now
+        else:
+            job_id = new_job_id()
+            self._spool.remember_key(user["user"], key, {"request": digest, "job_id": job_id,
+                                                         "at": time.time()})
+        if self._spool.get(job_id) is not None:  # queued, but its answer was never kept
+            job = self._spool.get(job_id)
+            position, start = self._spool.queue_position(job)
+        else:
+            job, position, start = self._enqueue(code, config_data, cfg, job_id, placing)
+        self._spool.remember_key(user["user"], key, {
+            "request": digest, "job_id": job_id, "at": time.time(),
+            "answer": {"queue_position": position, "estimated_start": start}})
+        return job, position, start, False
+
+    def _enqueue(self, code, config_data, cfg, job_id, placing):
+        """Stage and queue a checked job: (job, position, start).  ``placing``: the
+        nodes that can run it (None: any) and its dependencies' statuses."""
+        able, ended = placing
         self._spool.admit(len(code) + len(config_data), self.config.min_free_bytes)
         job = Job(id=job_id or new_job_id(), submitted_at=time.time(), node_id=-1,
                   **{k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"})
@@ -5889,7 +5978,7 @@ def _upload_part(name):
 
 #: Status codes of the core's refusals (the most specific class listed wins).
 HTTP_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404,
-               Conflict: 409, TooMany: 429, DiskFull: 507, Unavailable: 503}
+               Conflict: 409, KeyReused: 422, TooMany: 429, DiskFull: 507, Unavailable: 503}
 
 
 class HttpError(GpuqueueError):
@@ -6050,10 +6139,13 @@ class Api:
         extra = names - {"code", "config_file"}
         if extra:
             raise BadRequest("unexpected multipart part; send only 'code' and 'config_file'")
-        job, position, start = self.scheduler.submit(
-            _upload_part("code"), _upload_part("config_file"), user=user, source=self._client())
+        job, position, start, replayed = self.scheduler.submit(
+            _upload_part("code"), _upload_part("config_file"), user=user, source=self._client(),
+            idempotency_key=req.get_header("Idempotency-Key"))
         req.environ["gpuqueue.user"] = job.user_id
         bottle.response.status = 201
+        if replayed:
+            bottle.response.set_header("Idempotent-Replayed", "true")
         return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
                 "queue_position": position, "estimated_start": isotime(start)}
 
@@ -6667,8 +6759,13 @@ def openapi(config):
                 "summary": "Submit a job",
                 "description": "The token comes from the Authorization header or, failing "
                                "that, from the config's `token` key.  The config: see the "
-                               "JobConfig schema.",
+                               "JobConfig schema.  With an Idempotency-Key, the same key "
+                               "from the same user within 24 hours answers as the first "
+                               "submit did (Idempotent-Replayed: true) and queues nothing.",
                 "security": secured + [{}],
+                "parameters": [{"name": "Idempotency-Key", "in": "header",
+                                "schema": {"type": "string", "minLength": 1,
+                                           "maxLength": 255}}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["code", "config_file"],
                     "properties": {
@@ -6688,6 +6785,9 @@ def openapi(config):
                 "responses": {"201": answer("queued", "Submitted"),
                               "400": answer("bad upload or config"), **errors,
                               "403": answer("user_id is not the token's user"),
+                              "404": answer("a job in after or after_any does not exist, "
+                                            "or is not the caller's"),
+                              "422": answer("the Idempotency-Key came with another job"),
                               "429": answer("too many failed authentications, or too many "
                                             "pending jobs for this user"),
                               "507": answer("the spool's disk is nearly full"),
@@ -7236,7 +7336,7 @@ class Incoming:
         except NotFound:
             try:
                 script, config = self._files(path)
-                job, position, start = self.scheduler.submit(script, config, job_id=job_id)
+                job, position, start, _ = self.scheduler.submit(script, config, job_id=job_id)
             except Unavailable as exc:
                 log.warning("incoming: %r waits: %s", name, exc.message)
                 return  # tried again at the next scan
@@ -7517,6 +7617,8 @@ def _ask_server(folder, request):
 # and the server's packages.  main() hands each command line to its half.
 
 #: The client commands; ``jobs list`` and ``jobs cancel`` are the admin's, through the spool.
+#: Seconds the client waits before it sends a submit again whose connection broke.
+SUBMIT_RETRIES = (1, 2, 4)
 CLIENT_COMMANDS = ("submit", "status", "results", "cancel", "logs", "jobs", "outputs")
 #: Where the client commands look for the server unless told (--server, GPUQUEUE_URL).
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -7584,8 +7686,17 @@ class Client:
                      f"filename=\"{urllib.parse.quote(filename)}\"\r\n"
                      "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
         body += f"--{boundary}--\r\n".encode()
-        return self.call("POST", "/api/submit", body,
-                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        # A key of its own on every submit: a submit whose connection broke is sent
+        # again, and the server queues it once, however many times it arrived.
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                   "Idempotency-Key": secrets.token_hex(16)}
+        for wait in SUBMIT_RETRIES:
+            try:
+                return self.call("POST", "/api/submit", body, headers)
+            except Unavailable as exc:
+                print(f"gpuqueue: {exc.message}; trying again in {wait} s", file=sys.stderr)
+                time.sleep(wait)
+        return self.call("POST", "/api/submit", body, headers)
 
     def job_path(self, what, job_id):
         return f"/api/{what}/{urllib.parse.quote(job_id, safe='')}"

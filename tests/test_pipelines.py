@@ -1,8 +1,16 @@
 """Sweeps and pipelines (issue 24): retries, and what else a team running nightly
 sweeps needs.  A real server over real HTTP, every wait a condition."""
-import pytest
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
 
-from conftest import job_config, wait_for
+import pytest
+import requests
+
+from conftest import GPUQUEUE, job_config, wait_for
 
 #: A job that fails with exit code 3 on its first run and succeeds on its second: it
 #: leaves a marker beside itself in a folder of the test's.
@@ -154,3 +162,94 @@ def test_dependencies_hold_across_a_kill_9(make_server, tmp_path):
     go.touch()
     assert server.wait(then)["status"] == "completed"
     assert server.wait(doomed)["status"] == "cancelled"
+
+
+def test_the_same_submit_twice_with_one_key_queues_one_job(make_server):
+    server = make_server(nodes=1)
+    token = server.token()
+    files = {"code": ("j.py", "print('once')\n"), "config_file": ("c.yaml", job_config())}
+    first = requests.post(server.url + "/api/submit", files=files, timeout=30,
+                          headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+    again = requests.post(server.url + "/api/submit", files=files, timeout=30,
+                          headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 201, (first.text, again.text)
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    other = {"code": ("j.py", "print('another')\n"), "config_file": ("c.yaml", job_config())}
+    r = requests.post(server.url + "/api/submit", files=other, timeout=30,
+                      headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+    assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"], r.text
+    # Another user's same key is another key; a new key is a new job.
+    bob = requests.post(server.url + "/api/submit", timeout=30,
+                        files={**files, "config_file": ("c.yaml", job_config("bob"))},
+                        headers={"Authorization": f"Bearer {server.token('bob')}",
+                                 "Idempotency-Key": "k-1"})
+    assert bob.status_code == 201 and bob.json()["job_id"] != first.json()["job_id"]
+    server.wait(first.json()["job_id"])
+    # Kept across a restart: after kill -9, the key still answers with the first job.
+    server.kill()
+    server.start()
+    later = requests.post(server.url + "/api/submit", files=files, timeout=30,
+                          headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"})
+    assert later.status_code == 201 and later.json()["job_id"] == first.json()["job_id"]
+    jobs = server.get("/api/jobs", token).json()["jobs"]
+    assert [j["job_id"] for j in jobs] == [first.json()["job_id"]]
+    r = requests.post(server.url + "/api/submit", files=files, timeout=30,
+                      headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k" * 256})
+    assert r.status_code == 400, r.text
+
+
+class DroppingProxy:
+    """A loopback TCP proxy that passes requests on to the server but, on its first
+    connection, drops the server's answer: a submit that reached the server whose
+    client never heard back."""
+
+    def __init__(self, target):
+        self.target = target
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            client, _ = self.sock.accept()
+            self.connections += 1
+            threading.Thread(target=self._pipe, args=(client, self.connections == 1),
+                             daemon=True).start()
+
+    def _pipe(self, client, drop):
+        host, port = self.target.split("//")[1].split(":")
+        with client, socket.create_connection((host, int(port))) as upstream:
+            threading.Thread(target=self._copy, args=(client, upstream), daemon=True).start()
+            answer = b""
+            while chunk := upstream.recv(65536):
+                answer += chunk
+                if drop and b"\r\n\r\n" in answer:  # the server has answered: cut the
+                    client.shutdown(socket.SHUT_RDWR)  # client off (a close would wait
+                    return                             # for the copying thread's recv)
+                if not drop:
+                    client.sendall(chunk)
+
+    @staticmethod
+    def _copy(src, dst):
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_the_client_sends_a_broken_submit_again_and_it_is_queued_once(server, tmp_path):
+    proxy = DroppingProxy(server.url)
+    script = tmp_path / "once.py"
+    script.write_text("print('once')\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(job_config())
+    r = subprocess.run([sys.executable, str(GPUQUEUE), "submit", str(script), "-c", str(cfg),
+                        "--json", "--server", proxy.url, "--token", server.token()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "trying again" in r.stderr and proxy.connections == 2, (r.stderr, proxy.connections)
+    job_id = json.loads(r.stdout)["job_id"]
+    jobs = server.get("/api/jobs", server.token()).json()["jobs"]
+    assert [j["job_id"] for j in jobs] == [job_id]  # reached the server twice, queued once
