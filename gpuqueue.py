@@ -315,6 +315,55 @@ def _environments(value, c, base):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Webhooks:
+    """Where jobs' notices may go (``allow``: URL prefixes) and the key they are
+    signed with (read from the environment variable ``secret_env`` names)."""
+    secret: bytes
+    allow: tuple
+
+
+def _webhooks(value, c, base):
+    if not value:
+        return None
+    w = _checked(value, {"secret_env": (str, _REQUIRED), "allow": (list, _REQUIRED)},
+                 "config: webhooks")
+    secret = os.environ.get(w["secret_env"])
+    if not secret:
+        raise ConfigError(f"config: webhooks: the environment variable {w['secret_env']} "
+                          "(secret_env) is not set; it holds the key notices are signed with")
+    for prefix in w["allow"]:
+        if not (isinstance(prefix, str) and _url_parts(prefix)):
+            raise ConfigError(f"config: webhooks: allow: {prefix!r} is not an http(s) URL")
+    return Webhooks(secret.encode(), tuple(w["allow"]))
+
+
+def _url_parts(url):
+    """(scheme, host:port, path) of an http(s) URL without credentials, or None."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        u.port  # a port that is not a number raises here
+    except ValueError:
+        return None
+    if u.scheme not in ("http", "https") or not u.hostname or "@" in u.netloc \
+            or any(ch.isspace() or ch in "\\" for ch in url):
+        return None
+    return u.scheme, u.netloc.lower(), u.path or "/"
+
+
+def url_allowed(url, allow):
+    """Is ``url`` under one of the ``allow`` prefixes: the same scheme and host, and a
+    path below the prefix's, a whole path segment at a time?"""
+    mine = _url_parts(url)
+    for prefix in allow:
+        theirs = _url_parts(prefix)
+        if mine and theirs and mine[:2] == theirs[:2]:
+            base = theirs[2].rstrip("/") + "/"
+            if mine[2] == theirs[2] or (mine[2].rstrip("/") + "/").startswith(base):
+                return True
+    return False
+
+
 def system_python():
     """The python3 a user of this machine gets: the first on PATH outside the
     server's own virtualenv, so that jobs never run inside it."""
@@ -417,6 +466,8 @@ class Config:
     max_output_files_bytes: int = setting(int, 1024 ** 3, least=0)
     max_output_files: int = setting(int, 1000, least=0)
     environments: dict = setting(dict, {}, _environments)  # name -> Environment
+    #: Notices of a job's end (``notify``): None when the server sends none.
+    webhooks: Webhooks | None = setting(dict, None, _webhooks)
     source: Path | None = None
 
     def time_limit(self, expected_time):
@@ -1380,6 +1431,9 @@ MAX_ID_LENGTH = 200
 MAX_RETRIES = 10
 #: The most jobs one job may wait for (after and after_any together).
 MAX_DEPENDENCIES = 1000
+#: A notice's tries: the wait after the first failure, doubled each time up to the
+#: most, for a day; each try may take NOTICE_TIMEOUT seconds.
+NOTICE_BACKOFF, NOTICE_MAX_WAIT, NOTICE_GIVE_UP, NOTICE_TIMEOUT = 1.0, 600.0, 86400.0, 10.0
 #: Seconds a submit's Idempotency-Key is remembered.
 KEY_TTL = 24 * 3600
 #: An Idempotency-Key: printable, and not long.
@@ -1476,6 +1530,15 @@ class Job:
     waiting_on: frozenset = job_field(
         {"type": "array", "items": {"type": "string"}}, frozenset(),
         doc="the jobs it still waits for (after, after_any)", show=lambda job: sorted(job.waiting_on))
+    notify: str | None = job_field(
+        {**_TEXT, "maxLength": 2000, "nullable": True}, None,
+        doc="a URL (under the server's webhooks.allow) that gets the job's status, "
+        "signed, when it ends", config="optional", stored=True)
+    #: Once it has ended, with ``notify``: where the notice stands.
+    notice: str | None = job_field(
+        {"type": "string", "nullable": True}, None,
+        doc="with notify, once the job has ended: delivered, or pending and why (it is "
+        "tried again with backoff for a day), or given up")
     #: Which run of the job this is: 1, then one more for each retry.
     attempt: int = job_field({"type": "integer"}, 1,
                              doc="which run of the job this is (1 + the retries it took)")
@@ -1727,6 +1790,7 @@ class JobFolder:
     OUTPUTS = "outputs"       # finished: the job's files, brought back from its node
     OUTPUTS_TMP = ".outputs.tmp"  # ...while they are being brought back
     LISTING = "outputs.json"  # ...and what came back (written last: then they are whole)
+    NOTICE = "notice.json"    # with notify: the notice delivered, or given up
     #: A local job's work folder inside its job folder, as releases before node
     #: protocol 2 made it; recovery meets it after an upgrade.
     OLD_WORK = "work"
@@ -2010,6 +2074,8 @@ class Spool:
         #: Per node: finished jobs whose files a stopped server had not brought back
         #: yet, (id, where on the node), found at recovery for the node's collector.
         self._uncollected = collections.defaultdict(list)
+        #: Set when a notice is put in the outbox, for the thread that sends them.
+        self.notices = threading.Event()
 
     @property
     def root(self):
@@ -2443,8 +2509,11 @@ class Spool:
 
     def _write_result(self, job, folder, outcome):
         """Write how the job ended into its folder; when it did (the job itself
-        learns it as it retires)."""
+        learns it as it retires).  A notice asked for is in the outbox first: after
+        a crash it goes at least once, never not at all."""
         finished_at = time.time()
+        if job.notify:
+            self._post_notice(job, outcome, finished_at)
         result = {"status": outcome.status, "exit_code": outcome.exit_code,
                   "error": outcome.error, "node_id": job.node_id,
                   "started_at": job.started_at, "finished_at": finished_at,
@@ -2541,6 +2610,8 @@ class Spool:
             job.started_at, job.finished_at, job.slurm = (
                 r["started_at"], r["finished_at"], r.get("slurm"))
             job.outputs = folder.outputs_state(r)
+            if job.notify:
+                job.notice = self._notice_state(job_id)
             job.gpu_ids = tuple(map(str, r.get("gpus") or ()))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -2579,6 +2650,76 @@ class Spool:
                         os.unlink(entry.path)
                         gone += 1
         return gone
+
+    # -- notices (notify) --------------------------------------------------------
+
+    def _post_notice(self, job, outcome, finished_at):
+        body = {"job_id": job.id, "user_id": job.user_id, "status": outcome.status,
+                "exit_code": outcome.exit_code, "error": outcome.error,
+                "node_id": job.node_id, "attempt": job.attempt,
+                "submitted_at": isotime(job.submitted_at),
+                "started_at": isotime(job.started_at), "finished_at": isotime(finished_at)}
+        (self._root / "outbox").mkdir(exist_ok=True)
+        write_json(self._root / "outbox" / f"{job.id}.json",
+                   {"url": job.notify, "body": body, "tries": 0, "next": 0,
+                    "since": finished_at, "error": None})
+        self.notices.set()
+
+    def notices_due(self):
+        """The outbox's notices whose time has come: (job id, entry) pairs; and
+        the seconds until the next one is due (None: no other waits)."""
+        due, nearest, now = [], None, time.time()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._root / "outbox"):
+                if not (entry.name.endswith(".json") and JOB_ID_RE.match(entry.name[:-5])):
+                    continue
+                try:
+                    notice = read_json(entry.path)
+                    when = float(notice["next"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if when <= now:
+                    due.append((entry.name[:-5], notice))
+                else:
+                    nearest = min(nearest or math.inf, when - now)
+        return due, nearest
+
+    def notice_tried(self, job_id, notice, error):
+        """A try that failed: the notice waits (backoff) or, after NOTICE_GIVE_UP,
+        is given up, which the job's status says."""
+        path = self._root / "outbox" / f"{job_id}.json"
+        tries = notice["tries"] + 1
+        if time.time() - notice["since"] > NOTICE_GIVE_UP:
+            self._notice_done(job_id, {"state": "given up", "tries": tries, "error": error})
+            return
+        write_json(path, {**notice, "tries": tries, "error": error,
+                          "next": time.time() + min(NOTICE_BACKOFF * 2 ** (tries - 1),
+                                                    NOTICE_MAX_WAIT)})
+
+    def notice_delivered(self, job_id, notice):
+        self._notice_done(job_id, {"state": "delivered", "tries": notice["tries"] + 1,
+                                   "error": None})
+
+    def _notice_done(self, job_id, record):
+        folder = self.done_folder(job_id)
+        with contextlib.suppress(FileNotFoundError):  # retention took the job meanwhile
+            write_json(folder.path / JobFolder.NOTICE, {**record, "at": time.time()})
+        (self._root / "outbox" / f"{job_id}.json").unlink(missing_ok=True)
+
+    def _notice_state(self, job_id):
+        """Where a finished job's notice stands, for its status."""
+        try:
+            n = read_json(self._root / "outbox" / f"{job_id}.json")
+            return ("pending" if not n["tries"] else
+                    f"pending: {n['tries']} tries failed, the last with: {n['error']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        try:
+            n = read_json(self.done_folder(job_id).path / JobFolder.NOTICE)
+            return n["state"] + (f" after {n['tries']} tries: {n['error']}"
+                                 if n["state"] != "delivered" else "")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def uncollected(self, node_id):
         """The node's finished jobs whose files are still to be brought back, found
@@ -4495,9 +4636,9 @@ def _checked_key(key, spec, value, config):
                              "from -64 to 255")
         return sorted(set(value))
     if kind == "string":
-        if key != "token" and not (0 < len(value) <= MAX_ID_LENGTH and value.isprintable()):
-            raise BadRequest(f"config_file: {key!r} must be 1-{MAX_ID_LENGTH} printable "
-                             "characters")
+        most = spec["schema"].get("maxLength", MAX_ID_LENGTH)
+        if key != "token" and not (0 < len(value) <= most and value.isprintable()):
+            raise BadRequest(f"config_file: {key!r} must be 1-{most} printable characters")
         return value
     low, high = key_bounds(spec, config)
     if kind == "number":
@@ -5409,6 +5550,37 @@ def keep_finished(spool, days):
         time.sleep(min(RETENTION_SWEEP, max(1.0, keep / 4)))  # a clock, not an event
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None  # a notice goes where it was allowed to, and nowhere else
+
+
+def send_notices(spool, webhooks):
+    """The thread that sends the outbox's notices: each POSTed with its HMAC-SHA256
+    signature, no proxy, no redirect followed, a timeout on each try; a receiver
+    that is down is tried again with backoff (Spool.notice_tried)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+    while True:
+        spool.notices.clear()
+        due, wait = spool.notices_due()
+        for job_id, notice in due:
+            body = json.dumps(notice["body"], sort_keys=True).encode()
+            signature = hmac.new(webhooks.secret, body, hashlib.sha256).hexdigest()
+            request = urllib.request.Request(notice["url"], data=body, method="POST", headers={
+                "Content-Type": "application/json", "User-Agent": f"gpuqueue/{__version__}",
+                "X-Gpuqueue-Signature": f"sha256={signature}"})
+            try:
+                with opener.open(request, timeout=NOTICE_TIMEOUT) as r:
+                    r.read(65536)
+                spool.notice_delivered(job_id, notice)
+            except urllib.error.HTTPError as exc:
+                spool.notice_tried(job_id, notice, f"HTTP {exc.code}")
+            except (OSError, ValueError) as exc:
+                spool.notice_tried(job_id, notice, str(getattr(exc, "reason", exc))[:200])
+        if not due:  # (after tries, look again: each has its next time now)
+            spool.notices.wait(60 if wait is None else min(wait, 60))
+
+
 #: Seconds between GPU readings of a node...
 GPU_REFRESH = 30
 #: ...and while the node has free GPUs and jobs wait: a GPU used outside the queue
@@ -5546,6 +5718,9 @@ class Scheduler:
         if self.config.keep_finished_days:
             threads["retention"] = functools.partial(keep_finished, self._spool,
                                                      self.config.keep_finished_days)
+        if self.config.webhooks:
+            threads["notices"] = functools.partial(send_notices, self._spool,
+                                                   self.config.webhooks)
         running = {name: _thread(name, target) for name, target in threads.items()}
         _thread("supervisor", functools.partial(_supervise, running, threads))
         deadline = time.monotonic() + LOCAL_START_TIMEOUT
@@ -5620,6 +5795,14 @@ class Scheduler:
         if kind is not None:  # checked whole before anything is written
             cfg["entrypoint"] = self._check_project(code, kind, cfg.get("entrypoint"))
         ended = self._dependencies(cfg, user)
+        if "notify" in cfg:
+            hooks = self.config.webhooks
+            if hooks is None:
+                raise BadRequest("config_file: 'notify': this server sends no notices (its "
+                                 "config has no webhooks)")
+            if not url_allowed(cfg["notify"], hooks.allow):
+                raise BadRequest("config_file: 'notify' must be an http(s) URL under one of "
+                                 f"{', '.join(hooks.allow)}")
         if idempotency_key is not None:
             key = idempotency_key
             with self._key_locks[hash((user["user"], key)) % len(self._key_locks)]:

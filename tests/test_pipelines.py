@@ -1,6 +1,9 @@
 """Sweeps and pipelines (issue 24): retries, and what else a team running nightly
 sweeps needs.  A real server over real HTTP, every wait a condition."""
 import contextlib
+import hashlib
+import hmac
+import http.server
 import json
 import socket
 import subprocess
@@ -253,3 +256,82 @@ def test_the_client_sends_a_broken_submit_again_and_it_is_queued_once(server, tm
     job_id = json.loads(r.stdout)["job_id"]
     jobs = server.get("/api/jobs", server.token()).json()["jobs"]
     assert [j["job_id"] for j in jobs] == [job_id]  # reached the server twice, queued once
+
+
+class Receiver:
+    """A webhook receiver on loopback: every POST it gets, with its headers."""
+
+    def __init__(self, port=0):
+        got = self.got = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                got.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SECRET = "a-shared-secret-of-the-admins"
+
+
+@pytest.fixture
+def hooked(make_server, monkeypatch):
+    """A server that may notify loopback URLs under /hooks/ of one port, kept free."""
+    monkeypatch.setenv("GQ_TEST_HOOK_SECRET", SECRET)
+    with socket.socket() as probe:  # a port nothing listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = make_server(nodes=1, webhooks={"secret_env": "GQ_TEST_HOOK_SECRET",
+                                            "allow": [f"http://127.0.0.1:{port}/hooks"]})
+    return server, port
+
+
+def test_a_notice_waits_for_a_receiver_that_is_down_and_is_signed(hooked):
+    server, port = hooked
+    url = f"http://127.0.0.1:{port}/hooks/done"
+    job_id = server.submit_ok("print('done')\n", config=job_config(notify=url))["job_id"]
+    st = server.wait(job_id)
+    assert st["status"] == "completed"
+    wait_for(lambda: (server.status(job_id)["notice"] or "").startswith("pending: 2 tries"),
+             "two tries at a receiver that is down")
+    receiver = Receiver(port)  # it comes up; the next try (backoff) reaches it
+    try:
+        wait_for(lambda: server.status(job_id)["notice"] == "delivered", "the notice", 60)
+        (headers, body), = receiver.got
+        want = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-Gpuqueue-Signature"] == want
+        notice = json.loads(body)
+        assert (notice["job_id"], notice["status"], notice["exit_code"]) == (job_id, "completed", 0)
+    finally:
+        receiver.stop()
+    # Once delivered, it stays so across a restart, and is not sent again.
+    server.kill()
+    server.start()
+    assert server.status(job_id)["notice"] == "delivered" and len(receiver.got) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:{port}/other", "http://127.0.0.1:{port}/hooksx",
+    "http://127.0.0.1:1/hooks/x", "http://10.0.0.1/hooks", "http://user@127.0.0.1:{port}/hooks/",
+    "file:///etc/passwd", "ftp://127.0.0.1:{port}/hooks/", "http://127.0.0.1:{port}@evil/hooks",
+])
+def test_notices_go_only_under_the_allowed_prefixes(hooked, url):
+    server, port = hooked
+    r = server.submit("print(1)\n", config=job_config(notify=url.format(port=port)))
+    assert r.status_code == 400 and "'notify'" in r.json()["error"], r.text
+
+
+def test_notify_on_a_server_without_webhooks_is_refused(server):
+    r = server.submit("print(1)\n", config=job_config(notify="http://127.0.0.1:9/hooks"))
+    assert r.status_code == 400 and "sends no notices" in r.json()["error"], r.text
