@@ -466,6 +466,7 @@ class Config:
     max_output_files_bytes: int = setting(int, 1024 ** 3, least=0)
     max_output_files: int = setting(int, 1000, least=0)
     environments: dict = setting(dict, {}, _environments)  # name -> Environment
+    max_array_size: int = setting(int, 1000, least=1)  # jobs in one array or sweep
     #: Notices of a job's end (``notify``): None when the server sends none.
     webhooks: Webhooks | None = setting(dict, None, _webhooks)
     source: Path | None = None
@@ -1445,7 +1446,8 @@ def new_job_id():
 
 
 def job_field(schema, default=dataclasses.MISSING, *, doc=None, config=None, stored=False,
-              key=..., show=None, shown_schema=None, minimum=None, maximum=None, below=None):
+              key=..., show=None, shown_schema=None, minimum=None, maximum=None, below=None,
+              parse=None):
     """A Job field, declared once; submit, job.json, the status record and the
     OpenAPI document are all derived from what it says here.
 
@@ -1454,18 +1456,62 @@ def job_field(schema, default=dataclasses.MISSING, *, doc=None, config=None, sto
     the value itself; ``shown_schema`` its type there when not ``schema``).
     ``config``: "required" or "optional" when config.yaml sets
     it, then checked against ``minimum``, ``maximum`` (a number, or the name of the
-    Config key that sets it) and ``below`` (a maximum only admins may pass).
+    Config key that sets it) and ``below`` (a maximum only admins may pass), or by
+    ``parse(key, value, config)``, which returns the checked value.
     ``stored``: kept in job.json."""
     described = {"description": doc} if doc else {}
     meta = {"schema": {**schema, **described}, "config": config,
             "shown_schema": {**shown_schema, **described} if shown_schema else None,
             "stored": stored, "key": key, "show": show, "minimum": minimum,
-            "maximum": maximum, "below": below}
+            "maximum": maximum, "below": below, "parse": parse}
     return dataclasses.field(default=default, metadata=meta)
 
 
 def _iso(name):
     return lambda job: isotime(getattr(job, name))
+
+
+#: A job's own variables (``env``) and a sweep's parameters: names like a shell's.
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+
+
+def _array_spec(key, value, config):
+    """``array``: N, "A-B" or "A-B%K" (at most K at once, as Slurm writes it): (the
+    indexes, the most running at once or None)."""
+    m = re.fullmatch(r"(\d{1,7})(?:-(\d{1,7}))?(?:%(\d{1,7}))?", str(value)) \
+        if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    if m is None:
+        raise BadRequest(f"config_file: {key!r} must be a count (32), a range (\"0-31\") or a "
+                         "range with the most to run at once (\"0-31%4\")")
+    low, high, most = m[1], m[2], m[3]
+    indexes = range(int(low), int(high) + 1) if high is not None else range(int(low))
+    if not 1 <= len(indexes) <= config.max_array_size:
+        raise BadRequest(f"config_file: {key!r} must hold 1 to {config.max_array_size} jobs "
+                         "(max_array_size)")
+    if most is not None and int(most) < 1:
+        raise BadRequest(f"config_file: {key!r}: the most to run at once must be 1 or more")
+    return list(indexes), int(most) if most else None
+
+
+def _sweep_spec(key, value, config):
+    """``sweep``: {name: [values]}: one job for every combination, as a list of
+    parameter mappings."""
+    if not (isinstance(value, dict) and value and all(
+            isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, list) and v
+            for k, v in value.items())):
+        raise BadRequest(f"config_file: {key!r} must map names to lists of values, like "
+                         "{lr: [0.001, 0.01], batch: [32, 64]}")
+    size = math.prod(len(v) for v in value.values())
+    if size > config.max_array_size:
+        raise BadRequest(f"config_file: {key!r} makes {size} jobs, more than "
+                         f"{config.max_array_size} (max_array_size)")
+    for v in value.values():
+        for item in v:
+            if not isinstance(item, (str, int, float, bool)) or isinstance(item, float) \
+                    and not math.isfinite(item):
+                raise BadRequest(f"config_file: {key!r}: each value must be a string, a "
+                                 "number or true/false")
+    return [dict(zip(value, combo)) for combo in itertools.product(*value.values())]
 
 
 _TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}
@@ -1539,6 +1585,27 @@ class Job:
         {"type": "string", "nullable": True}, None,
         doc="with notify, once the job has ended: delivered, or pending and why (it is "
         "tried again with backoff for a day), or given up")
+    array: tuple | None = job_field(
+        {"type": "string"}, None, key=None, show=lambda job: {},
+        doc="a job array: a count (32), a range (\"0-31\") or a range with the most "
+        "to run at once (\"0-31%4\"); each job gets GPUQUEUE_ARRAY_INDEX",
+        config="optional", parse=_array_spec)
+    sweep: list | None = job_field(
+        {"type": "object", "additionalProperties": {"type": "array"}}, None, key=None,
+        show=lambda job: {}, doc="{name: [values]}: one job for every combination, its "
+        "values as JSON in GPUQUEUE_PARAMS", config="optional", parse=_sweep_spec)
+    #: In an array: its id, this job's index, how many it has, the most running at
+    #: once, and (a sweep's) this job's parameters.
+    array_id: str | None = job_field(_NULLABLE_STR, None, stored=True,
+                                     doc="the array it is part of")
+    array_index: int | None = job_field({"type": "integer", "nullable": True}, None,
+                                        stored=True)
+    array_size: int | None = job_field({"type": "integer", "nullable": True}, None,
+                                       stored=True)
+    array_limit: int | None = job_field({"type": "integer", "nullable": True}, None,
+                                        stored=True, key=None, show=lambda job: {})
+    params: dict = job_field({"type": "object", "nullable": True}, None, stored=True,
+                             doc="a sweep's values for this job")
     #: Which run of the job this is: 1, then one more for each retry.
     attempt: int = job_field({"type": "integer"}, 1,
                              doc="which run of the job this is (1 + the retries it took)")
@@ -1598,7 +1665,10 @@ class Job:
             if f.name not in meta and f.default is not dataclasses.MISSING:
                 continue
             value, least = meta.get(f.name), f.metadata["minimum"]
-            if f.type == "int":
+            if f.type == "int | None":
+                if value is not None and type(value) is not int:
+                    raise ValueError(f"job.json: {f.name!r} must be a whole number or null")
+            elif f.type == "int":
                 if type(value) is not int or (least is not None and value < least):
                     raise ValueError(f"job.json: {f.name!r} must be a whole number"
                                      + ("" if least is None else f" of at least {least}"))
@@ -1615,8 +1685,8 @@ class Job:
                     raise ValueError(f"job.json: {f.name!r} must be a list of {item.__name__}")
             elif f.type == "dict":
                 if value is not None and not (isinstance(value, dict) and all(
-                        isinstance(v, str) for v in value.values())):
-                    raise ValueError(f"job.json: {f.name!r} must map names to strings")
+                        isinstance(v, (str, int, float, bool)) for v in value.values())):
+                    raise ValueError(f"job.json: {f.name!r} must map names to values")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise ValueError(f"job.json: {f.name!r} must be a number")
@@ -1647,7 +1717,8 @@ class Job:
 JOB_KEYS = {**{f.name: f.metadata for f in dataclasses.fields(Job) if f.metadata["config"]},
             "token": {"schema": {"type": "string", "description": "the token, when no "
                                  "Authorization header is sent; never stored"},
-                      "config": "optional", "minimum": None, "maximum": None, "below": None}}
+                      "config": "optional", "minimum": None, "maximum": None, "below": None,
+                      "parse": None}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1805,10 +1876,13 @@ class JobFolder:
     # -- a new job -----------------------------------------------------------
 
     @classmethod
-    def create(cls, path, job, code, config_data):
+    def create(cls, path, job, code, config_data, code_from=None):
         """Write a new job's folder, durably.  ``path`` must still be private
-        (under tmp/), so its files need no temporary names."""
+        (under tmp/), so its files need no temporary names.  ``code_from``: a file
+        holding the code already (an array's), linked instead of written again."""
         os.mkdir(path)
+        if code_from is not None:
+            os.link(code_from, Path(path) / (cls.PROJECT if job.entrypoint else cls.CODE))
         # All three files are written before any is fsynced, so that one journal
         # commit can carry them all; plain fds, as each extra syscall is a GIL
         # hand-off between eight busy threads.
@@ -1816,7 +1890,8 @@ class JobFolder:
         try:
             for name, data in ((cls.PROJECT if job.entrypoint else cls.CODE, code),
                                (cls.CONFIG, config_data),
-                               (cls.RECORD, json.dumps(job.meta()).encode())):
+                               (cls.RECORD, json.dumps(job.meta()).encode()))[
+                                   0 if code_from is None else 1:]:
                 fds.append(os.open(Path(path) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 write_all(fds[-1], data)
             for fd in fds:
@@ -2074,6 +2149,8 @@ class Spool:
         #: Per node: finished jobs whose files a stopped server had not brought back
         #: yet, (id, where on the node), found at recovery for the node's collector.
         self._uncollected = collections.defaultdict(list)
+        #: Running jobs per array that has a limit (``array: "0-31%4"``).
+        self._array_running = collections.Counter()
         #: Set when a notice is put in the outbox, for the thread that sends them.
         self.notices = threading.Event()
 
@@ -2162,6 +2239,7 @@ class Spool:
     def _recover(self):
         """Bring the folders back to a true state: the first rows of the recovery
         table in the module docstring; the rest belong to the node workers."""
+        self._roll_forward()
         for leftover in (self._root / "tmp").iterdir():
             log.warning("removing unacknowledged upload %s", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
@@ -2186,6 +2264,8 @@ class Spool:
                         pending.append(job)
                     else:
                         self._running[n][job.id] = job
+                        if job.array_limit:
+                            self._array_running[job.array_id] += 1
         for job in pending:  # once every unfinished job is known: what each waits for
             job.waiting_on = self._waiting_on(job, {})
             self._index(job)
@@ -2354,17 +2434,7 @@ class Spool:
         with self._lock:
             waiting = self._pending_per_user[job.user_id]
             if waiting < max_pending:
-                loads = self._loads()
-                big = [n for n in self._node_ids if self._gpu_count[n] >= job.gpus
-                       and (able is None or n in able)] or list(able or self._node_ids)
-                open_ = [n for n in big if n not in self._drained]
-                # Offline nodes only when none is online; drained ones only when all are.
-                candidates = [n for n in open_ if n in online] or open_ or big
-                job.node_id = min(candidates, key=lambda n: (loads[n], n))
-                os.rename(staged.path, self.pending_dir(job.node_id) / job.id)
-                self._active[job.id] = job
-                job.waiting_on = self._waiting_on(job, ended or {})
-                self._index(job)
+                self._place(job, staged.path, self._loads(), online, able, ended)
                 position = self._position(job)
         if waiting >= max_pending:
             shutil.rmtree(staged.path)
@@ -2374,6 +2444,95 @@ class Spool:
         # of its own: after a crash the job is in one place or the other, never both.
         self._sync_queue(job.node_id)
         return position
+
+    def _place(self, job, path, loads, online, able, ended):
+        """Move a staged job's folder into the queue of the least-loaded node that can
+        take it, and index it (under the lock)."""
+        big = [n for n in self._node_ids if self._gpu_count[n] >= job.gpus
+               and (able is None or n in able)] or list(able or self._node_ids)
+        open_ = [n for n in big if n not in self._drained]
+        # Offline nodes only when none is online; drained ones only when all are.
+        candidates = [n for n in open_ if n in online] or open_ or big
+        job.node_id = min(candidates, key=lambda n: (loads[n], n))
+        os.rename(path, self.pending_dir(job.node_id) / job.id)
+        self._active[job.id] = job
+        job.waiting_on = self._waiting_on(job, ended or {})
+        self._index(job)
+        loads[job.node_id] += job.expected_time * job.gpus / self._gpu_count[job.node_id]
+
+    # -- arrays ----------------------------------------------------------------
+
+    def stage_array(self, array_id, jobs, code, config_data):
+        """Write an array's job folders under tmp/<array id>/, durably, the code
+        stored once (each folder holds a hard link to it); DiskFull, with nothing
+        left behind, when the disk has no room."""
+        base = self._root / "tmp" / array_id
+        try:
+            os.mkdir(base)
+            write_file(base / JobFolder.CODE, code)
+            for job in jobs:
+                JobFolder.create(base / job.id, job, code, config_data,
+                                 code_from=base / JobFolder.CODE)
+            fsync_dir(base)
+        except OSError as exc:
+            shutil.rmtree(base, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("the server's spool disk is full; try again later") from None
+            raise
+        return base
+
+    def enqueue_array(self, array_id, jobs, base, online, max_pending, able, ended):
+        """Queue every job of a staged array, or none.  The array's record in arrays/
+        is the commit point: written (durably) once its jobs are staged and fit the
+        user's pending cap; from then on recovery queues whatever of it is still in
+        tmp/, and before it, removes it all.  TooMany when the array does not fit."""
+        user = jobs[0].user_id
+        with self._lock:
+            waiting = self._pending_per_user[user]
+        if waiting + len(jobs) > max_pending:
+            shutil.rmtree(base)
+            raise TooMany(f"{user} has {waiting} pending jobs; {len(jobs)} more would pass "
+                          f"the most allowed ({max_pending}): the array is refused whole")
+        (self._root / "arrays").mkdir(exist_ok=True)
+        write_json(self._root / "arrays" / f"{array_id}.json", {
+            "array_id": array_id, "user_id": user, "job_ids": [j.id for j in jobs],
+            "limit": jobs[0].array_limit, "submitted_at": jobs[0].submitted_at})
+        with self._lock:
+            loads = self._loads()
+            for job in jobs:
+                self._place(job, base / job.id, loads, online, able, ended)
+        for n in {job.node_id for job in jobs}:
+            self._sync_queue(n)
+        shutil.rmtree(base)  # its code stays, linked from each job's folder
+
+    def array(self, array_id):
+        """An array's record (its user and job ids), or None."""
+        try:
+            return read_json(self._root / "arrays" / f"{array_id}.json")
+        except (OSError, ValueError):
+            return None
+
+    def _roll_forward(self):
+        """At recovery: queue the jobs of arrays committed before a crash that are
+        still in tmp/ (they go to the nodes in turn; idle nodes even it out)."""
+        for base in (self._root / "tmp").iterdir():
+            if not (JOB_ID_RE.match(base.name) and self.array(base.name) is not None):
+                continue
+            for i, folder in enumerate(sorted(p for p in base.iterdir() if p.is_dir())):
+                node = self._node_ids[i % len(self._node_ids)]
+                os.rename(folder, self.pending_dir(node) / folder.name)
+                log.info("recovery: job %s of array %s queued", folder.name, base.name)
+            for n in self._node_ids:
+                self._sync_queue(n)
+
+    def _may_start(self, job):
+        """May this pending job start now, as far as its array's limit says?"""
+        return not job.array_limit or self._array_running[job.array_id] < job.array_limit
+
+    def _array_left(self, job):
+        """A running job of a limited array stopped running (under the lock)."""
+        if job.array_limit and job.status == "running":
+            self._array_running[job.array_id] -= 1
 
     def _sync_queue(self, node_id):
         """Make renames into and out of a node's pending/ survive a power cut."""
@@ -2418,7 +2577,8 @@ class Spool:
             orders = [q.order(n) for n, q in self._queues.items() if len(q)]
             states = _States(self._state)
             picked, self._holding[node_id] = choose(
-                ((self._active[job_id], n) for _, job_id, n in heapq.merge(*orders)), states)
+                ((self._active[job_id], n) for _, job_id, n in heapq.merge(*orders)
+                 if self._may_start(self._active[job_id])), states)
             if picked is None:
                 return None
             job, donor, gpus = picked
@@ -2428,6 +2588,8 @@ class Spool:
             job.gpu_ids = tuple(gpus)
             self._running[node_id][job.id] = job
             self._served[job.priority, job.user_id] = next(self._tickets)
+            if job.array_limit:
+                self._array_running[job.array_id] += 1
         fsync_dir(self.running_dir(node_id))
         self._sync_queue(donor)
         if donor != node_id:
@@ -2477,7 +2639,8 @@ class Spool:
         """Drop a running job that cannot be recorded at all from the index, so that
         it does not hold its node forever (its folder stays for an admin)."""
         with self._lock:
-            self._running[job.node_id].pop(job.id, None)
+            if self._running[job.node_id].pop(job.id, None) is not None:
+                self._array_left(job)
             self._active.pop(job.id, None)
             self._changed.notify_all()
 
@@ -2528,6 +2691,7 @@ class Spool:
     def _retire(self, job, folder, outcome, finished_at):
         """The one move to done/ (under the lock)."""
         os.rename(folder.path, self.done_folder(job.id).path)
+        self._array_left(job)
         del self._active[job.id]
         job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
         job.finished_at = finished_at
@@ -2826,12 +2990,14 @@ class Spool:
             active = active[:bisect.bisect_left(active, before)]
         return heapq.merge(reversed(active), reversed(done), reverse=True)
 
-    def find(self, user=None, status=None, limit=100, before=None):
+    def find(self, user=None, status=None, limit=100, before=None, among=None):
         """Up to ``limit`` jobs (copies), newest first, of ``user`` and in ``status``
-        when given, older than the id ``before``; and the cursor for the next page
-        (None on the last)."""
+        when given, older than the id ``before``, of the ids ``among`` (an array's);
+        and the cursor for the next page (None on the last)."""
         found = []
-        for job_id in self.job_ids(before=before):
+        ids = self.job_ids(before=before) if among is None else \
+            sorted((i for i in among if before is None or i < before), reverse=True)
+        for job_id in ids:
             job = self.get(job_id)
             if job is None or (user and job.user_id != user) or (status and job.shown_status != status):
                 continue
@@ -2938,6 +3104,7 @@ class Spool:
         with self._lock:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
             del self._running[job.node_id][job.id]
+            self._array_left(job)
             job.status, job.started_at, job.gpu_ids = "pending", None, ()
             job.attempt, job.slurm, job.cancel_requested = job.attempt + 1, None, False
             self._index(job)
@@ -2954,6 +3121,7 @@ class Spool:
         with self._lock:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
             del self._running[job.node_id][job.id]
+            self._array_left(job)
             job.status, job.started_at, job.gpu_ids = "pending", None, ()
             self._index(job)
         self._sync_queue(job.node_id)
@@ -3322,7 +3490,10 @@ def job_env(node, job):
     so that gpuqueue's win."""
     return {**node.env, **(job.env or {}), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": ",".join(job.gpu_ids or node.gpus[:job.gpus]),
-            "GPUQUEUE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
+            "GPUQUEUE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1",
+            **({"GPUQUEUE_ARRAY_ID": job.array_id, "GPUQUEUE_ARRAY_INDEX": str(job.array_index),
+                "GPUQUEUE_ARRAY_SIZE": str(job.array_size)} if job.array_id else {}),
+            **({"GPUQUEUE_PARAMS": json.dumps(job.params)} if job.params is not None else {})}
 
 
 class _Agent:
@@ -4524,8 +4695,6 @@ MAX_CONFIG_BYTES = 8 * 1024
 
 _JSON_TYPES = {"string": str, "integer": int, "number": _NUMBER, "object": dict, "array": list}
 
-#: A job's own variables (``env``): names like a shell's, and not too many or long.
-ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 MAX_ENV_VARS, MAX_ENV_VALUE = 64, 4096
 #: Variables gpuqueue sets for every job, which ``env`` may not change.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTHONUNBUFFERED")
@@ -4616,6 +4785,8 @@ def _checked_env(key, value):
 
 
 def _checked_key(key, spec, value, config):
+    if spec["parse"] is not None:
+        return spec["parse"](key, value, config)
     kind = spec["schema"]["type"]
     if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
         what = {"number": "a number", "integer": "a whole number",
@@ -5663,6 +5834,11 @@ def _node_file(link, rel):
         raise Unavailable(f"cannot read the job's file now: {exc}") from None
 
 
+#: What a submit queued: the job (an array's first), its place, whether the answer is
+#: a former one's (Idempotency-Key), and for an array {array_id, job_ids}.
+Submitted = collections.namedtuple("Submitted", "job position start replayed array")
+
+
 class Scheduler:
     """The front door: everything the HTTP API, drop folders and admin control
     may ask of the queue (submit, look, cancel, read output, drain, figures).  It
@@ -5807,7 +5983,7 @@ class Scheduler:
             key = idempotency_key
             with self._key_locks[hash((user["user"], key)) % len(self._key_locks)]:
                 return self._submit_once(code, config_data, cfg, user, key, (able, ended))
-        return self._enqueue(code, config_data, cfg, job_id, (able, ended)) + (False,)
+        return self._queue(code, config_data, cfg, job_id, (able, ended))
 
     def _submit_once(self, code, config_data, cfg, user, key, placing):
         """A submit with an Idempotency-Key: the same key from the same user within
@@ -5821,25 +5997,68 @@ class Scheduler:
         if record is not None and record.get("request") != digest:
             raise KeyReused("this Idempotency-Key was sent with a different job; use a new "
                             "key for a new job")
-        if record is not None:
-            job = self._spool.get(record["job_id"])
-            if job is not None and "answer" in record:
-                a = record["answer"]
-                return job, a["queue_position"], a["estimated_start"], True
-            job_id = record["job_id"]  # the first try was cut short: queue it now
-        else:
-            job_id = new_job_id()
+        if record is not None and "answer" in record:
+            a = record["answer"]
+            job = self._spool.get(a["job_id"])
+            if job is not None:
+                return Submitted(job, a["queue_position"], a["estimated_start"], True,
+                                 a.get("array"))
+        job_id = record["job_id"] if record is not None else new_job_id()
+        if record is None:  # the id is kept before the job is queued
             self._spool.remember_key(user["user"], key, {"request": digest, "job_id": job_id,
                                                          "at": time.time()})
-        if self._spool.get(job_id) is not None:  # queued, but its answer was never kept
-            job = self._spool.get(job_id)
-            position, start = self._spool.queue_position(job)
+        done = self._spool.get(job_id) or self._spool.array(job_id)
+        if done is None:  # (else a cut-short first try queued it already)
+            done = self._queue(code, config_data, cfg, job_id, placing)
+        elif isinstance(done, Job):
+            done = Submitted(done, *self._spool.queue_position(done), False, None)
         else:
-            job, position, start = self._enqueue(code, config_data, cfg, job_id, placing)
+            done = Submitted(self._spool.get(done["job_ids"][0]), None, None, False,
+                             {"array_id": job_id, "job_ids": done["job_ids"]})
         self._spool.remember_key(user["user"], key, {
             "request": digest, "job_id": job_id, "at": time.time(),
-            "answer": {"queue_position": position, "estimated_start": start}})
-        return job, position, start, False
+            "answer": {"job_id": done.job.id, "queue_position": done.position,
+                       "estimated_start": done.start, "array": done.array}})
+        return done
+
+    def _queue(self, code, config_data, cfg, job_id, placing):
+        """Queue a checked job, or the array it makes (``job_id``: its id, when it has
+        one already)."""
+        if "array" not in cfg and "sweep" not in cfg:
+            return Submitted(*self._enqueue(code, config_data, cfg, job_id, placing),
+                             False, None)
+        if "array" in cfg and "sweep" in cfg:
+            raise BadRequest("config_file: give 'array' or 'sweep', not both")
+        indexes, limit = cfg.pop("array", (None, None))
+        sweep = cfg.pop("sweep", None)
+        if sweep is not None:
+            indexes = range(len(sweep))
+        array_id = job_id or new_job_id()
+        now = time.time()
+        jobs = [Job(id=new_job_id(), submitted_at=now, node_id=-1, array_id=array_id,
+                    array_index=index, array_size=len(indexes), array_limit=limit,
+                    params=sweep[i] if sweep is not None else None,
+                    **{k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"})
+                for i, index in enumerate(indexes)]
+        self._spool.admit(len(code) + len(config_data) * len(jobs), self.config.min_free_bytes)
+        base = self._spool.stage_array(array_id, jobs, code, self._stored_config(cfg, config_data))
+        able, ended = placing
+        online = {n for n, w in self._workers.items() if w.online}
+        self._spool.enqueue_array(array_id, jobs, base, online, self.config.max_pending_per_user,
+                                  able, ended)
+        self._wake(self._workers)
+        log.info("array %s user=%s: %d jobs pending", array_id, jobs[0].user_id, len(jobs))
+        self._spool.cancel_doomed()
+        return Submitted(jobs[0], None, None, False,
+                         {"array_id": array_id, "job_ids": [j.id for j in jobs]})
+
+    @staticmethod
+    def _stored_config(cfg, config_data):
+        """config.yaml as it is kept: as uploaded, but never with the token."""
+        if "token" not in cfg:
+            return config_data
+        kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
+        return ("# token removed by gpuqueue\n" + yaml.safe_dump(kept)).encode()
 
     def _enqueue(self, code, config_data, cfg, job_id, placing):
         """Stage and queue a checked job: (job, position, start).  ``placing``: the
@@ -5848,11 +6067,7 @@ class Scheduler:
         self._spool.admit(len(code) + len(config_data), self.config.min_free_bytes)
         job = Job(id=job_id or new_job_id(), submitted_at=time.time(), node_id=-1,
                   **{k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"})
-        if "token" in cfg:  # the token never reaches the disk
-            kept = {k: cfg[k] for k in JOB_KEYS if k in cfg and k != "token"}
-            config_data = ("# token removed by gpuqueue\n"
-                           + yaml.safe_dump(kept)).encode()
-        staged = self._spool.stage(job, code, config_data)
+        staged = self._spool.stage(job, code, self._stored_config(cfg, config_data))
         online = {n for n, w in self._workers.items() if w.online}
         position, start = self._spool.enqueue(job, staged, online,
                                               self.config.max_pending_per_user, able, ended)
@@ -5868,7 +6083,15 @@ class Scheduler:
         """The statuses of a new job's dependencies that have ended, by id; NotFound
         for one the caller may not see (someone else's, unless an admin's) or that
         does not exist.  A job can only wait for jobs that exist before it, so no
-        cycle can arise."""
+        cycle can arise.  An array's id stands for all its jobs."""
+        for key in ("after", "after_any"):
+            for dep in list(cfg.get(key) or ()):
+                try:
+                    self.job(dep, user)
+                except NotFound:
+                    with contextlib.suppress(NotFound):
+                        cfg[key] = sorted(set(cfg[key]) - {dep}
+                                          | set(self.array(dep, user)["job_ids"]))
         deps = set(cfg.get("after") or ()) | set(cfg.get("after_any") or ())
         if len(deps) > MAX_DEPENDENCIES:
             raise BadRequest(f"config_file: a job may wait for at most {MAX_DEPENDENCIES} "
@@ -5955,8 +6178,33 @@ class Scheduler:
                     job, self._spool.node_state(job.node_id))
         return out
 
-    def find(self, user=None, status=None, limit=100, before=None):
-        return self._spool.find(user, status, limit, before)
+    def find(self, user=None, status=None, limit=100, before=None, among=None):
+        return self._spool.find(user, status, limit, before, among)
+
+    def array(self, array_id, user=None):
+        """An array's record with the count of its jobs in each state, if ``user`` may
+        see it; NotFound as for a job."""
+        record = self._spool.array(array_id) if isinstance(array_id, str) and \
+            JOB_ID_RE.match(array_id) else None
+        if record is None or not (user is None or user["admin"]
+                                  or record["user_id"] == user["user"]):
+            raise NotFound("no such job or array")
+        counts = dict.fromkeys(STATES, 0)
+        for job_id in record["job_ids"]:
+            job = self._spool.get(job_id)
+            if job is not None:
+                counts[job.shown_status] += 1
+        return {**record, "counts": counts}
+
+    def cancel_array(self, array_id, user=None):
+        """Cancel every job of an array that has not finished: how many."""
+        record = self.array(array_id, user)
+        cancelled = 0
+        for job_id in reversed(record["job_ids"]):  # the last first: none starts meanwhile
+            if self._spool.request_cancel(job_id, "its array was cancelled"):
+                cancelled += 1
+        self._wake(self._workers)
+        return cancelled
 
     def output(self, job, attempt=None):
         """The paths of a finished job's streams, by name (an earlier ``attempt``'s,
@@ -6237,6 +6485,7 @@ class Api:
         ("GET", "/api/nodes", "nodes"),
         ("GET", "/api/jobs", "jobs"),
         ("GET", "/api/logs/<job_id>", "logs"),
+        ("GET", "/api/arrays/<array_id>", "array"),
         ("GET", "/api/outputs/<job_id>", "outputs"),
         ("GET", "/api/outputs/<job_id>/<path:path>", "output_file"),
         ("GET", "/metrics", "metrics"),
@@ -6322,13 +6571,15 @@ class Api:
         extra = names - {"code", "config_file"}
         if extra:
             raise BadRequest("unexpected multipart part; send only 'code' and 'config_file'")
-        job, position, start, replayed = self.scheduler.submit(
+        job, position, start, replayed, array = self.scheduler.submit(
             _upload_part("code"), _upload_part("config_file"), user=user, source=self._client(),
             idempotency_key=req.get_header("Idempotency-Key"))
         req.environ["gpuqueue.user"] = job.user_id
         bottle.response.status = 201
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
+        if array is not None:
+            return {**array, "status": "pending"}
         return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
                 "queue_position": position, "estimated_start": isotime(start)}
 
@@ -6368,7 +6619,13 @@ class Api:
         return pieces()
 
     def cancel(self, job_id):
-        job = self._job(job_id, self._user())
+        """A job, or every job of an array that has not finished yet."""
+        user = self._user()
+        try:
+            job = self._job(job_id, user)
+        except NotFound:
+            cancelled = self.scheduler.cancel_array(job_id, user)  # NotFound as well if not
+            return {"array_id": job_id, "cancelled": cancelled}
         return self.scheduler.shown(self.scheduler.cancel(job))
 
     def nodes(self):
@@ -6377,9 +6634,10 @@ class Api:
     def jobs(self):
         user = self._user()
         query = bottle.request.query
-        unknown = set(query) - {"user_id", "status", "limit", "cursor"}
+        unknown = set(query) - {"user_id", "status", "limit", "cursor", "array"}
         if unknown:
-            raise BadRequest("unknown query parameter; use user_id, status, limit, cursor")
+            raise BadRequest("unknown query parameter; use user_id, status, limit, cursor, "
+                             "array")
         if any(len(query.getall(k)) > 1 for k in query):
             raise BadRequest("each query parameter may be given once")
         status = query.get("status")
@@ -6397,8 +6655,20 @@ class Api:
             if owner not in (None, user["user"]):
                 raise Forbidden("you may list only your own jobs")
             owner = user["user"]
-        found, next_cursor = self.scheduler.find(owner, status, limit, cursor)
+        array = query.get("array")
+        if array is not None:
+            ids = self.scheduler.array(array, user)["job_ids"]
+            found, next_cursor = self.scheduler.find(owner, status, limit, cursor, among=ids)
+        else:
+            found, next_cursor = self.scheduler.find(owner, status, limit, cursor)
         return {"jobs": [self.scheduler.shown(j) for j in found], "next_cursor": next_cursor}
+
+    def array(self, array_id):
+        """An array: its size, how many of its jobs are in each state, their ids."""
+        info = self.scheduler.array(array_id, self._user())
+        return {"array_id": array_id, "user_id": info["user_id"], "size": len(info["job_ids"]),
+                "limit": info["limit"], "counts": info["counts"], "job_ids": info["job_ids"],
+                "submitted_at": isotime(info["submitted_at"])}
 
     def logs(self, job_id):
         """What a job has written so far to stdout or stderr, from a byte offset; or,
@@ -7519,7 +7789,7 @@ class Incoming:
         except NotFound:
             try:
                 script, config = self._files(path)
-                job, position, start, _ = self.scheduler.submit(script, config, job_id=job_id)
+                job, position, start, _, _ = self.scheduler.submit(script, config, job_id=job_id)
             except Unavailable as exc:
                 log.warning("incoming: %r waits: %s", name, exc.message)
                 return  # tried again at the next scan
