@@ -1914,8 +1914,7 @@ class JobFolder:
             raise ValueError(f"no readable job.json: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise ValueError(f"unreadable job.json: {exc}") from None
-        job = Job.from_meta(meta, **state)
-        job.attempt = self.attempt()
+        job = Job.from_meta(meta, attempt=self.attempt(), **state)
         if job.id != self.id:
             raise ValueError(f"job.json names job {job.id!r}, not the folder's {self.id!r}")
         return job
@@ -2145,14 +2144,14 @@ class Spool:
         self._waiters = collections.defaultdict(set)
         self._doomed = []
         #: Called (under the lock) with a node's id when one of its jobs stops waiting.
-        self.on_ready = lambda node_id: None
+        self._on_ready = lambda node_id: None
         #: Per node: finished jobs whose files a stopped server had not brought back
         #: yet, (id, where on the node), found at recovery for the node's collector.
         self._uncollected = collections.defaultdict(list)
         #: Running jobs per array that has a limit (``array: "0-31%4"``).
         self._array_running = collections.Counter()
         #: Set when a notice is put in the outbox, for the thread that sends them.
-        self.notices = threading.Event()
+        self._notices = threading.Event()
 
     @property
     def root(self):
@@ -2373,7 +2372,12 @@ class Spool:
             if not waiter.waiting_on:
                 self._queues[waiter.node_id].add(waiter)
                 self._pending_seconds[waiter.node_id] += waiter.expected_time * waiter.gpus
-                self.on_ready(waiter.node_id)
+                self._on_ready(waiter.node_id)
+
+    def call_when_ready(self, callback):
+        """``callback(node id)``, under the lock, when a job of that node stops waiting
+        for others: its scheduler is to look (so it must only set an event)."""
+        self._on_ready = callback
 
     def cancel_doomed(self):
         """Cancel every pending job whose ``after`` dependency failed or was
@@ -2493,10 +2497,7 @@ class Spool:
             shutil.rmtree(base)
             raise TooMany(f"{user} has {waiting} pending jobs; {len(jobs)} more would pass "
                           f"the most allowed ({max_pending}): the array is refused whole")
-        (self._root / "arrays").mkdir(exist_ok=True)
-        write_json(self._root / "arrays" / f"{array_id}.json", {
-            "array_id": array_id, "user_id": user, "job_ids": [j.id for j in jobs],
-            "limit": jobs[0].array_limit, "submitted_at": jobs[0].submitted_at})
+        self.commit_array(array_id, jobs)
         with self._lock:
             loads = self._loads()
             for job in jobs:
@@ -2504,6 +2505,13 @@ class Spool:
         for n in {job.node_id for job in jobs}:
             self._sync_queue(n)
         shutil.rmtree(base)  # its code stays, linked from each job's folder
+
+    def commit_array(self, array_id, jobs):
+        """Write an array's record: from here on, all its staged jobs are queued."""
+        (self._root / "arrays").mkdir(exist_ok=True)
+        write_json(self._root / "arrays" / f"{array_id}.json", {
+            "array_id": array_id, "user_id": jobs[0].user_id, "job_ids": [j.id for j in jobs],
+            "limit": jobs[0].array_limit, "submitted_at": jobs[0].submitted_at})
 
     def array(self, array_id):
         """An array's record (its user and job ids), or None."""
@@ -2827,7 +2835,12 @@ class Spool:
         write_json(self._root / "outbox" / f"{job.id}.json",
                    {"url": job.notify, "body": body, "tries": 0, "next": 0,
                     "since": finished_at, "error": None})
-        self.notices.set()
+        self._notices.set()
+
+    def wait_for_notices(self, timeout):
+        """Sleep until a notice is put in the outbox, or ``timeout`` seconds."""
+        self._notices.wait(timeout)
+        self._notices.clear()
 
     def notices_due(self):
         """The outbox's notices whose time has come: (job id, entry) pairs; and
@@ -5732,7 +5745,6 @@ def send_notices(spool, webhooks):
     that is down is tried again with backoff (Spool.notice_tried)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
     while True:
-        spool.notices.clear()
         due, wait = spool.notices_due()
         for job_id, notice in due:
             body = json.dumps(notice["body"], sort_keys=True).encode()
@@ -5749,7 +5761,7 @@ def send_notices(spool, webhooks):
             except (OSError, ValueError) as exc:
                 spool.notice_tried(job_id, notice, str(getattr(exc, "reason", exc))[:200])
         if not due:  # (after tries, look again: each has its next time now)
-            spool.notices.wait(60 if wait is None else min(wait, 60))
+            spool.wait_for_notices(60 if wait is None else min(wait, 60))
 
 
 #: Seconds between GPU readings of a node...
@@ -5859,7 +5871,7 @@ class Scheduler:
         self._key_locks = [threading.Lock() for _ in range(64)]
         self._workers = {}
         self.serving = serving
-        spool.on_ready = self._ready
+        spool.call_when_ready(self._ready)
         if serving:
             kinds = {"local": GpuWorker, "ssh": GpuWorker, "slurm": SlurmWorker}
             for n in config.nodes:
@@ -6188,7 +6200,7 @@ class Scheduler:
             JOB_ID_RE.match(array_id) else None
         if record is None or not (user is None or user["admin"]
                                   or record["user_id"] == user["user"]):
-            raise NotFound("no such job or array")
+            raise NotFound("no such array")
         counts = dict.fromkeys(STATES, 0)
         for job_id in record["job_ids"]:
             job = self._spool.get(job_id)
@@ -6623,8 +6635,11 @@ class Api:
         user = self._user()
         try:
             job = self._job(job_id, user)
-        except NotFound:
-            cancelled = self.scheduler.cancel_array(job_id, user)  # NotFound as well if not
+        except NotFound as not_a_job:
+            try:
+                cancelled = self.scheduler.cancel_array(job_id, user)
+            except NotFound:
+                raise not_a_job from None
             return {"array_id": job_id, "cancelled": cancelled}
         return self.scheduler.shown(self.scheduler.cancel(job))
 
@@ -7316,6 +7331,27 @@ def openapi(config):
                     "application/x-ndjson": {"schema": {"type": "string"}}}},
                     "400": answer("bad query parameter"), **errors, "404": answer("no such job"),
                     "503": answer("the node cannot be read now, or too many follows")}}},
+            "/api/arrays/{array_id}": {"get": {
+                "summary": "An array (or sweep): its jobs and how many are in each state",
+                "description": "POST /api/cancel/{array_id} cancels its jobs that have not "
+                               "finished; GET /api/jobs?array={array_id} lists them.",
+                "security": secured,
+                "parameters": [{"name": "array_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the array", "content": {
+                    "application/json": {"schema": {
+                        "type": "object",
+                        "required": ["array_id", "user_id", "size", "limit", "counts",
+                                     "job_ids", "submitted_at"],
+                        "properties": {
+                            "array_id": {"type": "string"}, "user_id": {"type": "string"},
+                            "size": {"type": "integer"},
+                            "limit": {"type": "integer", "nullable": True},
+                            "counts": {"type": "object",
+                                       "additionalProperties": {"type": "integer"}},
+                            "job_ids": {"type": "array", "items": {"type": "string"}},
+                            "submitted_at": time_}}}}},
+                    **errors, "404": answer("no such array (or not yours)")}}},
             "/api/outputs/{job_id}": {"get": {
                 "summary": "A job's files",
                 "description": "What the job left in $GPUQUEUE_OUTPUT_DIR, once brought back "

@@ -601,6 +601,7 @@ def test_unknown_route_and_wrong_method_are_json(shared, method, path, expected)
 EXPECTED_PATHS = {"/", "/api/submit", "/api/status/{job_id}", "/api/results/{job_id}",
                   "/api/cancel/{job_id}", "/api/nodes", "/api/jobs", "/api/logs/{job_id}",
                   "/api/outputs/{job_id}", "/api/outputs/{job_id}/{path}",
+                  "/api/arrays/{array_id}",
                   "/metrics", "/openapi.json", "/docs"}
 
 #: Response codes the tests in this file (and test_api_flow) see from each operation.
@@ -614,6 +615,7 @@ SEEN_CODES = {
     ("get", "/api/jobs"): {200, 400, 401, 403},
     ("get", "/api/logs/{job_id}"): {200, 400, 404},  # tests/test_client.py
     ("get", "/api/outputs/{job_id}"): {200, 404, 409},  # tests/test_projects.py
+    ("get", "/api/arrays/{array_id}"): {200, 404},  # tests/test_pipelines.py
     ("get", "/api/outputs/{job_id}/{path}"): {200, 206, 404},
     ("get", "/metrics"): {200},
     ("get", "/openapi.json"): {200},

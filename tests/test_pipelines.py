@@ -9,11 +9,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import requests
 
-from conftest import GPUQUEUE, job_config, wait_for
+from conftest import GPUQUEUE, ROOT, job_config, wait_for
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import gpuqueue  # noqa: E402
 
 #: A job that fails with exit code 3 on its first run and succeeds on its second: it
 #: leaves a marker beside itself in a folder of the test's.
@@ -335,3 +341,134 @@ def test_notices_go_only_under_the_allowed_prefixes(hooked, url):
 def test_notify_on_a_server_without_webhooks_is_refused(server):
     r = server.submit("print(1)\n", config=job_config(notify="http://127.0.0.1:9/hooks"))
     assert r.status_code == 400 and "sends no notices" in r.json()["error"], r.text
+
+
+ARRAY_JOB = """import json, os, time
+print(os.environ["GPUQUEUE_ARRAY_ID"], os.environ["GPUQUEUE_ARRAY_INDEX"],
+      os.environ["GPUQUEUE_ARRAY_SIZE"], os.environ.get("GPUQUEUE_PARAMS"))
+time.sleep(0.3)
+"""
+
+
+def test_an_array_of_8_runs_2_at_a_time_and_a_sweep_of_4_gets_its_values(make_server):
+    server = make_server(nodes=4)
+    token = server.token()
+    r = server.submit(ARRAY_JOB, config=job_config(array="0-7%2"))
+    assert r.status_code == 201, r.text
+    arr = r.json()
+    assert len(arr["job_ids"]) == 8 and len(set(arr["job_ids"])) == 8
+    for job_id in arr["job_ids"]:
+        server.wait(job_id)
+    runs = []
+    for i, job_id in enumerate(arr["job_ids"]):
+        st = server.status(job_id)
+        assert (st["status"], st["array_id"], st["array_index"]) == ("completed", arr["array_id"], i)
+        assert server.results(job_id)["stdout"] == f"{arr['array_id']} {i} 8 None\n"
+        runs.append((st["started_at"], st["finished_at"]))
+    # Never more than 2 at once: at each start, fewer than 2 others were running.
+    for start, _ in runs:
+        assert sum(1 for s, f in runs if s < start < f) < 2, runs
+    info = server.get(f"/api/arrays/{arr['array_id']}", token).json()
+    assert info["size"] == 8 and info["counts"]["completed"] == 8 and info["limit"] == 2
+    listed = server.get(f"/api/jobs?array={arr['array_id']}&limit=5", token).json()
+    assert len(listed["jobs"]) == 5 and listed["next_cursor"]
+
+    r = server.submit(ARRAY_JOB, config=job_config(sweep={"lr": [0.1, 0.01], "batch": [32, 64]}))
+    assert r.status_code == 201, r.text
+    seen = []
+    for job_id in r.json()["job_ids"]:
+        server.wait(job_id)
+        seen.append(json.loads(server.results(job_id)["stdout"].split(" ", 3)[3]))
+    # Every combination, the first key's values slowest (job_config writes keys sorted).
+    assert seen == [{"batch": 32, "lr": 0.1}, {"batch": 32, "lr": 0.01},
+                    {"batch": 64, "lr": 0.1}, {"batch": 64, "lr": 0.01}]
+    # The code is stored once for all of an array's jobs.
+    spool = server.dir / "spool" / "done"
+    inodes = {(spool / j / "code.py").stat().st_ino for j in r.json()["job_ids"]}
+    assert len(inodes) == 1
+
+
+def test_an_array_is_cancelled_whole_and_refused_whole(make_server):
+    server = make_server(nodes=2, max_pending_per_user=10, max_array_size=50)
+    token = server.token()
+    arr = server.submit("import time\ntime.sleep(60)\n",
+                        config=job_config(expected_time=60, array=6)).json()
+    r = server.post(f"/api/cancel/{arr['array_id']}", token)
+    assert r.status_code == 200 and r.json()["cancelled"] == 6, r.text
+    for job_id in arr["job_ids"]:
+        assert server.wait(job_id)["status"] == "cancelled"
+    r = server.submit("print(1)\n", config=job_config(array=11))   # over the pending cap
+    assert r.status_code == 429 and "refused whole" in r.json()["error"], r.text
+    r = server.submit("print(1)\n", config=job_config(array=51))   # over max_array_size
+    assert r.status_code == 400 and "max_array_size" in r.json()["error"], r.text
+    r = server.submit("print(1)\n", config=job_config(array="3-1"))
+    assert r.status_code == 400, r.text
+    assert server.get("/api/jobs", token).json()["jobs"].__len__() == 6
+    # Someone else's array is no one's to see or cancel.
+    bob = server.token("bob")
+    assert server.get(f"/api/arrays/{arr['array_id']}", bob).status_code == 404
+    assert server.post(f"/api/cancel/{arr['array_id']}", bob).status_code == 404
+
+
+def test_a_kill_9_during_an_array_submit_leaves_all_of_it_or_none(make_server):
+    server = make_server(nodes=1, max_pending_per_user=10 ** 6)
+    token = server.token()
+    code = "print(1)\n" + "#" * 200_000  # stored once, whatever the array's size
+    for delay in (0.0, 0.05, 0.2, 0.5):
+        result = {}
+
+        def submit():
+            with contextlib.suppress(requests.RequestException):
+                result["r"] = server.submit(code, config=job_config(expected_time=3600,
+                                                                    array=1000))
+        thread = threading.Thread(target=submit)
+        thread.start()
+        time.sleep(delay)
+        server.kill()
+        thread.join()
+        server.start()
+        jobs = []
+        cursor = ""
+        while cursor is not None:
+            page = server.get(f"/api/jobs?limit=1000{cursor}", token).json()
+            jobs += page["jobs"]
+            cursor = page["next_cursor"] and f"&cursor={page['next_cursor']}"
+        arrays = {j["array_id"] for j in jobs}
+        for array_id in arrays:  # every array there is whole, and its record says so
+            mine = [j for j in jobs if j["array_id"] == array_id]
+            assert len(mine) == 1000 and sorted(j["array_index"] for j in mine) == \
+                list(range(1000)), (delay, len(mine))
+        if "r" in result and result["r"].status_code == 201:  # answered: it must be there
+            assert result["r"].json()["array_id"] in arrays
+        for array_id in arrays:
+            server.post(f"/api/cancel/{array_id}", token)
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_recovery_queues_a_committed_array_whole_and_drops_an_uncommitted_one(tmp_path,
+                                                                               committed):
+    """The crash between an array's record and the moves into its queues, made on
+    purpose: the next start queues every job of it (or, with no record, none)."""
+    spool = gpuqueue.Spool(tmp_path / "spool", [0, 1])
+    spool.open()
+    array_id = gpuqueue.new_job_id()
+    jobs = [gpuqueue.Job(id=gpuqueue.new_job_id(), user_id="alice", competition_id="c",
+                         project_id="p", expected_time=5.0, submitted_at=time.time(),
+                         node_id=-1, array_id=array_id, array_index=i, array_size=3)
+            for i in range(3)]
+    spool.stage_array(array_id, jobs, b"print(1)\n", b"x: 1\n")
+    if committed:
+        spool.commit_array(array_id, jobs)
+    spool.close()  # the crash: nothing more happens
+    again = gpuqueue.Spool(tmp_path / "spool", [0, 1])
+    again.open()
+    try:
+        found = [again.get(j.id) for j in jobs]
+        if committed:
+            assert [(j.status, j.array_index) for j in found] == [("pending", i) for i in range(3)]
+            assert sum(len(again.pending_ids(n)) for n in (0, 1)) == 3
+        else:
+            assert found == [None] * 3 and again.array(array_id) is None
+        assert not list((tmp_path / "spool" / "tmp").iterdir())
+    finally:
+        again.close()
