@@ -8159,9 +8159,9 @@ class Client:
         except (OSError, ValueError) as exc:
             raise Unavailable(f"the stream from {self.server} broke: {exc}") from None
 
-    def submit(self, script, config):
+    def submit(self, script, config, array=None):
         """Submit a script, or a folder (packed by pack_project, within the
-        server's limits, which GET / tells)."""
+        server's limits, which GET / tells); ``array``: as config.yaml's ``array``."""
         if os.path.isdir(script):
             code, filename = pack_project(script, self.call("GET", "/")["limits"]), \
                 "project.tar.gz"
@@ -8169,8 +8169,11 @@ class Client:
             code, filename = Path(script).read_bytes(), Path(script).name
         boundary = secrets.token_hex(16)
         body = b""
+        config_data = Path(config).read_bytes()
+        if array is not None:  # one more key: a line of YAML (a repeated key is refused)
+            config_data = config_data.rstrip(b"\n") + f"\narray: {json.dumps(array)}\n".encode()
         for name, filename, data in (("code", filename, code),
-                                     ("config_file", Path(config).name, Path(config).read_bytes())):
+                                     ("config_file", Path(config).name, config_data)):
             body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
                      f"filename=\"{urllib.parse.quote(filename)}\"\r\n"
                      "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
@@ -8418,7 +8421,12 @@ def _watch(client, job):
 def cli_submit(args, client):
     if args.outputs and not args.wait:
         raise BadRequest("-o/--outputs downloads the job's files once it ends: add --wait")
-    job = client.submit(args.script, args.job_config)
+    job = client.submit(args.script, args.job_config, args.array)
+    if "array_id" in job:  # an array: its jobs are followed with jobs --array
+        print(json.dumps(job, indent=1) if args.json else
+              f"array {job['array_id']}: {len(job['job_ids'])} jobs pending; follow them with "
+              f"'gpuqueue.py jobs --array {job['array_id']}'")
+        return 0
     if not args.wait:
         print(json.dumps(job, indent=1) if args.json else
               f"{job['job_id']}  pending on node {job['node_id']}, "
@@ -8494,7 +8502,12 @@ def cli_results(args, client):
 
 def cli_cancel(args, client):
     job = client.call("POST", client.job_path("cancel", args.job_id))
-    print(json.dumps(job, indent=1) if args.json else _show(job))
+    if args.json:
+        print(json.dumps(job, indent=1))
+    elif "array_id" in job:
+        print(f"array {job['array_id']}: {job['cancelled']} jobs cancelled")
+    else:
+        print(_show(job))
     return 0
 
 
@@ -8527,6 +8540,7 @@ def cli_logs(args, client):
 def cli_jobs(args, client):
     query = urllib.parse.urlencode({k: v for k, v in (("status", args.status),
                                                       ("user_id", args.user),
+                                                      ("array", args.array),
                                                       ("limit", args.limit)) if v is not None})
     found = client.call("GET", f"/api/jobs?{query}")["jobs"]
     if args.json:
@@ -8575,6 +8589,8 @@ def client_parser():
     p.add_argument("-o", "--outputs", metavar="DIR",
                    help="With --wait: download the job's files ($GPUQUEUE_OUTPUT_DIR) into DIR "
                         "once it ends.")
+    p.add_argument("--array", metavar="SPEC",
+                   help="Submit it as an array: N, A-B or A-B%%K (at most K at once).")
     command("status", cli_status, "A job's status.").add_argument("job_id")
     p = command("outputs", cli_outputs, "List a job's files ($GPUQUEUE_OUTPUT_DIR), or with -o "
                                         "download them (checked, and resumed when cut short).")
@@ -8582,7 +8598,8 @@ def client_parser():
     p.add_argument("-o", "--outputs", metavar="DIR", help="Download them into DIR.")
     command("results", cli_results,
             "A finished job's stdout (and stderr, on stderr).").add_argument("job_id")
-    command("cancel", cli_cancel, "Cancel a pending or running job.").add_argument("job_id")
+    command("cancel", cli_cancel, "Cancel a pending or running job, or every unfinished job "
+            "of an array.").add_argument("job_id", metavar="JOB_OR_ARRAY")
     p = command("logs", cli_logs, "What a job has written so far, read from its node while "
                                   "it runs.")
     p.add_argument("job_id")
@@ -8593,6 +8610,7 @@ def client_parser():
     p.add_argument("--status", choices=STATES, help="Only jobs in this state.")
     p.add_argument("--user", help="Only this user's jobs (admins).")
     p.add_argument("--limit", type=_limit, default=50, help="At most this many (default 50).")
+    p.add_argument("--array", metavar="ID", help="Only the jobs of this array.")
     return parser
 
 

@@ -472,3 +472,24 @@ def test_recovery_queues_a_committed_array_whole_and_drops_an_uncommitted_one(tm
         assert not list((tmp_path / "spool" / "tmp").iterdir())
     finally:
         again.close()
+
+
+def test_the_client_submits_lists_and_cancels_an_array(server, tmp_path):
+    script = tmp_path / "a.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(job_config(expected_time=60))
+    env = {"GPUQUEUE_URL": server.url, "GPUQUEUE_TOKEN": server.token(), "PATH": "/usr/bin:/bin"}
+
+    def client(*args):
+        r = subprocess.run(["/usr/bin/python3", str(GPUQUEUE), *args], capture_output=True,
+                           text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    out = json.loads(client("submit", str(script), "-c", str(cfg), "--array", "0-3%1", "--json"))
+    assert len(out["job_ids"]) == 4
+    listed = client("jobs", "--array", out["array_id"])
+    assert all(j in listed for j in out["job_ids"])
+    assert f"array {out['array_id']}: 4 jobs cancelled" in client("cancel", out["array_id"])
+    for job_id in out["job_ids"]:
+        assert server.wait(job_id)["status"] == "cancelled"
