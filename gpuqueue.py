@@ -2148,8 +2148,10 @@ class Spool:
         #: Per node: finished jobs whose files a stopped server had not brought back
         #: yet, (id, where on the node), found at recovery for the node's collector.
         self._uncollected = collections.defaultdict(list)
-        #: Running jobs per array that has a limit (``array: "0-31%4"``).
+        #: Running jobs per array that has a limit (``array: "0-31%4"``), and
+        #: unfinished jobs per array.
         self._array_running = collections.Counter()
+        self._array_open = collections.Counter()
         #: Set when a notice is put in the outbox, for the thread that sends them.
         self._notices = threading.Event()
 
@@ -2259,6 +2261,8 @@ class Spool:
                     if job is None:
                         continue
                     self._active[job.id] = job
+                    if job.array_id:
+                        self._array_open[job.array_id] += 1
                     if job.status == "pending":
                         pending.append(job)
                     else:
@@ -2460,6 +2464,8 @@ class Spool:
         job.node_id = min(candidates, key=lambda n: (loads[n], n))
         os.rename(path, self.pending_dir(job.node_id) / job.id)
         self._active[job.id] = job
+        if job.array_id:
+            self._array_open[job.array_id] += 1
         job.waiting_on = self._waiting_on(job, ended or {})
         self._index(job)
         loads[job.node_id] += job.expected_time * job.gpus / self._gpu_count[job.node_id]
@@ -2497,6 +2503,11 @@ class Spool:
             shutil.rmtree(base)
             raise TooMany(f"{user} has {waiting} pending jobs; {len(jobs)} more would pass "
                           f"the most allowed ({max_pending}): the array is refused whole")
+        if jobs[0].notify:  # due once every job of it has ended (notices_due)
+            (self._root / "outbox").mkdir(exist_ok=True)
+            write_json(self._root / "outbox" / f"{array_id}.json", {
+                "url": jobs[0].notify, "array_id": array_id, "body": None, "tries": 0,
+                "next": 0, "since": None, "error": None})
         self.commit_array(array_id, jobs)
         with self._lock:
             loads = self._loads()
@@ -2683,7 +2694,7 @@ class Spool:
         learns it as it retires).  A notice asked for is in the outbox first: after
         a crash it goes at least once, never not at all."""
         finished_at = time.time()
-        if job.notify:
+        if job.notify and not job.array_id:  # an array's jobs: one notice for it all
             self._post_notice(job, outcome, finished_at)
         result = {"status": outcome.status, "exit_code": outcome.exit_code,
                   "error": outcome.error, "node_id": job.node_id,
@@ -2700,6 +2711,11 @@ class Spool:
         """The one move to done/ (under the lock)."""
         os.rename(folder.path, self.done_folder(job.id).path)
         self._array_left(job)
+        if job.array_id:
+            self._array_open[job.array_id] -= 1
+            if not self._array_open[job.array_id]:
+                del self._array_open[job.array_id]
+                self._notices.set()  # its notice, if it asked for one, is due
         del self._active[job.id]
         job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
         job.finished_at = finished_at
@@ -2783,7 +2799,7 @@ class Spool:
                 r["started_at"], r["finished_at"], r.get("slurm"))
             job.outputs = folder.outputs_state(r)
             if job.notify:
-                job.notice = self._notice_state(job_id)
+                job.notice = self._notice_state(job.array_id or job_id)
             job.gpu_ids = tuple(map(str, r.get("gpus") or ()))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -2852,6 +2868,10 @@ class Spool:
                     continue
                 try:
                     notice = read_json(entry.path)
+                    if notice.get("body") is None:  # an array's, once it has all ended
+                        notice = self._array_notice(entry.name[:-5], notice)
+                        if notice is None:
+                            continue
                     when = float(notice["next"])
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
@@ -2860,6 +2880,27 @@ class Spool:
                 else:
                     nearest = min(nearest or math.inf, when - now)
         return due, nearest
+
+    def _array_notice(self, array_id, notice):
+        """An array's notice, once every job of it has ended: its body (each state's
+        count), kept in the outbox; None while some run or wait."""
+        with self._lock:
+            if self._array_open.get(array_id):
+                return None
+        record = self.array(array_id)
+        if record is None:  # a crash before the array's commit: it never was
+            (self._root / "outbox" / f"{array_id}.json").unlink(missing_ok=True)
+            return None
+        counts = dict.fromkeys(FINAL_STATES, 0)
+        for job_id in record["job_ids"]:
+            job = self.get(job_id)
+            if job is not None and job.status in counts:
+                counts[job.status] += 1
+        notice = {**notice, "since": time.time(), "body": {
+            "array_id": array_id, "user_id": record["user_id"], "status": "ended",
+            "size": len(record["job_ids"]), "counts": counts, "job_ids": record["job_ids"]}}
+        write_json(self._root / "outbox" / f"{array_id}.json", notice)
+        return notice
 
     def notice_tried(self, job_id, notice, error):
         """A try that failed: the notice waits (backoff) or, after NOTICE_GIVE_UP,
@@ -2878,9 +2919,12 @@ class Spool:
                                    "error": None})
 
     def _notice_done(self, job_id, record):
-        folder = self.done_folder(job_id)
+        """Where a notice ended: beside the job's record, or an array's."""
+        path = self.done_folder(job_id).path / JobFolder.NOTICE
+        if self.array(job_id) is not None:
+            path = self._root / "arrays" / f"{job_id}.notice.json"
         with contextlib.suppress(FileNotFoundError):  # retention took the job meanwhile
-            write_json(folder.path / JobFolder.NOTICE, {**record, "at": time.time()})
+            write_json(path, {**record, "at": time.time()})
         (self._root / "outbox" / f"{job_id}.json").unlink(missing_ok=True)
 
     def _notice_state(self, job_id):
@@ -2892,7 +2936,9 @@ class Spool:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         try:
-            n = read_json(self.done_folder(job_id).path / JobFolder.NOTICE)
+            n = read_json(self.done_folder(job_id).path / JobFolder.NOTICE
+                          if self.array(job_id) is None
+                          else self._root / "arrays" / f"{job_id}.notice.json")
             return n["state"] + (f" after {n['tries']} tries: {n['error']}"
                                  if n["state"] != "delivered" else "")
         except (OSError, ValueError, KeyError, TypeError):

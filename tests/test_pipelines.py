@@ -493,3 +493,24 @@ def test_the_client_submits_lists_and_cancels_an_array(server, tmp_path):
     assert f"array {out['array_id']}: 4 jobs cancelled" in client("cancel", out["array_id"])
     for job_id in out["job_ids"]:
         assert server.wait(job_id)["status"] == "cancelled"
+
+
+def test_an_array_sends_one_notice_once_all_its_jobs_have_ended(hooked):
+    server, port = hooked
+    receiver = Receiver(port)
+    try:
+        url = f"http://127.0.0.1:{port}/hooks/array"
+        arr = server.submit("import os, sys\nsys.exit(int(os.environ['GPUQUEUE_ARRAY_INDEX']) % 2)\n",
+                            config=job_config(array=4, notify=url)).json()
+        for job_id in arr["job_ids"]:
+            server.wait(job_id)
+        wait_for(lambda: server.status(arr["job_ids"][0])["notice"] == "delivered",
+                 "the array's notice")
+        (headers, body), = receiver.got  # one, for the whole array
+        notice = json.loads(body)
+        assert (notice["array_id"], notice["size"], notice["counts"]) == \
+            (arr["array_id"], 4, {"completed": 2, "failed": 2, "cancelled": 0}), notice
+        assert headers["X-Gpuqueue-Signature"] == "sha256=" + hmac.new(
+            SECRET.encode(), body, hashlib.sha256).hexdigest()
+    finally:
+        receiver.stop()
