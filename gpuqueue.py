@@ -7783,8 +7783,12 @@ class Incoming:
             if m and not (self.dir / f"{m['name']}.{m['job_id']}.receipt.json").exists():
                 self._guarded(self._queue, entry.name, m["name"], m["job_id"])
             m = self.RECEIPT.match(entry.name)
-            if m and not (self.dir / f"{m['name']}.{m['job_id']}.result.json").exists():
-                self.awaited[m["job_id"]] = m["name"]
+            if m:
+                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                    ids = read_json(entry.path).get("job_ids") or [m["job_id"]]
+                    for each in ids:
+                        if not (self.dir / f"{m['name']}.{each}.result.json").exists():
+                            self.awaited[each] = m["name"]
 
     def scan(self):
         for claimed in list(self.unanswered):
@@ -7865,13 +7869,20 @@ class Incoming:
         write its receipt."""
         path = self.dir / claimed
         self.unanswered.add(claimed)
+        array = None
         try:
             job = self.scheduler.job(job_id)
             position, start = self.scheduler.queue_position(job)
         except NotFound:
             try:
-                script, config = self._files(path)
-                job, position, start, _, _ = self.scheduler.submit(script, config, job_id=job_id)
+                try:  # an array queued before a crash: its id is the folder's
+                    array = {"array_id": job_id,
+                             "job_ids": self.scheduler.array(job_id)["job_ids"]}
+                    job, position, start = self.scheduler.job(array["job_ids"][0]), None, None
+                except NotFound:
+                    script, config = self._files(path)
+                    job, position, start, _, array = self.scheduler.submit(script, config,
+                                                                           job_id=job_id)
             except Unavailable as exc:
                 log.warning("incoming: %r waits: %s", name, exc.message)
                 return  # tried again at the next scan
@@ -7883,10 +7894,11 @@ class Incoming:
             "job_id": job.id, "node_id": job.node_id, "status": "pending",
             "queue_position": position, "estimated_start": isotime(start),
             "submitted_at": isotime(job.submitted_at),
-            "user_id": job.user_id})
+            "user_id": job.user_id, **(array or {})})
         self.unanswered.discard(claimed)
-        self.awaited[job.id] = name
-        log.info("incoming: %r became job %s", name, job.id)
+        for each in (array["job_ids"] if array else [job.id]):  # an array's: each its own
+            self.awaited[each] = name
+        log.info("incoming: %r became %s %s", name, "array" if array else "job", job_id)
 
     def _refuse(self, current, path, reason, name=None):
         """Set the folder aside, then say why: the reason file is what a user (or a

@@ -176,3 +176,22 @@ def test_a_claimed_folder_without_receipt_is_queued_once_after_a_crash(make_serv
     time.sleep(1)
     assert runs.read_text() == "x"
     assert len(server.get("/api/jobs", server.token("alice", admin=True)).json()["jobs"]) == 1
+
+
+def test_a_dropped_array_gets_one_receipt_and_each_job_its_results(server):
+    token = server.token("alice")
+    files = {"a.py": "import os\nprint('index', os.environ['GPUQUEUE_ARRAY_INDEX'])\n",
+             "config.yaml": job_config("alice", 10, token=token, array=3)}
+    incoming = drop(server, "sweep", files)
+    receipt = outcome(incoming, "sweep")
+    assert receipt.name.endswith(".receipt.json"), receipt.read_text()
+    r = json.loads(receipt.read_text())
+    assert len(r["job_ids"]) == 3 and r["array_id"] in receipt.name
+    for i, job_id in enumerate(r["job_ids"]):
+        result = incoming / f"sweep.{job_id}.result.json"
+        end = time.monotonic() + 60
+        while not result.exists():
+            assert time.monotonic() < end, sorted(os.listdir(incoming))
+            time.sleep(0.05)
+        assert json.loads(result.read_text())["status"] == "completed"
+        assert (incoming / f"sweep.{job_id}.stdout").read_text() == f"index {i}\n"

@@ -514,3 +514,17 @@ def test_an_array_sends_one_notice_once_all_its_jobs_have_ended(hooked):
             SECRET.encode(), body, hashlib.sha256).hexdigest()
     finally:
         receiver.stop()
+
+
+def test_a_sweep_of_one_user_takes_turns_with_another_users_single_job(make_server):
+    server = make_server(nodes=2)
+    arr = server.submit("import time\ntime.sleep(0.2)\n", config=job_config(array=40)).json()
+    single = server.submit_ok("print('mine')\n", user="bob",
+                              config=job_config("bob"))["job_id"]
+    started = server.wait(single, user="bob")["started_at"]
+    before = [j for j in arr["job_ids"]
+              if (st := server.status(j))["started_at"] and st["started_at"] < started]
+    # Bob's job waits for a turn, not for Alice's 40: users take turns on each node.
+    assert len(before) <= 4, (len(before), started)
+    for job_id in arr["job_ids"]:
+        server.wait(job_id)
