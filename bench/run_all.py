@@ -3,6 +3,7 @@ import datetime
 import sys
 from pathlib import Path
 
+import arrays
 import dispatch
 import drain
 import fairness
@@ -24,7 +25,8 @@ def main():
     for name, module in (("dispatch", dispatch), ("submit", submit), ("drain", drain),
                          ("scale", scale), ("makespan", makespan),
                          ("fairness", fairness), ("idle", idle),
-                         ("slowclients", slowclients), ("gpus", gpus), ("outputs", outputs)):
+                         ("slowclients", slowclients), ("gpus", gpus), ("outputs", outputs),
+                         ("arrays", arrays)):
         if not only or name in only:
             rows += module.run()
     if only:
