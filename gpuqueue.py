@@ -7583,15 +7583,51 @@ async function refreshNodes() {
 }
 // People count from 1; the API's queue_position from 0 (0 is next).
 const inLine = p => p === 0 ? "next" : "#" + (p + 1);
+const openArrays = new Set();  // arrays whose jobs are shown, across refreshes
 async function refreshJobs() {
   const {jobs} = await api("/api/jobs?limit=50");
-  $("jobs").tBodies[0].replaceChildren(...jobs.map(j => {
-    const queue = j.status === "pending" ? inLine(j.queue_position) + ", starts ≈ " + clock(j.estimated_start) : null;
+  const jobRow = j => {
+    const queue = j.status === "pending" ? (j.queue_position === null ? j.waiting || null :
+      inLine(j.queue_position) + ", starts ≈ " + clock(j.estimated_start)) : null;
     const tr = row([[j.job_id, "id", "/ui/job/" + j.job_id], [j.user_id], [j.status, "status " + j.status],
                     [j.node_id], [queue], [clock(j.submitted_at)], [j.exit_code]]);
     tr.dataset.job = j.job_id;
     return tr;
-  }));
+  };
+  // An array is one row, which opens to show its jobs.
+  const rows = [], arrays = {};
+  for (const j of jobs) {
+    if (!j.array_id) { rows.push(jobRow(j)); continue; }
+    if (!arrays[j.array_id]) {
+      arrays[j.array_id] = [];
+      const head = document.createElement("tr");
+      head.dataset.array = j.array_id;
+      rows.push(head);
+    }
+    arrays[j.array_id].push(j);
+  }
+  const out = [];
+  for (const tr of rows) {
+    out.push(tr);
+    const id = tr.dataset.array;
+    if (!id) continue;
+    const members = arrays[id], counts = {};
+    for (const j of members) counts[j.status] = (counts[j.status] || 0) + 1;
+    const cell = document.createElement("td");
+    cell.colSpan = 7;
+    const toggle = document.createElement("button");
+    toggle.type = "button";
+    toggle.textContent = (openArrays.has(id) ? "▾ " : "▸ ") + "array " + id;
+    toggle.addEventListener("click", () => {
+      openArrays.has(id) ? openArrays.delete(id) : openArrays.add(id);
+      refresh();
+    });
+    cell.append(toggle, " " + members[0].array_size + " jobs: " +
+      Object.entries(counts).map(([k, v]) => v + " " + k).join(", "));
+    tr.append(cell);
+    if (openArrays.has(id)) out.push(...members.map(jobRow));
+  }
+  $("jobs").tBodies[0].replaceChildren(...out);
 }
 const offsets = {stdout: 0, stderr: 0};
 let filesDone = false;  // the listing of a finished job's files no longer changes

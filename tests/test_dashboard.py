@@ -5,6 +5,8 @@ import json
 import re
 import time
 
+from conftest import job_config
+
 
 def gate_job(tmp_path, name, text="done"):
     """A job that waits for the test to create a file; its path, and the code."""
@@ -123,3 +125,25 @@ def test_a_revoked_token_stops_the_polling_and_asks_for_a_new_one(make_server, b
     refused = server.log().count("401 user=-")
     time.sleep(4.5)  # two of the page's refresh periods: nothing may happen in them
     assert server.log().count("401 user=-") == refused, "the page kept presenting the token"
+
+
+def test_an_array_is_one_row_that_opens_and_a_jobs_files_are_listed(make_server, browser):
+    server = make_server(nodes=2)
+    token = server.token()
+    arr = server.submit("import os\nopen(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], "
+                        "'r.txt'), 'w').write('r')\n", config=job_config(array=3)).json()
+    for job_id in arr["job_ids"]:
+        server.wait(job_id)
+    browser.open(server.url + "/ui")
+    browser.type("#token", token)
+    browser.click("#save")
+    head = f'#jobs tr[data-array="{arr["array_id"]}"]'
+    browser.wait(f"!!document.querySelector('{head}')")
+    assert "3 jobs: 3 completed" in browser.text(head)
+    assert browser.eval("document.querySelectorAll('#jobs tr[data-job]').length") == 0
+    browser.click(f"{head} button")
+    browser.wait("document.querySelectorAll('#jobs tr[data-job]').length === 3")
+    # A job's page lists its files, each a link.
+    browser.click(f'#jobs tr[data-job="{arr["job_ids"][0]}"] a')
+    browser.wait("document.querySelectorAll('#files tbody tr').length === 1")
+    assert "r.txt" in browser.text("#files tbody tr") and browser.text("#files-state") == "complete"
