@@ -1461,7 +1461,8 @@ def job_field(schema, default=dataclasses.MISSING, *, doc=None, config=None, sto
     ``stored``: kept in job.json."""
     described = {"description": doc} if doc else {}
     meta = {"schema": {**schema, **described}, "config": config,
-            "shown_schema": {**shown_schema, **described} if shown_schema else None,
+            "shown_schema": None if shown_schema is None else
+            {**shown_schema, **described} if shown_schema else {},
             "stored": stored, "key": key, "show": show, "minimum": minimum,
             "maximum": maximum, "below": below, "parse": parse}
     return dataclasses.field(default=default, metadata=meta)
@@ -1586,13 +1587,13 @@ class Job:
         doc="with notify, once the job has ended: delivered, or pending and why (it is "
         "tried again with backoff for a day), or given up")
     array: tuple | None = job_field(
-        {"type": "string"}, None, key=None, show=lambda job: {},
+        {"type": "string"}, None, key=None, show=lambda job: {}, shown_schema={},
         doc="a job array: a count (32), a range (\"0-31\") or a range with the most "
         "to run at once (\"0-31%4\"); each job gets GPUQUEUE_ARRAY_INDEX",
         config="optional", parse=_array_spec)
     sweep: list | None = job_field(
         {"type": "object", "additionalProperties": {"type": "array"}}, None, key=None,
-        show=lambda job: {}, doc="{name: [values]}: one job for every combination, its "
+        show=lambda job: {}, shown_schema={}, doc="{name: [values]}: one job for every combination, its "
         "values as JSON in GPUQUEUE_PARAMS", config="optional", parse=_sweep_spec)
     #: In an array: its id, this job's index, how many it has, the most running at
     #: once, and (a sweep's) this job's parameters.
@@ -1603,7 +1604,8 @@ class Job:
     array_size: int | None = job_field({"type": "integer", "nullable": True}, None,
                                        stored=True)
     array_limit: int | None = job_field({"type": "integer", "nullable": True}, None,
-                                        stored=True, key=None, show=lambda job: {})
+                                        stored=True, key=None, show=lambda job: {},
+                                        shown_schema={})
     params: dict = job_field({"type": "object", "nullable": True}, None, stored=True,
                              doc="a sweep's values for this job")
     #: Which run of the job this is: 1, then one more for each retry.
@@ -2028,15 +2030,19 @@ class JobFolder:
         return self.path / self.OUTPUTS / rel
 
     def store_outputs(self, fetch):
-        """Bring the job's files in: ``fetch(folder)`` fills a fresh folder and says
-        what it holds (the listing); the folder takes its place, then the listing
-        is written, last, so files are never shown whole while half-written.  What
-        a cut-short attempt left is removed first."""
+        """Bring the job's files in: ``fetch(folder)`` fills the folder and says what
+        it holds (the listing); the folder takes its place, then the listing is
+        written, last, so files are never shown whole while half-written.  What a
+        try cut short by a crash left is fetch's to judge: a copy starts afresh,
+        files already moved in (a local node's) are kept, as they are nowhere else."""
         tmp, final = self.path / self.OUTPUTS_TMP, self.path / self.OUTPUTS
-        for old in (tmp, final):
-            shutil.rmtree(old, ignore_errors=True)
         (self.path / self.LISTING).unlink(missing_ok=True)
-        listing = fetch(tmp)
+        if final.is_dir():  # a try cut short after its rename: fetch sees it again
+            if tmp.exists():
+                shutil.rmtree(final)
+            else:
+                os.rename(final, tmp)
+        listing = fetch(tmp)  # (tmp may hold what a cut-short try left: files moved in)
         if tmp.is_dir():
             os.rename(tmp, final)
         write_json(self.path / self.LISTING, listing)
@@ -3947,6 +3953,10 @@ class LocalLink(Link):
         hold them open)."""
         if self.owner is not None:
             return False
+        if os.path.lexists(dest):
+            if not os.path.lexists(self.root / rel):
+                return True  # taken by a try cut short by a crash: it is all there
+            shutil.rmtree(dest)
         try:
             os.rename(self.root / rel, dest)
         except FileNotFoundError:
@@ -5006,6 +5016,7 @@ class Collector:
         def fetch(dest):
             if link.move_tree(at, dest):
                 return self._taken(dest)
+            shutil.rmtree(dest, ignore_errors=True)  # a cut-short copy: copied afresh
             try:
                 entries, more = link.list_tree(at, 2 * c.max_output_files + 100)
             except FileNotFoundError:
@@ -6652,7 +6663,7 @@ class Api:
         if set(query) - {"attempt"} or not re.fullmatch(r"[0-9]{1,2}", query.get("attempt", "1")):
             raise BadRequest("the one query parameter is attempt, a number")
         head = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
-                "error": job.error, "attempt": job.attempt}
+                "error": job.error, **({"attempt": job.attempt} if job.attempt > 1 else {})}
         if "attempt" in query:  # an earlier attempt's output, kept when it was retried
             paths, r = self.scheduler.output(job, int(query["attempt"]))
             head = {"job_id": job.id, "status": "failed", "exit_code": r["exit_code"],
@@ -7162,7 +7173,8 @@ def openapi(config):
         job_config["properties"][key] = {**spec["schema"], **bounds}
     job_status = {"type": "object", "required": [], "properties": {}}
     for f in dataclasses.fields(Job):
-        key, schema = f.metadata["key"], f.metadata["shown_schema"] or f.metadata["schema"]
+        key, schema = f.metadata["key"], f.metadata["schema"] \
+            if f.metadata["shown_schema"] is None else f.metadata["shown_schema"]
         if key is None:  # a field shown under several keys, when it has a value
             job_status["properties"].update(schema)
             continue
@@ -8598,7 +8610,7 @@ def cli_cancel(args, client):
     job = client.call("POST", client.job_path("cancel", args.job_id))
     if args.json:
         print(json.dumps(job, indent=1))
-    elif "array_id" in job:
+    elif "cancelled" in job:  # an array's
         print(f"array {job['array_id']}: {job['cancelled']} jobs cancelled")
     else:
         print(_show(job))

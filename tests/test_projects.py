@@ -833,3 +833,24 @@ def test_a_local_jobs_files_are_moved_into_the_spool_not_copied(server):
     assert stored.stat().st_ino == inode and stored.read_bytes() == b"w" * 4096
     assert listing(server, job_id)["files"] == [
         {"path": "w.bin", "size": 4096, "sha256": hashlib.sha256(b"w" * 4096).hexdigest()}]
+
+
+@pytest.mark.parametrize("cut_at", ["after the move", "after the rename"])
+def test_a_crash_while_a_local_jobs_files_are_taken_loses_none_of_them(make_server, cut_at):
+    """A local job's files are moved, not copied, into the spool: they are nowhere else
+    once moved.  A crash before the listing is written (made here by hand, as a kill -9
+    would leave it) must find them again, not start a copy from a node that has none."""
+    server = make_server(nodes=1)
+    code = ("import os\nout = os.environ['GPUQUEUE_OUTPUT_DIR']\nos.makedirs(out + '/d')\n"
+            "open(out + '/d/a.bin', 'wb').write(b'a' * 5000)\n")
+    job_id = server.submit_ok(code)["job_id"]
+    assert wait_outputs(server, job_id)["outputs"] == "complete"
+    server.kill()
+    done = server.dir / "spool" / "done" / job_id
+    (done / "outputs.json").unlink()
+    if cut_at == "after the move":
+        os.rename(done / "outputs", done / ".outputs.tmp")
+    server.start()
+    st = wait_outputs(server, job_id)
+    assert st["outputs"] == "complete", st
+    check_files(server, job_id, {"d/a.bin": b"a" * 5000})
