@@ -329,7 +329,7 @@ def test_a_notice_waits_for_a_receiver_that_is_down_and_is_signed(hooked):
 
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:{port}/other", "http://127.0.0.1:{port}/hooksx",
-    "http://127.0.0.1:1/hooks/x", "http://10.0.0.1/hooks", "http://user@127.0.0.1:{port}/hooks/",
+    "http://127.0.0.1:1/hooks/x", "http://intranet.example.com/hooks", "http://user@127.0.0.1:{port}/hooks/",
     "file:///etc/passwd", "ftp://127.0.0.1:{port}/hooks/", "http://127.0.0.1:{port}@evil/hooks",
 ])
 def test_notices_go_only_under_the_allowed_prefixes(hooked, url):
