@@ -364,15 +364,24 @@ def url_allowed(url, allow):
     return False
 
 
+@functools.cache
 def system_python():
     """The python3 a user of this machine gets: the first on PATH outside the
-    server's own virtualenv, so that jobs never run inside it."""
-    venv = sys.prefix if sys.prefix != sys.base_prefix else None
+    server's own virtualenv, so that jobs never run inside it.  Asked once which
+    interpreter it is: a launcher (a pyenv shim, say) would cost every job's start
+    its own start-up."""
+    venv = os.path.realpath(sys.prefix) if sys.prefix != sys.base_prefix else None
     for folder in os.environ.get("PATH", "").split(os.pathsep):
-        found = shutil.which("python3", path=folder) if folder else None
-        if found and not (venv and os.path.realpath(found).startswith(
-                os.path.realpath(venv) + os.sep)) and not (venv and folder.startswith(venv)):
-            return found
+        if not folder or venv and os.path.realpath(folder).startswith(venv + os.sep):
+            continue
+        found = shutil.which("python3", path=folder)
+        if found:
+            try:
+                real = subprocess.run([found, "-c", "import sys; print(sys.executable)"],
+                                      capture_output=True, text=True, timeout=30).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                real = ""
+            return real if real and os.path.isfile(real) else found
     base = os.path.join(sys.base_prefix, "bin", "python3")
     return base if os.path.exists(base) else "python3"
 
@@ -419,9 +428,10 @@ class Node:
     kind: str = "local"
     run_as: str | None = None  # a local node's jobs run as this user (the server is root)
     slurm: dict | None = None  # partition, account, gres, max_jobs of a slurm node
-    #: The interpreter of its jobs that ask for no environment: ``python`` when given,
-    #: else the machine's python3, never the server's virtualenv.
-    job_python: str = "python3"
+    #: The interpreter of its jobs that ask for no environment: ``python`` when given;
+    #: None on a local node: the machine's python3 (system_python), never the
+    #: server's virtualenv.
+    job_python: str | None = "python3"
     environments: tuple = ()  # the names of the config's environments it has
 
     @property
@@ -582,7 +592,7 @@ def _node(raw, defaults, base, where, c):
                 workdir=n["workdir"] or (None if local else "~/.gpuqueue"), setup=n["setup"],
                 ssh=None if local else _ssh_target(n, base),
                 kind=kind, slurm=slurm if kind == "slurm" else None, run_as=n["run_as"],
-                job_python=n["python"] or (system_python() if local else "python3"),
+                job_python=n["python"] or (None if local else "python3"),
                 environments=tuple(dict.fromkeys(names)))
 
 
@@ -722,7 +732,8 @@ def isotime(ts):
 # result.json.  ``launch`` says what to run: {python, setup, entry, archive}; with a
 # project (an archive) the wrapper first unpacks it, as the job's user, and the
 # job runs inside it.  Either way the job's files go in outputs/ of the folder it
-# runs in ($GPUQUEUE_OUTPUT_DIR), which the server brings back once it has ended.  Wrappers outlive the agent and the server, so a restarted
+# runs in ($GPUQUEUE_OUTPUT_DIR), which the server brings back once it has ended.
+# Wrappers outlive the agent and the server, so a restarted
 # server finds them and follows them to their end.
 
 #: The node protocol: sent in ``ready`` and written into each wrapper's ``pids``,
@@ -2319,7 +2330,8 @@ class Spool:
         try:
             r = folder.read_result()
             self._final_counts[r["node_id"]][r["status"]] += 1
-            if folder.outputs_state(r) == "collecting":  # the server stopped meanwhile
+            if r.get("outputs", {}).get("state") == "collecting" and \
+                    folder.outputs_state(r) == "collecting":  # the server stopped meanwhile
                 self._uncollected[r["node_id"]].append((folder.id, r["outputs"]["at"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
@@ -3538,7 +3550,7 @@ def job_run(node, config, job, code):
     of its environment, its entry script and, for a project, how to unpack it."""
     env = config.environments.get(job.environment) if job.environment else None
     kind = archive_kind(code[:512]) if job.entrypoint else None
-    return {"python": env.python if env else node.job_python,
+    return {"python": env.python if env else node.job_python or system_python(),
             "setup": env.setup if env else None,
             "entry": job.entrypoint or NodeFiles.CODE,
             "archive": kind and {"kind": kind, "max_bytes": config.max_project_bytes,
