@@ -8,24 +8,15 @@ the seconds until every job is queued; the median of 200 status reads of one job
 (GET /api/jobs, against GET /api/jobs?array=ID). Target: the array's submit <= 0.2 x
 the single submits; status and list within 1.5 x.
 """
-import statistics
 import time
 
 import requests
 
-from common import Row, Server, idle_nodes, job_config, kill_processes_under, workdir
+from common import (Row, Server, idle_nodes, job_config, kill_processes_under, median, timed,
+                    workdir)
 
 N = 1000
 CODE = "print('hello')\n" + "# a training script of some size\n" * 400
-
-
-def timed(fn, times):
-    found = []
-    for _ in range(times):
-        t = time.perf_counter()
-        fn()
-        found.append((time.perf_counter() - t) * 1000)
-    return statistics.median(found)
 
 
 def run():
@@ -54,8 +45,9 @@ def run():
                     page = f"/api/jobs?limit=100&array={r.json()['array_id']}"
                 submit = time.perf_counter() - t
                 assert len(ids) == N, len(ids)
-                status = timed(lambda: s.get(f"{server.url}/api/status/{ids[N // 2]}").json(), 200)
-                listing = timed(lambda: s.get(server.url + page).json(), 20)
+                status = median(timed(
+                    lambda: s.get(f"{server.url}/api/status/{ids[N // 2]}").json(), 200))
+                listing = median(timed(lambda: s.get(server.url + page).json(), 20))
                 figures[name] = (submit, status, listing)
             finally:
                 server.kill()

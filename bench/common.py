@@ -18,7 +18,7 @@ from conftest import Server, job_config, kill_processes_under  # noqa: E402
 from sshcluster import Cluster  # noqa: E402
 
 __all__ = ["Server", "Cluster", "job_config", "kill_processes_under", "workdir", "pct",
-           "median", "machine", "Row"]
+           "median", "timed", "machine", "Row"]
 
 
 def workdir(name):
@@ -29,6 +29,16 @@ def pct(values, p):
     """The p-th percentile (nearest rank) of ``values``."""
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def timed(fn, n):
+    """Milliseconds each of ``n`` calls of ``fn`` took."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
 
 
 def median(values):

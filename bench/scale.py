@@ -14,7 +14,7 @@ import time
 
 import requests
 
-from common import Row, Server, idle_nodes, job_config, median, pct, rss_mb, workdir
+from common import Row, Server, idle_nodes, job_config, median, pct, rss_mb, timed, workdir
 
 SIZES = (1_000, 10_000, 100_000)
 NODES = 8
@@ -59,14 +59,6 @@ def measure(finished):
     s = requests.Session()
     auth = {"Authorization": f"Bearer {token}"}
     rng = random.Random(7)
-
-    def timed(fn, n):
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1000)
-        return out
 
     def status():
         job_id = rng.choice(done_ids) if rng.random() < 0.9 else rng.choice(pending_ids)
