@@ -47,7 +47,12 @@ def main():
     for r in rows:
         lines.append(f"| {r['bench']} | {r['metric']} | {fmt(r['baseline'])} | {fmt(r['value'])} "
                      f"| {r['unit']} | {fmt(r['ratio'])} | {r['target']} |")
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    # The sections below the table (before-and-after comparisons, profiles, notes) are
+    # written by hand, each about one change: a fresh table keeps them.
+    results = HERE / "RESULTS.md"
+    kept = results.read_text().partition("\n## ") if results.exists() else ("", "", "")
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n" + (
+        "\n## " + kept[2] if kept[1] else ""))
     print(f"wrote {HERE / 'RESULTS.md'}")
 
 
