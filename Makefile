@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench gpu-check setup sshd chromium slurm tsp cluster clean
+.PHONY: run test bench gpu-check setup sshd chromium slurm tsp cluster screenshot clean
 
 run: $(VENV)/.installed
 	$(PY) gpuqueue.py serve
@@ -21,6 +21,10 @@ gpu-check: $(VENV)/.dev-installed
 	$(PY) tests/gpu_check.py
 
 setup: $(VENV)/.dev-installed
+
+# The README's picture of the dashboard (docs/dashboard.png), taken again from the real one.
+screenshot: $(VENV)/.dev-installed chromium
+	cd tests && ../$(PY) screenshot.py
 
 # A loopback sshd cluster (jump host + 8 nodes) and a config for it, to try SSH mode by hand.
 cluster: $(VENV)/.dev-installed sshd

@@ -25,6 +25,13 @@ The spool directory is the only state.  Its layout::
     spool/
       server.lock, server.pid   held by the one server using this spool
       tmp/<id>/                 an upload being written; never acknowledged yet
+                                (tmp/<array id>/: an array's, queued at recovery once
+                                arrays/<array id>.json, its commit point, is written)
+      scratch/<name>/           a front end's files in the making (Spool.scratch_dir),
+                                emptied at each start
+      arrays/<id>.json          an array's record: its user and job ids
+      keys/<hash>.json          an Idempotency-Key's record (KEY_TTL)
+      outbox/<id>.json          a job's (or an array's) notice, until it is delivered
       nodes/<n>/pending/<id>/   queued on node n (its planned node)
       nodes/<n>/running/<id>/   claimed by node n's scheduler
       nodes/<n>/drained         present while an admin has node n drained
@@ -34,6 +41,7 @@ The spool directory is the only state.  Its layout::
       corrupt/<name>.<x>/       what could not be understood; <name>.<x>.REASON says why
                                 (removed after keep_finished_days too)
       incoming/                 drop folders (see the Drop folders section)
+      claims/                   the server's own claims of drop folders (Incoming)
       control/                  admin requests to the running server (Admin control)
 
 What a job folder holds is JobFolder's to know (see its names).  Every node,
@@ -61,6 +69,10 @@ that does it:
                                              (AgentExecutor.reattach -> Spool.requeue)
     running/<id>, node folder not launched   the launch claimed here, back to pending/
                                              (AgentExecutor.reattach -> Spool.requeue)
+    running/<id>, prepared, never started    back to pending/: its launch is claimed here,
+                                             and its wrapper, which waited for its agent's
+                                             word, ended with that agent
+                                             (AgentExecutor.reattach -> Spool.requeue)
     running/<id>, wrapper still running      followed to its end (AgentExecutor.reattach)
     running/<id>, wrapper of an unknown      stopped, the job failed with the reason
     node protocol                            (AgentExecutor.reattach)
@@ -83,8 +95,11 @@ that does it:
                                              (SlurmWorker._recover)
     running/<id>, Slurm, no ``launching``    back to pending/: nothing reached sbatch
                                              (SlurmWorker._recover)
-    incoming/NAME.<id>.accepted, no receipt  its job queued (unless it already is), then
-                                             the receipt written (Incoming.recover)
+    claims/<id>.json (a drop folder's claim) its job queued (unless it already is), its
+                                             receipt written, its results delivered as
+                                             its jobs end (Incoming.recover); a name in
+                                             incoming/ that looks like a claim and is
+                                             none of these is left alone
 
 A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
 it starts the job, and recovery claims the same name before requeueing one; a
@@ -97,7 +112,6 @@ import abc
 import argparse
 import base64
 import bisect
-import codecs
 import collections
 import contextlib
 import copy
@@ -107,6 +121,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
 import importlib
 import io
 import ipaddress
@@ -251,8 +266,18 @@ class SlurmRefused(GpuqueueError):
 # Configuration ###############################################################
 ###############################################################################
 
-#: Where ``--config`` points when not given and this file exists.
+#: Where ``--config`` points when not given and this file exists (in the current
+#: folder, else beside gpuqueue.py).
 DEFAULT_CONFIG_FILE = "gpuqueue.yaml"
+
+
+def default_config_file():
+    """./gpuqueue.yaml, else gpuqueue.yaml beside this file; None when neither is there
+    (then the built-in default serves)."""
+    for path in (Path(DEFAULT_CONFIG_FILE), Path(__file__).resolve().parent / DEFAULT_CONFIG_FILE):
+        if path.exists():
+            return path
+    return None
 
 _REQUIRED = object()
 _NUMBER = (int, float)
@@ -433,6 +458,9 @@ class Node:
     #: server's virtualenv.
     job_python: str | None = "python3"
     environments: tuple = ()  # the names of the config's environments it has
+    #: Where ``gpus`` came from: "config", or "default" (then an SSH node's are the
+    #: ones its nvidia-smi lists, once read: "nvidia-smi").
+    gpus_from: str = "config"
 
     @property
     def is_local(self):
@@ -587,7 +615,8 @@ def _node(raw, defaults, base, where, c):
                           "its SSH user")
     return Node(id=n["id"], host=n["host"],
                 python=n["python"] or (sys.executable if local else "python3"),
-                gpus=_gpus(n["gpus"], n["id"], where),
+                gpus=_gpus(n["gpus"], 0 if kind == "ssh" else n["id"], where),
+                gpus_from="config" if n["gpus"] is not None else "default",
                 env={str(k): str(v) for k, v in n["env"].items()},
                 workdir=n["workdir"] or (None if local else "~/.gpuqueue"), setup=n["setup"],
                 ssh=None if local else _ssh_target(n, base),
@@ -596,10 +625,11 @@ def _node(raw, defaults, base, where, c):
                 environments=tuple(dict.fromkeys(names)))
 
 
-def _gpus(value, node_id, where):
-    """A node's GPUs: "0,1,2,3", a list, one index or UUID; by default the node's id."""
+def _gpus(value, default, where):
+    """A node's GPUs: "0,1,2,3", a list, one index or UUID; by default ``default`` (an
+    SSH node's 0, until its nvidia-smi is read; a local node's id)."""
     if value is None:
-        value = [node_id]
+        value = [default]
     items = value if isinstance(value, list) else str(value).split(",")
     gpus = tuple(str(g).strip() for g in items)
     if not gpus or any(isinstance(g, (bool, dict, list)) for g in items) or any(
@@ -611,10 +641,11 @@ def _gpus(value, node_id, where):
 
 
 def load_config(path=None):
-    """Read the config file (or the built-in default: 8 local nodes) and check it,
+    """Read the config file (or the built-in default: 8 local nodes, the spool and the
+    tokens file beside gpuqueue.py, wherever a command is run from) and check it,
     key by key as Config declares them."""
     if path is None:
-        raw, base = {}, Path.cwd()
+        raw, base = {}, Path(__file__).resolve().parent
     else:
         path = Path(path)
         try:
@@ -679,6 +710,18 @@ def write_file(path, data, mode=0o644, sync_dir=True):
         fsync_dir(path.parent)
 
 
+def private_lock(path):
+    """A file lock at ``path`` that no other user can take: its file is this user's
+    own, mode 0600, so a job (running as another user) cannot even open it, and an
+    open file is all flock needs.  A lock file that is not so (left by an older
+    release, or planted) is removed first: whoever holds it then holds nothing."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.unlink(path)
+    return filelock.FileLock(str(path), mode=0o600)
+
+
 def write_json(path, obj):
     write_file(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
@@ -715,13 +758,28 @@ def isotime(ts):
 #                                             -> started {id, wrapper, launched}
 #                                             -> exited {id, result?, stdout?, stderr?} once
 #                                                the wrapper ended; small output comes along
+#   prepare {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch,
+#            after}                           -> prepared {id, wrapper}: ready to start
+#                                             -> started {id, wrapper, launched} once job
+#                                                ``after`` has ended, or dropped {id} when
+#                                                its lease (``deadline``) is over by then;
+#                                                then exited, as a start's
+#   renew {deadline}                          every prepared start's lease, lengthened
+#   drop {id}                                 -> dropped {id}: a prepared start never starts
 #   watch {id, dir, wrapper}                  -> exited {id}: follow a wrapper launched before
 #   cancel {wrapper}                          SIGTERM: the wrapper kills its job's group
 #   remove {dir}                              a finished job's folder
+#   read {id, path, offset, limit}            -> data {id, kind, size, data?}: up to limit
+#                                                bytes of a job's file (read_piece), its
+#                                                ``id`` the request's own
 #   gpus {}                                   -> gpus {reading}: gpu_reading(), or null
 #   ping {}                                   -> pong {}, at once: proof the node is alive
 #   check {environments}                      -> checked {environments}: each one's python
 #                                                started (with its setup), or why not
+#
+# The server never opens a file a job could have replaced on the node itself: the
+# agent reads them (open_regular), so that a FIFO, a link or a device planted by a
+# job is named, never waited on or followed.
 #
 # A job's wrapper is forked from the agent into a session of its own, in the
 # job's folder (NodeFiles).  It refuses a start past its ``deadline`` (the
@@ -738,18 +796,24 @@ def isotime(ts):
 
 #: The node protocol: sent in ``ready`` and written into each wrapper's ``pids``,
 #: so that a server can tell which release started a wrapper it finds running.
-PROTOCOL = 3
-#: Protocols whose wrappers this release follows to their end.  Protocols 1 and 2
-#: left the same files (1's ``pids`` named no protocol; 2 ran code.py alone).
-PROTOCOLS_FOLLOWED = (1, 2, 3)
+PROTOCOL = 4
+#: Protocols whose wrappers this release follows to their end.  Protocols 1 to 3
+#: left the same files (1's ``pids`` named no protocol; 2 ran code.py alone; 3's
+#: agent let the server read the job's files itself).
+PROTOCOLS_FOLLOWED = (1, 2, 3, 4)
 
 #: What the server sends the agent: each command's fields.
 COMMANDS = {
     "start": ("id", "dir", "env", "run_as", "limit", "grace", "output_limit", "deadline",
               "inline", "launch"),
+    "prepare": ("id", "dir", "env", "run_as", "limit", "grace", "output_limit", "deadline",
+                "inline", "launch", "after"),
+    "renew": ("deadline",),
+    "drop": ("id",),
     "watch": ("id", "dir", "wrapper"),
     "cancel": ("wrapper",),
     "remove": ("dir",),
+    "read": ("id", "path", "offset", "limit"),
     "gpus": (),
     "ping": (),
     "check": ("environments",),
@@ -758,7 +822,10 @@ COMMANDS = {
 REPORTS = {
     "ready": ("protocol", "python"),
     "started": ("id", "wrapper", "launched"),
+    "prepared": ("id", "wrapper"),
+    "dropped": ("id",),
     "exited": ("id", "result?", "stdout?", "stderr?"),
+    "data": ("id", "kind", "size", "data?"),
     "gpus": ("reading",),
     "pong": (),
     "checked": ("environments",),
@@ -947,32 +1014,84 @@ GPU_APPS_QUERY = ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory",
                   "--format=csv,noheader,nounits"]
 
 
+#: The most bytes of an nvidia-smi answer read, and the seconds it may take.
+GPU_ANSWER_BYTES, GPU_ANSWER_SECONDS = 256 * 1024, 10
+
+
+class NoReading(Exception):
+    """nvidia-smi is there but gave no usable answer: why."""
+
+
 def nvidia_smi(query):
-    """nvidia-smi's answer, or None where there is none (or it fails)."""
+    """nvidia-smi's answer as text, or None where there is no nvidia-smi.  NoReading
+    when what it gave is no answer: it failed, hung, wrote too much, or wrote what
+    is not text.  Read with a deadline and a bound, so that a broken driver can
+    neither stall the reading nor fill the agent's memory."""
     try:
-        r = subprocess.run(query, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        proc = subprocess.Popen(query, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
         return None
-    return r.stdout if r.returncode == 0 else None
+    except OSError as exc:
+        raise NoReading("cannot run nvidia-smi: %s" % (exc.strerror or exc)) from None
+    out, end = b"", time.monotonic() + GPU_ANSWER_SECONDS
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise NoReading("nvidia-smi did not answer within %d s" % GPU_ANSWER_SECONDS)
+                if not sel.select(left):
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+                if len(out) > GPU_ANSWER_BYTES:
+                    raise NoReading("nvidia-smi wrote more than %d bytes" % GPU_ANSWER_BYTES)
+        try:
+            code = proc.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise NoReading("nvidia-smi did not end within %d s" % GPU_ANSWER_SECONDS) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    if code != 0:
+        raise NoReading("nvidia-smi exited with %d" % code)
+    try:
+        text = out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NoReading("nvidia-smi's answer is not text") from None
+    if "\0" in text:
+        raise NoReading("nvidia-smi's answer is not text")
+    return text
 
 
 def gpu_reading():
     """This machine's GPUs as nvidia-smi reads them (CSV), and the processes using
     them, each with its user and, when it belongs to a job of this node (its process
-    group or session is a running job's), the job's id; None without nvidia-smi."""
-    csv = nvidia_smi(GPU_QUERY)
+    group or session is a running job's), the job's id; None without nvidia-smi;
+    {"error": why} when nvidia-smi gave no usable answer."""
+    try:
+        csv = nvidia_smi(GPU_QUERY)
+        app_lines = (nvidia_smi(GPU_APPS_QUERY) or "").splitlines() if csv is not None else ()
+    except NoReading as exc:
+        return {"error": str(exc)}
     if csv is None:
         return None
     jobs = {}  # process group of each job still running here -> its id
     for name in os.listdir("."):
         if JOB_ID_RE.match(name):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                with open(os.path.join(name, NodeFiles.PIDS)) as f:
-                    pids = json.load(f)
+                with open_regular(os.path.join(name, NodeFiles.PIDS)) as f:
+                    pids = json.loads(f.read(4096))
                 if is_wrapper_of(int(pids["wrapper"]), name):
                     jobs[int(pids["job"])] = name
     apps = []
-    for line in (nvidia_smi(GPU_APPS_QUERY) or "").splitlines():
+    for line in app_lines:
         f = [x.strip() for x in line.split(",")]
         if len(f) != 3 or not f[1].isdigit():
             continue
@@ -1006,44 +1125,113 @@ def cut_note(cut, total, limit):
 CUT_NOTE_ROOM = 200
 
 
-def read_capped(path, limit, opener=open, size=None):
-    """Text of an output file, keeping its head and tail when over ``limit`` bytes.
+class NotRegular(OSError):
+    """A file a job could have replaced that is not a regular file (a FIFO, a link,
+    a device, a folder): never read, never waited on."""
 
-    The tail holds the traceback of a failed job, so it is kept as well as the
-    head.  ``opener`` and ``size`` let the same code read a file on a node by SFTP.
-    """
+
+def file_kind(mode):
+    """What a file is, in words, for a note."""
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a regular file")
+
+
+def open_regular(path):
+    """Open a file a job may have had its hands on (its own folder, or one it runs
+    as the same user as the agent) for reading, if it is a regular file: a link is
+    not followed, a FIFO not waited for (O_NONBLOCK), and what it is is looked at
+    on the open file (fstat) before anything is read.  NotRegular says what stood
+    there instead."""
     try:
-        size = os.path.getsize(path) if size is None else size(path)
-        f = opener(path, "rb")
-    except OSError:  # missing, or a link planted where a file should be
-        return ""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegular(errno.ELOOP, "a symbolic link", path) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegular(errno.EINVAL, file_kind(mode), path)
+    return os.fdopen(fd, "rb")
+
+
+def not_regular_note(name, what):
+    """What stands for a stream the job replaced with something that is no file."""
+    return ("[gpuqueue: %s is not a regular file but %s (the job replaced it); nothing was "
+            "read from it]\n" % (name, what)).encode()
+
+
+def read_capped(path, limit):
+    """An output file's bytes, keeping its head and tail when over ``limit`` bytes
+    (the tail holds the traceback of a failed job); b"" when it is missing, and a
+    note saying what it was when it is no regular file.  Reads at most ``limit``
+    bytes, whatever the file's size, and the size is the one it had when opened."""
+    try:
+        f = open_regular(path)
+    except NotRegular as exc:
+        return not_regular_note(os.path.basename(path), exc.strerror)
+    except OSError:
+        return b""
     with f:
+        size = os.fstat(f.fileno()).st_size
         if size <= limit:
-            data = f.read()
-        else:
-            half = limit // 2
-            head = f.read(half)
-            f.seek(size - half)
-            data = head + cut_note(size - 2 * half, size, limit) + f.read(half)
-    return data.decode("utf-8", "replace")
+            return f.read(size)
+        half = limit // 2
+        head = f.read(half)
+        f.seek(size - half)
+        return head + cut_note(size - 2 * half, size, limit) + f.read(half)
+
+
+def read_small_json(path):
+    """A small JSON record a job could have replaced (``pids``, ``result.json``)."""
+    with open_regular(path) as f:
+        return json.loads(f.read(65536))
+
+
+#: The most bytes one ``read`` command answers with.
+READ_PIECE = 1024 * 1024
+
+
+def read_piece(path, offset, limit):
+    """A ``read`` command's answer: up to ``limit`` bytes of a job's file from
+    ``offset``, with what the file is and its size; for the server, which never
+    opens such a file itself."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(min(offset, size))
+            data = f.read(max(0, min(limit, READ_PIECE, size - offset)))
+        return {"kind": "file", "size": size, "data": base64.b64encode(data).decode()}
+    except NotRegular as exc:
+        return {"kind": exc.strerror, "size": 0}
+    except FileNotFoundError:
+        return {"kind": "missing", "size": 0}
+    except OSError as exc:
+        return {"kind": "unreadable: %s" % (exc.strerror or exc), "size": 0}
 
 
 def open_nofollow(path, mode="rb"):
-    """Open a file a job may have had its hands on (its folder is its own under
-    ``run_as``) for reading, refusing a symbolic link planted in its place."""
+    """Open a file of this machine's own (a local project being sent) for reading,
+    refusing a symbolic link planted in its place."""
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), mode)
 
 
 def publish(name, obj):
     """Write JSON to ``name`` in the current folder: a fresh temporary name (O_EXCL, so
-    nothing planted there is followed), fsync, rename."""
+    nothing planted there is followed), fsync, rename.  A folder the job planted at
+    ``name`` (a rename cannot replace it) is moved aside first."""
     tmp = ".%s.%d.tmp" % (name, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, name)
+    try:
+        os.rename(tmp, name)
+    except IsADirectoryError:
+        os.rename(name, "%s.planted.%d" % (name, os.getpid()))
+        os.rename(tmp, name)
 
 
 def proc_state(pid):
@@ -1132,22 +1320,39 @@ class CappedOutput:
         self.file.close()
 
 
-def wrap(cmd, report):
-    """Run code.py in the current folder to its end, leaving result.json; the exit
-    status of the wrapper process itself.  ``report(True)`` once the launch is
-    claimed, ``report(False)`` when it may not be: claimed before (by an earlier
-    wrapper, or voided by a recovering server), or after the start's lease
-    ended (the server may have given the job to another node by then; the
-    server's and nodes' clocks are assumed to agree within LEASE_MARGIN)."""
-    if time.time() > cmd.get("deadline", math.inf):
-        report(False)
-        return 75
+def claim_launch(report):
+    """Claim ``launched`` (O_EXCL), so that the job never starts twice; True if this
+    wrapper did, and ``report`` says which."""
     try:
         os.close(os.open(NodeFiles.LAUNCHED, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         report(False)
-        return 75
+        return False
     report(True)
+    return True
+
+
+def wrap(cmd, report, ended, go=None):
+    """Run the job in the current folder to its end, leaving result.json; the exit
+    status of the wrapper process itself.  ``report(True)`` once the launch is
+    claimed, ``report(False)`` when it may not be: claimed before (by an earlier
+    wrapper, or voided by a recovering server), or after the start's lease
+    ended (the server may have given the job to another node by then; the
+    server's and nodes' clocks are assumed to agree within LEASE_MARGIN).
+
+    A prepared start (``go``, a pipe from the agent) makes everything ready first
+    (the project unpacked, the output files open) and then waits: the job starts
+    when the agent writes to ``go`` (the GPU it follows on has freed, within its
+    lease), and never when the pipe closes first (the start was dropped, or the
+    agent went away).  ``ended`` is told, one byte, as soon as the job's own
+    process has exited, before the wrapper's own wrap-up, so that a job prepared
+    to follow it starts at once."""
+    if go is None:
+        if time.time() > cmd.get("deadline", math.inf):
+            report(False)
+            return 75
+        if not claim_launch(report):
+            return 75
     limit, grace = float(cmd["limit"]), float(cmd["grace"])
     cap = int(cmd.get("output_limit", 10 * 1024 * 1024))
     # ``run_as``: the job runs as that user, with that group alone; the wrapper stays
@@ -1158,7 +1363,7 @@ def wrap(cmd, report):
     here, why_not = os.getcwd(), None
     if run.get("archive"):  # unpacked as the job's user, in a process of its own
         p = run["archive"]
-        r = subprocess.run([sys.executable, cmd["program"], "unpack", p["kind"],
+        r = subprocess.run([run["python"], cmd["program"], "unpack", p["kind"],
                             NodeFiles.PROJECT_ARCHIVE, NodeFiles.PROJECT, str(p["max_bytes"]),
                             str(p["max_files"])], stdin=subprocess.DEVNULL,
                            capture_output=True, **who)
@@ -1195,6 +1400,8 @@ def wrap(cmd, report):
         pipes[name] = (r, w, CappedOutput(name, cap))
         sel.register(r, selectors.EVENT_READ, pipes[name][2])
     job = None
+    if go is not None and (os.read(go, 1) != b"g" or not claim_launch(report)):
+        return 75  # dropped, or claimed by a recovering server: it never starts
     if why_not is None:
         try:
             job = subprocess.Popen(
@@ -1228,6 +1435,8 @@ def wrap(cmd, report):
                     kill_group(job.pid, grace)
                     continue
             else:
+                with contextlib.suppress(OSError):  # a job prepared to follow starts now
+                    os.write(ended, b"e")
                 kill_group(job.pid, grace)  # whatever the job left behind in its group
                 drain_until = time.monotonic() + 2  # a daemon that left its group may hold a pipe
         open_pipes = len(sel.get_map()) - 1
@@ -1252,19 +1461,29 @@ def wrap(cmd, report):
     return 0
 
 
-def fork_wrapper(cmd):
-    """Fork a wrapper for a job folder, in a session of its own: (its pid, whether it
-    claimed the launch), known once it has tried."""
+def fork_wrapper(cmd, prepared=False):
+    """Fork a wrapper for a job folder, in a session of its own: a Wrapper.  A
+    started one has tried to claim the launch (``claimed``); a ``prepared`` one waits
+    for its ``go`` (see wrap)."""
     claim_r, claim_w = os.pipe()
+    ended_r, ended_w = os.pipe()
+    go_r, go_w = os.pipe() if prepared else (None, None)
     pid = os.fork()
     if pid:
-        os.close(claim_w)
-        claimed = os.read(claim_r, 1) == b"1"
-        os.close(claim_r)
-        return pid, claimed
+        for fd in (claim_w, ended_w, go_r):
+            if fd is not None:
+                os.close(fd)
+        w = Wrapper(pid, cmd, ended_r, go_w, claim_r)
+        if not prepared:
+            w.take_claim()
+        return w
     code = 70
     try:
-        os.close(claim_r)
+        # Nothing of the agent's but its own three pipes: a copy of another prepared
+        # wrapper's go pipe held here would keep that one from ever seeing it close.
+        keep = sorted(fd for fd in (claim_w, ended_w, go_r) if fd is not None)
+        for low, high in zip([2] + keep, keep + [os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(low + 1, high)
         os.setsid()
         cmd["program"] = os.path.abspath(sys.argv[0])  # the unpacker, for a project
         os.chdir(cmd["dir"])
@@ -1278,7 +1497,7 @@ def fork_wrapper(cmd):
         def report(claimed):
             os.write(claim_w, b"1" if claimed else b"0")
             os.close(claim_w)
-        code = wrap(cmd, report)
+        code = wrap(cmd, report, ended_w, go_r)
     except BaseException as exc:
         os.write(2, ("gq_node: %r\n" % (exc,)).encode())
     finally:
@@ -1288,16 +1507,25 @@ def fork_wrapper(cmd):
 def exit_report(cmd):
     """A finished wrapper's result and output, for its exit report, when the output
     is small enough to travel on the agent's channel; else nothing (the server
-    then reads the files)."""
+    then asks for the files with ``read``).  A stream the job replaced with what is
+    no regular file travels as a note saying so."""
+    room = cmd.get("inline", 0)
     try:
-        paths = [os.path.join(cmd["dir"], name) for name in NodeFiles.STREAMS]
-        if sum(os.path.getsize(p) for p in paths) > cmd.get("inline", 0):
-            return {}
-        with open_nofollow(os.path.join(cmd["dir"], NodeFiles.RESULT)) as f:
-            found = {"result": json.load(f)}
-        for name, path in zip(NodeFiles.STREAMS, paths):
-            with open_nofollow(path) as f:
-                found[name] = base64.b64encode(f.read()).decode()
+        with open_regular(os.path.join(cmd["dir"], NodeFiles.RESULT)) as f:
+            found = {"result": json.loads(f.read(65536))}
+        for name in NodeFiles.STREAMS:
+            try:
+                with open_regular(os.path.join(cmd["dir"], name)) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    data = f.read(size) if size <= room else None
+            except NotRegular as exc:
+                data = not_regular_note(name, exc.strerror)
+            except FileNotFoundError:
+                data = b""
+            if data is None or len(data) > room:
+                return {}
+            room -= len(data)
+            found[name] = base64.b64encode(data).decode()
         return found
     except (OSError, ValueError):
         return {}
@@ -1332,7 +1560,7 @@ def node_main(argv):
     MAX_FILES``) a project's unpacking, which wrappers and Slurm's job.sh run as
     the job's user."""
     if argv[:1] != ["unpack"]:
-        return agent()
+        return Agent().run()
     kind, archive, dest, max_bytes, max_files = argv[1:]
     try:
         with open(archive, "rb") as f:
@@ -1354,78 +1582,186 @@ def say(op, **fields):
             data = data[os.write(1, data):]
 
 
-def obey(cmd, children, watched):
-    """Carry out one command from the server."""
-    op = cmd.get("op")
-    if op in ("start", "watch", "remove") and not JOB_ID_RE.match(cmd["dir"]):
-        return  # a job's folder, and nothing else, directly in the workdir
-    if op == "start":
-        pid, claimed = fork_wrapper(cmd)
-        children[pid] = cmd
-        say("started", id=cmd["id"], wrapper=pid, launched=claimed)
-    elif op == "cancel":
-        try:
-            os.kill(int(cmd["wrapper"]), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    elif op == "watch":
-        pid = int(cmd["wrapper"])
-        if is_wrapper_of(pid, cmd["dir"]):
-            watched[pid] = cmd["id"]
-        else:
-            say("exited", id=cmd["id"])
-    elif op == "remove":
-        shutil.rmtree(cmd["dir"], ignore_errors=True)
-    elif op == "gpus":  # in a thread: nvidia-smi may take seconds, and pings go on
-        threading.Thread(target=lambda: say("gpus", reading=gpu_reading()),
-                         daemon=True).start()
-    elif op == "ping":
-        say("pong")
-    elif op == "check":  # in a thread: a setup line may take seconds
-        threading.Thread(target=lambda: say("checked", environments=check_environments(
-            cmd["environments"])), daemon=True).start()
+def job_path(path):
+    """``path`` if it names something inside a job's folder (its first part a job id,
+    no '..'), else None: the agent reads nothing else for the server."""
+    parts = path.split("/")
+    return path if JOB_ID_RE.match(parts[0]) and not {"", ".", ".."} & set(parts) else None
 
 
-def agent():
-    """A node's agent: see this section's head."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.signal(signal.SIGCHLD, lambda *a: None)
-    signal.set_wakeup_fd(wake_w)
-    sel = selectors.DefaultSelector()
-    sel.register(0, selectors.EVENT_READ, "command")
-    sel.register(wake_r, selectors.EVENT_READ, "child")
-    children, watched, pending = {}, {}, b""
-    say("ready", protocol=PROTOCOL, python=sys.version.split()[0])
-    while True:
-        # A watched wrapper is no child of ours: nothing signals its end, so look.
-        for key, _ in sel.select(0.05 if watched else None):
-            if key.data == "child":
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wake_r, 512):
-                        pass
-                continue
-            data = os.read(0, 65536)
-            if not data:
-                return 0  # the server went away; the wrappers live on
-            pending += data
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                obey(json.loads(line), children, watched)
-        # Each wrapper by its pid: waitpid(-1) would also reap nvidia-smi, whose
-        # subprocess call in the GPU thread must wait for it itself.
-        for pid in list(children):
+class Wrapper:
+    """A wrapper the agent forked (fork_wrapper): its pid, its start command, the read
+    end of its ``ended`` pipe, and, while it is a prepared start, the write end of its
+    ``go`` pipe and the read end of the pipe it answers its claim on."""
+
+    def __init__(self, pid, cmd, ended, go=None, claim=None):
+        self.pid, self.cmd, self.ended, self.go, self.claim = pid, cmd, ended, go, claim
+        self.claimed = None
+
+    def take_claim(self):
+        """Whether the wrapper claimed the launch (it says so at once)."""
+        self.claimed = os.read(self.claim, 1) == b"1"
+        os.close(self.claim)
+        return self.claimed
+
+    def drop(self):
+        """A prepared start that must never start: its go pipe closes, so it ends."""
+        for fd in (self.go, self.claim):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.go = None
+
+
+class Agent:
+    """A node's agent: see this section's head.  It launches each job's wrapper, and
+    a prepared one (``prepare``) when the job it follows has ended, within the
+    start's lease, without waiting for the server: a freed GPU costs no round trip."""
+
+    def __init__(self):
+        self.wrappers = {}  # pid -> Wrapper, started or prepared
+        self.watched = {}   # pid -> job id: a wrapper launched before this agent
+        self.prepared = {}  # job id -> the Wrapper prepared to start once it has ended
+        self.running = set()  # ids of the jobs whose process may still run here
+        self.sel = selectors.DefaultSelector()
+
+    def run(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.set_wakeup_fd(wake_w)
+        self.sel.register(0, selectors.EVENT_READ, "command")
+        self.sel.register(wake_r, selectors.EVENT_READ, "child")
+        pending = b""
+        say("ready", protocol=PROTOCOL, python=sys.version.split()[0])
+        while True:
+            # A watched wrapper is no child of ours: nothing signals its end, so look.
+            for key, _ in self.sel.select(0.05 if self.watched else None):
+                if key.data == "child":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(wake_r, 512):
+                            pass
+                elif key.data == "command":
+                    data = os.read(0, 65536)
+                    if not data:
+                        return 0  # the server went away; the wrappers live on
+                    pending += data
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        self.obey(json.loads(line))
+                else:  # a job's process ended (one byte), or its wrapper did (EOF)
+                    with contextlib.suppress(OSError):
+                        os.read(key.fd, 1)
+                    self.sel.unregister(key.fd)
+                    os.close(key.fd)
+                    self.ended(key.data[1])
+            self.reap()
+
+    def reap(self):
+        """Report each wrapper that has exited.  Each by its pid: waitpid(-1) would
+        also reap nvidia-smi, whose subprocess call in the GPU thread must wait for
+        it itself."""
+        for pid in list(self.wrappers):
             with contextlib.suppress(ChildProcessError):
                 if not os.waitpid(pid, os.WNOHANG)[0]:
                     continue
-            cmd = children.pop(pid)
-            say("exited", id=cmd["id"], **exit_report(cmd))
-        for pid in list(watched):
+            w = self.wrappers.pop(pid)
+            if w.claimed:  # launched: its end is reported
+                self.ended(w.cmd["id"])
+                say("exited", id=w.cmd["id"], **exit_report(w.cmd))
+            elif w.go is not None:  # a prepared start that ended before its go
+                self.prepared = {a: p for a, p in self.prepared.items() if p is not w}
+                w.drop()
+                say("dropped", id=w.cmd["id"])
+        for pid in list(self.watched):
             st = proc_state(pid)
             if st is None or st[0] == "Z":
-                say("exited", id=watched.pop(pid))
+                job_id = self.watched.pop(pid)
+                self.ended(job_id)
+                say("exited", id=job_id)
+
+    def ended(self, job_id):
+        """A job's process has ended: the job prepared to follow it starts now, if its
+        lease holds (after it, the server may have given the job to another node)."""
+        self.running.discard(job_id)
+        w = self.prepared.pop(job_id, None)
+        if w is None:
+            return
+        try:
+            if time.time() > w.cmd["deadline"]:
+                raise TimeoutError("its lease is over")
+            os.write(w.go, b"g")
+        except OSError:  # (or the wrapper is gone already)
+            w.drop()
+            say("dropped", id=w.cmd["id"])
+            return
+        os.close(w.go)
+        w.go = None
+        self.launched(w, w.take_claim())
+
+    def launched(self, w, claimed):
+        if claimed:
+            self.running.add(w.cmd["id"])
+        say("started", id=w.cmd["id"], wrapper=w.pid, launched=claimed)
+
+    def fork(self, cmd, prepared):
+        w = fork_wrapper(cmd, prepared)
+        self.wrappers[w.pid] = w
+        self.sel.register(w.ended, selectors.EVENT_READ, ("ended", cmd["id"]))
+        return w
+
+    def obey(self, cmd):
+        """Carry out one command from the server."""
+        op = cmd.get("op")
+        if op in ("start", "prepare", "watch", "remove") and not JOB_ID_RE.match(cmd["dir"]):
+            return  # a job's folder, and nothing else, directly in the workdir
+        if op == "start":
+            w = self.fork(cmd, prepared=False)
+            self.launched(w, w.claimed)
+        elif op == "prepare":
+            w = self.fork(cmd, prepared=True)
+            say("prepared", id=cmd["id"], wrapper=w.pid)
+            self.prepared[cmd["after"]] = w
+            if cmd["after"] not in self.running:
+                self.ended(cmd["after"])  # it is over already
+        elif op == "renew":
+            for w in self.prepared.values():
+                w.cmd["deadline"] = cmd["deadline"]
+        elif op == "drop":
+            for after, w in list(self.prepared.items()):
+                if w.cmd["id"] == cmd["id"]:
+                    del self.prepared[after]
+                    w.drop()
+                    shutil.rmtree(w.cmd["dir"], ignore_errors=True)
+            say("dropped", id=cmd["id"])
+        elif op == "cancel":
+            try:
+                os.kill(int(cmd["wrapper"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        elif op == "watch":
+            pid = int(cmd["wrapper"])
+            if is_wrapper_of(pid, cmd["dir"]):
+                self.watched[pid] = cmd["id"]
+                self.running.add(cmd["id"])
+            else:
+                say("exited", id=cmd["id"])
+        elif op == "remove":
+            shutil.rmtree(cmd["dir"], ignore_errors=True)
+        elif op == "read":
+            path = job_path(cmd["path"])
+            say("data", id=cmd["id"], **(read_piece(path, int(cmd["offset"]),
+                                                    int(cmd["limit"]))
+                                         if path else {"kind": "not a job's file", "size": 0}))
+        elif op == "gpus":  # in a thread: nvidia-smi may take seconds, and pings go on
+            threading.Thread(target=lambda: say("gpus", reading=gpu_reading()),
+                             daemon=True).start()
+        elif op == "ping":
+            say("pong")
+        elif op == "check":  # in a thread: a setup line may take seconds
+            threading.Thread(target=lambda: say("checked", environments=check_environments(
+                cmd["environments"])), daemon=True).start()
 
 
 ###############################################################################
@@ -1636,6 +1972,10 @@ class Job:
     exit_code: int | None = job_field({"type": "integer", "nullable": True}, None)
     error: str | None = job_field(_NULLABLE_STR, None)
     cancel_requested: bool = job_field({"type": "boolean"}, False)
+    #: Claimed by a node and made ready there, to start as soon as the job it follows
+    #: has ended (GpuWorker.prepare): it shows as pending until it has started.
+    prepared: bool = job_field({"type": "boolean"}, False, key=None, show=lambda job: {},
+                               shown_schema={})
     #: Once it has ended: where its files stand (OUTPUT_STATES).
     outputs: str | None = job_field(
         {"type": "string", "enum": [*OUTPUT_STATES, None], "nullable": True}, None,
@@ -1708,8 +2048,10 @@ class Job:
 
     @property
     def shown_status(self):
-        """The status users see: a job that Slurm still holds back shows as pending."""
-        if self.status == "running" and self.slurm and self.slurm["state"] in SLURM_WAITING:
+        """The status users see: a job that Slurm still holds back, or one prepared to
+        follow another, shows as pending."""
+        if self.status == "running" and (self.prepared or self.slurm
+                                         and self.slurm["state"] in SLURM_WAITING):
             return "pending"
         return self.status
 
@@ -1738,7 +2080,8 @@ JOB_KEYS = {**{f.name: f.metadata for f in dataclasses.fields(Job) if f.metadata
 class Outcome:
     """How a job ended, as one value from whoever learnt it (its node's report,
     Slurm, a cancel) to the job's folder: its status, exit code and error, and
-    what it left behind: ``streams``, each stream's text (a missing one is empty)."""
+    what it left behind: ``streams``, each stream's bytes as stored (capped where
+    they were written; a missing one is empty)."""
     status: str
     exit_code: int | None = None
     error: str | None = None
@@ -1748,7 +2091,7 @@ class Outcome:
     outputs_at: str | None = None
 
     def stream(self, name):
-        return self.streams.get(name, "")
+        return self.streams.get(name, b"")
 
 
 class FairQueue:
@@ -1852,6 +2195,47 @@ class FairQueue:
         return count, seconds
 
 
+def _escaped(text):
+    """``text`` as the inside of a JSON string, in UTF-8."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].encode()
+
+
+def _fits(text, room, tail):
+    """The most characters of ``text``'s head (or ``tail``) whose escaped form takes
+    ``room`` bytes at most."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(_escaped(text[-mid:] if tail else text[:mid])) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def json_text(path, most):
+    """A stream file's text as the inside of a JSON string (UTF-8; bytes that are no
+    UTF-8 as U+FFFD), of ``most`` bytes at most: past it, its head and tail with a
+    note between, cut between characters, never inside an escape.  Lines of text
+    take at most twice their bytes; what JSON must escape further (control
+    characters take six bytes each, invalid UTF-8 three) is what gets cut, so that
+    an answer is never many times the output cap."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return b""
+    whole = _escaped(text)
+    if len(whole) <= most:
+        return whole
+    half = max(0, most - 300) // 2
+    head, tail = _fits(text, half, False), _fits(text, half, True)
+    note = (f"\n[gpuqueue: output truncated for this answer, {len(text) - head - tail} of "
+            f"{len(text)} characters cut here: it carries at most {most} bytes per stream; "
+            "GET /api/logs gives the output as it was stored]\n")
+    return _escaped(text[:head]) + _escaped(note) + _escaped(text[len(text) - tail:])
+
+
 class JobFolder:
     """One job's folder: the only code that knows the names inside it.
 
@@ -1875,6 +2259,8 @@ class JobFolder:
     OUTPUTS_TMP = ".outputs.tmp"  # ...while they are being brought back
     LISTING = "outputs.json"  # ...and what came back (written last: then they are whole)
     NOTICE = "notice.json"    # with notify: the notice delivered, or given up
+    ANSWER = "answer.json"    # GET /api/results's answer, made once it is first asked
+    #                           for (answer.<n>.json: an earlier attempt's)
     #: A local job's work folder inside its job folder, as releases before node
     #: protocol 2 made it; recovery meets it after an upgrade.
     OLD_WORK = "work"
@@ -1995,9 +2381,9 @@ class JobFolder:
         found = {s: read_capped(work / s, limit) for s in NodeFiles.STREAMS}
         found["result"] = found["wrapper"] = None
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            found["result"] = read_json(work / NodeFiles.RESULT)
+            found["result"] = read_small_json(work / NodeFiles.RESULT)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            pid = int(read_json(work / NodeFiles.PIDS)["wrapper"])
+            pid = int(read_small_json(work / NodeFiles.PIDS)["wrapper"])
             found["wrapper"] = pid if is_wrapper_of(pid, work) else None
         return found
 
@@ -2063,6 +2449,27 @@ class JobFolder:
         assert name in self.STREAMS
         return self.path / (name if attempt is None else f"{name}.{attempt}")
 
+    def answer(self, head, most, attempt=None):
+        """A finished job's results as one JSON object (``head``, then each stream as
+        a JSON string of at most ``most`` bytes: json_text), opened: made once, on
+        disk, so that it is sent from the file (by the event loop, holding no
+        thread) and an open answer outlives the job's removal.  FileNotFoundError
+        when the job is gone."""
+        path = self.path / (self.ANSWER if attempt is None else f"answer.{attempt}.json")
+        with contextlib.suppress(FileNotFoundError):
+            return open(path, "rb")
+        body = [json.dumps(head)[:-1].encode()]
+        for name in self.STREAMS:
+            body += [f', "{name}": "'.encode(), json_text(self.stream(name, attempt), most),
+                     b'"']
+        try:
+            write_file(path, b"".join(body) + b"}", sync_dir=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return io.BytesIO(b"".join(body) + b"}")  # no room to keep it: sent from memory
+        return open(path, "rb")
+
     def attempt(self):
         try:
             value = int((self.path / self.ATTEMPT).read_text())
@@ -2085,6 +2492,100 @@ class JobFolder:
         shutil.rmtree(self.path / self.OLD_WORK, ignore_errors=True)
 
 
+class DoneIndex:
+    """spool/done.index: what start-up needs to know of every finished job (its node,
+    its status, whether its files are still being brought back), so that a restart
+    reads this one file rather than every job's result.json.  It is derived from
+    done/ and owned by the Spool, which appends a line as a job finishes (``+ id node
+    status c|-``), as its files come back (``c id``) and as retention removes it
+    (``- id node status``), never synced: at start the lines are checked against
+    done/ itself (the count of job folders and the sum of their ids, one listdir),
+    and when they disagree (a power cut lost some, or the file is missing) it is
+    made again from the jobs' own records."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._fd = None
+
+    def load(self, ids):
+        """(node -> status -> count, ids whose files were still being brought back)
+        for the finished jobs ``ids`` (done/'s folders), or None when the index does
+        not account for exactly them.  A file of mostly stale lines is compacted."""
+        want = sum(int(i, 16) for i in ids)
+        counts = collections.defaultdict(collections.Counter)
+        collecting, lines, total, got = set(), 0, 0, 0
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    parts = line.split()
+                    if not line.endswith(b"\n") or not parts:
+                        return None  # cut short by a crash
+                    lines += 1
+                    if parts[0] == b"+" and len(parts) == 5:
+                        total, got = total + 1, got + int(parts[1], 16)
+                        counts[int(parts[2])][parts[3].decode()] += 1
+                        if parts[4] == b"c":
+                            collecting.add(parts[1].decode())
+                    elif parts[0] == b"-" and len(parts) == 4:
+                        total, got = total - 1, got - int(parts[1], 16)
+                        counts[int(parts[2])][parts[3].decode()] -= 1
+                        collecting.discard(parts[1].decode())
+                    elif parts[0] == b"c" and len(parts) == 2:
+                        collecting.discard(parts[1].decode())
+                    else:
+                        return None
+        except (OSError, ValueError):
+            return None
+        if total != len(ids) or got != want:
+            return None
+        if lines > 2 * total + 1000:
+            self._compact()
+        return counts, collecting
+
+    def _compact(self):
+        """Keep the lines of the jobs still there, and nothing else."""
+        gone, collected = set(), set()
+        with open(self.path, "rb") as f:
+            for line in f:
+                parts = line.split()
+                (gone if parts[0] == b"-" else collected if parts[0] == b"c" else set()
+                 ).add(parts[1])
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(self.path, "rb") as f, open(tmp, "wb") as out:
+            for line in f:
+                parts = line.split()
+                if parts[0] == b"+" and parts[1] not in gone:
+                    out.write(line if parts[4] != b"c" or parts[1] not in collected
+                              else line[:-2] + b"-\n")
+        os.replace(tmp, self.path)
+
+    def rebuild(self, entries):
+        """Write the index afresh from (id, node, status, collecting) of every job."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as out:
+            out.writelines(f"+ {i} {n} {st} {'c' if c else '-'}\n" for i, n, st, c in entries)
+        os.replace(tmp, self.path)
+
+    def _append(self, text):
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        write_all(self._fd, text.encode())
+
+    def add(self, job_id, node_id, status, collecting):
+        self._append(f"+ {job_id} {node_id} {status} {'c' if collecting else '-'}\n")
+
+    def collected(self, job_id):
+        self._append(f"c {job_id}\n")
+
+    def removed(self, job_id, node_id, status):
+        self._append(f"- {job_id} {node_id} {status}\n")
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeState:
     """One node as the queue holds it, at one moment (Spool.node_state): what the
@@ -2094,6 +2595,7 @@ class NodeState:
     holding: object  # Holding: GPUs kept for a job that waits for more; or None
     foreign: dict   # GPU -> what uses it outside the queue: it takes no new job
     reading: tuple  # nvidia-smi's last reading of its GPUs, which ``foreign`` came from
+    reading_error: str | None = None  # why the last reading gave none
 
 
 class Spool:
@@ -2143,8 +2645,10 @@ class Spool:
         self._holding = dict.fromkeys(self._node_ids)
         self._foreign = {n: {} for n in self._node_ids}
         self._reading = dict.fromkeys(self._node_ids, ())
-        #: Ids in done/, oldest first.
+        self._reading_error = dict.fromkeys(self._node_ids)
+        #: Ids in done/, oldest first, and the index that spares start-up reading them.
         self._done_ids = []
+        self._done_index = DoneIndex(self._root / "done.index")
         #: Finished-job counts per node and status in done/, for /api/nodes.
         self._final_counts = {n: dict.fromkeys(FINAL_STATES, 0) for n in self._node_ids}
         #: Jobs finished since this server started, per node and status: the
@@ -2171,6 +2675,9 @@ class Spool:
         self._array_open = collections.Counter()
         #: Set when a notice is put in the outbox, for the thread that sends them.
         self._notices = threading.Event()
+        #: Finished jobs being read (a tar of their files, a delivery): retention
+        #: leaves them until the reading ends, so that no answer is cut short.
+        self._kept = collections.Counter()
 
     @property
     def root(self):
@@ -2195,6 +2702,17 @@ class Spool:
     def incoming_dir(self):
         """Drop folders (see the Drop folders section)."""
         return self._root / "incoming"
+
+    def claims_dir(self):
+        """The drop folders' claims, private to the server (see Incoming)."""
+        return self._root / "claims"
+
+    def scratch_dir(self, name):
+        """A private folder on the spool's disk for a front end's files in the making
+        (emptied at each start, as tmp/ is)."""
+        path = self._root / "scratch" / name
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
 
     def control_dir(self):
         """Admin requests to the running server (see Admin control)."""
@@ -2223,7 +2741,7 @@ class Spool:
     def open(self):
         """Take the spool for this server (or raise SpoolBusy), then recover it."""
         self._root.mkdir(parents=True, exist_ok=True)
-        self._server_lock = filelock.FileLock(self._root / "server.lock")
+        self._server_lock = private_lock(self._root / "server.lock")
         try:
             self._server_lock.acquire(timeout=0)
         except filelock.Timeout:
@@ -2239,6 +2757,8 @@ class Spool:
             log.warning("cannot write %s: %s", self._root / "server.pid", exc.strerror)
         for d in ("tmp", "done", "corrupt", "incoming", "control"):
             (self._root / d).mkdir(exist_ok=True)
+        for d in ("claims", "scratch"):
+            (self._root / d).mkdir(mode=0o700, exist_ok=True)
         for n in self._node_ids:
             self.pending_dir(n).mkdir(parents=True, exist_ok=True)
             self.running_dir(n).mkdir(parents=True, exist_ok=True)
@@ -2251,6 +2771,7 @@ class Spool:
         for fd in self._queue_fds.values():
             os.close(fd)
         self._queue_fds.clear()
+        self._done_index.close()
         if self._server_lock is not None:
             self._server_lock.release()
 
@@ -2261,9 +2782,9 @@ class Spool:
         for leftover in (self._root / "tmp").iterdir():
             log.warning("removing unacknowledged upload %s", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
-        for name in os.listdir(self._root / "done"):
-            if JOB_ID_RE.match(name):
-                self._count_final(self.done_folder(name))
+        for leftover in (self._root / "scratch").iterdir():  # said nothing yet to anyone
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._load_done()
         pending = []
         for n in self._node_ids:
             if self._drained_marker(n).exists():
@@ -2293,12 +2814,51 @@ class Spool:
         for d in self._node_ids:
             self._sync_queue(d)
 
+    def _load_done(self):
+        """The finished jobs: their ids from done/, their counts and the ones whose
+        files were still being brought back from the index (DoneIndex), or, when it
+        does not account for them, from each one's record (and the index anew)."""
+        self._done_ids = sorted(name for name in os.listdir(self._root / "done")
+                                if JOB_ID_RE.match(name))
+        found = self._done_index.load(self._done_ids)
+        if found is None:
+            log.info("recovery: the index of done/ is missing or stale; it is made again "
+                     "from %d finished jobs", len(self._done_ids))
+            self._done_index.rebuild(map(self._read_final, self._done_ids))
+            found = self._done_index.load(self._done_ids)
+        counts, collecting = found
+        for node, by_status in counts.items():
+            if node in self._final_counts:
+                for status, n in by_status.items():
+                    if status in self._final_counts[node]:
+                        self._final_counts[node][status] += n
+        for job_id in collecting:
+            self._note_uncollected(self.done_folder(job_id))
+
+    def _read_final(self, job_id):
+        """(id, node, status, still collecting) of a finished job, from its record (node
+        -1 and status "unknown" when it cannot be read: it is counted nowhere)."""
+        try:
+            r = self.done_folder(job_id).read_result()
+            return (job_id, int(r["node_id"]), str(r["status"]).split()[0] or "unknown",
+                    r.get("outputs", {}).get("state") == "collecting")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return job_id, -1, "unknown", False
+
+    def _note_uncollected(self, folder):
+        """A finished job whose files a stopped server had not brought back yet."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            r = folder.read_result()
+            if r.get("outputs", {}).get("state") == "collecting" and \
+                    folder.outputs_state(r) == "collecting":
+                self._uncollected[r["node_id"]].append((folder.id, r["outputs"]["at"]))
+
     def _load(self, folder, node_id, status):
         """An unfinished job's folder read back, or None once it was moved on: to
         done/ (its move was cut short), to corrupt/ (not a job) or, if it was claimed
         but never started, back to pending/."""
         if not folder.path.is_dir():
-            self._quarantine(folder.path, "not a job folder")
+            self.quarantine(folder.path, "not a job folder")
             return None
         if folder.has_result():
             self._move_to_done(folder)
@@ -2306,10 +2866,10 @@ class Spool:
         try:
             job = folder.load(node_id=node_id, status=status)
         except ValueError as exc:
-            self._quarantine(folder.path, str(exc))
+            self.quarantine(folder.path, str(exc))
             return None
         if job.id in self._active:
-            self._quarantine(folder.path, f"a second copy of job {job.id}")
+            self.quarantine(folder.path, f"a second copy of job {job.id}")
             return None
         job.cancel_requested = folder.cancel_requested()
         if status == "running":
@@ -2321,20 +2881,15 @@ class Spool:
         return job
 
     def _move_to_done(self, folder):
+        """A job whose move to done/ was cut short: moved now, and counted."""
         dest = self.done_folder(folder.id)
         os.rename(folder.path, dest.path)
         fsync_dir(folder.path.parent)
-        self._count_final(dest)
-
-    def _count_final(self, folder):
-        try:
-            r = folder.read_result()
-            self._final_counts[r["node_id"]][r["status"]] += 1
-            if r.get("outputs", {}).get("state") == "collecting" and \
-                    folder.outputs_state(r) == "collecting":  # the server stopped meanwhile
-                self._uncollected[r["node_id"]].append((folder.id, r["outputs"]["at"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+        _, node, status, collecting = self._read_final(folder.id)
+        self._done_index.add(folder.id, node, status, collecting)
+        with contextlib.suppress(KeyError):
+            self._final_counts[node][status] += 1
+        self._note_uncollected(dest)
         self._done_ids.append(folder.id)
 
     def _index(self, job):
@@ -2412,7 +2967,7 @@ class Spool:
                 job_id, why = self._doomed.pop(0)
             self.request_cancel(job_id, why)
 
-    def _quarantine(self, path, reason):
+    def quarantine(self, path, reason):
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
         dest = self._root / "corrupt" / f"{path.name}.{secrets.token_hex(3)}"
         os.rename(path, dest)
@@ -2591,7 +3146,7 @@ class Spool:
 
     # -- scheduler side ------------------------------------------------------
 
-    def claim(self, node_id, choose=None):
+    def claim(self, node_id, choose=None, prepared=False):
         """Move the job that ``choose`` picks to this node's running/, and return it
         (None when it picks none, or the node is drained).
 
@@ -2602,7 +3157,9 @@ class Spool:
         node is to keep or None); it is the scheduler's rule for which may start
         here now (GpuWorker.choose).  It runs under the lock, so what it sees
         cannot change meanwhile.  Without one, the rule of an idle node of one GPU:
-        the first job in turn of its own queue or of a node that is busy or drained."""
+        the first job in turn of its own queue or of a node that is busy or drained.
+        A ``prepared`` job is claimed to start once the job it follows has ended
+        (GpuWorker.prepare): it shows as pending until ``launched``."""
         if choose is None:
             def choose(candidates, states):
                 return next(((job, n, ()) for job, n in candidates if n == node_id
@@ -2622,7 +3179,7 @@ class Spool:
             os.rename(self.pending_dir(donor) / job.id, self.running_dir(node_id) / job.id)
             self._unindex(job)
             job.node_id, job.status, job.started_at = node_id, "running", time.time()
-            job.gpu_ids = tuple(gpus)
+            job.gpu_ids, job.prepared = tuple(gpus), prepared
             self._running[node_id][job.id] = job
             self._served[job.priority, job.user_id] = next(self._tickets)
             if job.array_limit:
@@ -2631,14 +3188,21 @@ class Spool:
         self._sync_queue(donor)
         if donor != node_id:
             log.info("job %s planned for node %s taken by idle node %s", job.id, donor, node_id)
-        self.folder(job).mark_started(job)
+        try:
+            self.folder(job).mark_started(job)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.requeue(job)
+            raise DiskFull(f"no room to record job {job.id}'s start: {exc.strerror}") from None
         return job
 
     def _state(self, node_id):
         """A node's NodeState (under the lock)."""
         return NodeState(running=tuple(self._running[node_id].values()),
                          drained=node_id in self._drained, holding=self._holding[node_id],
-                         foreign=self._foreign[node_id], reading=self._reading[node_id])
+                         foreign=self._foreign[node_id], reading=self._reading[node_id],
+                         reading_error=self._reading_error[node_id])
 
     def node_state(self, node_id):
         """A node's NodeState now, its running jobs copies: for any thread."""
@@ -2652,12 +3216,19 @@ class Spool:
             return {n: dataclasses.replace(state, running=tuple(map(copy.copy, state.running)))
                     for n in self._node_ids for state in (self._state(n),)}
 
-    def set_gpus(self, node_id, reading, foreign):
+    def set_gpu_count(self, node_id, count):
+        """A node's GPUs were found to be ``count`` (an SSH node's nvidia-smi)."""
+        with self._lock:
+            self._gpu_count[node_id] = count
+
+    def set_gpus(self, node_id, reading, foreign, error=None):
         """Record a node's GPU reading and, from it, which of its GPUs are used
-        outside the queue (GPU -> why); returns the GPUs recorded so before."""
+        outside the queue (GPU -> why), or ``error``, why there is no reading (then
+        nothing is known to be used outside it); returns the GPUs recorded so before."""
         with self._lock:
             before, self._foreign[node_id] = self._foreign[node_id], dict(foreign)
             self._reading[node_id] = tuple(reading)
+            self._reading_error[node_id] = error
         return before
 
     def running_on(self, node_id):
@@ -2665,6 +3236,11 @@ class Spool:
         to hand back to its methods (other threads: node_state)."""
         with self._lock:
             return list(self._running[node_id].values())
+
+    def launched(self, job):
+        """A prepared job has started on its node (now)."""
+        with self._lock:
+            job.prepared, job.started_at = False, time.time()
 
     def note_slurm(self, job, **fields):
         """Record what Slurm says of a job (its id, state, reason, exit code), as a
@@ -2741,6 +3317,7 @@ class Spool:
         self._final_counts[job.node_id][outcome.status] += 1
         self._finished_here[job.node_id][outcome.status] += 1
         bisect.insort(self._done_ids, job.id)
+        self._done_index.add(job.id, job.node_id, outcome.status, bool(outcome.outputs_at))
         self._release(job, outcome.status)
         self._changed.notify_all()
 
@@ -2762,18 +3339,21 @@ class Spool:
         jobs = 0
         for job_id in head:
             folder = self.done_folder(job_id)
+            _, node, status, _ = self._read_final(job_id)
             try:
-                r = folder.read_result()
-                finished, node = float(r["finished_at"]), r["node_id"]
+                finished = float(folder.read_result()["finished_at"])
             except (OSError, ValueError, KeyError, TypeError):
-                finished, node = folder.path.stat().st_mtime, None
+                finished = folder.path.stat().st_mtime
             if finished >= before:
                 continue
             with self._lock:
-                self._done_ids.remove(job_id)
+                if job_id in self._kept:
+                    continue  # being read: at the next sweep
+                del self._done_ids[bisect.bisect_left(self._done_ids, job_id)]
                 counted = self._final_counts.get(node)
-                if counted is not None and counted.get(r["status"], 0) > 0:
-                    counted[r["status"]] -= 1
+                if counted is not None and counted.get(status, 0) > 0:
+                    counted[status] -= 1
+                self._done_index.removed(job_id, node, status)
                 gone = self._root / "tmp" / f"{job_id}.expired"
                 os.rename(folder.path, gone)  # one step out of sight; tmp/ is cleared at start
             shutil.rmtree(gone, ignore_errors=True)
@@ -2797,6 +3377,19 @@ class Spool:
         return jobs, quarantined
 
     # -- front-door side -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def kept(self, job_id):
+        """Keep a finished job from retention while it is read."""
+        with self._lock:
+            self._kept[job_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._kept[job_id] -= 1
+                if not self._kept[job_id]:
+                    del self._kept[job_id]
 
     def get(self, job_id):
         """A copy of the job with this (already validated) id as it is now, or None."""
@@ -2872,9 +3465,14 @@ class Spool:
         self._notices.set()
 
     def wait_for_notices(self, timeout):
-        """Sleep until a notice is put in the outbox, or ``timeout`` seconds."""
+        """Sleep until a notice is put in the outbox (or a sender is done), or
+        ``timeout`` seconds."""
         self._notices.wait(timeout)
         self._notices.clear()
+
+    def notices_changed(self):
+        """A sender is done: what its host has due next may go."""
+        self._notices.set()
 
     def notices_due(self):
         """The outbox's notices whose time has come: (job id, entry) pairs; and
@@ -2975,6 +3573,8 @@ class Spool:
         if not folder.has_result():
             raise FileNotFoundError(errno.ENOENT, "no such finished job", job_id)
         folder.store_outputs(fetch)
+        with self._lock:
+            self._done_index.collected(job_id)
 
     def outputs(self, job_id):
         """(a finished job's listing, or None while its files are not whole; its
@@ -3199,7 +3799,7 @@ class Spool:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
             del self._running[job.node_id][job.id]
             self._array_left(job)
-            job.status, job.started_at, job.gpu_ids = "pending", None, ()
+            job.status, job.started_at, job.gpu_ids, job.prepared = "pending", None, (), False
             self._index(job)
         self._sync_queue(job.node_id)
         fsync_dir(self.running_dir(job.node_id))
@@ -3341,7 +3941,7 @@ class Tokens:
     def _change(self, edit):
         """Read, edit and rewrite the file under a lock, so two admins lose nothing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(str(self.path) + ".lock"):
+        with private_lock(str(self.path) + ".lock"):
             records = self._read()
             result = edit(records)
             write_file(self.path, yaml.safe_dump({"tokens": records}, sort_keys=False), mode=0o600)
@@ -3450,8 +4050,8 @@ def node_program():
     end = next(i for i in range(begin, len(lines))
                if lines[i].startswith("# ") and lines[i].rstrip().endswith("###")) - 1
     source = ('"""gpuqueue\'s node program: made from gpuqueue.py, holds no user data."""\n'
-              "import base64, collections, contextlib, json, math, os, pwd, re, selectors, "
-              "shutil, signal, stat, subprocess, sys, threading, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
+              "import base64, collections, contextlib, errno, json, math, os, pwd, re, "
+              "selectors, shutil, signal, stat, subprocess, sys, threading, time\n" + "".join(lines[begin:end]).rstrip() + "\n\n\n"
               'if __name__ == "__main__":\n    sys.exit(node_main(sys.argv[1:]))\n')
     return f"gq_node-{hashlib.sha256(source.encode()).hexdigest()[:16]}.py", source
 
@@ -3519,7 +4119,7 @@ def run_outcome(exit_code, reason, streams, detail=None):
         return Outcome("failed", exit_code, "timeout", streams)
     if reason == "lost":
         return Outcome("failed", exit_code, "the job's wrapper ended without a result "
-                       "(killed or crashed)", streams)
+                       + (f"; it said: {detail}" if detail else "(killed or crashed)"), streams)
     if reason in ("unfollowed", "not started"):
         return Outcome("failed", exit_code, detail, streams)
     status, error = describe_exit(exit_code)
@@ -3537,6 +4137,7 @@ class Run:
         self.report = {}  # the agent's exit report: result and output, when small
         self.outcome = None  # its Outcome, known without asking the node (recovery)
         self.cancel_sent = False
+        self.followed = False  # the job prepared to follow it has started: it has ended
         self.exited = threading.Event()
         self._on_exit = on_exit
 
@@ -3581,14 +4182,18 @@ class _Agent:
     is marked ``link_lost`` and ended, so its scheduler finds it again.
     """
 
-    def __init__(self, channel, name, last_words):
+    def __init__(self, channel, name, last_words, on_news=lambda: None):
         self.channel = channel
         self.name = name  # "node 3", for the log
         self.last_words = last_words  # what the agent wrote to stderr, once it ended
+        #: Called when a prepared start started, or was dropped: its scheduler looks.
+        self.on_news = on_news
         self.runs = {}  # job id -> Run
         self.closed = False
         self._closing = False
         self._replies = {}
+        self._waiting = set()  # the keys of requests (``request``) still waited for
+        self._refs = itertools.count(1)
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         threading.Thread(target=self._listen, daemon=True, name="agent").start()
@@ -3610,22 +4215,42 @@ class _Agent:
         self.send(op, **fields)
         return self.reply(({"ping": "pong", "check": "checked"}.get(op, op), None), timeout)
 
+    def request(self, op, answer, timeout, **fields):
+        """Send ``op`` with an id of its own, which any thread may do at once, and wait
+        for its ``answer`` (read's is data); None when none came in time.  An answer
+        that comes later is dropped."""
+        key = (answer, str(next(self._refs)))
+        with self._cond:
+            self._waiting.add(key)
+        try:
+            self.send(op, id=key[1], **fields)
+            return self.reply(key, timeout)
+        finally:
+            with self._cond:
+                self._waiting.discard(key)
+                self._replies.pop(key, None)
+
     def close(self):
         self._closing = True
         with contextlib.suppress(Exception):
             self.channel.close()
 
     def _listen(self):
-        pending = b""
+        pending = bytearray()
         try:
             while True:
                 data = self.channel.recv(65536)
                 if not data:
                     break
                 pending += data
-                while b"\n" in pending:
-                    line, pending = pending.split(b"\n", 1)
+                if b"\n" not in data:
+                    continue  # a long report still coming: not searched again per piece
+                end = pending.find(b"\n")
+                while end >= 0:
+                    line = bytes(pending[:end])
+                    del pending[:end + 1]
                     self._report(json.loads(line))
+                    end = pending.find(b"\n")
         except (OSError, ValueError, EOFError) as exc:
             log.warning("%s: the link to its agent broke: %s", self.name, exc)
         else:
@@ -3647,9 +4272,14 @@ class _Agent:
                 run.report = msg
                 run.ended()
             return
+        key = (msg.get("op"), msg.get("id"))
         with self._cond:
-            self._replies[(msg.get("op"), msg.get("id"))] = msg
+            if msg.get("op") == "data" and key not in self._waiting:
+                return  # its asker gave up waiting
+            self._replies[key] = msg
             self._cond.notify_all()
+        if msg.get("op") in ("started", "dropped"):
+            self.on_news()
 
 
 class _PipeChannel:
@@ -3744,18 +4374,6 @@ class Link(abc.ABC):
     def create_once(self, rel):
         """Create ``rel`` unless it exists: True when this call made it, or when its
         folder is gone (so nothing there can make it any more)."""
-
-    @abc.abstractmethod
-    def read_text(self, rel):
-        """A small file's text; FileNotFoundError when it is missing."""
-
-    @abc.abstractmethod
-    def read_capped(self, rel, limit):
-        """An output file's text, its head and tail kept past ``limit`` bytes."""
-
-    @abc.abstractmethod
-    def read_output(self, rel, offset, limit):
-        """Up to ``limit`` bytes of a running job's file from ``offset`` (any thread)."""
 
     @abc.abstractmethod
     def exists(self, rel):
@@ -3938,21 +4556,6 @@ class LocalLink(Link):
             return True
         return True
 
-    def read_text(self, rel):
-        with open_nofollow(self.root / rel) as f:
-            return f.read().decode()
-
-    def read_capped(self, rel, limit):
-        return read_capped(self.root / rel, limit, opener=open_nofollow)
-
-    def read_output(self, rel, offset, limit):
-        try:
-            with open_nofollow(self.root / rel) as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
-
     def exists(self, rel):
         return os.path.lexists(self.root / rel)
 
@@ -4009,6 +4612,30 @@ class LocalLink(Link):
     def _make_dir(self, rel):
         os.mkdir(self.root / rel, 0o700)
         self._own(self.root / rel)
+
+    def check_run_as(self, python, program):
+        """NodeError, with the reason and the fix, when the ``run_as`` user cannot run
+        the jobs' ``python`` or reach the workdir (the node program there unpacks
+        projects as that user): said once, when the node starts, rather than by every
+        job failing."""
+        who = self.owner.pw_name
+        try:
+            r = subprocess.run([python, "-c", "import sys; open(sys.argv[1], 'rb').close()",
+                                str(self.root / program)], cwd="/", stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=60, user=self.owner.pw_uid,
+                               group=self.owner.pw_gid, extra_groups=[])
+            why = r.stderr.decode(errors="replace").strip().splitlines()[-1:] \
+                if r.returncode else None
+        except subprocess.TimeoutExpired:
+            why = [f"{python} did not start within 60 s"]
+        except OSError as exc:
+            why = [f"cannot run {python}: {exc.strerror or exc}"]
+        if why is not None:
+            raise NodeError(
+                f"the run_as user {who} cannot run {python} or reach the workdir {self.root} "
+                f"({' '.join(why) or 'it failed'}): set `python` on the node to an interpreter "
+                f"{who} may run (such as /usr/bin/python3), and `workdir` to a folder on a "
+                f"path {who} may pass through")
 
     def _write_new(self, rel, source):
         fd = os.open(self.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -4087,6 +4714,9 @@ def _ssh_connection(target, config, gateway=None):
     return conn
 
 
+#: Taken while a finished agent's stderr is drained from its channel.
+_stderr_lock = threading.Lock()
+
 #: Seconds a command on a host (sbatch, squeue, scancel) may take.
 SLURM_TIMEOUT = 60
 
@@ -4112,16 +4742,20 @@ class SshLink(Link):
         self.close()
         gateway = _ssh_connection(self.config.jump, self.config) if self.config.jump else None
         conn = _ssh_connection(self.node.ssh, self.config, gateway=gateway)
+        step = "login"
         try:
             conn.open()
             sftp = conn.sftp()
             sftp.get_channel().settimeout(self.config.node_timeout)  # a hung node: NodeError
+            step = "workdir"
             _mkdirs(sftp, self.workdir)
             self.home = sftp.normalize(".")
         except Exception as exc:
             conn.close()
             if gateway is not None:
                 gateway.close()
+            if step == "workdir" and isinstance(exc, OSError):
+                raise NodeError(workdir_problem(self.node, exc)) from None
             raise NodeError(self.reason(exc)) from None
         self.conn, self.sftp = conn, sftp
 
@@ -4157,7 +4791,7 @@ class SshLink(Link):
             if not self._side:
                 self.connect()
             return step(*args)
-        except (NodeError, FileNotFoundError):
+        except (GpuqueueError, FileNotFoundError):
             raise
         except Exception as exc:
             if not self._side:
@@ -4200,9 +4834,12 @@ class SshLink(Link):
             if self.sftp.stat(path).st_size == len(text.encode()):
                 return  # a power cut can leave a file empty: then it is written again
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        with self.sftp.open(tmp, "w") as f:
-            f.write(text)
-        self.sftp.posix_rename(tmp, path)
+        try:
+            with self.sftp.open(tmp, "w") as f:
+                f.write(text)
+            self.sftp.posix_rename(tmp, path)
+        except OSError as exc:
+            raise NodeError(workdir_problem(self.node, exc)) from None
 
     def start_agent(self, program):
         setup = f"{{ {self.node.setup}\n}} && " if self.node.setup else ""
@@ -4213,10 +4850,13 @@ class SshLink(Link):
 
     def why_not_started(self, channel):
         """What the agent, or the login shell before it, wrote to stderr (called once
-        the channel has ended, so nothing here waits)."""
-        data = b""
-        while channel.recv_stderr_ready():
-            data += channel.recv_stderr(65536)
+        the channel has ended, so nothing here waits; kept on the channel, as both the
+        agent's reader and the connect that waited for it ask)."""
+        with _stderr_lock:
+            data = getattr(channel, "gq_stderr", b"")
+            while channel.recv_stderr_ready():
+                data += channel.recv_stderr(65536)
+            channel.gq_stderr = data
         return _last_words(data)
 
     def run(self, *argv):
@@ -4256,13 +4896,42 @@ class SshLink(Link):
                 return False
         return self.guard(make)
 
-    def read_text(self, rel):
-        return self.guard(lambda: _read_text(self.sftp, self.path(rel)))
-
     def read_capped(self, rel, limit):
-        def size(path):
-            return self.sftp.stat(path).st_size
-        return self.guard(lambda: read_capped(self.path(rel), limit, self.sftp.open, size))
+        """An output file's bytes (read_capped's), for a Slurm node, which has no agent
+        to read them: what the file is is looked at first (lstat), and only a regular
+        file is opened, so that SFTP never follows a link or waits on a FIFO there."""
+        def read():
+            path = self.path(rel)
+            try:
+                st = self.sftp.lstat(path)
+            except FileNotFoundError:
+                return b""
+            if not stat.S_ISREG(st.st_mode):
+                return not_regular_note(rel.rsplit("/", 1)[-1], file_kind(st.st_mode))
+            with self.sftp.open(path, "rb") as f:
+                if st.st_size <= limit:
+                    return f.read(st.st_size)
+                half = limit // 2
+                head = f.read(half)
+                f.seek(st.st_size - half)
+                return head + cut_note(st.st_size - 2 * half, st.st_size, limit) + f.read(half)
+        return self.guard(read)
+
+    def read_piece(self, rel, offset, limit):
+        """Up to ``limit`` bytes of a file from ``offset`` (b"" while it is missing);
+        Conflict for what is no regular file, which is not opened."""
+        def read():
+            try:
+                st = self.sftp.lstat(self.path(rel))
+            except FileNotFoundError:
+                return b""
+            if not stat.S_ISREG(st.st_mode):
+                raise Conflict(f"{rel.rsplit('/', 1)[-1]} is not a regular file but "
+                               f"{file_kind(st.st_mode)}; nothing can be read from it")
+            with self.sftp.open(self.path(rel), "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        return self.guard(read)
 
     def exists(self, rel):
         try:
@@ -4294,22 +4963,6 @@ class SshLink(Link):
             out.set_pipelined(True)
             shutil.copyfileobj(source, out, 1 << 15)
 
-    def read_output(self, rel, offset, limit):
-        """Over an SFTP channel of its own: HTTP threads call this, and the
-        scheduler's channel is its own."""
-        conn = self.conn
-        if conn is None or not conn.is_connected:
-            raise NodeError(f"node {self.node.id} is not connected")
-        try:
-            with conn.client.open_sftp() as sftp, sftp.open(self.path(rel), "rb") as f:
-                sftp.get_channel().settimeout(self.config.node_timeout)
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
-        except Exception as exc:
-            raise NodeError(self.reason(exc)) from None
-
 
 #: Seconds a node's ``setup`` line and python start-up may take before the
 #: agent reports in.  (A job's start is confirmed within its lease: node_timeout.)
@@ -4319,6 +4972,9 @@ WRAPPER_START_TIMEOUT = 120
 INLINE_OUTPUT = 64 * 1024
 #: The most seconds a GPU reading may take.
 GPU_TIMEOUT = 25
+#: The most seconds a read of a running job's output may wait for its node: an HTTP
+#: thread waits meanwhile.
+LIVE_READ_TIMEOUT = 5
 #: The most seconds a node's check of its environments may take (each has 60).
 ENVIRONMENT_CHECK_TIMEOUT = 180
 
@@ -4338,6 +4994,8 @@ class AgentExecutor:
         self.config = config
         self.link = link
         self._agent = None
+        #: Called when the agent says a prepared start started or was dropped.
+        self.on_news = lambda: None
         #: The node's environments: name -> None (it works) or why not; replaced
         #: whole at each connect, read by any thread.
         self.environments = dict.fromkeys(node.environments)
@@ -4353,13 +5011,18 @@ class AgentExecutor:
         try:
             self.link.connect()
             self.link.guard(self.link.install, name, source)
+        except OSError as exc:
+            raise NodeError(workdir_problem(self.node, exc)) from None
+        if self.link.run_as is not None:
+            self.link.check_run_as(self.node.job_python or system_python(), name)
+        try:
             channel = self.link.guard(self.link.start_agent, name)
-        except NodeError:
-            raise
+        except FileNotFoundError as exc:
+            raise NodeError(python_missing(self.node, exc.strerror)) from None
         except OSError as exc:
             raise NodeError(f"cannot start the node's agent: {exc}") from None
         agent = _Agent(channel, f"node {self.node.id}",
-                       lambda: self.link.why_not_started(channel))
+                       lambda: self.link.why_not_started(channel), self.on_news)
         ready = agent.reply(("ready", None), WRAPPER_START_TIMEOUT)
         if ready is None or ready.get("protocol") != PROTOCOL:
             agent.close()
@@ -4371,8 +5034,11 @@ class AgentExecutor:
                 raise NodeError(f"the node's agent did not report in within "
                                 f"{WRAPPER_START_TIMEOUT} s: its login shell's start-up "
                                 f"files or the setup line may hang")
-            raise NodeError("the node's agent did not start: "
-                            f"{self.link.why_not_started(channel) or 'no answer'}")
+            words = self.link.why_not_started(channel)
+            if re.search(r"not found|No such file|can't open|cannot execute|Permission denied",
+                         words or ""):
+                raise NodeError(python_missing(self.node, words))
+            raise NodeError(f"the node's agent did not start: {words or 'no answer'}")
         self._agent = agent
         if self.node.environments:
             self._check_environments()
@@ -4428,23 +5094,10 @@ class AgentExecutor:
 
         The start carries a lease: the node refuses to launch the job once it has
         passed.  LeaseUnconfirmed when the node did not answer in time: the job may
-        not start after the lease, so it may go elsewhere once the lease is over."""
-        self.connect()
-        code = folder.code()
-        self.link.new_folder(job.id, node_files(job, code))
-        lease = time.time() + self.config.node_timeout
-        folder.mark_launching(self.link.describe(job.id))
-        run = Run(job, job.id, on_exit)
-        env = job_env(self.node, job)
-        owner = getattr(self.link, "owner", None)
-        if owner is not None:
-            env.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
-        self._send(run, "start", id=job.id, dir=job.id, env=env,
-                   run_as=getattr(self.link, "run_as", None),
-                   limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
-                   output_limit=self.config.output_limit_bytes, deadline=lease,
-                   inline=min(INLINE_OUTPUT, self.config.output_limit_bytes),
-                   launch=job_run(self.node, self.config, job, code))
+        not start after the lease, so it may go elsewhere once the lease is over.
+        DiskFull when there is no room for the job's folder or its launch record:
+        nothing reached the node then, and the job may be queued again."""
+        run, lease = self._send_start(job, folder, on_exit, "start")
         reply = self._agent.reply(("started", job.id), max(0.0, lease - time.time()))
         if reply is None:
             self.close()
@@ -4456,12 +5109,79 @@ class AgentExecutor:
         run.wrapper_pid = int(reply["wrapper"])
         return run
 
+    def prepare(self, job, folder, after, on_exit):
+        """Like start, but the agent starts the job itself once job ``after`` (running
+        there) has ended, within the start's lease (renewed with renew): its Run, not
+        yet launched (news says when it is, or that it was dropped).  LeaseUnconfirmed
+        and DiskFull as start's."""
+        run, lease = self._send_start(job, folder, on_exit, "prepare", after=after.id)
+        reply = self._agent.reply(("prepared", job.id), max(0.0, lease - time.time()))
+        if reply is None:
+            self.close()
+            raise LeaseUnconfirmed(f"node {self.node.id} did not confirm the start of job "
+                                   f"{job.id} in time", lease)
+        run.wrapper_pid = int(reply["wrapper"])
+        return run
+
+    def news(self, run):
+        """What the agent said of a prepared run since: its "started" or "dropped"
+        report, or None."""
+        agent = self._agent
+        if agent is None:
+            return None
+        news = agent.reply(("started", run.job.id), 0) or agent.reply(("dropped", run.job.id), 0)
+        if news is not None and news["op"] == "dropped":
+            agent.runs.pop(run.job.id, None)
+        return news
+
+    def renew(self, deadline):
+        """Lengthen every prepared start's lease to ``deadline``."""
+        self._send(None, "renew", deadline=deadline)
+
+    def drop(self, run):
+        """A prepared start that must not start (cancelled, or its node drained)."""
+        self._send(None, "drop", id=run.job.id)
+
+    def _send_start(self, job, folder, on_exit, op, **more):
+        """Copy the job to a fresh folder on the node, record where it may run, and
+        send ``op`` (start or prepare) with its lease: (its Run, the lease)."""
+        self.connect()
+        code = folder.code()
+        try:
+            try:
+                self.link.new_folder(job.id, node_files(job, code))
+            except FileNotFoundError:  # the workdir is gone (a job can remove it)
+                log.warning("node %s: its workdir was gone; it is made again, with a new "
+                            "agent", self.node.id)
+                self.close()
+                self.connect()
+                self.link.new_folder(job.id, node_files(job, code))
+            lease = time.time() + self.config.node_timeout
+            folder.mark_launching(self.link.describe(job.id))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
+            raise
+        run = Run(job, job.id, on_exit)
+        env = job_env(self.node, job)
+        owner = getattr(self.link, "owner", None)
+        if owner is not None:
+            env.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
+        self._send(run, op, id=job.id, dir=job.id, env=env,
+                   run_as=getattr(self.link, "run_as", None),
+                   limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
+                   output_limit=self.config.output_limit_bytes, deadline=lease,
+                   inline=min(INLINE_OUTPUT, self.config.output_limit_bytes),
+                   launch=job_run(self.node, self.config, job, code), **more)
+        return run, lease
+
     def reattach(self, job, folder, on_exit):
         """Find a job launched before a restart or a lost link: its Run, or None when
         it never launched (its launch is then claimed here, so it never will)."""
         old = folder.old_run(self.config.output_limit_bytes)
         if old is not None:
             return self._old_local_run(job, old, on_exit)
+        self.connect()  # its files are read through the agent
         launched = f"{job.id}/{NodeFiles.LAUNCHED}"
         if folder.launched_where() is None or self.link.create_once(launched):
             return None
@@ -4488,10 +5208,10 @@ class AgentExecutor:
         end = time.monotonic() + patience
         while True:
             try:
-                pids = json.loads(self.link.read_text(f"{rel}/{NodeFiles.PIDS}"))
+                pids = json.loads(self._read_whole(f"{rel}/{NodeFiles.PIDS}", 65536))
                 pids["wrapper"] = int(pids["wrapper"])
                 return pids
-            except (FileNotFoundError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 if time.monotonic() > end:
                     return None
                 time.sleep(0.05)
@@ -4528,21 +5248,72 @@ class AgentExecutor:
         r = run.report
         if "result" in r:  # small output came with the exit report
             try:
-                streams = {s: base64.b64decode(r[s]).decode("utf-8", "replace")
-                           for s in NodeFiles.STREAMS}
+                streams = {s: base64.b64decode(r[s]) for s in NodeFiles.STREAMS}
                 return run_outcome(r["result"]["exit_code"], r["result"]["reason"], streams,
                                    r["result"].get("detail"))
             except (KeyError, TypeError, ValueError):
                 pass  # read the files instead
         limit = self.config.output_limit_bytes
         # The wrapper capped the files as they were written; the room is for its note.
-        streams = {s: self.link.read_capped(f"{run.work}/{s}", limit + CUT_NOTE_ROOM)
+        streams = {s: self._read_whole(f"{run.work}/{s}", limit + CUT_NOTE_ROOM, stream=s)
                    for s in NodeFiles.STREAMS}
         try:
-            r = json.loads(self.link.read_text(f"{run.work}/{NodeFiles.RESULT}"))
+            r = json.loads(self._read_whole(f"{run.work}/{NodeFiles.RESULT}", 65536))
             return run_outcome(r["exit_code"], r["reason"], streams, r.get("detail"))
-        except (FileNotFoundError, ValueError, KeyError):
-            return run_outcome(None, "lost", streams)
+        except (ValueError, KeyError, TypeError):
+            words = _last_words(self._read_whole(f"{run.work}/{NodeFiles.WRAPPER_LOG}", 65536))
+            return run_outcome(None, "lost", streams, words or None)
+
+    def read(self, rel, offset, limit, timeout=None):
+        """(up to ``limit`` bytes of a job's file on the node from ``offset``, what the
+        file is: "file", "missing" or, for what the job put there instead, what that
+        is, its size), read by the node's agent (read_piece): the server opens no
+        file a job could have replaced.  Any thread; NodeError when the node is not
+        connected or does not answer within ``timeout`` (default node_timeout)."""
+        agent = self._agent
+        if agent is None or agent.closed:
+            raise NodeError(f"node {self.node.id} is not connected")
+        try:
+            reply = agent.request("read", "data", timeout or self.config.node_timeout,
+                                  path=rel, offset=offset, limit=min(limit, READ_PIECE))
+        except (OSError, EOFError) as exc:
+            raise NodeError(f"lost the link to node {self.node.id}: {exc}") from None
+        if reply is None:
+            raise NodeError(f"node {self.node.id} did not answer a read of {rel} in time")
+        try:
+            return base64.b64decode(reply.get("data") or ""), str(reply["kind"]), \
+                int(reply["size"])
+        except (KeyError, TypeError, ValueError):
+            raise NodeError(f"node {self.node.id} answered a read of {rel} wrongly") from None
+
+    def _read_whole(self, rel, limit, stream=None):
+        """A job's file on the node, its head and tail kept past ``limit`` bytes (as
+        read_capped keeps them), in pieces; b"" when it is missing, and for a
+        ``stream`` the job replaced with what is no file, a note saying so."""
+        data, kind, size = self.read(rel, 0, limit)
+        if kind == "missing" or (kind != "file" and stream is None):
+            return b""
+        if kind != "file":
+            return not_regular_note(stream, kind)
+        half = limit // 2 if size > limit else size  # (a file that shrank: reads end early)
+        pieces, at = [data[:half]], len(data[:half])
+        while at < half:
+            piece, kind, _ = self.read(rel, at, half - at)
+            if kind != "file" or not piece:
+                break
+            pieces.append(piece)
+            at += len(piece)
+        if size <= limit:
+            return b"".join(pieces)
+        pieces.append(cut_note(size - 2 * half, size, limit))
+        at = size - half
+        while at < size:
+            piece, kind, _ = self.read(rel, at, size - at)
+            if kind != "file" or not piece:
+                break
+            pieces.append(piece)
+            at += len(piece)
+        return b"".join(pieces)
 
     def remove_folder(self, rel):
         """Remove a finished job's folder on the node, once its outcome and files are
@@ -4574,8 +5345,14 @@ class AgentExecutor:
         return reply.get("reading")
 
     def read_output(self, job, stream, offset, limit):
-        """Up to ``limit`` bytes of a running job's stream from ``offset`` (any thread)."""
-        return self.link.read_output(f"{job.id}/{stream}", offset, limit)
+        """Up to ``limit`` bytes of a running job's stream from ``offset`` (any thread,
+        bounded by LIVE_READ_TIMEOUT); Conflict when the job replaced the stream with
+        what is no regular file."""
+        data, kind, _ = self.read(f"{job.id}/{stream}", offset, limit, LIVE_READ_TIMEOUT)
+        if kind not in ("file", "missing"):
+            raise Conflict(f"the job's {stream} is not a regular file but {kind} (the job "
+                           "replaced it); nothing can be read from it")
+        return data
 
 
 #: Slurm job states that are not over yet; PENDING and the like show as pending.
@@ -4644,7 +5421,12 @@ class SlurmExecutor:
                    + f"exec {q(run['python'])} {q(run['entry'])}\n")
         self.link.new_folder(job.id, {**node_files(job, code),
                                       NodeFiles.SLURM_SCRIPT: script.encode()})
-        folder.mark_launching(self.link.describe(job.id))  # from here on Slurm may have it
+        try:
+            folder.mark_launching(self.link.describe(job.id))  # from here on Slurm may have it
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
+            raise
         limit = math.ceil(self.config.time_limit(job.expected_time))
         days, rest = divmod(limit, 86400)
         argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
@@ -4706,6 +5488,12 @@ class SlurmExecutor:
         limit = self.config.output_limit_bytes
         return {s: self.link.read_capped(f"{job.id}/{s}", limit) for s in NodeFiles.STREAMS}
 
+    def read_output(self, job, stream, offset, limit):
+        """Up to ``limit`` bytes of a running job's stream from ``offset`` in the shared
+        workdir (any thread, over an SFTP channel of its own)."""
+        with self.link.side() as side:
+            return side.read_piece(f"{job.id}/{stream}", offset, limit)
+
     def ran(self, job):
         """Did Slurm ever start the job?  It creates the output files when it does."""
         return self.link.exists(f"{job.id}/{NodeFiles.STREAMS[0]}")
@@ -4750,9 +5538,20 @@ def _rmtree(sftp, path):
     sftp.rmdir(path)
 
 
-def _read_text(sftp, path):
-    with sftp.open(path, "r") as f:
-        return f.read().decode()
+def workdir_problem(node, exc):
+    """What an admin can act on when a node's workdir cannot be made or written."""
+    where = node.workdir or "its workdir in the spool"
+    what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return (f"cannot make or write the workdir {where} on node {node.id} ({what}): set "
+            "`workdir` in the node's config to a folder its user may write, on a disk that "
+            "is not read-only")
+
+
+def python_missing(node, words):
+    """What an admin can act on when a node's interpreter would not start."""
+    return (f"{node.python} not found on the node, or it cannot be run ({words}): set "
+            "`python` in the node's config to an interpreter the node has (python3 3.8 or "
+            "newer)")
 
 
 def _last_words(stderr, limit=500):
@@ -4946,6 +5745,9 @@ class Holding:
 
 #: Most seconds between reconnect attempts to an offline node.
 SSH_MAX_BACKOFF = 10
+#: Seconds a node waits before it tries again to start a job that found no room on
+#: the spool's disk.
+DISK_RETRY = 5
 #: Pending jobs a node's scheduler looks through for one that may start now.
 CLAIM_DEPTH = 200
 
@@ -5128,6 +5930,7 @@ class Worker:
         self.started = 0  # jobs launched since the server started
         self.dispatch = Histogram()  # seconds from claim to the job's start on its node
         self.collector = Collector(node, spool, executor, config)
+        self._disk_full = False  # jobs wait for room on the spool's disk (said once)
 
     def run(self):
         """The node's thread, forever.  Whatever escapes a step is logged and the
@@ -5214,6 +6017,16 @@ class Worker:
                 backoff = min(backoff * 2, 10.0)
         return True
 
+    def _no_room(self, exc):
+        """A job could not start for want of room on the spool's disk: it is back in
+        its queue, and this node waits a while before it tries again (nothing tells
+        when room comes back); said once while it lasts."""
+        if not self._disk_full:
+            log.error("node %s: jobs wait for room on the spool's disk: %s", self.node.id, exc)
+        self._disk_full = True
+        self.wake.wait(DISK_RETRY)
+        self.wake.clear()
+
     # -- the node's state ---------------------------------------------------------
 
     def _bring_online(self):
@@ -5277,6 +6090,22 @@ class Worker:
             self.executor.environments.get(job.environment, "absent") is None)
 
 
+#: Seconds between GPU readings of a node...
+GPU_REFRESH = 30
+#: ...and while the node has free GPUs and jobs wait: a GPU used outside the queue
+#: is noticed, and one freed again taken, within this.
+GPU_BUSY_REFRESH = 5
+#: ...and after a reading that gave none.
+GPU_RETRY = 10
+
+#: Seconds before a running job's expected end from which the job to follow it is
+#: prepared on its node (GpuWorker): sooner would keep that job from a node that
+#: frees up first.
+PREPARE_AHEAD = 10
+#: Seconds a prepared job that another node asked back is not prepared here again:
+#: time for that node to take it.
+GIVEN_BACK = 5
+
 #: Seconds the server waits past a start's lease before it gives the job to
 #: another node: how far the server's and the nodes' clocks may disagree.
 LEASE_MARGIN = 5
@@ -5286,11 +6115,29 @@ class GpuWorker(Worker):
     """A local or SSH node: starts the jobs that may start there now (one per GPU,
     or several GPUs for one job) through its agent, follows them to their ends
     (``runs``), and records how each ended.  A freed GPU takes its next job at
-    once: the job's exit wakes the thread."""
+    once: the job's exit wakes the thread.
+
+    Better still, a running job nearing its expected end has its successor
+    *prepared* (``prepared``): the next job in turn that would take its GPUs is
+    claimed, its folder made on the node and its wrapper made ready there, and the
+    node's agent starts it itself the moment the running job ends, so that a GPU
+    waits no server round trip between two jobs.  The start's lease is renewed
+    while it waits, so a node that loses its server starts nothing after it."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.runs = {}  # job id -> the Run of each job this node follows
+        self.prepared = {}  # job id -> the Run prepared to start once that job ends
+        self._renewed = 0.0  # when the prepared starts' leases were last renewed
+        #: A running job is due a successor, but nothing waiting could follow it: a
+        #: submit wakes this node (Scheduler._enqueue), which looks again then.
+        self.starving = False
+        #: Prepared jobs another node asked back (it has GPUs free for them): job id ->
+        #: that node, woken once the job is back in its queue; and (job id -> until
+        #: when) those given back, not prepared here again meanwhile.
+        self.asked_back = {}
+        self._given_back = {}
+        self.executor.on_news = self.wake.set
 
     def _resume_all(self):
         for job in self.spool.running_on(self.node.id):
@@ -5302,19 +6149,163 @@ class GpuWorker(Worker):
         self.wake.clear()
         try:
             self._reap()
+            self._news()
             self._pass_cancels()
+            self._renew()
         except NodeError as exc:
             self._lost(exc)
             return
-        job = self.spool.claim(self.node.id, self.choose)
-        if job is not None:
-            self._guarded(job, self._execute, job)
-            return  # look again at once: another job may fit beside it
-        if self.spool.is_drained(self.node.id):
-            self._shed()
-        if not self.wake.wait(self.config.node_timeout / 2) and not self.executor.healthy():
+        try:
+            job = self.spool.claim(self.node.id, self.choose)
+            if job is not None:
+                self._guarded(job, self._execute, job)
+                if self.free_gpus(self.spool.node_state(self.node.id)):
+                    return  # look again at once: another job may fit beside it
+            elif self.spool.is_drained(self.node.id):
+                self._shed()
+            else:
+                self._ask_back()
+            self._prepare_successors()
+        except DiskFull as exc:
+            self._no_room(exc)
+            return
+        if not self.wake.wait(self._rest()) and not self.executor.healthy():
             self._lost(NodeError(f"node {self.node.id} did not answer within "
                                  f"{self.config.node_timeout:g} s"))
+
+    # -- prepared successors ---------------------------------------------------
+
+    def _rest(self):
+        """Seconds this thread may sleep if nothing wakes it: until a heartbeat is
+        due, a prepared start's lease must be renewed, or a running job nears its
+        expected end (then its successor is prepared)."""
+        now = time.time()
+        rest = self.config.node_timeout / 2
+        if self.prepared:
+            rest = min(rest, max(0.05, self._renewed + self.config.node_timeout / 4 - now))
+        for run in self.runs.values():
+            due = (run.job.started_at or 0) + run.job.expected_time - PREPARE_AHEAD
+            if due > now and run.job.id not in self.prepared:
+                rest = min(rest, due - now)
+        return rest
+
+    def _renew(self):
+        """Lengthen the leases of the prepared starts, well before they end."""
+        if self.prepared and time.time() - self._renewed >= self.config.node_timeout / 4:
+            self.executor.renew(time.time() + self.config.node_timeout)
+            self._renewed = time.time()
+
+    def _prepare_successors(self):
+        """For each running job within PREPARE_AHEAD seconds of its expected end (or
+        past it), prepare the job that is to take its GPUs next, if any; not while
+        the node is drained."""
+        self.starving = False
+        if self.spool.is_drained(self.node.id):
+            return
+        now = time.time()
+        for run in list(self.runs.values()):
+            after = run.job
+            if after.id in self.prepared or run.followed or run.exited.is_set() \
+                    or after.cancel_requested \
+                    or now < (after.started_at or now) + after.expected_time - PREPARE_AHEAD:
+                continue
+            job = self.spool.claim(self.node.id, functools.partial(self.choose_successor,
+                                                                   after), prepared=True)
+            if job is None:
+                self.starving = True  # nothing waits that could follow it
+                return
+            self._guarded(job, self._prepare, job, after)
+
+    def choose_successor(self, after, candidates, states):
+        """The job to prepare to follow ``after`` on its GPUs (Spool.claim's rule, as
+        choose): the first in turn that fits them and that no node could start now.
+        GPUs held for a big job (Holding) go to that job alone: it is prepared when
+        ``after``'s GPUs are enough for it, and nothing else takes them."""
+        state = states[self.node.id]
+        room = self._rooms(states)
+        gpus = self.assigned(after)
+        held = state.holding if state.holding and set(gpus) & set(state.holding.gpus) \
+            else None
+        now = time.time()
+        self._given_back = {j: t for j, t in self._given_back.items() if t > now}
+        for seen, (job, n) in enumerate(candidates):
+            if seen == CLAIM_DEPTH:
+                break
+            if held and job.id != held.job_id or job.id in self._given_back:
+                continue
+            if n != self.node.id and self.peers[n].could_start(job, room):
+                continue
+            if job.gpus <= len(gpus) and self.has(job):
+                return (job, n, gpus[:job.gpus]), state.holding
+        return None, state.holding
+
+    def _prepare(self, job, after):
+        if job.cancel_requested:
+            self._record(job, Outcome("cancelled", error="cancelled before it started"))
+            return
+        self.prepared[after.id] = Run(job, job.id, self.wake.set)  # until it is sent
+        try:
+            run = self.executor.prepare(job, self.spool.folder(job), after, self.wake.set)
+        except DiskFull as exc:
+            del self.prepared[after.id]
+            self.spool.requeue(job)
+            self._no_room(exc)
+            return
+        except NodeError as exc:  # (LeaseUnconfirmed too): followed again with the rest
+            self._lost(exc)
+            return
+        self.prepared[after.id] = run
+        if not self._renewed:
+            self._renewed = time.time()
+
+    def _ask_back(self):
+        """GPUs free here and nothing in turn to start: a job that another node has
+        prepared to follow one of its running jobs, and that could start here now,
+        is asked back (dropped there and queued again), so that it starts here
+        rather than wait behind a job that may run long."""
+        free = self.free_gpus(self.spool.node_state(self.node.id))
+        if not free:
+            return
+        for peer in self.peers.values():
+            if peer is self or not isinstance(peer, GpuWorker) or not peer.online:
+                continue
+            for run in list(peer.prepared.values()):
+                if run.job.gpus <= len(free) and self.has(run.job) \
+                        and run.job.id not in peer.asked_back:
+                    peer.asked_back[run.job.id] = self.node.id
+                    peer.wake.set()
+                    return
+
+    def _news(self):
+        """Prepared starts that started (they are runs now) or were dropped (back to
+        their queue, or cancelled if that is why)."""
+        for after, run in list(self.prepared.items()):
+            news = self.executor.news(run)
+            if news is None:
+                continue
+            del self.prepared[after]
+            job = run.job
+            if news["op"] == "started" and news.get("launched"):
+                if after in self.runs:
+                    self.runs[after].followed = True  # its GPUs are this one's now
+                self.spool.launched(job)
+                run.wrapper_pid = int(news["wrapper"])
+                self.runs[job.id] = run
+                self.started += 1
+                log.info("job %s user=%s node=%s running on GPU %s (prepared)", job.id,
+                         job.user_id, self.node.id, ",".join(job.gpu_ids))
+            elif job.cancel_requested:
+                self._record(job, Outcome("cancelled", error="cancelled before it started"))
+            else:
+                log.info("job %s: its prepared start on node %s was dropped: queued again",
+                         job.id, self.node.id)
+                self.spool.requeue(job)
+            asker = self.asked_back.pop(job.id, None)
+            if asker is not None:
+                self._given_back[job.id] = time.time() + GIVEN_BACK
+                self.peers[asker].wake.set()
+        if not self.prepared:
+            self._renewed = 0.0
 
     def _guarded(self, job, step, *args):
         try:
@@ -5413,6 +6404,10 @@ class GpuWorker(Worker):
                  ",".join(job.gpu_ids))
         try:
             run = self.executor.start(job, self.spool.folder(job), self.wake.set)
+        except DiskFull as exc:
+            self.spool.requeue(job)  # nothing reached the node: it waits for room
+            self._no_room(exc)
+            return
         except LeaseUnconfirmed as exc:
             self._set_offline(str(exc))
             run = self._after_lease(job, exc.lease)
@@ -5426,6 +6421,7 @@ class GpuWorker(Worker):
                 return
             self.started += 1
             self.dispatch.observe(time.time() - job.started_at)
+            self._disk_full = False
         if run is not None:
             self.runs[job.id] = run
 
@@ -5458,8 +6454,11 @@ class GpuWorker(Worker):
         """The link to the node broke: follow every run again once it answers (each
         re-attached, queued again, or failed after ``unreachable_grace``)."""
         self._set_offline(str(exc))
-        for job_id, run in list(self.runs.items()):
-            self.runs.pop(job_id)
+        runs = [*self.runs.values(), *self.prepared.values()]
+        self.runs.clear()
+        self.prepared.clear()
+        self._renewed = 0.0
+        for run in runs:
             self._guarded(run.job, self._resume, run.job)
 
     def _reattach(self, job):
@@ -5495,9 +6494,17 @@ class GpuWorker(Worker):
         return run
 
     def _pass_cancels(self):
+        """Cancels to the node: a running job's wrapper kills it; a prepared start is
+        dropped (as is every one while the node is drained)."""
         for run in self.runs.values():
             if run.job.cancel_requested and not run.cancel_sent and not run.exited.is_set():
                 self.executor.cancel(run)
+                run.cancel_sent = True
+        drained = self.prepared and self.spool.is_drained(self.node.id)
+        for run in self.prepared.values():
+            if (run.job.cancel_requested or drained or run.job.id in self.asked_back) \
+                    and not run.cancel_sent and run.wrapper_pid is not None:
+                self.executor.drop(run)
                 run.cancel_sent = True
 
     def _reap(self):
@@ -5526,14 +6533,29 @@ class GpuWorker(Worker):
     # -- GPUs ------------------------------------------------------------------
 
     def take_gpu_reading(self):
-        """Read the node's GPUs (from the telemetry thread), and from the reading
-        which GPUs are used outside the queue; a change wakes the scheduler."""
+        """Read the node's GPUs (from its telemetry thread), and from the reading
+        which GPUs are used outside the queue; a change wakes the scheduler.  No
+        reading (nvidia-smi failed, hung or wrote garbage; the node did not answer)
+        is recorded with the reason, and marks no GPU used outside the queue."""
         state = self.spool.node_state(self.node.id)
         held = {g for job in state.running for g in self.assigned(job)}
-        reading = gpus_from_reading(self.executor.gpu_reading(), self.node.gpus,
-                                    self.config.foreign_memory_mib, held)
+        error = None
+        try:
+            raw = self.executor.gpu_reading()
+        except NodeError as exc:
+            raw, error = None, f"no reading: {exc}"
+        if isinstance(raw, dict) and raw.get("error"):
+            raw, error = None, f"no reading: {raw['error']}"
+        if raw and self.node.kind == "ssh" and self.node.gpus_from != "config":
+            self._found_gpus(raw)
+        reading = gpus_from_reading(raw, self.node.gpus, self.config.foreign_memory_mib, held)
+        if raw and not reading:
+            error = (f"no reading: nvidia-smi's answer lists none of the node's GPUs "
+                     f"({','.join(self.node.gpus)})")
         foreign = {g["device"]: g["foreign"] for g in reading if g["foreign"]}
-        before = self.spool.set_gpus(self.node.id, reading, foreign)
+        before = self.spool.set_gpus(self.node.id, reading, foreign, error)
+        if error and error != state.reading_error:
+            log.warning("node %s: %s", self.node.id, error)
         if foreign != before:
             for device in foreign.keys() - before.keys():
                 log.warning("node %s: GPU %s is %s; it takes no new job until that ends",
@@ -5541,6 +6563,21 @@ class GpuWorker(Worker):
             for device in before.keys() - foreign.keys():
                 log.info("node %s: GPU %s is no longer used outside the queue", self.node.id,
                          device)
+            self.wake.set()
+
+    def _found_gpus(self, raw):
+        """An SSH node whose config names no GPUs has the ones its nvidia-smi lists
+        (CUDA_VISIBLE_DEVICES counts them in the same order, PCI_BUS_ID)."""
+        found = []
+        for line in (raw.get("csv") or "").splitlines():
+            index = line.split(",")[0].strip()
+            if index.isdigit() and index not in found:
+                found.append(index)
+        if found and tuple(found) != self.node.gpus:
+            log.info("node %s: its nvidia-smi lists GPU %s", self.node.id, ",".join(found))
+            self.node = dataclasses.replace(self.node, gpus=tuple(found), gpus_from="nvidia-smi")
+            self.executor.node = self.node
+            self.spool.set_gpu_count(self.node.id, len(found))
             self.wake.set()
 
     def why_waiting(self, job, state):
@@ -5560,7 +6597,8 @@ class GpuWorker(Worker):
     def gpu_slots(self, state):
         """Each GPU of the node: busy (and the job on it), held for a big job, used
         outside the queue, or free."""
-        on = {g: job.id for job in state.running for g in self.assigned(job)}
+        on = {g: job.id for job in sorted(state.running, key=lambda j: not j.prepared)
+              for g in self.assigned(job)}  # the job that runs there, not the one to follow
         holding = state.holding
         return [{"gpu": g, "job": on.get(g),
                  "state": ("busy" if g in on else "foreign" if g in state.foreign
@@ -5569,13 +6607,43 @@ class GpuWorker(Worker):
 
     def info(self, state):
         info = super().info(state)
+        info["running_jobs"] = [j.id for j in state.running if not j.prepared]
+        info["running_job"] = info["running_jobs"][0] if info["running_jobs"] else None
+        info["prepared_jobs"] = [j.id for j in state.running if j.prepared]
         info["gpu_slots"] = self.gpu_slots(state)
+        info["gpus_from"] = self.node.gpus_from
         if state.holding:
             info["holding"] = {"job_id": state.holding.job_id, "gpus": list(state.holding.gpus),
                                "until": isotime(state.holding.by)}
         if state.reading:
             info["gpus"] = list(state.reading)
+        info["gpu_error"] = state.reading_error
         return info
+
+    def watch_gpus(self):
+        """This node's GPU readings, in a thread of its own, so that one node's slow
+        reading never delays another's: every GPU_BUSY_REFRESH seconds while jobs
+        wait and the node has GPUs that no job holds (free, or used outside the
+        queue), else every GPU_REFRESH; soon after a failed one, and as soon as the
+        node is back.  A node without nvidia-smi simply shows none."""
+        last, wait = -math.inf, 0.0
+        while True:
+            if not self.online:
+                wait = 0.0  # read again as soon as it is back
+            elif self.spool.counts()[0] and any(
+                    slot["state"] != "busy" for slot in self.gpu_slots(
+                        self.spool.node_state(self.node.id))):
+                wait = min(wait, GPU_BUSY_REFRESH)
+            if self.online and time.monotonic() - last >= wait:
+                last = time.monotonic()
+                try:
+                    self.take_gpu_reading()
+                    wait = GPU_REFRESH if not self.spool.node_state(
+                        self.node.id).reading_error else GPU_RETRY
+                except Exception:
+                    log.exception("node %s: reading its GPUs failed", self.node.id)
+                    wait = GPU_REFRESH
+            time.sleep(1)  # a clock for readings that are due, not a wait for an event
 
 
 #: Seconds between looks at a Slurm node's jobs (submit and cancel wake it at once).
@@ -5623,7 +6691,11 @@ class SlurmWorker(Worker):
 
     def _fill(self):
         while len(self.spool.running_on(self.node.id)) < self.node.slurm["max_jobs"]:
-            job = self.spool.claim(self.node.id, self.choose)
+            try:
+                job = self.spool.claim(self.node.id, self.choose)
+            except DiskFull as exc:
+                self._no_room(exc)
+                return
             if job is None:
                 return
             self._job_step(self._submit, job)
@@ -5656,6 +6728,10 @@ class SlurmWorker(Worker):
             slurm_id = self.executor.submit(job, self.spool.folder(job))
         except SlurmRefused as exc:
             self._record(job, Outcome("failed", error=f"sbatch refused the job: {exc}"))
+            return
+        except DiskFull as exc:
+            self.spool.requeue(job)  # nothing reached sbatch: it waits for room
+            self._no_room(exc)
             return
         self._note_slurm_id(job, slurm_id)
         self.started += 1
@@ -5809,66 +6885,49 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def send_notices(spool, webhooks):
-    """The thread that sends the outbox's notices: each POSTed with its HMAC-SHA256
-    signature, no proxy, no redirect followed, a timeout on each try; a receiver
-    that is down is tried again with backoff (Spool.notice_tried)."""
+    """The thread that hands the outbox's notices to senders: one thread per
+    receiving host at a time, which sends that host's due notices one by one, so
+    that a slow or silent receiver delays its own notices and no one else's.  A
+    receiver that is down is tried again with backoff (Spool.notice_tried)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+    senders = {}  # receiving host -> the thread sending its notices now
     while True:
         due, wait = spool.notices_due()
+        hosts = collections.defaultdict(list)
         for job_id, notice in due:
-            body = json.dumps(notice["body"], sort_keys=True).encode()
-            signature = hmac.new(webhooks.secret, body, hashlib.sha256).hexdigest()
-            request = urllib.request.Request(notice["url"], data=body, method="POST", headers={
-                "Content-Type": "application/json", "User-Agent": f"gpuqueue/{__version__}",
-                "X-Gpuqueue-Signature": f"sha256={signature}"})
-            try:
-                with opener.open(request, timeout=NOTICE_TIMEOUT) as r:
-                    r.read(65536)
-                spool.notice_delivered(job_id, notice)
-            except urllib.error.HTTPError as exc:
-                spool.notice_tried(job_id, notice, f"HTTP {exc.code}")
-            except (OSError, ValueError) as exc:
-                spool.notice_tried(job_id, notice, str(getattr(exc, "reason", exc))[:200])
-        if not due:  # (after tries, look again: each has its next time now)
-            spool.wait_for_notices(60 if wait is None else min(wait, 60))
+            hosts[urllib.parse.urlsplit(notice["url"]).netloc.lower()].append((job_id, notice))
+        for host, notices in hosts.items():
+            if host not in senders or not senders[host].is_alive():
+                senders[host] = _thread(f"notices {host}", functools.partial(
+                    _send_notices, spool, webhooks, opener, notices))
+        # A sender that ends wakes this thread: what its host has due next goes then.
+        spool.wait_for_notices(60 if wait is None else min(wait, 60))
 
 
-#: Seconds between GPU readings of a node...
-GPU_REFRESH = 30
-#: ...and while the node has free GPUs and jobs wait: a GPU used outside the queue
-#: is noticed, and one freed again taken, within this.
-GPU_BUSY_REFRESH = 5
-
-
-def watch_gpus(spool, workers):
-    """The thread that reads every online GPU node's GPUs with nvidia-smi, over the
-    node's existing connection: every GPU_BUSY_REFRESH seconds while jobs wait and
-    the node has GPUs that no job holds (free, or used outside the queue), else
-    every GPU_REFRESH (a node not read yet, or whose reading failed: every 2 s).
-    A node without nvidia-smi simply shows none."""
-    last = dict.fromkeys(workers, -math.inf)  # when each node was last read
-    wait = dict.fromkeys(workers, 0.0)  # how long its next reading may wait at most
-    while True:
-        for n, w in workers.items():
-            now = time.monotonic()
-            if not w.online:
-                wait[n] = 0.0  # read again as soon as it is back
-                continue
-            if spool.counts()[0] and any(slot["state"] != "busy"
-                                         for slot in w.gpu_slots(spool.node_state(n))):
-                wait[n] = min(wait[n], GPU_BUSY_REFRESH)
-            if now - last[n] < wait[n]:
-                continue
-            last[n] = now
-            try:
-                w.take_gpu_reading()
-                wait[n] = GPU_REFRESH
-            except NodeError:
-                wait[n] = 2
-            except Exception:
-                log.exception("node %s: reading its GPUs failed", n)
-                wait[n] = GPU_REFRESH
-        time.sleep(1)  # a clock for readings that are due, not a wait for an event
+def _send_notices(spool, webhooks, opener, notices):
+    """Send some notices to one host: each POSTed with its HMAC-SHA256 signature, no
+    proxy, no redirect followed, NOTICE_TIMEOUT seconds for the whole try (a
+    receiver that trickles its answer is cut off too)."""
+    for job_id, notice in notices:
+        body = json.dumps(notice["body"], sort_keys=True).encode()
+        signature = hmac.new(webhooks.secret, body, hashlib.sha256).hexdigest()
+        request = urllib.request.Request(notice["url"], data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": f"gpuqueue/{__version__}",
+            "X-Gpuqueue-Signature": f"sha256={signature}"})
+        end = time.monotonic() + NOTICE_TIMEOUT
+        try:
+            with opener.open(request, timeout=NOTICE_TIMEOUT) as r:
+                got = 0
+                while got < 65536 and (piece := r.read1(4096)):
+                    got += len(piece)
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"the answer took more than {NOTICE_TIMEOUT:g} s")
+            spool.notice_delivered(job_id, notice)
+        except urllib.error.HTTPError as exc:
+            spool.notice_tried(job_id, notice, f"HTTP {exc.code}")
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            spool.notice_tried(job_id, notice, str(getattr(exc, "reason", exc))[:200])
+    spool.notices_changed()
 
 
 ###############################################################################
@@ -5906,14 +6965,19 @@ def _run_as(node):
 
 
 @contextlib.contextmanager
-def _node_file(link, rel):
-    """A running job's file on its node, opened beside the node's scheduler."""
+def _node_file(link, rel, slot):
+    """A running job's file on its node, opened beside the node's scheduler, while
+    it holds one of the node reads (``slot``)."""
     try:
-        with link.side() as side, side.open_file(rel) as f:
+        with slot(), link.side() as side, side.open_file(rel) as f:
             yield f
     except NodeError as exc:
         raise Unavailable(f"cannot read the job's file now: {exc}") from None
 
+
+#: Reads of nodes (a running job's output or files) that HTTP threads may wait on at
+#: once, of waitress's HTTP_THREADS.
+NODE_READERS = 4
 
 #: What a submit queued: the job (an array's first), its place, whether the answer is
 #: a former one's (Idempotency-Key), and for an array {array_id, job_ids}.
@@ -5938,6 +7002,7 @@ class Scheduler:
         self._throttle = AuthThrottle(config.auth_failures_per_minute)
         #: Submits with the same Idempotency-Key go one at a time (striped by key).
         self._key_locks = [threading.Lock() for _ in range(64)]
+        self._node_reads = threading.BoundedSemaphore(NODE_READERS)
         self._workers = {}
         self.serving = serving
         spool.call_when_ready(self._ready)
@@ -5952,6 +7017,12 @@ class Scheduler:
                     if path is not None and path.exists() and path.stat().st_mode & 0o077:
                         os.chmod(path, path.stat().st_mode & 0o700)
                         log.warning("%s made readable by its owner alone ('run_as' is set)", path)
+
+    def _nodes(self):
+        """Every node as its worker knows it now (its GPUs found on it), else as the
+        config says."""
+        return [self._workers[n.id].node if n.id in self._workers else n
+                for n in self.config.nodes]
 
     def _executor(self, node):
         if node.kind == "local":
@@ -5969,9 +7040,8 @@ class Scheduler:
         server shows them online."""
         threads = {f"node-{n}": w.run for n, w in self._workers.items()}
         threads.update({f"collect-{n}": w.collector.run for n, w in self._workers.items()})
-        gpu_nodes = {n: w for n, w in self._workers.items() if isinstance(w, GpuWorker)}
-        threads.update({"gpus": functools.partial(watch_gpus, self._spool, gpu_nodes)},
-                       **dict(loops))
+        threads.update({f"gpus-{n}": w.watch_gpus for n, w in self._workers.items()
+                        if isinstance(w, GpuWorker)}, **dict(loops))
         if self.config.keep_finished_days:
             threads["retention"] = functools.partial(keep_finished, self._spool,
                                                      self.config.keep_finished_days)
@@ -5999,8 +7069,19 @@ class Scheduler:
     def incoming_dir(self):
         return self._spool.incoming_dir()
 
+    def claims_dir(self):
+        return self._spool.claims_dir()
+
+    def scratch_dir(self, name):
+        return self._spool.scratch_dir(name)
+
     def control_dir(self):
         return self._spool.control_dir()
+
+    def quarantine(self, path, reason):
+        """Set aside what a front end cannot understand (a control request), in
+        corrupt/ with the reason beside it: never carried out, never deleted."""
+        self._spool.quarantine(path, reason)
 
     # -- who -----------------------------------------------------------------
 
@@ -6040,12 +7121,14 @@ class Scheduler:
         if user is None:
             user = self.authenticate(cfg.get("token"), source)
         if cfg["user_id"] != user["user"] and not user["admin"]:
-            raise Forbidden("user_id in config_file is not the token's user")
+            raise Forbidden(f"user_id in config_file is {cfg['user_id']!r}, but the token is "
+                            f"{user['user']!r}'s: set user_id to {user['user']!r} (only an "
+                            "admin's token submits for others)")
         for key, spec in JOB_KEYS.items():
             if spec["below"] is not None and cfg.get(key, 0) > spec["below"] and not user["admin"]:
                 raise Forbidden(f"only an admin may give a job a {key} above {spec['below']}")
         able = self._able(cfg.get("environment"))
-        most = max(len(n.gpus) for n in self.config.nodes if able is None or n.id in able)
+        most = max(len(n.gpus) for n in self._nodes() if able is None or n.id in able)
         if cfg.get("gpus", 1) > most:
             raise BadRequest(f"config_file: 'gpus' is {cfg['gpus']}, but no node has more "
                              f"than {most}")
@@ -6152,10 +7235,16 @@ class Scheduler:
         online = {n for n, w in self._workers.items() if w.online}
         position, start = self._spool.enqueue(job, staged, online,
                                               self.config.max_pending_per_user, able, ended)
-        # Its node, and any with a free GPU that may take it (a held one, if it is short).
+        # One node that may start a job now is enough (it takes the first in turn): its
+        # own, else another with room; and those that hold GPUs for a big job, which may
+        # fit it beside.  A busy node looks for itself when one of its jobs ends.
         states = self._spool.node_states()
-        self._wake(n for n, w in self._workers.items()
-                   if n == job.node_id or w.online and w.room(states[n]) or states[n].holding)
+        fits = [n for n, w in self._workers.items() if w.online and w.has(job)
+                and job.gpus <= len(w.node.gpus) and w.room(states[n]) >= w.cost(job)]
+        first = job.node_id if job.node_id in fits else fits[:1]
+        self._wake({*([first] if isinstance(first, int) else first),
+                    *(n for n, w in self._workers.items()
+                      if states[n].holding or getattr(w, "starving", False))})
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         self._spool.cancel_doomed()  # it needed a job that had failed already
         return job, position, start
@@ -6246,7 +7335,11 @@ class Scheduler:
         and its place in the queue while it waits."""
         out = job.public()
         out["time_limit"] = self.config.time_limit(job.expected_time)
-        if job.status == "pending" and job.waiting_on:
+        if job.prepared:
+            out["queue_position"], out["estimated_start"] = 0, None
+            out["waiting"] = (f"ready on node {job.node_id}: it starts on GPU "
+                              f"{','.join(job.gpu_ids)} as soon as the job there ends")
+        elif job.status == "pending" and job.waiting_on:
             out["queue_position"], out["estimated_start"] = None, None
             out["waiting"] = (f"waiting for {len(job.waiting_on)} job(s) to end: "
                               + ", ".join(sorted(job.waiting_on)[:5])
@@ -6287,23 +7380,45 @@ class Scheduler:
         self._wake(self._workers)
         return cancelled
 
-    def output(self, job, attempt=None):
-        """The paths of a finished job's streams, by name (an earlier ``attempt``'s,
-        with its exit code and error, from the job's folder wherever it is); Conflict
-        while it has not finished."""
-        if attempt is not None:
-            folder = self._spool.folder_of(job.id)
-            if not 1 <= attempt < self._spool.get(job.id).attempt or folder is None:
-                raise NotFound(f"job {job.id} has no earlier attempt {attempt}")
-            try:
-                r = read_json(folder.path / f"result.{attempt}.json")
-            except (OSError, ValueError):
-                raise NotFound(f"job {job.id} has no earlier attempt {attempt}") from None
-            return {s: folder.stream(s, attempt) for s in JobFolder.STREAMS}, r
+    def output(self, job):
+        """The paths of a finished job's streams, by name; Conflict while it has not
+        finished."""
         if job.status in ("pending", "running"):
             raise Conflict(f"job is {job.status}; results are ready once it finishes")
         folder = self._spool.done_folder(job.id)
         return {s: folder.stream(s) for s in JobFolder.STREAMS}
+
+    def answer(self, job, attempt=None):
+        """GET /api/results's answer for a finished job (or an earlier ``attempt``'s
+        of any job, kept when it was retried), as an open file: its record, then
+        each stream as JSON text of at most twice output_limit_bytes (json_text).
+        Conflict while the job has not finished; NotFound once it is gone."""
+        most = 2 * self.config.output_limit_bytes
+        for _ in range(3):  # an unfinished job's folder may move meanwhile
+            if attempt is None:
+                if job.status in ("pending", "running"):
+                    raise Conflict(f"job is {job.status}; results are ready once it finishes")
+                folder = self._spool.done_folder(job.id)
+                head = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
+                        "error": job.error, **({"attempt": job.attempt} if job.attempt > 1
+                                              else {})}
+            else:
+                folder = self._spool.folder_of(job.id)
+                if not 1 <= attempt < job.attempt or folder is None:
+                    raise NotFound(f"job {job.id} has no earlier attempt {attempt}")
+                try:
+                    r = read_json(folder.path / f"result.{attempt}.json")
+                except (OSError, ValueError):
+                    raise NotFound(f"job {job.id} has no earlier attempt {attempt}") from None
+                head = {"job_id": job.id, "status": "failed", "exit_code": r["exit_code"],
+                        "error": r["error"], "attempt": r["attempt"]}
+            try:
+                return folder.answer(head, most, attempt)
+            except FileNotFoundError:
+                job = self._spool.get(job.id)
+                if job is None:
+                    raise NotFound("the job was removed (keep_finished_days) meanwhile") from None
+        raise Unavailable("the job changed state while its results were read; try again")
 
     def cancel(self, job):
         """Record a cancel and answer at once: a pending job is cancelled now; a running
@@ -6327,19 +7442,37 @@ class Scheduler:
                 if worker is None:
                     raise Unavailable("the server is not running")
                 try:
-                    data = worker.executor.read_output(job, stream, offset, limit)
+                    with self._node_read():
+                        data = worker.executor.read_output(job, stream, offset, limit)
                 except NodeError as exc:
                     raise Unavailable(f"cannot read the job's output now: {exc}") from None
                 if self._spool.get(job.id).status == "running":
                     return data, job
                 continue
+            folder = self._spool.done_folder(job.id)
             try:
-                with open(self._spool.done_folder(job.id).stream(stream), "rb") as f:
+                with open(folder.stream(stream), "rb") as f:
                     f.seek(offset)
                     return f.read(limit), job
             except FileNotFoundError:
+                if not folder.path.is_dir():
+                    raise NotFound(f"job {job.id} was removed (keep_finished_days) while its "
+                                   "output was read") from None
                 return b"", job
         raise Unavailable("the job changed state while its output was read; try again")
+
+    @contextlib.contextmanager
+    def _node_read(self):
+        """One of the NODE_READERS reads of a node that HTTP threads may wait on at
+        once; Unavailable when all are taken (a stalled node cannot hold every
+        thread)."""
+        if not self._node_reads.acquire(blocking=False):
+            raise Unavailable(f"{NODE_READERS} reads of nodes are under way; try again in a "
+                              "moment")
+        try:
+            yield
+        finally:
+            self._node_reads.release()
 
     def outputs(self, job):
         """A job's files: (the listing GET /api/outputs shows; path -> (size, opener)
@@ -6356,7 +7489,7 @@ class Scheduler:
             at = NodeFiles.outputs(job.id, bool(job.entrypoint))
             link = worker.executor.link
             try:
-                with link.side() as side:
+                with self._node_read(), link.side() as side:
                     entries, more = side.list_tree(at, 2 * self.config.max_output_files + 100)
             except FileNotFoundError:
                 entries, more = [], False
@@ -6368,9 +7501,8 @@ class Scheduler:
                                   for e in files],
                            skipped=[{"path": e.path, "reason": "not a regular file"}
                                     for e in entries if e.kind in ("link", "other")])
-            return listing, {e.path: (e.size, functools.partial(_node_file, link,
-                                                                 f"{at}/{e.path}"))
-                             for e in files}
+            return listing, {e.path: (e.size, functools.partial(
+                _node_file, link, f"{at}/{e.path}", self._node_read)) for e in files}
         stored, folder = self._spool.outputs(job.id)
         if stored is None:
             return dict(base, state=job.outputs or "none", files=[]), {}
@@ -6380,6 +7512,10 @@ class Scheduler:
 
     def wait_finished(self, job, timeout):
         return self._spool.wait_finished(job.id, timeout)
+
+    def kept(self, job):
+        """A context that keeps a finished job from retention while it is read."""
+        return self._spool.kept(job.id)
 
     # -- nodes ---------------------------------------------------------------
 
@@ -6452,6 +7588,8 @@ LOG_POLL = 0.5
 FOLLOW_KEEPALIVE = 2
 #: Follows served at once (each holds one of waitress's 8 threads).
 LOG_FOLLOWERS = 4
+#: Tars of a job's files (?archive=tar) sent at once (each holds a thread too).
+ARCHIVES = 2
 #: Jobs on one page of /api/jobs unless ``limit`` says otherwise, and at most.
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
@@ -6542,9 +7680,11 @@ class Api:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.config = scheduler.config
-        # A follow holds one of waitress's threads while its job runs: cap them, so
-        # that followers never take every thread from submit and status.
+        # A follow holds one of waitress's threads while its job runs, and a tar one
+        # while it is sent: cap them, so that they never take every thread from
+        # submit and status.
         self.followers = threading.BoundedSemaphore(LOG_FOLLOWERS)
+        self.archives = threading.BoundedSemaphore(ARCHIVES)
         self.app = bottle.Bottle(catchall=True)
         self.app.default_error_handler = self._error_page
         for method, path, handler in self.ROUTES:
@@ -6668,36 +7808,17 @@ class Api:
         return self.scheduler.shown(self._job(job_id, self._user()))
 
     def results(self, job_id):
-        """A finished job's record and output, as one JSON object sent in pieces from
-        the stored files: memory per request stays small whatever the output's size."""
+        """A finished job's record and output, as one JSON object made once on disk
+        (Scheduler.answer) and sent from the file: a client that does not read holds
+        no thread, and memory per request stays small whatever the output's size."""
         job = self._job(job_id, self._user())
         query = bottle.request.query
         if set(query) - {"attempt"} or not re.fullmatch(r"[0-9]{1,2}", query.get("attempt", "1")):
             raise BadRequest("the one query parameter is attempt, a number")
-        head = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
-                "error": job.error, **({"attempt": job.attempt} if job.attempt > 1 else {})}
-        if "attempt" in query:  # an earlier attempt's output, kept when it was retried
-            paths, r = self.scheduler.output(job, int(query["attempt"]))
-            head = {"job_id": job.id, "status": "failed", "exit_code": r["exit_code"],
-                    "error": r["error"], "attempt": r["attempt"]}
-        else:
-            paths = self.scheduler.output(job)
+        answer = self.scheduler.answer(job, int(query["attempt"]) if "attempt" in query
+                                       else None)
         bottle.response.content_type = "application/json"
-
-        def pieces():
-            yield json.dumps(head)[:-1]
-            for name, path in paths.items():
-                yield f', "{name}": "'
-                decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                try:
-                    with open(path, "rb") as f:
-                        while chunk := f.read(LOG_CHUNK):
-                            yield json.dumps(decoder.decode(chunk))[1:-1]
-                except FileNotFoundError:
-                    pass
-                yield json.dumps(decoder.decode(b"", final=True))[1:-1] + '"'
-            yield "}"
-        return pieces()
+        return answer  # sent from the file by waitress's event loop (wsgi.file_wrapper)
 
     def cancel(self, job_id):
         """A job, or every job of an array that has not finished yet."""
@@ -6764,16 +7885,19 @@ class Api:
         if any(len(query.getall(k)) > 1 for k in query):
             raise BadRequest("each query parameter may be given once")
         stream = query.get("stream", "stdout")
-        if stream not in ("stdout", "stderr"):
-            raise BadRequest("stream must be stdout or stderr")
+        if stream not in ("stdout", "stderr", "both"):
+            raise BadRequest("stream must be stdout, stderr or (with follow=1) both")
         offset = query.get("offset", "0")
         if not re.fullmatch(r"[0-9]{1,15}", offset):
             raise BadRequest("offset must be a whole number of bytes")
         follow = query.get("follow", "0")
         if follow not in ("0", "1"):
             raise BadRequest("follow must be 0 or 1")
+        if stream == "both" and (follow != "1" or offset != "0"):
+            raise BadRequest("stream=both is for follow=1 from the start (offset 0)")
         if follow == "1":
-            return self._follow_log(job, stream, int(offset))
+            return self._follow_log(job, ("stdout", "stderr") if stream == "both"
+                                    else (stream,), int(offset))
         data, job = self._read_log(job, stream, int(offset))
         return {"job_id": job.id, "status": job.shown_status, "stream": stream,
                 "offset": int(offset), "next_offset": int(offset) + len(data),
@@ -6791,10 +7915,22 @@ class Api:
         listing, files = self.scheduler.outputs(job)
         if "archive" not in query:
             return listing
+        # A tar is made as it is sent, in a thread: a client that does not read holds
+        # it (until channel_timeout), so only ARCHIVES are sent at once.
+        if not self.archives.acquire(blocking=False):
+            raise Unavailable(f"{ARCHIVES} archives are being sent already; try again later, "
+                              "or download the files one by one")
         bottle.response.content_type = "application/x-tar"
         bottle.response.set_header("Content-Disposition",
                                    f'attachment; filename="{job.id}-outputs.tar"')
-        return tar_stream(files)
+
+        def sent():
+            try:
+                with self.scheduler.kept(job):
+                    yield from tar_stream(files)
+            finally:
+                self.archives.release()
+        return sent()
 
     def output_file(self, job_id, path):
         """One of the job's files, with HTTP Range, so that a large checkpoint's
@@ -6819,7 +7955,8 @@ class Api:
         try:
             f = stack.enter_context(opener())
         except FileNotFoundError:
-            raise NotFound("the file is gone from the job's node") from None
+            raise NotFound("the file is gone (from the job's node, or the job was removed)") \
+                from None
         bottle.response.content_type = SHOWN_INLINE.get(
             os.path.splitext(path)[1].lower(), "application/octet-stream")
         if bottle.response.content_type == "application/octet-stream":
@@ -6828,6 +7965,10 @@ class Api:
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
         bottle.response.set_header("Accept-Ranges", "bytes")
         bottle.response.set_header("Content-Length", str(end - start))
+        if isinstance(f, io.BufferedReader):  # in the spool: sent from the file by the
+            f.seek(start)                     # event loop (wsgi.file_wrapper), no thread
+            stack.pop_all()
+            return f
 
         def body():
             with stack:
@@ -6842,14 +7983,14 @@ class Api:
         data, job = self.scheduler.read_output(job, stream, offset, LOG_CHUNK)
         return _whole_utf8(data), job
 
-    def _follow_log(self, job, stream, offset):
+    def _follow_log(self, job, streams, offset):
         if not self.followers.acquire(blocking=False):
             raise Unavailable(f"{LOG_FOLLOWERS} outputs are followed already; try again later "
                               "or read with offsets")
         bottle.response.content_type = "application/x-ndjson"
         token, client = _bearer(), self._client()
 
-        def lines(job, offset):
+        def lines(job, offsets):
             # A space goes out at once (so do the headers) and after every quiet
             # FOLLOW_KEEPALIVE: a client that hung up then fails the write, which
             # frees this thread and its slot.  Leading spaces are valid JSON.
@@ -6860,37 +8001,42 @@ class Api:
             try:
                 yield " "
                 while True:
-                    try:
-                        if time.monotonic() - checked >= FOLLOW_KEEPALIVE:
-                            self.scheduler.authenticate(token, client)  # revoked: it ends
-                            checked = time.monotonic()
-                        data, job = self._read_log(job, stream, offset)
-                        failing_since = None
-                    except Unavailable as exc:
-                        failing_since = failing_since or time.monotonic()
-                        if time.monotonic() - failing_since >= self.config.node_timeout:
+                    got = False
+                    for stream in streams:
+                        try:
+                            if time.monotonic() - checked >= FOLLOW_KEEPALIVE:
+                                self.scheduler.authenticate(token, client)  # revoked: it ends
+                                checked = time.monotonic()
+                            data, job = self._read_log(job, stream, offsets[stream])
+                            failing_since = None
+                        except Unavailable as exc:
+                            failing_since = failing_since or time.monotonic()
+                            if time.monotonic() - failing_since >= self.config.node_timeout:
+                                yield json.dumps({"error": exc.message}) + "\n"
+                                return
+                            data = b""
+                        except GpuqueueError as exc:
                             yield json.dumps({"error": exc.message}) + "\n"
                             return
-                        data = b""
-                    except GpuqueueError as exc:
-                        yield json.dumps({"error": exc.message}) + "\n"
+                        if data:
+                            yield json.dumps({"stream": stream, "offset": offsets[stream],
+                                              "data": data.decode("utf-8", "replace")}) + "\n"
+                            offsets[stream] += len(data)
+                            quiet_since, got = time.monotonic(), True
+                    if got:
+                        continue
+                    if job.status in FINAL_STATES:
+                        yield json.dumps({"end": True, "status": job.status,
+                                          "exit_code": job.exit_code, "error": job.error,
+                                          "next_offset": offsets[streams[0]]}) + "\n"
                         return
-                    if data:
-                        yield json.dumps({"offset": offset, "data": data.decode("utf-8", "replace")}) + "\n"
-                        offset += len(data)
+                    if time.monotonic() - quiet_since >= FOLLOW_KEEPALIVE:
+                        yield " "
                         quiet_since = time.monotonic()
-                    elif job.status in FINAL_STATES:
-                        yield json.dumps({"end": True, "status": job.status, "exit_code": job.exit_code,
-                                          "error": job.error, "next_offset": offset}) + "\n"
-                        return
-                    else:
-                        if time.monotonic() - quiet_since >= FOLLOW_KEEPALIVE:
-                            yield " "
-                            quiet_since = time.monotonic()
-                        self.scheduler.wait_finished(job, LOG_POLL)
+                    self.scheduler.wait_finished(job, LOG_POLL)
             finally:
                 self.followers.release()
-        return lines(job, offset)
+        return lines(job, {s: offset if len(streams) == 1 else 0 for s in streams})
 
     def metrics(self):
         """Prometheus text format; no token, like /api/nodes, and no user names."""
@@ -7263,6 +8409,11 @@ def openapi(config):
                                             "running": {"type": "integer"}}},
                                         "gpus": {"type": "array", "items": ref("GpuReading")},
                                         "gpu_slots": {"type": "array", "items": ref("GpuSlot")},
+                                        "gpu_error": {**nullable_str, "description":
+                                                      "why its last GPU reading gave none"},
+                                        "gpus_from": {"type": "string", "enum": [
+                                            "config", "nvidia-smi", "default"],
+                                            "description": "where its GPUs came from"},
                                         "holding": {"type": "object", "properties": {
                                             "job_id": {"type": "string"},
                                             "gpus": {"type": "array",
@@ -7270,6 +8421,10 @@ def openapi(config):
                                             "until": time_}},
                                         "running_jobs": {"type": "array",
                                                          "items": {"type": "string"}},
+                                        "prepared_jobs": {
+                                            "type": "array", "items": {"type": "string"},
+                                            "description": "jobs made ready to start as "
+                                            "soon as a running job's GPUs free"},
                                         "environments": {
                                             "type": "object", "additionalProperties":
                                             nullable_str, "description": "its environments: "
@@ -7381,12 +8536,14 @@ def openapi(config):
             "/api/logs/{job_id}": {"get": {
                 "summary": "A job's output so far",
                 "description": "Bytes of stdout or stderr from `offset`, read from the node while "
-                               "the job runs. With follow=1: NDJSON lines ({offset, data}...) until "
-                               "a last line {end, status, exit_code, error} or {error}.",
+                               "the job runs. With follow=1: NDJSON lines ({stream, offset, "
+                               "data}...) until a last line {end, status, exit_code, error} or "
+                               "{error}.",
                 "security": secured,
                 "parameters": lenient_id + [
-                    {"name": "stream", "in": "query",
-                     "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+                    {"name": "stream", "in": "query", "description": "both: stdout and "
+                     "stderr together, with follow=1 (each line says which)",
+                     "schema": {"type": "string", "enum": ["stdout", "stderr", "both"]}},
                     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                     {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
                 "responses": {"200": {"description": "output", "content": {
@@ -7814,94 +8971,55 @@ class Incoming:
 
     Names starting with '.' are never looked at: copy a folder in under a
     dot-name, then rename it.  A folder must also have been still for
-    INCOMING_QUIET seconds.  It is claimed (renamed to .accepted, the job id in
-    its name) before its job is queued, so after a crash in between the job is
-    queued exactly once at the next start.
+    INCOMING_QUIET seconds.
+
+    Only the server makes claims.  Before a folder is renamed to .accepted, the
+    claim is written where no user can write (claims/<job id>.json: the folder's
+    name; then its job ids); recovery and delivery read the claims, never names
+    in incoming/, which anyone who may drop a folder may also plant.  A job's
+    results are delivered through a private folder on the same disk and renamed
+    in, so a crash leaves nothing half-written in incoming/; claims/<claim>.<job
+    id>.delivering marks a delivery under way (with what was found planted), and
+    .delivered one that is done.  A name someone planted where a result is due is
+    left as it is, and result.json says what was not delivered and where it is.
     """
 
-    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json|stdout|stderr|result\.json|outputs)"
-                         r"|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
-    CLAIMED = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.accepted\Z")
-    RECEIPT = re.compile(r"\A(?P<name>.+)\.(?P<job_id>[0-9a-f]{24})\.receipt\.json\Z")
+    OUTCOME = re.compile(r"\.(?:[0-9a-f]{24}\.(?:accepted|receipt\.json|stdout|stderr|result\.json"
+                         r"|outputs)|[0-9T]{21}Z\.(?:refused|reason\.txt))\Z")
 
     def __init__(self, scheduler):
         self.dir = scheduler.incoming_dir()
+        self.claims = scheduler.claims_dir()
+        self.scratch = scheduler.scratch_dir("incoming")
         self.scheduler = scheduler
         self.max_bytes = scheduler.config.max_upload_bytes
-        #: Claimed folders still without a receipt (the disk was full, say): tried
-        #: again at every scan.
-        self.unanswered = set()
-        #: Queued jobs whose results are still to be put beside their receipts:
-        #: job id -> the dropped folder's name.
-        self.awaited = {}
+        #: The claims not done yet: claim id (its first job's id) -> its record.
+        self.open = {}
+        #: Names already logged as taken by something planted: said once.
+        self.said = set()
 
     def recover(self):
-        """Queue the jobs of folders claimed before a crash that have no receipt, and
-        await the results of those with a receipt and no result yet."""
-        for entry in os.scandir(self.dir):
-            m = self.CLAIMED.match(entry.name)
-            if m and not (self.dir / f"{m['name']}.{m['job_id']}.receipt.json").exists():
-                self._guarded(self._queue, entry.name, m["name"], m["job_id"])
-            m = self.RECEIPT.match(entry.name)
-            if m:
-                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-                    ids = read_json(entry.path).get("job_ids") or [m["job_id"]]
-                    for each in ids:
-                        if not (self.dir / f"{m['name']}.{each}.result.json").exists():
-                            self.awaited[each] = m["name"]
+        """Take up every claim a former run left unfinished: its job queued (unless it
+        already is), its receipt, its results as its jobs end."""
+        for entry in os.scandir(self.claims):
+            claim_id = entry.name[:-5]
+            if not (entry.name.endswith(".json") and JOB_ID_RE.match(claim_id)):
+                continue
+            try:
+                claim = read_json(entry.path)
+                if not isinstance(claim.get("name"), str):
+                    raise ValueError("no folder name")
+            except (OSError, ValueError, AttributeError) as exc:
+                log.error("incoming: claim %s unreadable, left as it is: %s", claim_id, exc)
+                continue
+            self.open[claim_id] = claim
 
     def scan(self):
-        for claimed in list(self.unanswered):
-            m = self.CLAIMED.match(claimed)
-            self._guarded(self._queue, claimed, m["name"], m["job_id"])
-        for job_id, name in list(self.awaited.items()):
-            self._guarded(self._deliver, job_id, name)
+        for claim_id, claim in list(self.open.items()):
+            self._guarded(self._advance, claim_id, claim)
         for entry in os.scandir(self.dir):
             if not (entry.name.startswith(".") or self.OUTCOME.search(entry.name)):
                 self._guarded(self._take, entry.name)
-
-    def _deliver(self, job_id, name):
-        """Put a finished job's output and outcome beside its receipt, so that a
-        drop-folder user needs no HTTP client at all; result.json goes last."""
-        try:
-            job = self.scheduler.job(job_id)
-        except NotFound:
-            job = None
-        if job is None:
-            log.warning("incoming: job %s of %r is gone; its results cannot be delivered",
-                        job_id, name)
-        elif job.status in FINAL_STATES and job.outputs != "collecting":
-            listing = self._deliver_files(job, name)
-            for stream, path in self.scheduler.output(job).items():
-                write_file(self.dir / f"{name}.{job_id}.{stream}", path.read_bytes(),
-                           sync_dir=False)
-            write_json(self.dir / f"{name}.{job_id}.result.json", {
-                "job_id": job.id, "status": job.status, "exit_code": job.exit_code,
-                "error": job.error, "node_id": job.node_id,
-                "submitted_at": isotime(job.submitted_at), "started_at": isotime(job.started_at),
-                "finished_at": isotime(job.finished_at),
-                "outputs": {k: listing[k] for k in ("state", "skipped", "cut", "error")}})
-        else:
-            return
-        del self.awaited[job_id]
-
-    def _deliver_files(self, job, name):
-        """The job's files as NAME.<id>.outputs/ (by way of a dot-name, so that it
-        is whole once it has its name), before result.json says the job is done."""
-        final = self.dir / f"{name}.{job.id}.outputs"
-        listing, files = self.scheduler.outputs(job)
-        if final.exists():
-            return listing  # delivered before a restart
-        tmp = self.dir / f".{name}.{job.id}.outputs.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for path, (_, opener) in files.items():
-            dest = tmp.joinpath(*path.split("/"))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with opener() as src, open(dest, "xb") as out:
-                shutil.copyfileobj(src, out, FILE_CHUNK)
-        os.rename(tmp, final)
-        return listing
 
     def _guarded(self, step, *args):
         try:
@@ -7918,54 +9036,156 @@ class Incoming:
         except BadRequest as exc:
             self._refuse(name, path, exc.message)
             return
-        job_id = new_job_id()
-        claimed = f"{name}.{job_id}.accepted"
-        os.rename(path, self.dir / claimed)
+        claim_id = new_job_id()
+        claim = {"name": name, "job_ids": None}
+        write_json(self.claims / f"{claim_id}.json", claim)  # the server's claim, first
+        os.rename(path, self.dir / f"{name}.{claim_id}.accepted")
         fsync_dir(self.dir)
-        self._queue(claimed, name, job_id)
+        self.open[claim_id] = claim
+        self._advance(claim_id, claim)
 
-    def _queue(self, claimed, name, job_id):
+    def _advance(self, claim_id, claim):
+        """One step of a claim: its job queued and its receipt written (once), each
+        job's results delivered once it has ended, then the claim forgotten."""
+        if claim["job_ids"] is None and not self._queue(claim_id, claim):
+            return
+        name, done = claim["name"], 0
+        for job_id in claim["job_ids"]:
+            if (self.claims / f"{claim_id}.{job_id}.delivered").exists() or \
+                    self._deliver(claim_id, job_id, name):
+                done += 1
+        if done == len(claim["job_ids"]):
+            for job_id in claim["job_ids"]:
+                (self.claims / f"{claim_id}.{job_id}.delivered").unlink(missing_ok=True)
+            (self.claims / f"{claim_id}.json").unlink()
+            del self.open[claim_id]
+
+    def _queue(self, claim_id, claim):
         """Queue a claimed folder's job (unless a crash left it queued already), then
-        write its receipt."""
-        path = self.dir / claimed
-        self.unanswered.add(claimed)
+        write its receipt; False while it must wait (or once it was refused)."""
+        name = claim["name"]
+        path = self.dir / f"{name}.{claim_id}.accepted"
         array = None
         try:
-            job = self.scheduler.job(job_id)
+            job = self.scheduler.job(claim_id)
             position, start = self.scheduler.queue_position(job)
         except NotFound:
             try:
-                try:  # an array queued before a crash: its id is the folder's
-                    array = {"array_id": job_id,
-                             "job_ids": self.scheduler.array(job_id)["job_ids"]}
+                try:  # an array queued before a crash: its id is the claim's
+                    array = {"array_id": claim_id,
+                             "job_ids": self.scheduler.array(claim_id)["job_ids"]}
                     job, position, start = self.scheduler.job(array["job_ids"][0]), None, None
                 except NotFound:
                     script, config = self._files(path)
                     job, position, start, _, array = self.scheduler.submit(script, config,
-                                                                           job_id=job_id)
+                                                                           job_id=claim_id)
             except Unavailable as exc:
                 log.warning("incoming: %r waits: %s", name, exc.message)
-                return  # tried again at the next scan
+                return False  # tried again at the next scan
             except GpuqueueError as exc:
-                self._refuse(claimed, path, exc.message, name)
-                self.unanswered.discard(claimed)
-                return
-        write_json(self.dir / f"{name}.{job_id}.receipt.json", {
+                self._refuse(f"{name}.{claim_id}.accepted", path, exc.message, name)
+                (self.claims / f"{claim_id}.json").unlink()
+                del self.open[claim_id]
+                return False
+        claim["job_ids"] = array["job_ids"] if array else [job.id]
+        self._publish(f"{name}.{claim_id}.receipt.json", json.dumps({
             "job_id": job.id, "node_id": job.node_id, "status": "pending",
             "queue_position": position, "estimated_start": isotime(start),
             "submitted_at": isotime(job.submitted_at),
-            "user_id": job.user_id, **(array or {})})
-        self.unanswered.discard(claimed)
-        for each in (array["job_ids"] if array else [job.id]):  # an array's: each its own
-            self.awaited[each] = name
-        log.info("incoming: %r became %s %s", name, "array" if array else "job", job_id)
+            "user_id": job.user_id, **(array or {})}, indent=1).encode() + b"\n")
+        write_json(self.claims / f"{claim_id}.json", claim)
+        log.info("incoming: %r became %s %s", name, "array" if array else "job", claim_id)
+        return True
+
+    def _deliver(self, claim_id, job_id, name):
+        """Put a finished job's output and outcome beside its receipt, so that a
+        drop-folder user needs no HTTP client at all; result.json goes last.  True
+        once delivered (or once there is nothing left to deliver it for)."""
+        try:
+            job = self.scheduler.job(job_id)
+        except NotFound:
+            log.warning("incoming: job %s of %r is gone; its results cannot be delivered",
+                        job_id, name)
+            return True
+        if job.status not in FINAL_STATES or job.outputs == "collecting":
+            return False
+        marker = self.claims / f"{claim_id}.{job_id}.delivering"
+        stem = f"{name}.{job_id}"
+        items = ("stdout", "stderr", "outputs", "result.json")
+        try:
+            planted = read_json(marker)["planted"]  # a delivery cut short: go on with it
+        except (OSError, ValueError, KeyError, TypeError):
+            planted = [i for i in items if os.path.lexists(self.dir / f"{stem}.{i}")]
+            write_json(marker, {"planted": planted})
+        with self.scheduler.kept(job):
+            listing = self._deliver_files(job, f"{stem}.outputs", planted)
+            for stream, path in self.scheduler.output(job).items():
+                if stream not in planted:
+                    self._publish(f"{stem}.{stream}", source=path)
+        result = {"job_id": job.id, "status": job.status, "exit_code": job.exit_code,
+                  "error": job.error, "node_id": job.node_id,
+                  "submitted_at": isotime(job.submitted_at),
+                  "started_at": isotime(job.started_at),
+                  "finished_at": isotime(job.finished_at),
+                  "outputs": {k: listing[k] for k in ("state", "skipped", "cut", "error")}}
+        if planted:
+            result["undelivered"] = {
+                item: f"{stem}.{item} was already taken (by something put there by someone "
+                      f"else) and was left as it is; GET /api/{'outputs' if item == 'outputs' else 'results'}/{job.id} has it"
+                for item in planted}
+            if (stem, tuple(planted)) not in self.said:
+                self.said.add((stem, tuple(planted)))
+                log.warning("incoming: %s of %r not delivered: the name was taken",
+                            ", ".join(planted), name)
+        if "result.json" not in planted:
+            self._publish(f"{stem}.result.json", json.dumps(result, indent=1,
+                                                             sort_keys=True).encode() + b"\n")
+        os.rename(marker, self.claims / f"{claim_id}.{job_id}.delivered")
+        return True
+
+    def _deliver_files(self, job, target, planted):
+        """The job's files as NAME.<id>.outputs/, made in the private scratch folder
+        and renamed in whole, before result.json says the job is done (unless the
+        name was taken: then they stay on the server alone)."""
+        listing, files = self.scheduler.outputs(job)
+        if "outputs" in planted:
+            return listing
+        final = self.dir / target
+        if final.is_dir() and not final.is_symlink():
+            return listing  # delivered before a crash
+        tmp = self.scratch / job.id
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for path, (_, opener) in files.items():
+            dest = tmp.joinpath(*path.split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with opener() as src, open(dest, "xb") as out:
+                shutil.copyfileobj(src, out, FILE_CHUNK)
+        os.rename(tmp, final)
+        return listing
+
+    def _publish(self, name, data=b"", source=None):
+        """A file in incoming/ (``data``, or a copy of the file ``source``), written in
+        the private scratch folder, synced and renamed in: whole or absent, never a
+        temporary name in the users' folder."""
+        tmp = self.scratch / f"{secrets.token_hex(8)}.tmp"
+        with open(tmp, "xb") as out:
+            if source is None:
+                out.write(data)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out, FILE_CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(tmp, self.dir / name)
+        fsync_dir(self.dir)
 
     def _refuse(self, current, path, reason, name=None):
         """Set the folder aside, then say why: the reason file is what a user (or a
         script) waits for, so it must not appear before the folder it speaks of."""
         base = f"{name or current}.{utcnow().strftime('%Y%m%dT%H%M%S%f')}Z"
         os.rename(path, self.dir / f"{base}.refused")
-        write_file(self.dir / f"{base}.reason.txt", f"refused: {reason}\n")
+        self._publish(f"{base}.reason.txt", f"refused: {reason}\n".encode())
         log.warning("incoming: refused %r: %s", name or current, reason)
 
     @staticmethod
@@ -8070,6 +9290,8 @@ def _read_nofollow(path):
 CONTROL_TIMEOUT = 15
 #: Replies nobody collected (their command gave up waiting) go after this long.
 CONTROL_REPLY_TTL = 3600
+#: The most bytes of a request: an admin command's take a few dozen.
+MAX_CONTROL_BYTES = 64 * 1024
 
 
 class Control:
@@ -8103,26 +9325,47 @@ class Control:
     def _answer(self, name):
         path = self.dir / f"{name}.request.json"
         try:
-            owner = path.lstat().st_uid
+            request = self._read(path)
         except FileNotFoundError:
             return
-        if owner != os.getuid() or path.is_symlink():
-            log.warning("control: request %s refused: it is not the server user's own file", name)
-            path.unlink()
+        except ValueError as exc:  # set aside, never carried out, never in the way
+            self.scheduler.quarantine(path, f"control request set aside: {exc}")
+            write_json(self.dir / f"{name}.reply.json",
+                       {"ok": False, "error": f"unreadable request, set aside: {exc}"})
             return
         try:
-            request = read_json(path)
-        except (OSError, ValueError) as exc:
-            reply = {"ok": False, "error": f"unreadable request: {exc}"}
-        else:
-            try:
-                reply = self.apply(request)
-            except Exception as exc:
-                log.exception("control: request %s failed", name)
-                reply = {"ok": False, "error": f"internal error: {exc}"}
+            reply = self.apply(request)
+        except Exception as exc:
+            log.exception("control: request %s failed", name)
+            reply = {"ok": False, "error": f"internal error: {exc}"}
         write_json(self.dir / f"{name}.reply.json", reply)
         path.unlink()
         fsync_dir(self.dir)
+
+    @staticmethod
+    def _read(path):
+        """A request's JSON, read as nothing may jam the scan: only a regular file of
+        the server's own user, opened without following a link or waiting on a
+        FIFO, MAX_CONTROL_BYTES at most, nested no deeper than the parser takes;
+        ValueError saying why not."""
+        try:
+            with open_regular(path) as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid != os.getuid():
+                    raise ValueError("it is not the server user's own file")
+                if st.st_size > MAX_CONTROL_BYTES:
+                    raise ValueError(f"larger than {MAX_CONTROL_BYTES} bytes")
+                data = f.read(MAX_CONTROL_BYTES + 1)
+        except NotRegular as exc:
+            raise ValueError(f"not a regular file but {exc.strerror}") from None
+        except PermissionError as exc:
+            raise ValueError(f"unreadable: {exc.strerror}") from None
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("nested deeper than a request can be") from None
+        except ValueError:
+            raise ValueError("not JSON") from None
 
     def apply(self, req):
         """Carry out one request; returns the reply: ``ok``, then ``error`` or the data."""
@@ -8165,12 +9408,16 @@ def served_spool(config):
     has used: run from the wrong folder, it would make a new empty spool (or tokens
     file) there and report a success that changed nothing."""
     if not (config.spool / "server.lock").is_file():
-        found = (f"the config {config.source}" if config.source else
-                 f"the built-in default config, as {Path.cwd()} has no {DEFAULT_CONFIG_FILE}")
+        if config.source:
+            raise ConfigError(
+                f"no gpuqueue server has used the spool {config.spool} (from the config "
+                f"{config.source}): start the server with that config first, or name the "
+                "config of the server that runs with --config PATH or GPUQUEUE_CONFIG")
         raise ConfigError(
-            f"no gpuqueue server has used the spool {config.spool} (from {found}); run this "
-            "where the server runs (once it has started), or name its config with --config "
-            "PATH or GPUQUEUE_CONFIG")
+            f"no gpuqueue server has used the spool {config.spool} (the built-in default "
+            "config's, beside gpuqueue.py): start it with 'make run' first, or, for a server "
+            "started with a config file, name that file with --config PATH or "
+            "GPUQUEUE_CONFIG")
 
 
 def admin_tokens(config):
@@ -8227,10 +9474,35 @@ def _ask_server(folder, request):
 #: Seconds the client waits before it sends a submit again whose connection broke.
 SUBMIT_RETRIES = (1, 2, 4)
 CLIENT_COMMANDS = ("submit", "status", "results", "cancel", "logs", "jobs", "outputs")
+#: The server's commands, for the help of a python that cannot run them.
+SERVER_COMMANDS = ("serve", "tokens", "nodes", "jobs list", "jobs cancel")
 #: Where the client commands look for the server unless told (--server, GPUQUEUE_URL).
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Seconds between a waiting client's looks at its job.
 WAIT_POLL = 1.0
+#: Seconds of silence after which a client gives up a stream (a follow, a waiting
+#: submit): the server sends a space every FOLLOW_KEEPALIVE seconds meanwhile.
+FOLLOW_SILENCE = 20
+
+
+def server_root(url):
+    """The server's root URL from what a user gave (--server, GPUQUEUE_URL): http://
+    is assumed when no scheme is given; a path is refused, as every route is the
+    root's own (a URL ending in /api would make every answer a 404)."""
+    given = url.strip()
+    full = given if "://" in given else f"http://{given}"
+    try:
+        parts = urllib.parse.urlsplit(full)
+        parts.port  # a port that is no number raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise GpuqueueError(f"{url!r} is not a URL: give the server's root URL, like "
+                            f"{DEFAULT_URL}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise GpuqueueError(f"{url} is not the server's root URL: give it without a path, "
+                            f"like {parts.scheme}://{parts.netloc}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 # -- client commands: the HTTP API for people and scripts ----------------------
@@ -8240,7 +9512,7 @@ class Client:
     """The HTTP API as the client commands call it."""
 
     def __init__(self, server, token):
-        self.server = server.rstrip("/")
+        self.server = server_root(server)
         self.token = token
 
     def _request(self, method, path, body=None, headers=None):
@@ -8255,27 +9527,46 @@ class Client:
             return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             try:
-                message = json.load(exc)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = exc.reason
+                message = json.loads(exc.read(65536))["error"]
+            except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
+                message = f"{exc.reason}, from what is not a gpuqueue server's answer: is " \
+                          f"{self.server} the server's root URL?"
             raise GpuqueueError(f"{message} (HTTP {exc.code})") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise Unavailable(f"cannot reach {self.server}: "
-                              f"{getattr(exc, 'reason', exc)}") from None
+                              f"{getattr(exc, 'reason', None) or exc!r}") from None
+
+    def _not_ours(self, r, exc):
+        return Unavailable(f"{self.server} did not answer as a gpuqueue server does "
+                           f"({r.headers.get('Content-Type', 'no type')}: {exc}); is it "
+                           "the server's root URL?")
 
     def call(self, method, path, body=None, headers=None):
         with self._open(self._request(method, path, body, headers)) as r:
-            return json.load(r)
+            try:
+                answer = json.load(r)
+            except (ValueError, OSError, http.client.HTTPException) as exc:
+                raise self._not_ours(r, exc) from None
+        if not isinstance(answer, dict):
+            raise self._not_ours(r, "not a JSON object")
+        return answer
 
     def lines(self, path):
-        """The NDJSON lines of a streamed answer, as they arrive."""
-        try:
-            with self._open(self._request("GET", path), timeout=None) as r:
+        """The NDJSON lines of a streamed answer, as they arrive; Unavailable when it
+        breaks, or stays silent (not even a keep-alive space) FOLLOW_SILENCE seconds."""
+        with self._open(self._request("GET", path), timeout=FOLLOW_SILENCE) as r:
+            try:
                 for line in r:
                     if line.strip():  # a quiet follow's keep-alive spaces
-                        yield json.loads(line)
-        except (OSError, ValueError) as exc:
-            raise Unavailable(f"the stream from {self.server} broke: {exc}") from None
+                        item = json.loads(line)
+                        if not isinstance(item, dict):
+                            raise ValueError("a line that is not a JSON object")
+                        yield item
+            except TimeoutError:
+                raise Unavailable(f"{self.server} sent nothing for {FOLLOW_SILENCE} s: gave "
+                                  "up following (the job goes on)") from None
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                raise Unavailable(f"the stream from {self.server} broke: {exc}") from None
 
     def submit(self, script, config, array=None):
         """Submit a script, or a folder (packed by pack_project, within the
@@ -8434,9 +9725,10 @@ def _show(job):
 
 def _exit_status(job):
     """The shell status that stands for a job's end: its exit code, 128 + the
-    signal that killed it, or 1 when it has none (cancelled, timeout, lost)."""
-    code = job["exit_code"]
-    if code is None:
+    signal that killed it, or 1 when gpuqueue ended it (cancelled, timeout) or it
+    has none (lost)."""
+    code = job.get("exit_code")
+    if code is None or job.get("status") == "cancelled" or job.get("error") == "timeout":
         return 1
     return 128 - code if code < 0 else min(code, 255)
 
@@ -8529,11 +9821,21 @@ def _watch(client, job):
             progress.show(*_progress_line(job))
             time.sleep(WAIT_POLL)  # a client's poll; the server holds nothing open for it
     except KeyboardInterrupt:
-        fate = "stays queued" if job["status"] == "pending" else "keeps running"
-        progress.end(f"gpuqueue: stopped waiting; job {job['job_id']} {fate}.  Follow it with "
-                     f"'gpuqueue.py logs -f {job['job_id']}', cancel it with "
-                     f"'gpuqueue.py cancel {job['job_id']}'")
+        progress.end(_stopped_waiting(job))
         return None
+
+
+def _me():
+    """This command as a user would type it again (python3 and the script's path)."""
+    return f"python3 {shlex.quote(sys.argv[0] or 'gpuqueue.py')}"
+
+
+def _stopped_waiting(job):
+    """What a Ctrl-C while a job is waited for leaves: the job, and how to go on."""
+    fate = "stays queued" if job.get("status") == "pending" else "keeps running"
+    return (f"gpuqueue: stopped waiting; job {job['job_id']} {fate}.  Follow it with "
+            f"'{_me()} logs -f {job['job_id']}', cancel it with "
+            f"'{_me()} cancel {job['job_id']}'")
 
 
 def cli_submit(args, client):
@@ -8546,14 +9848,24 @@ def cli_submit(args, client):
               f"'gpuqueue.py jobs --array {job['array_id']}'")
         return 0
     if not args.wait:
-        print(json.dumps(job, indent=1) if args.json else
-              f"{job['job_id']}  pending on node {job['node_id']}, "
-              f"{_in_line(job['queue_position'])}, estimated start {job['estimated_start']}")
+        where = (f"pending on node {job['node_id']}, {_in_line(job['queue_position'])}, "
+                 f"estimated start {job['estimated_start']}")
+        if args.json:
+            print(json.dumps(job, indent=1))
+        elif sys.stdout.isatty():
+            print(f"{job['job_id']}  {where}")
+        else:  # J=$(... submit ...): the job id alone
+            print(job["job_id"])
+            print(f"gpuqueue: job {job['job_id']} {where}", file=sys.stderr)
         return 0
     if args.json:  # for scripts: no progress, the results at the end
-        while client.call("GET", client.job_path("status", job["job_id"]))["status"] \
-                not in FINAL_STATES:
-            time.sleep(WAIT_POLL)
+        try:
+            while client.call("GET", client.job_path("status", job["job_id"]))["status"] \
+                    not in FINAL_STATES:
+                time.sleep(WAIT_POLL)
+        except KeyboardInterrupt:
+            print(_stopped_waiting(job), file=sys.stderr)
+            return 130
         results = client.call("GET", client.job_path("results", job["job_id"]))
         if args.outputs:
             _download_outputs(client, job["job_id"], args.outputs, quiet=True)
@@ -8630,28 +9942,45 @@ def cli_cancel(args, client):
 
 
 def cli_logs(args, client):
-    path = f"{client.job_path('logs', args.job_id)}?stream={args.stream}"
+    """What a job wrote, stdout on stdout and stderr on stderr (or the one --stream
+    names); with -f, as it is written, until the job ends: then its status on
+    stderr, and its exit status as this command's, as submit --wait does."""
+    streams = [args.stream] if args.stream else ["stdout", "stderr"]
+    outs = {"stdout": sys.stdout, "stderr": sys.stderr}
+    base = client.job_path("logs", args.job_id)
     if not args.follow:
-        offset = 0
-        while True:
-            part = client.call("GET", f"{path}&offset={offset}")
+        for stream in streams:
+            offset = 0
+            while True:
+                part = client.call("GET", f"{base}?stream={stream}&offset={offset}")
+                if args.json:
+                    print(json.dumps(part))
+                else:
+                    outs[stream].write(part["data"])
+                if part["next_offset"] == offset:
+                    break
+                offset = part["next_offset"]
+        return 0
+    which = args.stream or "both"
+    try:
+        for line in client.lines(f"{base}?stream={which}&follow=1"):
             if args.json:
-                print(json.dumps(part))
-            else:
-                sys.stdout.write(part["data"])
-            if part["next_offset"] == offset:
-                return 0
-            offset = part["next_offset"]
-    for line in client.lines(f"{path}&follow=1"):
-        if args.json:
-            print(json.dumps(line), flush=True)
-        elif "data" in line:
-            sys.stdout.write(line["data"])
-            sys.stdout.flush()
-        if line.get("end"):
-            return 0
-        if "error" in line:
-            raise GpuqueueError(f"following the output failed: {line['error']}")
+                print(json.dumps(line), flush=True)
+            elif "data" in line:
+                out = outs[line.get("stream", args.stream or "stdout")]
+                out.write(line["data"])
+                out.flush()
+            if line.get("end"):
+                if not args.json:
+                    outcome = line.get("error") or f"exit code {line.get('exit_code')}"
+                    print(f"gpuqueue: job {args.job_id} {line.get('status')}: {outcome}",
+                          file=sys.stderr)
+                return _exit_status(line)
+            if "error" in line:
+                raise GpuqueueError(f"following the output failed: {line['error']}")
+    except KeyboardInterrupt:
+        print(f"gpuqueue: stopped following; job {args.job_id} goes on", file=sys.stderr)
+        return 130
     raise Unavailable("the output stream ended before the job did")
 
 
@@ -8660,10 +9989,11 @@ def cli_jobs(args, client):
                                                       ("user_id", args.user),
                                                       ("array", args.array),
                                                       ("limit", args.limit)) if v is not None})
-    found = client.call("GET", f"/api/jobs?{query}")["jobs"]
-    if args.json:
-        print(json.dumps(found, indent=1))
+    page = client.call("GET", f"/api/jobs?{query}")
+    if args.json:  # the API's own shape: {"jobs": [...], "next_cursor": ...}
+        print(json.dumps(page, indent=1))
         return 0
+    found = page["jobs"]
     print(f"{'JOB':<25} {'USER':<16} {'STATUS':<10} {'NODE':>4} {'SUBMITTED':<20} EXIT")
     for j in found:
         print(f"{j['job_id']:<25} {j['user_id'][:16]:<16} {j['status']:<10} {j['node_id']:>4} "
@@ -8677,14 +10007,22 @@ def _limit(text):
     return int(text)
 
 
+class _ArgParser(argparse.ArgumentParser):
+    """argparse, its errors with gpuqueue's one prefix."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"gpuqueue: {message}\n")
+
+
 def client_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = _ArgParser(add_help=False)
     common.add_argument("--server", default=os.environ.get("GPUQUEUE_URL", DEFAULT_URL),
                         help=f"The server's URL (or GPUQUEUE_URL; default {DEFAULT_URL}).")
     common.add_argument("--token", default=os.environ.get("GPUQUEUE_TOKEN"),
                         help="Your token (or GPUQUEUE_TOKEN).")
     common.add_argument("--json", action="store_true", help="Print JSON, for scripts.")
-    parser = argparse.ArgumentParser(
+    parser = _ArgParser(
         prog="gpuqueue.py", description="gpuqueue's client: talks to a gpuqueue server over "
         "HTTP and needs nothing but python3.  The server's own commands: gpuqueue.py --help "
         "where the server is installed.")
@@ -8721,8 +10059,10 @@ def client_parser():
     p = command("logs", cli_logs, "What a job has written so far, read from its node while "
                                   "it runs.")
     p.add_argument("job_id")
-    p.add_argument("-f", "--follow", action="store_true", help="Keep printing until the job ends.")
-    p.add_argument("--stream", choices=("stdout", "stderr"), default="stdout")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="Keep printing until the job ends, then exit with its exit status.")
+    p.add_argument("--stream", choices=("stdout", "stderr"),
+                   help="Only this stream (default: stdout on stdout, stderr on stderr).")
     p = command("jobs", cli_jobs, "Your jobs from the server, newest first (an admin on the "
                                   "server's machine also has 'jobs list' and 'jobs cancel').")
     p.add_argument("--status", choices=STATES, help="Only jobs in this state.")
@@ -8733,17 +10073,26 @@ def client_parser():
 
 
 def client_main(argv):
+    """A client command: its exit status; every error one line starting 'gpuqueue: ',
+    whatever the server answered (or did not), and never a traceback."""
     args = client_parser().parse_args(argv)
     try:
         return args.run(args, Client(args.server, args.token))
     except GpuqueueError as exc:
-        print(f"Error: {exc.message}", file=sys.stderr)
+        print(f"gpuqueue: {exc.message}", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # the reader of our output went away: main() ends quietly
     except OSError as exc:  # a file to submit that cannot be read
-        print(f"Error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        print(f"gpuqueue: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        print(f"gpuqueue: the server's answer lacks what a gpuqueue server sends "
+              f"({type(exc).__name__}: {exc}); is {args.server} one, of this release?",
+              file=sys.stderr)
     return 1
+
 
 
 # -- the server's commands: on the server's machine ------------------------------
@@ -8799,14 +10148,16 @@ def _banner(config, server, tokens):
     here = f"http://{'127.0.0.1' if everywhere else host}:{port}"
     print(f"dashboard {here}/ui  API docs {here}/docs")
     if not tokens.records():
-        named = f" --config {config.source}" if config.source else ""
-        print(f"no tokens yet: create one with 'python3 gpuqueue.py{named} tokens create USER'")
+        here = Path(__file__).resolve()
+        me = "gpuqueue.py" if Path.cwd().resolve() == here.parent else shlex.quote(str(here))
+        named = f" --config {shlex.quote(str(config.source))}" if config.source else ""
+        print(f"no tokens yet: create one with 'python3 {me}{named} tokens create USER'")
     sys.stdout.flush()
     if everywhere or not ipaddress.ip_address(host).is_loopback:
         log.warning("listening on %s: anyone who can reach this machine can reach the API; "
                     "set 'host: 127.0.0.1' in the config to keep it to this machine",
                     "every address" if everywhere else host)
-    if any(n.is_local for n in config.nodes):
+    if any(n.is_local and not n.run_as for n in config.nodes):
         log.warning("local nodes run jobs as this server's own user: such a job can read and "
                     "change the spool, other jobs' records and the token file (see 'run_as')")
 
@@ -8884,6 +10235,8 @@ def server_cli():
                 return super().invoke(ctx)
             except GpuqueueError as exc:
                 raise click.ClickException(exc.message) from None
+            except BrokenPipeError:
+                raise  # the reader of our output went away: main() ends quietly
             except OSError as exc:  # a path this machine refuses: say which, in one line
                 where = f" {exc.filename}" if exc.filename else ""
                 raise click.ClickException(f"{exc.strerror or exc}:{where}") from None
@@ -8891,18 +10244,18 @@ def server_cli():
     @click.group(cls=Cli, epilog=(
         f"Client commands, which need only python3: {', '.join(CLIENT_COMMANDS)} (see "
         "'gpuqueue.py submit --help').  Admin commands act on the spool of the server "
-        f"whose config they are given: --config, GPUQUEUE_CONFIG, or ./{DEFAULT_CONFIG_FILE}."))
+        f"whose config they are given: --config, GPUQUEUE_CONFIG, ./{DEFAULT_CONFIG_FILE}, "
+        f"{DEFAULT_CONFIG_FILE} beside gpuqueue.py, or the built-in one (make run's)."))
     @click.option("--config", "config_path", envvar="GPUQUEUE_CONFIG",
                   type=click.Path(dir_okay=False),
-                  help=f"Config file (default: ./{DEFAULT_CONFIG_FILE} when present, else 8 "
-                       "local nodes and ./spool).")
+                  help=f"Config file (default: ./{DEFAULT_CONFIG_FILE}, else "
+                       f"{DEFAULT_CONFIG_FILE} beside gpuqueue.py, else the built-in one: 8 "
+                       "local nodes, spool/ and tokens.yaml beside gpuqueue.py).")
     @click.version_option(__version__, prog_name="gpuqueue", message="%(prog)s %(version)s")
     @click.pass_context
     def cli(ctx, config_path):
         """gpuqueue: a GPU job queue server."""
-        if config_path is None and Path(DEFAULT_CONFIG_FILE).exists():
-            config_path = DEFAULT_CONFIG_FILE
-        ctx.obj = load_config(config_path)
+        ctx.obj = load_config(config_path or default_config_file())
 
     @cli.command("serve")
     @click.option("--host", help="Address to listen on (default: config 'host').")
@@ -9002,10 +10355,35 @@ def _command(argv):
     return first
 
 
+def _venv_python():
+    """The python of the virtualenv beside this file (``make run`` makes .venv there),
+    when there is one and it is not the one running: the server's commands run
+    under it, so that they work as printed, with the machine's python3."""
+    venv = Path(__file__).resolve().parent / ".venv"
+    python = venv / "bin" / "python"
+    if python.exists() and Path(sys.prefix).resolve() != venv.resolve():
+        return python
+    return None
+
+
 def main(argv=None):
-    """Client commands run on the standard library alone; the server's import its
-    packages, and say which one is missing when one is."""
+    """The command line's exit status.  Output cut short by its reader (``| head``)
+    ends the command quietly, as it ends any program that writes to a pipe."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # nothing more may reach the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a writer killed by SIGPIPE
+
+
+def _main(argv):
+    """Client commands run on the standard library alone; the server's import its
+    packages, from the virtualenv beside this file when the python running it lacks
+    them, and else say which one is missing."""
     command = _command(argv)
     if argv[:1] in (["--version"], ["-V"]):
         print(f"gpuqueue {__version__}")
@@ -9016,13 +10394,42 @@ def main(argv=None):
         for package in ("click", "bottle", "waitress", "yaml", "filelock"):
             importlib.import_module(package)
     except ImportError as exc:
+        venv = _venv_python()
+        if venv is not None:
+            sys.stdout.flush()
+            os.execv(venv, [str(venv), str(Path(__file__).resolve()), *argv])
         if command in (None, "-h", "--help"):
             client_parser().print_help()
+            print(f"\nThe server's commands ({', '.join(SERVER_COMMANDS)}) need the packages "
+                  "of requirements.txt: 'make run' installs them into .venv beside "
+                  "gpuqueue.py, which these commands then use by themselves.")
+            return 0 if command else 2
         print(f"gpuqueue: the server's commands need the package {exc.name!r}, which this "
-              "python lacks: install requirements.txt (make run does), or use the client "
-              f"commands, which need nothing: {', '.join(CLIENT_COMMANDS)}", file=sys.stderr)
+              f"python lacks: run 'make run' in {Path(__file__).resolve().parent} (it makes "
+              ".venv beside gpuqueue.py, which these commands then use by themselves), or "
+              "install requirements.txt; the client commands need nothing: "
+              f"{', '.join(CLIENT_COMMANDS)}", file=sys.stderr)
         return 1
-    return server_cli().main(argv, prog_name="gpuqueue.py")
+    return _server_main(argv)
+
+
+def _server_main(argv):
+    """A server command, its errors (Click's own usage errors too) with gpuqueue's one
+    prefix."""
+    import click
+    try:
+        status = server_cli().main(argv, prog_name="gpuqueue.py", standalone_mode=False)
+    except click.UsageError as exc:
+        if exc.ctx is not None:
+            print(exc.ctx.get_usage(), file=sys.stderr)
+        print(f"gpuqueue: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except click.ClickException as exc:
+        print(f"gpuqueue: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except click.Abort:
+        return 130
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -220,6 +220,10 @@ def open_to_nodes(path, writable=True):
     return path
 
 
+#: The port of the server that ``make cluster``'s config sets.
+CLUSTER_PORT = 8001
+
+
 def main(folder):
     """``make cluster``: start the cluster, write its config, run until Ctrl-C."""
     root = Path(folder).resolve()
@@ -229,14 +233,22 @@ def main(folder):
             subprocess.run(["rm", "-rf", str(old)], check=True)
         else:
             old.unlink()
+    if os.getuid() == 0:
+        print(f"the nodes log in as the unprivileged user {NODE_USER}, created now if "
+              "missing (with an empty home)", flush=True)
     cluster = Cluster(root).start()
-    cfg = cluster.config(host="127.0.0.1", spool=str(root / "spool"),
+    # Port 8001, so that it runs beside a `make run` server (which has 8000).
+    cfg = cluster.config(host="127.0.0.1", port=CLUSTER_PORT, spool=str(root / "spool"),
                          tokens=str(root / "tokens.yaml"))
     (root / "gpuqueue.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    me = f"python3 {Path(__file__).resolve().parent.parent / 'gpuqueue.py'}"
     print(f"sshd cluster up: jump host {JUMP_ADDR}:{cluster.jump.port}, nodes "
           f"{node_addr(0)}-{node_addr(len(cluster.nodes) - 1)} port {cluster.nodes[0].port}")
-    print(f"in another terminal:\n  .venv/bin/python gpuqueue.py --config {root}/gpuqueue.yaml "
-          f"tokens create alice\n  .venv/bin/python gpuqueue.py --config {root}/gpuqueue.yaml serve")
+    print(f"in another terminal:\n  {me} --config {root}/gpuqueue.yaml tokens create alice\n"
+          f"  {me} --config {root}/gpuqueue.yaml serve\n"
+          f"(it serves on http://127.0.0.1:{CLUSTER_PORT}: GPUQUEUE_URL=http://127.0.0.1:"
+          f"{CLUSTER_PORT} for the client)")
+    print("this stays in the foreground until Ctrl-C, which stops the cluster", flush=True)
     until_interrupted(cluster)
 
 

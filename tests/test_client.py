@@ -56,7 +56,8 @@ def test_submit_then_status_results_jobs_as_json(make_server, tmp_path):
     res = client(server, "results", sub["job_id"])
     assert res.returncode == 0 and res.stdout == "hello\n"
     listed = json.loads(client(server, "jobs", "--status", "completed", "--json").stdout)
-    assert [j["job_id"] for j in listed] == [sub["job_id"]]
+    assert set(listed) == {"jobs", "next_cursor"}  # the API's own shape
+    assert [j["job_id"] for j in listed["jobs"]] == [sub["job_id"]]
     table = client(server, "jobs").stdout
     assert sub["job_id"] in table and "completed" in table
 
@@ -119,7 +120,9 @@ def test_logs_follow_streams_until_the_job_ends(server):
 def test_logs_follow_from_the_client_and_bad_queries(server, tmp_path):
     sub = server.submit_ok(SLOW.format(0.5), expected_time=30)
     r = client(server, "logs", sub["job_id"], "-f")
-    assert r.returncode == 0 and r.stdout == "first\nsecond é\n", r.stderr
+    # stdout on stdout, stderr on stderr, then the job's end; it exits as the job did.
+    assert r.returncode == 3 and r.stdout == "first\nsecond é\n", r.stderr
+    assert r.stderr == f"oops\ngpuqueue: job {sub['job_id']} failed: exit code 3\n", r.stderr
     token = server.token()
     for query in ("stream=stdin", "offset=-1", "offset=x", "follow=yes", "what=1",
                   "offset=1&offset=2"):

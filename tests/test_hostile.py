@@ -31,7 +31,7 @@ OK_LINE = "gpuqueue hostile ok"
 OK_CODE = f"print({OK_LINE!r})\n".encode()
 #: The files a finished job's spool folder may hold.
 DONE_FILES = {"code.py", "config.yaml", "job.json", "start.json", "stdout", "stderr",
-              "result.json", "launching", "outputs", "outputs.json"}
+              "result.json", "launching", "outputs", "outputs.json", "answer.json"}
 
 
 # -- the shared server ------------------------------------------------------

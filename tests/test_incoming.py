@@ -166,6 +166,11 @@ def test_a_claimed_folder_without_receipt_is_queued_once_after_a_crash(make_serv
     claimed.mkdir()
     (claimed / "a.py").write_text(f"open({str(runs)!r}, 'a').write('x')\nprint('once')\n")
     (claimed / "config.yaml").write_text(job_config("alice", 5, token=token))
+    # The server's own record of its claim, written before the rename (a planted
+    # .accepted without one is ignored: tests/test_round3_folders.py).
+    claims = server.dir / "spool" / "claims"
+    claims.mkdir()
+    (claims / f"{job_id}.json").write_text(json.dumps({"name": "crashed", "job_ids": None}))
     server.start()
     receipt = outcome(incoming, "crashed")
     assert json.loads(receipt.read_text())["job_id"] == job_id

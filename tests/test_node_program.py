@@ -81,13 +81,36 @@ def test_read_capped_counts_stored_bytes_and_keeps_head_and_tail(tmp_path):
     path = tmp_path / "out"
     data = "é" * 3000  # two bytes each
     path.write_text(data)
-    text = gpuqueue.read_capped(path, 1024)
+    text = gpuqueue.read_capped(path, 1024).decode()
     head, note, tail = text.split("\n", 2)[0], text.split("\n")[1], text.rsplit("\n", 1)[1]
     assert head.startswith("é" * 256) and tail.endswith("é" * 256)
     assert "output truncated, 4976 of 6000 bytes cut here" in note
-    assert gpuqueue.read_capped(tmp_path / "missing", 1024) == ""
+    assert gpuqueue.read_capped(tmp_path / "missing", 1024) == b""
     path.write_text("short")
-    assert gpuqueue.read_capped(path, 1024) == "short"
+    assert gpuqueue.read_capped(path, 1024) == b"short"
+    path.write_bytes(b"\xff" * 3000)  # bytes as stored, whatever they decode to
+    assert len(gpuqueue.read_capped(path, 1024)) <= 1024 + gpuqueue.CUT_NOTE_ROOM
+
+
+def test_what_is_no_regular_file_is_named_never_read(tmp_path):
+    """A FIFO (which would block an open), a link (to a secret) and a folder planted
+    where a job's output goes are named in a note, at once; nothing is followed."""
+    secret = tmp_path / "secret"
+    secret.write_text("the tokens")
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(secret, tmp_path / "link")
+    os.mkdir(tmp_path / "folder")
+    for name, what in (("fifo", "a FIFO"), ("link", "a symbolic link"),
+                       ("folder", "a folder")):
+        note = gpuqueue.read_capped(tmp_path / name, 1024)
+        assert what.encode() in note and b"not a regular file" in note, note
+        assert b"the tokens" not in note
+        piece = gpuqueue.read_piece(str(tmp_path / name), 0, 100)
+        assert piece == {"kind": what, "size": 0}, piece
+    assert gpuqueue.read_piece(str(tmp_path / "missing"), 0, 10)["kind"] == "missing"
+    piece = gpuqueue.read_piece(str(secret), 4, 3)
+    assert piece["kind"] == "file" and piece["size"] == 10
+    assert base64.b64decode(piece["data"]) == b"tok"
 
 
 def test_is_wrapper_of_tells_a_reused_pid(tmp_path):

@@ -149,12 +149,13 @@ def test_both_ends_build_messages_the_tables_allow():
 def test_the_node_program_names_its_files_once():
     """The files of a job's folder on its node are named in NodeFiles alone; no
     other string in the module names one (JobFolder's names are the spool's own,
-    and "stdout", "stderr", "launched" and "outputs" are words of the API and the
-    protocol too)."""
+    Incoming's those of a drop folder's outcome, and "stdout", "stderr", "launched"
+    and "outputs" are words of the API and the protocol too)."""
     names = {v for k, v in vars(gpuqueue.NodeFiles).items() if k.isupper() and isinstance(v, str)}
     names -= {"launched", "outputs"}
     tree = ast.parse(SOURCE)
-    allowed = {id(n) for cls in ("NodeFiles", "JobFolder") for n in ast.walk(_classes(tree)[cls])}
+    allowed = {id(n) for cls in ("NodeFiles", "JobFolder", "Incoming")
+               for n in ast.walk(_classes(tree)[cls])}
     found = [(n.lineno, n.value) for n in ast.walk(tree)
              if isinstance(n, ast.Constant) and n.value in names and id(n) not in allowed]
     assert len(names) >= 6 and found == []

@@ -180,15 +180,16 @@ def test_client_commands_run_on_a_bare_python(make_server, laptop, tmp_path):
     r = on_laptop(laptop, server, "--version")
     assert (r.returncode, r.stdout) == (0, f"gpuqueue {gpuqueue.__version__}\n"), r.stderr
 
-    # submit, for people: one line with the id and where it stands, counted from 1.
+    # submit, into a pipe (as in J=$(...)): the id alone on stdout; where it stands,
+    # counted from 1, on stderr.
     script, config = files(tmp_path, "hello", "import sys\nprint('hello out')\n"
                            "print('hello err', file=sys.stderr)\nsys.exit(3)\n")
     r = on_laptop(laptop, server, "submit", script, "-c", config)
     assert r.returncode == 0, r.stderr
-    m = re.fullmatch(rf"({JOB_ID})  pending on node 0, next in line, estimated start \S+Z\n",
-                     r.stdout)
+    m = re.fullmatch(rf"({JOB_ID})\n", r.stdout)
     assert m, r.stdout
     human = m.group(1)
+    assert f"job {human} pending on node 0, next in line, estimated start " in r.stderr
     assert server.wait(human)["status"] == "failed"
 
     # submit --json, for scripts.
@@ -224,7 +225,7 @@ def test_client_commands_run_on_a_bare_python(make_server, laptop, tmp_path):
                                                      [human, "alice", "failed"]]
     assert [row.split()[-1] for row in rows[1:]] == ["0", "3"]
     r = on_laptop(laptop, server, "jobs", "--status", "failed", "--json")
-    assert [j["job_id"] for j in json.loads(r.stdout)] == [human]
+    assert [j["job_id"] for j in json.loads(r.stdout)["jobs"]] == [human]
 
     # Mistakes end in one line and a non-zero status, never a traceback.
     for args, token, says in ((("status", "0" * 24), None, "no such job (HTTP 404)"),
@@ -332,7 +333,7 @@ def test_queue_positions_are_counted_from_one_for_people(make_server, laptop, tm
     script, config = files(tmp_path, "third", "print('third')\n")
     r = on_laptop(laptop, server, "submit", script, "-c", config)
     assert r.returncode == 0, r.stderr
-    assert ", number 2 in line, " in r.stdout, r.stdout
+    assert ", number 2 in line, " in r.stderr, r.stderr
     third = r.stdout.split()[0]
     assert server.status(third)["queue_position"] == 1
 
@@ -350,17 +351,27 @@ def test_queue_positions_are_counted_from_one_for_people(make_server, laptop, tm
 
 
 def test_admin_commands_from_another_folder_need_the_config(make_server, tmp_path):
+    """A server started with a config file elsewhere is not the built-in default's (whose
+    spool and tokens file are beside gpuqueue.py): from another folder, without naming
+    the config, an admin command says where it looked and how to name it, and changes
+    nothing anywhere."""
     server = make_server(nodes=2)
+    install = tmp_path / "install"  # a copy of gpuqueue.py alone, no server ever used here
+    install.mkdir()
+    shutil.copy(GPUQUEUE, install / "gpuqueue.py")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for args in (["nodes", "drain", "0"], ["tokens", "create", "bob"], ["jobs", "list"]):
-        r = admin(*args, cwd=elsewhere)
+        r = subprocess.run([sys.executable, str(install / "gpuqueue.py"), *args], cwd=elsewhere,
+                           capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "GPUQUEUE_CONFIG"})
         assert r.returncode != 0, (args, r.stdout)
         assert "Traceback" not in r.stderr, r.stderr
-        assert str(elsewhere / "spool") in r.stderr, r.stderr  # where it looked
+        assert str(install / "spool") in r.stderr, r.stderr  # where it looked
         assert "--config" in r.stderr and "GPUQUEUE_CONFIG" in r.stderr, r.stderr
         assert "token (shown only now)" not in r.stdout
         assert os.listdir(elsewhere) == [], (args, os.listdir(elsewhere))
+        assert sorted(os.listdir(install)) == ["gpuqueue.py"], os.listdir(install)
     assert not server.get("/api/nodes").json()["nodes"][0]["drained"]
 
     # Named through the environment, the same commands act on the running server.

@@ -303,19 +303,19 @@ def test_read_capped_keeps_head_and_tail(tmp_path):
     data = b"H" * 3000 + b"M" * 4000 + b"T" * 3000
     f.write_bytes(data)
     text = gpuqueue.read_capped(f, 2048)
-    assert text.startswith("H" * 1024) and text.endswith("T" * 1024)
-    assert "M" not in text
-    note = ("\n[gpuqueue: output truncated, 7952 of 10000 bytes cut here;"
-            " the limit is 2048 bytes per stream]\n")
-    assert text == "H" * 1024 + note + "T" * 1024
+    assert text.startswith(b"H" * 1024) and text.endswith(b"T" * 1024)
+    assert b"M" not in text
+    note = (b"\n[gpuqueue: output truncated, 7952 of 10000 bytes cut here;"
+            b" the limit is 2048 bytes per stream]\n")
+    assert text == b"H" * 1024 + note + b"T" * 1024
 
     f.write_bytes(b"x" * 2048)                # exactly at the limit: untouched
-    assert gpuqueue.read_capped(f, 2048) == "x" * 2048
-    f.write_bytes(b"short\n\xff")
-    assert gpuqueue.read_capped(f, 2048) == "short\n\ufffd"
+    assert gpuqueue.read_capped(f, 2048) == b"x" * 2048
+    f.write_bytes(b"short\n\xff")           # bytes as stored: decoded only when sent
+    assert gpuqueue.read_capped(f, 2048) == b"short\n\xff"
     f.write_bytes(b"")
-    assert gpuqueue.read_capped(f, 2048) == ""
-    assert gpuqueue.read_capped(tmp_path / "missing", 2048) == ""
+    assert gpuqueue.read_capped(f, 2048) == b""
+    assert gpuqueue.read_capped(tmp_path / "missing", 2048) == b""
 
 
 ###############################################################################
