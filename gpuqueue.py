@@ -63,10 +63,9 @@ that does it:
     not a job: no or bad job.json, a name    moved to corrupt/ with a .REASON file
     that is no id, an id other than its own, (Spool._load, via JobFolder.load)
     a second copy of a job, a stray file
-    running/<id> without start.json          back to pending/: it was never launched
-                                             (Spool._load)
-    running/<id>, no ``launching``           back to pending/: nothing reached the node
-                                             (AgentExecutor.reattach -> Spool.requeue)
+    running/<id> without ``launching``       back to pending/: nothing reached the node
+    (nor start.json, of a release before     (Spool._load)
+    0.3)
     running/<id>, node folder not launched   the launch claimed here, back to pending/
                                              (AgentExecutor.reattach -> Spool.requeue)
     running/<id>, prepared, never started    back to pending/: its launch is claimed here,
@@ -756,8 +755,10 @@ def isotime(ts):
 #   (at start)                                -> ready {protocol, python}
 #   start {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch}
 #                                             -> started {id, wrapper, launched}
-#                                             -> exited {id, result?, stdout?, stderr?} once
-#                                                the wrapper ended; small output comes along
+#                                             -> exited {id, result?, stdout?, stderr?,
+#                                                files?} once the wrapper ended; small
+#                                                output comes along, and whether it left
+#                                                files in its outputs folder
 #   prepare {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch,
 #            after}                           -> prepared {id, wrapper}: ready to start
 #                                             -> started {id, wrapper, launched} once job
@@ -824,7 +825,7 @@ REPORTS = {
     "started": ("id", "wrapper", "launched"),
     "prepared": ("id", "wrapper"),
     "dropped": ("id",),
-    "exited": ("id", "result?", "stdout?", "stderr?"),
+    "exited": ("id", "result?", "stdout?", "stderr?", "files?"),
     "data": ("id", "kind", "size", "data?"),
     "gpus": ("reading",),
     "pong": (),
@@ -1510,9 +1511,20 @@ def exit_report(cmd):
     then asks for the files with ``read``).  A stream the job replaced with what is
     no regular file travels as a note saying so."""
     room = cmd.get("inline", 0)
+    outputs = NodeFiles.outputs(cmd["dir"], bool(cmd["launch"].get("archive")))
+    try:
+        if stat.S_ISDIR(os.lstat(outputs).st_mode):
+            with os.scandir(outputs) as entries:
+                found = {"files": next(entries, None) is not None}
+        else:
+            found = {"files": True}  # what the job put there instead: the server says so
+    except FileNotFoundError:
+        found = {"files": False}  # it never ran
+    except OSError:
+        found = {}
     try:
         with open_regular(os.path.join(cmd["dir"], NodeFiles.RESULT)) as f:
-            found = {"result": json.loads(f.read(65536))}
+            found["result"] = json.loads(f.read(65536))
         for name in NodeFiles.STREAMS:
             try:
                 with open_regular(os.path.join(cmd["dir"], name)) as f:
@@ -1670,6 +1682,8 @@ class Agent:
             if w.claimed:  # launched: its end is reported
                 self.ended(w.cmd["id"])
                 say("exited", id=w.cmd["id"], **exit_report(w.cmd))
+            elif w.claimed is False:  # refused its launch: it ran nothing
+                say("exited", id=w.cmd["id"])
             elif w.go is not None:  # a prepared start that ended before its go
                 self.prepared = {a: p for a, p in self.prepared.items() if p is not w}
                 w.drop()
@@ -2087,8 +2101,10 @@ class Outcome:
     error: str | None = None
     streams: dict = dataclasses.field(default_factory=dict)
     #: Where the job's files are on its node (below its workdir), to be brought
-    #: back; None when it never ran there.
+    #: back; None when there is nothing to bring: it never ran there ("none"), or
+    #: its node said it left no file ("complete" at once, see ``outputs``).
     outputs_at: str | None = None
+    outputs: str = "none"
 
     def stream(self, name):
         return self.streams.get(name, b"")
@@ -2248,8 +2264,9 @@ class JobFolder:
     PROJECT = "project.archive"  # the project (an archive) as uploaded
     CONFIG = "config.yaml"    # the config as uploaded, token removed
     RECORD = "job.json"       # the submit record (Job.meta)
-    START = "start.json"      # claimed by a node: when, and which node
-    LAUNCHING = "launching"   # may have reached its node: where it runs there
+    START = "start.json"      # (claimed by a node, in releases before 0.3)
+    LAUNCHING = "launching"   # may have reached its node: where it runs there, since
+    #                           when, on which GPUs
     SLURM = "slurm.json"      # on a Slurm node, once sbatch answered: Slurm's job id
     CANCEL = "cancel"         # a cancel was asked for
     ATTEMPT = "attempt"       # after a retry: which run the job is on (absent: its first)
@@ -2328,32 +2345,36 @@ class JobFolder:
     # -- claim, launch, cancel -----------------------------------------------
 
     def started(self):
-        """(when the job was claimed, the GPUs it got), or (None, ()) when the claim
-        was cut short."""
-        try:
-            record = read_json(self.path / self.START)
-            value, gpus = record["started_at"], record.get("gpus", [])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None, ()
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-                isinstance(gpus, list) and all(isinstance(g, str) for g in gpus)):
-            return None, ()
-        return value, tuple(gpus)
-
-    def mark_started(self, job):
-        write_json(self.path / self.START, {"started_at": job.started_at, "node_id": job.node_id,
-                                            "gpus": list(job.gpu_ids)})
+        """(when the job was started, the GPUs it got), or (None, ()) when nothing of it
+        can have reached a node (its claim was cut short before launching was written:
+        a release before 0.3 wrote start.json at the claim)."""
+        for name in (self.LAUNCHING, self.START):
+            try:
+                record = read_json(self.path / name)
+                value, gpus = record["started_at"], record.get("gpus", [])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    isinstance(gpus, list) and all(isinstance(g, str) for g in gpus):
+                return value, tuple(gpus)
+        return None, ()
 
     def launched_where(self):
         """Where on its node the job may run, once an executor said so; else None."""
         try:
-            return (self.path / self.LAUNCHING).read_text()
+            text = (self.path / self.LAUNCHING).read_text()
         except FileNotFoundError:
             return None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            return json.loads(text)["where"]
+        return text  # (as a release before 0.3 wrote it)
 
-    def mark_launching(self, where):
-        """From here on the job may be running on its node."""
-        write_file(self.path / self.LAUNCHING, where)
+    def mark_launching(self, where, job):
+        """From here on the job may be running on its node: where, since when (its
+        claim), on which GPUs; recovery reads them (started)."""
+        write_json(self.path / self.LAUNCHING, {
+            "where": where, "started_at": job.started_at, "node_id": job.node_id,
+            "gpus": list(job.gpu_ids)})
 
     def slurm_id(self):
         try:
@@ -3188,13 +3209,6 @@ class Spool:
         self._sync_queue(donor)
         if donor != node_id:
             log.info("job %s planned for node %s taken by idle node %s", job.id, donor, node_id)
-        try:
-            self.folder(job).mark_started(job)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self.requeue(job)
-            raise DiskFull(f"no room to record job {job.id}'s start: {exc.strerror}") from None
         return job
 
     def _state(self, node_id):
@@ -3297,7 +3311,7 @@ class Spool:
         if job.slurm:
             result["slurm"] = {k: job.slurm[k] for k in ("id", "state", "reason")}
         result["outputs"] = ({"state": "collecting", "at": outcome.outputs_at}
-                             if outcome.outputs_at else {"state": "none"})
+                             if outcome.outputs_at else {"state": outcome.outputs})
         folder.write_result(result, outcome)
         return finished_at
 
@@ -3313,7 +3327,7 @@ class Spool:
         del self._active[job.id]
         job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
         job.finished_at = finished_at
-        job.outputs = "collecting" if outcome.outputs_at else "none"
+        job.outputs = "collecting" if outcome.outputs_at else outcome.outputs
         self._final_counts[job.node_id][outcome.status] += 1
         self._finished_here[job.node_id][outcome.status] += 1
         bisect.insort(self._done_ids, job.id)
@@ -4583,21 +4597,42 @@ class LocalLink(Link):
         return True
 
     def _entries(self, rel):
-        with os.scandir(self.root / rel) as found:
-            return [(e.name, (st := e.stat(follow_symlinks=False)).st_mode, st.st_size)
-                    for e in found]
+        fd = self._walk(rel.split("/"))
+        try:
+            with os.scandir(fd) as found:
+                return [(e.name, (st := e.stat(follow_symlinks=False)).st_mode, st.st_size)
+                        for e in found]
+        finally:
+            os.close(fd)
 
-    def _open_file(self, rel):
-        """Each step from the workdir down is opened without following a link, so a
-        job that swaps a folder for a link between a listing and a read (its folder
-        is its own under ``run_as``) cannot lead the server elsewhere."""
-        names = rel.split("/")
+    def _walk(self, names):
+        """An fd of the folder ``names`` below the workdir, each step opened without
+        following a link, so that a job that swaps a folder for a link (its folder is
+        its own under ``run_as``) cannot lead the server elsewhere; a link is refused
+        as a missing folder is."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for name in names[:-1]:
+            for name in names:
                 fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                                      dir_fd=fd), fd
                 os.close(parent)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise FileNotFoundError(errno.ENOENT, "not a folder", "/".join(names)) \
+                    from None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_file(self, rel):
+        """Each step from the workdir down is opened without following a link (as
+        _walk's)."""
+        names = rel.split("/")
+        fd = self._walk(names[:-1])
+        try:
             fd, parent = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
                                  dir_fd=fd), fd
             os.close(parent)
@@ -5157,7 +5192,7 @@ class AgentExecutor:
                 self.connect()
                 self.link.new_folder(job.id, node_files(job, code))
             lease = time.time() + self.config.node_timeout
-            folder.mark_launching(self.link.describe(job.id))
+            folder.mark_launching(self.link.describe(job.id), job)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
@@ -5422,7 +5457,7 @@ class SlurmExecutor:
         self.link.new_folder(job.id, {**node_files(job, code),
                                       NodeFiles.SLURM_SCRIPT: script.encode()})
         try:
-            folder.mark_launching(self.link.describe(job.id))  # from here on Slurm may have it
+            folder.mark_launching(self.link.describe(job.id), job)  # from here on Slurm may have it
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
@@ -6102,6 +6137,10 @@ GPU_RETRY = 10
 #: prepared on its node (GpuWorker): sooner would keep that job from a node that
 #: frees up first.
 PREPARE_AHEAD = 10
+#: Seconds a node's scheduler waits after its agent started a prepared job, before it
+#: records the job that ended and prepares the next: on a machine of few cores that
+#: work would slow the new job's interpreter starting up (the GPU's idle gap).
+QUIET_AFTER_START = 0.05
 #: Seconds a prepared job that another node asked back is not prepared here again:
 #: time for that node to take it.
 GIVEN_BACK = 5
@@ -6137,6 +6176,9 @@ class GpuWorker(Worker):
         #: when) those given back, not prepared here again meanwhile.
         self.asked_back = {}
         self._given_back = {}
+        #: Until when this thread leaves the CPU to a job its agent just started (the
+        #: job's interpreter starting up is what the next line waits for).
+        self._quiet_until = 0.0
         self.executor.on_news = self.wake.set
 
     def _resume_all(self):
@@ -6147,6 +6189,9 @@ class GpuWorker(Worker):
         if not self.online:
             self._bring_online()
         self.wake.clear()
+        if (rest := self._quiet_until - time.monotonic()) > 0:
+            self.wake.wait(rest)  # a job just started here: its interpreter has the CPU
+            return
         try:
             self._reap()
             self._news()
@@ -6288,6 +6333,7 @@ class GpuWorker(Worker):
             if news["op"] == "started" and news.get("launched"):
                 if after in self.runs:
                     self.runs[after].followed = True  # its GPUs are this one's now
+                self._quiet_until = time.monotonic() + QUIET_AFTER_START
                 self.spool.launched(job)
                 run.wrapper_pid = int(news["wrapper"])
                 self.runs[job.id] = run
@@ -6521,7 +6567,12 @@ class GpuWorker(Worker):
             self._record(run.job, outcome)
             return
         at = NodeFiles.outputs(run.work, bool(run.job.entrypoint))
-        if self._record(run.job, dataclasses.replace(outcome, outputs_at=at)):
+        if run.report.get("files") is False:  # it left none: nothing to bring back
+            if self._record(run.job, dataclasses.replace(outcome, outputs="complete")):
+                with contextlib.suppress(NodeError):
+                    self.executor.remove_folder(run.work)
+                return
+        elif self._record(run.job, dataclasses.replace(outcome, outputs_at=at)):
             self.collector.add(run.job.id, at)
             return
         try:  # queued again: its next attempt may start elsewhere
@@ -7479,7 +7530,7 @@ class Scheduler:
         of each file to send, ``opener()`` a context giving a binary reader).  While
         the job runs, what is on its node so far, read over the node's connection
         (no sha256 then); Conflict while it is pending."""
-        if job.status == "pending":
+        if job.shown_status == "pending":  # (a prepared one too: it has not started)
             raise Conflict("job is pending; its files are listed once it runs")
         base = {"job_id": job.id, "skipped": [], "truncated": False, "cut": None, "error": None}
         if job.status == "running":

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import gpuqueue  # noqa: E402
-from test_spool import dead_pid, prepared_server  # noqa: E402
+from test_spool import dead_pid, mark_launching, prepared_server  # noqa: E402
 
 
 # -- the pieces ------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_shipped_program_is_standard_library_only_and_named_by_its_hash():
                 for a in getattr(node, "names", [])}
     assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
     assert f"PROTOCOL = {gpuqueue.PROTOCOL}" in source
-    assert "class Spool" not in source and "def agent(" in source
+    assert "class Spool" not in source and "class Agent:" in source
     assert name.startswith("gq_node-") and name.endswith(".py")
     assert name == gpuqueue.node_program()[0]
 
@@ -229,6 +229,59 @@ def test_agent_times_out_and_cancels_whole_jobs(tmp_path):
         agent.close()
 
 
+def test_a_prepared_start_follows_its_job_at_once_and_a_dropped_one_never_starts(tmp_path):
+    """A job prepared to follow a running one starts when that one's process ends,
+    before the wrapper of the first has even published its result; one dropped, or
+    whose lease is over by then, never starts (nor claims its launch)."""
+    agent = Agent(tmp_path)
+    try:
+        agent.read()
+        stamp = ("import time\nprint(time.time(), flush=True)\ntime.sleep({})\n"
+                 "print(time.time(), flush=True)\n")
+        first = job_folder(tmp_path, stamp.format(0.5))
+        agent.send(op="start", id=first, dir=first, env={}, limit=30, grace=1, inline=65536,
+                   launch=LAUNCH)
+        assert agent.read()["op"] == "started"
+        second = job_folder(tmp_path, stamp.format(0))
+        agent.send(op="prepare", id=second, dir=second, env={}, limit=30, grace=1,
+                   inline=65536, launch=LAUNCH, deadline=time.time() + 30, after=first)
+        assert agent.read()["op"] == "prepared"
+        assert not (tmp_path / second / "launched").exists()  # ready, not started
+        reports = [agent.read(), agent.read(), agent.read()]
+        ops = [(r["op"], r["id"]) for r in reports]
+        assert ops.index(("started", second)) < ops.index(("exited", second)), ops
+        assert ("exited", first) in ops
+        end_first = float(base64.b64decode(next(r for r in reports if r["op"] == "exited"
+                                                and r["id"] == first)["stdout"]).split()[1])
+        start_second = float(base64.b64decode(next(
+            r for r in reports if r["op"] == "exited" and r["id"] == second)["stdout"]).split()[0])
+        assert start_second > end_first  # one after the other, never side by side
+
+        # Dropped: it ends without a launch claim; a lapsed lease: the same when due.
+        third = job_folder(tmp_path, stamp.format(2))
+        agent.send(op="start", id=third, dir=third, env={}, limit=30, grace=1, inline=0,
+                   launch=LAUNCH)
+        assert agent.read()["op"] == "started"
+        dropped = job_folder(tmp_path, "print('never')\n")
+        agent.send(op="prepare", id=dropped, dir=dropped, env={}, limit=30, grace=1, inline=0,
+                   launch=LAUNCH, deadline=time.time() + 30, after=third)
+        assert agent.read()["op"] == "prepared"
+        agent.send(op="drop", id=dropped)
+        assert agent.read() == {"op": "dropped", "id": dropped}
+        lapsed = job_folder(tmp_path, "print('never')\n")
+        agent.send(op="prepare", id=lapsed, dir=lapsed, env={}, limit=30, grace=1, inline=0,
+                   launch=LAUNCH, deadline=time.time() + 0.5, after=third)
+        assert agent.read()["op"] == "prepared"
+        reports = [agent.read(), agent.read()]
+        assert {"op": "dropped", "id": lapsed} in reports
+        assert any(r["op"] == "exited" and r["id"] == third for r in reports), reports
+        for never in (dropped, lapsed):
+            assert not (tmp_path / never / "launched").exists()
+            assert not (tmp_path / never / "result.json").exists()
+    finally:
+        agent.close()
+
+
 def test_gpu_readings_beside_a_running_job_never_end_the_agent(tmp_path):
     # nvidia-smi is the agent's child too, and ends while the main loop waits for
     # its wrappers: each must be reaped by its own waiter, or the agent dies.
@@ -271,7 +324,7 @@ def test_a_protocol_1_wrapper_is_followed_to_its_end(make_server, tmp_path):
     server, job, folder = prepared_server(make_server, "print('never run here')\n")
     work = server.dir / "spool" / "nodes" / "0" / "work" / job.id
     work.mkdir(parents=True)
-    (folder / "launching").write_text(str(work))
+    mark_launching(folder, work)
     (work / "launched").touch()
     (work / "stdout").write_text("from the old wrapper\n")
     (work / "stderr").write_text("")
@@ -291,7 +344,7 @@ def test_a_wrapper_of_an_unknown_protocol_is_stopped_and_its_job_failed(make_ser
     server, job, folder = prepared_server(make_server, "print('never run here')\n")
     work = server.dir / "spool" / "nodes" / "0" / "work" / job.id
     work.mkdir(parents=True)
-    (folder / "launching").write_text(str(work))
+    mark_launching(folder, work)
     (work / "launched").touch()
     newer = fake_wrapper(work)
     (work / "pids").write_text(json.dumps({"wrapper": newer.pid, "job": newer.pid,
@@ -303,8 +356,14 @@ def test_a_wrapper_of_an_unknown_protocol_is_stopped_and_its_job_failed(make_ser
     assert server.proc.poll() is None
 
 
+def old_claim(folder):
+    """The claim's record as releases before 0.3 wrote it, when they claimed."""
+    (folder / "start.json").write_text(json.dumps({"started_at": time.time(), "node_id": 0}))
+
+
 def test_a_local_job_of_a_release_before_protocol_2_is_stopped_with_a_reason(make_server):
     server, job, folder = prepared_server(make_server, "print('never run here')\n")
+    old_claim(folder)
     work = folder / "work"  # where releases before protocol 2 ran local jobs
     work.mkdir()
     (work / "launched").touch()
@@ -321,6 +380,7 @@ def test_a_local_job_of_a_release_before_protocol_2_is_stopped_with_a_reason(mak
 
 def test_a_finished_local_job_of_a_release_before_protocol_2_is_collected(make_server):
     server, job, folder = prepared_server(make_server, "print('never run here')\n")
+    old_claim(folder)
     work = folder / "work"
     work.mkdir()
     (work / "launched").touch()

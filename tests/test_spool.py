@@ -149,8 +149,9 @@ def test_claim_takes_the_oldest_pending_job(tmp_path, spools):
     assert not (spool.pending_dir(0) / a.id).exists()
     folder = spool.running_dir(0) / a.id
     assert folder.is_dir() and spool.folder(a).path == folder
-    start = gpuqueue.read_json(folder / "start.json")
-    assert start == {"started_at": a.started_at, "node_id": 0, "gpus": []}
+    # The claim is the rename alone: when and where it started is written once the job
+    # may reach its node (launching), so that a claim cut short is simply pending again.
+    assert not (folder / "start.json").exists() and not (folder / "launching").exists()
     assert before <= a.started_at <= time.time()
     assert spool.pending_ids(0) == [b.id]
     assert spool.queue_position(b)[0] == 0 and spool.queue_position(a)[0] is None
@@ -174,7 +175,7 @@ def test_finish_moves_folder_to_done_with_result_and_output(tmp_path, spools):
     spool.finish(a, Outcome("failed", 3, "exit code 3", {"stdout": "out\n", "stderr": "err\n"}))
     done = spool.root / "done" / a.id
     assert not (spool.running_dir(0) / a.id).exists()
-    assert {"result.json", "stdout", "stderr", "job.json", "code.py", "start.json"} <= set(listing(done))
+    assert {"result.json", "stdout", "stderr", "job.json", "code.py"} <= set(listing(done))
     assert not (done / "work").exists()       # the wrapper's scratch folder is dropped
     assert (done / "stdout").read_text() == "out\n" and (done / "stderr").read_text() == "err\n"
     r = gpuqueue.read_json(done / "result.json")
@@ -436,7 +437,7 @@ def test_recovery_requeues_running_job_without_start_json(tmp_path, spools):
     claimed, _ = submit(spool)
     waiting, _ = submit(spool)
     spools.close(spool)
-    # claim() cut short: renamed to running/ but start.json never written.
+    # Claimed, but cut short before anything reached the node: no launching.
     node = tmp_path / "spool" / "nodes" / "0"
     os.rename(node / "pending" / claimed.id, node / "running" / claimed.id)
 
@@ -487,7 +488,7 @@ def test_claimed_but_never_launched_job_runs_exactly_once(make_server, tmp_path)
     ran = tmp_path / "ran"
     code = f"import os\nopen({str(ran)!r}, 'a').write(f'{{os.getpid()}}\\n')\nprint('ran')\n"
     server, job, folder = prepared_server(make_server, code)
-    assert (folder / "start.json").exists() and not (folder / "work").exists()
+    assert folder.is_dir() and not (folder / "launching").exists()
     server.start()
     st = server.wait(job.id)
     assert st["status"] == "completed" and st["exit_code"] == 0, st
@@ -495,6 +496,12 @@ def test_claimed_but_never_launched_job_runs_exactly_once(make_server, tmp_path)
     time.sleep(0.5)
     assert len(ran.read_text().splitlines()) == 1
     assert server.get("/api/nodes").json()["nodes"][0]["completed"] == 1
+
+
+def mark_launching(folder, work):
+    """The launching record an executor writes before its start may reach the node."""
+    (folder / "launching").write_text(json.dumps({"where": str(work), "started_at": time.time(),
+                                                  "node_id": 0, "gpus": ["0"]}))
 
 
 def node_work(server, job):
@@ -511,7 +518,7 @@ def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_p
     work = node_work(server, job)
     work.mkdir(parents=True)
     (work / "code.py").write_text(code)
-    (folder / "launching").write_text(str(work))
+    mark_launching(folder, work)
     server.start()
     assert server.wait(job.id)["status"] == "completed"
     time.sleep(0.5)
@@ -522,7 +529,7 @@ def launched_by_a_dead_wrapper(server, job, folder):
     """A job's folder on its node as a wrapper leaves it once launched, that wrapper now gone."""
     work = node_work(server, job)
     work.mkdir(parents=True)
-    (folder / "launching").write_text(str(work))
+    mark_launching(folder, work)
     pid = dead_pid()
     (work / "launched").touch()
     (work / "pids").write_text(json.dumps({"wrapper": pid, "job": pid}))
