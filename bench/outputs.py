@@ -12,11 +12,11 @@ the jobs).
 import shutil
 
 from common import Row, Server, kill_processes_under, pct, workdir
-from idle import GAP_SLEEP, gaps
+from idle import gaps, session
 
-NODES, ROUNDS, MB = 4, 6, 100
+NODES, ROUNDS, MB, SLEEP = 4, 6, 100, 0.2
 JOB = ("import os, time\nprint(time.time(), flush=True)\n"
-       f"time.sleep({GAP_SLEEP})\n"
+       f"time.sleep({SLEEP})\n"
        "with open(os.path.join({where}, 'ck.bin'), 'wb') as f:\n"
        f"    f.write(bytes({MB} << 20))\n"
        "print(time.time())\n")
@@ -28,8 +28,7 @@ def measure(root, name, job):
     server = Server(root / name, nodes=NODES, max_pending_per_user=10 ** 6,
                     keep_finished_days=0).start()
     try:
-        found, _ = gaps(server, job=job, nodes=NODES, rounds=ROUNDS)
-        return found
+        return gaps(session(server), server, NODES, rounds=ROUNDS, job=job)
     finally:
         server.kill()
         kill_processes_under(root)
