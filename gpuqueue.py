@@ -6489,9 +6489,10 @@ class GpuWorker(Worker):
                 self._shed()
         return run
 
-    def _resume(self, job):
-        """A job found running at start-up: follow it, or queue it again if it never ran."""
-        run = self._reattach(job)
+    def _resume(self, job, after=None):
+        """A job found running at start-up or after an outage (``after``: the job it
+        was prepared to follow): follow it, or queue it again if it never ran."""
+        run = self._reattach(job, after)
         if run is not None:
             log.info("job %s re-attached on node %s", job.id, self.node.id)
             self.runs[job.id] = run
@@ -6500,22 +6501,33 @@ class GpuWorker(Worker):
         """The link to the node broke: follow every run again once it answers (each
         re-attached, queued again, or failed after ``unreachable_grace``)."""
         self._set_offline(str(exc))
-        runs = [*self.runs.values(), *self.prepared.values()]
+        running = {run.job.id: run.job for run in self.runs.values()}
+        todo = [(job, None) for job in running.values()] + [
+            (run.job, running.get(after)) for after, run in self.prepared.items()]
         self.runs.clear()
         self.prepared.clear()
         self._renewed = 0.0
-        for run in runs:
-            self._guarded(run.job, self._resume, run.job)
+        for job, after in todo:
+            self._guarded(job, self._resume, job, after)
 
-    def _reattach(self, job):
+    def _reattach(self, job, after=None):
         """Find a job on its node again after a restart or an outage.
 
         Returns its Run, or None once the job is back in a queue (it never
         launched) or failed (its node stayed away past ``unreachable_grace``
-        and past the job's own time limit).
+        and past the job's own time limit).  A prepared job may have started
+        while its node was away (its agent starts it when ``after`` ends, within
+        its lease), so it is never run elsewhere before its node says it did not;
+        its limit counts from the latest end of ``after``.
         """
         limit_end = (job.started_at or time.time()) + self.config.time_limit(job.expected_time)
+        if job.prepared and after is not None:
+            limit_end = max(limit_end, (after.started_at or time.time()) + self.config.time_limit(
+                after.expected_time) + self.config.kill_grace + self.config.time_limit(
+                job.expected_time))
         give_up = max(limit_end, time.time()) + self.config.unreachable_grace
+        what = "since the job was made ready to start there (it may have started)" \
+            if job.prepared else "while the job ran"
         backoff = 1.0
         while True:
             try:
@@ -6525,7 +6537,7 @@ class GpuWorker(Worker):
                 self._set_offline(str(exc))
                 if time.time() > give_up:
                     self._record(job, Outcome("failed", error=f"node {self.node.id} "
-                                              f"unreachable while the job ran: {exc}"))
+                                              f"unreachable {what}: {exc}"))
                     return None
             self.wake.wait(backoff)
             self.wake.clear()
@@ -7386,7 +7398,12 @@ class Scheduler:
         and its place in the queue while it waits."""
         out = job.public()
         out["time_limit"] = self.config.time_limit(job.expected_time)
-        if job.prepared:
+        if job.prepared and job.node_id in self._workers and \
+                not self._workers[job.node_id].online:
+            out["queue_position"], out["estimated_start"] = 0, None
+            out["waiting"] = (f"ready on node {job.node_id}, which does not answer: it may "
+                              "have started there, so it waits for the node to say")
+        elif job.prepared:
             out["queue_position"], out["estimated_start"] = 0, None
             out["waiting"] = (f"ready on node {job.node_id}: it starts on GPU "
                               f"{','.join(job.gpu_ids)} as soon as the job there ends")

@@ -171,7 +171,8 @@ def test_follows_of_clients_that_hung_up_free_their_slots(server):
     for _ in range(4):
         r = requests.get(path, stream=True, timeout=30, headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200
-        assert json.loads(next(r.iter_lines())) == {"offset": 0, "data": "quiet\n"}
+        assert json.loads(next(r.iter_lines())) == {"stream": "stdout", "offset": 0,
+                                                    "data": "quiet\n"}
         r.close()  # the client hangs up while the job is quiet
     def fifth():
         r = requests.get(path, stream=True, timeout=30, headers={"Authorization": f"Bearer {token}"})

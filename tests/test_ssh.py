@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import GRANDCHILD, alive, job_config, job_pids, kill_processes_under
+from conftest import GRANDCHILD, alive, job_config, job_pids, kill_processes_under, wait_for
 from sshcluster import Cluster, node_addr, open_to_nodes
 
 
@@ -69,7 +69,7 @@ def test_eight_jobs_run_on_eight_nodes_through_the_jump_host(ssh_server):
         res = server.results(s["job_id"])
         where, ids = res["stdout"].splitlines()
         assert where == node_addr(s["node_id"])  # it really ran on that node's sshd
-        assert ids == f"{s['node_id']} {s['job_id']}"
+        assert ids == f"0 {s['job_id']}"  # each node a machine of its own: its GPU 0
         assert res["stderr"] == "to stderr\n"
 
 
@@ -141,21 +141,31 @@ def test_node_down_mid_queue_moves_its_pending_jobs(ssh_server, cluster):
     server.wait(running1["job_id"], ("running",))
     queued = [server.submit_ok("print('moved')\n", expected_time=5) for _ in range(2)]
     assert [q["node_id"] for q in queued] == [1, 1]  # node 1's running job ends sooner
+    # The first in line is made ready on node 1, to start the moment its GPU frees.
+    ready = wait_for(lambda: [q["job_id"] for q in queued if "ready on node 1" in (
+        server.status(q["job_id"]).get("waiting") or "")], "a job made ready on node 1")
+    other = next(q["job_id"] for q in queued if q["job_id"] not in ready)
     server.post(f"/api/cancel/{blocker0['job_id']}", server.token())
 
     cluster.nodes[1].stop()
     nodes = wait_nodes(server, "offline", [1])
     assert nodes[1]["error"] and nodes[0]["state"] == "online"
-    for q in queued:
-        st = server.wait(q["job_id"])
-        assert st["status"] == "completed" and st["node_id"] == 0
-        assert server.results(q["job_id"])["stdout"] == "moved\n"
+    st = server.wait(other)
+    assert st["status"] == "completed" and st["node_id"] == 0, (st["error"], st["node_id"])
+    assert server.results(other)["stdout"] == "moved\n"
     # The job that was running there died with its node: failed, with a clear reason.
     st = server.wait(running1["job_id"], timeout=90)
     assert st["status"] == "failed" and st["error"]
+    # The one made ready there may have started (its node's agent starts it on its own):
+    # it is run nowhere else until its node says it did not.
+    st = server.status(ready[0])
+    assert st["status"] == "pending" and "does not answer" in st["waiting"], st
 
     cluster.nodes[1].start()
     wait_nodes(server, "online", [1])
+    st = server.wait(ready[0], timeout=90)
+    assert st["status"] == "completed", st["error"]
+    assert server.results(ready[0])["stdout"] == "moved\n"
     sub = server.submit_ok("print('back')\n", expected_time=1)
     assert server.wait(sub["job_id"])["status"] == "completed"
 
@@ -253,7 +263,7 @@ def test_live_output_is_read_from_the_node_and_followed(ssh_server):
     r = requests.get(server.url + path + "?follow=1&offset=4", stream=True, timeout=60,
                      headers={"Authorization": f"Bearer {token}"})
     lines = r.iter_lines()
-    assert json.loads(next(lines)) == {"offset": 4, "data": "two\n"}
+    assert json.loads(next(lines)) == {"stream": "stdout", "offset": 4, "data": "two\n"}
     server.post(f"/api/cancel/{sub['job_id']}", token)
     last = json.loads(next(lines))
     assert last["end"] and last["status"] == "cancelled"
@@ -309,7 +319,8 @@ def test_a_follow_broken_by_its_node_going_away_ends_with_an_error(ssh_server, c
     r = requests.get(server.url + f"/api/logs/{sub['job_id']}?follow=1", stream=True, timeout=60,
                      headers={"Authorization": f"Bearer {token}"})
     lines = r.iter_lines()
-    assert json.loads(next(lines)) == {"offset": 0, "data": "up\n"}, server.log()
+    assert json.loads(next(lines)) == {"stream": "stdout", "offset": 0, "data": "up\n"}, \
+        server.log()
     cluster.nodes[0].stop()
     stopped = time.monotonic()
     last = json.loads(next(lines))
@@ -328,7 +339,8 @@ def test_a_follow_rides_out_its_node_reconnecting(ssh_server, cluster):
     r = requests.get(server.url + f"/api/logs/{sub['job_id']}?follow=1", stream=True, timeout=60,
                      headers={"Authorization": f"Bearer {token}"})
     lines = r.iter_lines()
-    assert json.loads(next(lines)) == {"offset": 0, "data": "before\n"}, server.log()
+    assert json.loads(next(lines)) == {"stream": "stdout", "offset": 0, "data": "before\n"}, \
+        server.log()
     # The jump host goes down and comes back: the link breaks, the job runs on, and
     # is followed again once the node answers; the follow waits meanwhile.
     cluster.jump.stop()
@@ -337,5 +349,5 @@ def test_a_follow_rides_out_its_node_reconnecting(ssh_server, cluster):
     wait_nodes(server, "online", [0])
     flag.touch()
     rest = [json.loads(line) for line in lines if line.strip()]
-    assert rest[0] == {"offset": 7, "data": "after\n"}, rest
+    assert rest[0] == {"stream": "stdout", "offset": 7, "data": "after\n"}, rest
     assert rest[-1]["end"] and rest[-1]["status"] == "completed", rest
