@@ -755,16 +755,17 @@ def isotime(ts):
 #   (at start)                                -> ready {protocol, python}
 #   start {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch}
 #                                             -> started {id, wrapper, launched}
-#                                             -> exited {id, result?, stdout?, stderr?,
-#                                                files?} once the wrapper ended; small
-#                                                output comes along, and whether it left
-#                                                files in its outputs folder
-#   prepare {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch,
-#            after}                           -> prepared {id, wrapper}: ready to start
+#                                             -> exited {id, result?, stdout?, stderr?, files?}
+#                                                once the wrapper ended; small output comes
+#                                                along, and whether it left files in its
+#                                                outputs folder
+#   prepare {id, dir, env, run_as, limit, grace, output_limit, deadline, inline, launch, after}
+#                                             -> prepared {id, wrapper}: ready to start
 #                                             -> started {id, wrapper, launched} once job
-#                                                ``after`` has ended, or dropped {id} when
-#                                                its lease (``deadline``) is over by then;
-#                                                then exited, as a start's
+#                                                ``after`` has ended (then exited, as a
+#                                                start's)
+#                                             -> dropped {id} if its lease (``deadline``)
+#                                                is over by then
 #   renew {deadline}                          every prepared start's lease, lengthened
 #   drop {id}                                 -> dropped {id}: a prepared start never starts
 #   watch {id, dir, wrapper}                  -> exited {id}: follow a wrapper launched before
