@@ -494,6 +494,8 @@ class Config:
     auth_failures_per_minute: int = setting(int, 10, least=1)
     trusted_proxies: frozenset = setting(list, [], _addresses)
     keep_finished_days: float = setting(_NUMBER, 30, _number, least=0)  # 0: forever
+    #: Seconds a submit with ?wait=1 waits for its job at most (then: poll results).
+    max_wait_seconds: float = setting(_NUMBER, 4 * 3600, _number, above=0)
     #: A GPU using more than this outside the queue takes no job.
     foreign_memory_mib: int = setting(int, 1024, least=0)
     #: A project (an archive as ``code``) unpacked: its bytes and its files.
@@ -2686,8 +2688,10 @@ class Spool:
         #: as their ``after`` dependency did not complete (cancel_doomed).
         self._waiters = collections.defaultdict(set)
         self._doomed = []
-        #: Called (under the lock) with a node's id when one of its jobs stops waiting.
+        #: Called (under the lock) with a node's id when one of its jobs stops waiting,
+        #: and with a job's id and status when it starts running or finishes (None).
         self._on_ready = lambda node_id: None
+        self._on_change = lambda job_id, status: None
         #: Per node: finished jobs whose files a stopped server had not brought back
         #: yet, (id, where on the node), found at recovery for the node's collector.
         self._uncollected = collections.defaultdict(list)
@@ -2978,6 +2982,12 @@ class Spool:
         for others: its scheduler is to look (so it must only set an event)."""
         self._on_ready = callback
 
+    def call_on_change(self, callback):
+        """``callback(job id, status)``, under the lock, when a job starts running
+        ("running") or has finished (None: it is in done/, its results readable): it
+        must only take note."""
+        self._on_change = callback
+
     def cancel_doomed(self):
         """Cancel every pending job whose ``after`` dependency failed or was
         cancelled, saying which: never left pending forever (and their own waiters
@@ -3206,6 +3216,8 @@ class Spool:
             self._served[job.priority, job.user_id] = next(self._tickets)
             if job.array_limit:
                 self._array_running[job.array_id] += 1
+            if not prepared:
+                self._on_change(job.id, "running")
         fsync_dir(self.running_dir(node_id))
         self._sync_queue(donor)
         if donor != node_id:
@@ -3256,6 +3268,7 @@ class Spool:
         """A prepared job has started on its node (now)."""
         with self._lock:
             job.prepared, job.started_at = False, time.time()
+            self._on_change(job.id, "running")
 
     def note_slurm(self, job, **fields):
         """Record what Slurm says of a job (its id, state, reason, exit code), as a
@@ -3335,6 +3348,7 @@ class Spool:
         self._done_index.add(job.id, job.node_id, outcome.status, bool(outcome.outputs_at))
         self._release(job, outcome.status)
         self._changed.notify_all()
+        self._on_change(job.id, None)
 
     def _synced_final(self, job, folder, outcome):
         """After the move to done/: make it durable, and log it."""
@@ -3671,6 +3685,12 @@ class Spool:
     def wait_finished(self, job_id, timeout):
         with self._changed:
             return self._changed.wait_for(lambda: job_id not in self._active, timeout)
+
+    def statuses(self, job_ids):
+        """Each job's status as shown (None: finished or gone), under one lock."""
+        with self._lock:
+            return {i: self._active[i].shown_status if i in self._active else None
+                    for i in job_ids}
 
     def job_ids(self, before=None):
         """Job ids newest first, only those older than ``before`` when it is given."""
@@ -7582,6 +7602,15 @@ class Scheduler:
     def wait_finished(self, job, timeout):
         return self._spool.wait_finished(job.id, timeout)
 
+    def call_on_change(self, callback):
+        """``callback(job id, status)`` as each job starts running ("running") or
+        finishes (None); under the spool's lock: it must only take note."""
+        self._spool.call_on_change(callback)
+
+    def statuses(self, job_ids):
+        """Each unfinished job's status as shown, by id (None once it finished)."""
+        return self._spool.statuses(job_ids)
+
     def kept(self, job):
         """A context that keeps a finished job from retention while it is read."""
         return self._spool.kept(job.id)
@@ -7742,9 +7771,260 @@ def http_status(exc):
     return next((HTTP_STATUS[c] for c in type(exc).__mro__ if c in HTTP_STATUS), 500)
 
 
+# -- Submits that wait ---------------------------------------------------------
+#
+# POST /api/submit?wait=1 answers when its job ends, as the original server's later
+# release does; unlike it, a waiting submit holds no thread.  Its route asks waitress
+# for a deferred answer (environ["gpuqueue.defer"], see _server_class): the status
+# line and headers go out as the route returns, freeing the thread, and the one
+# Waiters thread writes the rest later: keep-alive whitespace, then the results.
+
+#: Submits waiting for their jobs at once, about: one more is answered 202 at once.
+#: Each costs a connection and a few KiB, no thread.
+MAX_WAITERS = 1000
+#: Seconds between the keep-alive whitespace sent to a waiting submit: a space while
+#: its job is pending, a newline once it runs (the client's progress line reads them).
+WAIT_KEEPALIVE = 2
+#: Bytes of an answer part sent as they are; a larger one goes as a file buffer.
+_BIG_PART = 64 * 1024
+
+
+class Deferred:
+    """The rest of one HTTP answer, written later by any thread: send() and finish()
+    only queue bytes (or seekable files, streamed by waitress's event loop) for the
+    connection, and never wait on the client.  Made by the task (_server_class)."""
+
+    def __init__(self, task):
+        self.task = task
+        self.channel = task.channel
+        #: Guards started, sealed and pending; taken before the channel's outbuf_lock.
+        self.lock = threading.Lock()
+        self.started = False  # the status line and headers are queued
+        self.sealed = False   # finish() was called: nothing more is taken
+        self.dead = False     # the client is gone, or the answer was abandoned
+        self.pending = []     # (parts, end) given before the headers were queued
+        self.on_gone = None   # called in the event loop's thread when the client goes
+
+    @property
+    def alive(self):
+        ch = self.channel
+        return not self.dead and not self.sealed and ch.connected and not ch.will_close
+
+    def send(self, data):
+        """Queue bytes; False when the client is gone."""
+        return self._put([data], False)
+
+    def finish(self, *parts):
+        """Queue the last parts (bytes, or binary files open at the place to send
+        from, closed once sent) and end the answer; the connection then closes."""
+        return self._put(list(parts), True)
+
+    def _put(self, parts, end):
+        with self.lock:
+            if self.dead or self.sealed:
+                _close_parts(parts)
+                return False
+            self.sealed = end
+            if not self.started:
+                self.pending.append((parts, end))
+                return True
+            return self.channel.deferred_append(self._frame(parts, end), end)
+
+    def _frame(self, parts, end):
+        """Outbuf items for ``parts``, in chunked framing when the answer is chunked
+        (HTTP/1.1; HTTP/1.0 ends it by closing)."""
+        import waitress.buffers
+        chunked, out = self.task.chunked_response, []
+        for p in parts:
+            if isinstance(p, bytes) and len(p) <= _BIG_PART:
+                item, n = p, len(p)
+            else:
+                item = waitress.buffers.ReadOnlyFileBasedBuffer(
+                    io.BytesIO(p) if isinstance(p, bytes) else p)
+                n = item.prepare()  # from the file's place to its end
+            if not n:
+                _close_parts([item])
+                continue
+            if chunked and isinstance(item, bytes):
+                out.append(b"%X\r\n%s\r\n" % (n, item))
+            elif chunked:
+                out += [b"%X\r\n" % n, item, b"\r\n"]
+            else:
+                out.append(item)
+        if end and chunked:
+            out.append(b"0\r\n\r\n")
+        return out
+
+    def start(self):
+        """(the task, under self.lock, once the headers are queued) What was given
+        before goes out after them."""
+        self.started = True
+        items, end = [], False
+        for parts, e in self.pending:
+            items += self._frame(parts, e)
+            end = end or e
+        self.pending = []
+        if items or end:
+            self.channel.deferred_append(items, end)
+
+    def gone(self):
+        """(the event loop, maybe under the channel's outbuf_lock: never self.lock)"""
+        if not self.dead:
+            self.dead = True
+            if self.on_gone is not None:
+                self.on_gone()
+
+    def abandon(self):
+        """The route failed after asking for a deferral: nothing of it is sent."""
+        self.dead = True
+        with self.lock:
+            for parts, _ in self.pending:
+                _close_parts(parts)
+            self.pending = []
+
+
+def _close_parts(parts):
+    for p in parts:
+        if not isinstance(p, bytes):
+            with contextlib.suppress(Exception):
+                p.close()
+
+
+class Waiters:
+    """The waiting submits, by job: each gets a keep-alive every WAIT_KEEPALIVE
+    seconds, its job's results once the job ends, or, past max_wait_seconds, its
+    job's status and where to poll.  One thread (run) does it all, whatever their
+    number; the Scheduler tells it of each end (ended, under the spool's lock, so it
+    only takes note).  A waiter whose client hung up is dropped; its job goes on."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self._lock = threading.Lock()
+        self._waiting = collections.defaultdict(list)  # job id -> [(Deferred, deadline)]
+        self._count = 0
+        self._ended = set()    # ids of waited-for jobs that ended, to answer
+        self._started = set()  # and of those that started running, to say so
+        self._wake = threading.Event()
+        scheduler.call_on_change(self.changed)
+
+    def room(self):
+        return self._count < MAX_WAITERS
+
+    def add(self, job_id, deferred):
+        deferred.on_gone = self._wake.set
+        with self._lock:
+            self._waiting[job_id].append(
+                (deferred, time.monotonic() + self.scheduler.config.max_wait_seconds))
+            self._count += 1
+        try:
+            self.scheduler.job(job_id)
+        except NotFound:  # finished and removed already (a replayed submit)
+            self.changed(job_id, None)
+            return
+        if (status := self.scheduler.statuses([job_id])[job_id]) != "pending":
+            self.changed(job_id, status)  # it started, or even ended, meanwhile
+
+    def changed(self, job_id, status):
+        with self._lock:
+            if job_id in self._waiting:
+                (self._started if status == "running" else self._ended).add(job_id)
+                self._wake.set()
+
+    def run(self):
+        beat = time.monotonic() + WAIT_KEEPALIVE
+        while True:
+            self._wake.wait(max(0.0, beat - time.monotonic()))
+            self._wake.clear()
+            with self._lock:
+                ended, self._ended = self._ended, set()
+                answer = {j: self._take(j) for j in ended}
+                started = {j: [d for d, _ in self._waiting.get(j, ())] for j in self._started}
+                self._started = set()
+                now = time.monotonic()
+                late = {}
+                for job_id, waiting in list(self._waiting.items()):
+                    keep = [(d, t) for d, t in waiting if d.alive and t > now]
+                    if expired := [d for d, t in waiting if d.alive and t <= now]:
+                        late[job_id] = expired
+                    if gone := sum(not d.alive for d, _ in waiting):
+                        log.info("job %s: %d waiting submit(s) hung up; the job goes on",
+                                 job_id, gone)
+                    self._count -= len(waiting) - len(keep)
+                    if keep:
+                        self._waiting[job_id] = keep
+                    else:
+                        del self._waiting[job_id]
+                live = {}
+                if now >= beat:
+                    live, beat = {j: [d for d, _ in w] for j, w in self._waiting.items()}, \
+                        now + WAIT_KEEPALIVE
+            for job_id, waiting in answer.items():
+                self._answer(job_id, waiting)
+            for job_id, waiting in late.items():
+                self._give_up(job_id, waiting)
+            for waiting in started.values():
+                for d in waiting:
+                    d.send(b"\n")
+            if live:
+                for job_id, status in self.scheduler.statuses(list(live)).items():
+                    for d in live[job_id]:
+                        d.send(b" " if status == "pending" else b"\n")
+            self._trigger(answer, late, live, started)
+
+    def _take(self, job_id):
+        waiting = [d for d, _ in self._waiting.pop(job_id, ())]
+        self._count -= len(waiting)
+        return waiting
+
+    @staticmethod
+    def _trigger(*groups):
+        """Wake each server's event loop once, to write what was queued."""
+        servers = {d.channel.server for group in groups for ds in group.values() for d in ds}
+        for server in servers:
+            server.pull_trigger()
+
+    def _answer(self, job_id, waiting):
+        """The job's results (GET /api/results's answer, sent from its file) with its
+        node and times in front."""
+        try:
+            job = self.scheduler.job(job_id)
+            head = json.dumps({"node_id": job.node_id, **{
+                k: isotime(getattr(job, k)) for k in ("submitted_at", "started_at",
+                                                      "finished_at")}})[:-1] + ", "
+        except NotFound:
+            job = head = None
+        for d in waiting:
+            if job is None:
+                d.finish(json.dumps({"job_id": job_id, "error": "the job is gone (removed "
+                                     "after keep_finished_days)"}).encode())
+                continue
+            try:
+                f = self.scheduler.answer(job)
+                f.seek(1)  # after its "{"
+            except GpuqueueError as exc:
+                d.finish(json.dumps({"job_id": job_id, "error": exc.message}).encode())
+                continue
+            d.finish(head.encode(), f)
+        log.info("job %s: results sent to %d waiting submit(s)", job_id, len(waiting))
+
+    def _give_up(self, job_id, waiting):
+        """Past max_wait_seconds: the job's status (200 is sent already), and where to
+        read its results once it ends."""
+        try:
+            shown = self.scheduler.shown(self.scheduler.job(job_id))
+        except NotFound:
+            shown = {"job_id": job_id}
+        shown["message"] = (f"still {shown.get('status', 'unknown')} after max_wait_seconds "
+                            f"({self.scheduler.config.max_wait_seconds:g} s): poll GET "
+                            f"/api/results/{job_id}")
+        for d in waiting:
+            d.finish(json.dumps(shown).encode())
+
+
 class Api:
-    """The HTTP routes.  Holds no state of its own: everything it shows or changes
-    goes through the Scheduler, the queue's front door."""
+    """The HTTP routes.  Holds no queue state of its own: everything it shows or
+    changes goes through the Scheduler, the queue's front door.  What it keeps is
+    HTTP's: the caps on follows and archives, and the submits that wait (Waiters)."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -7754,6 +8034,7 @@ class Api:
         # submit and status.
         self.followers = threading.BoundedSemaphore(LOG_FOLLOWERS)
         self.archives = threading.BoundedSemaphore(ARCHIVES)
+        self.waiters = Waiters(scheduler)
         self.app = bottle.Bottle(catchall=True)
         self.app.default_error_handler = self._error_page
         for method, path, handler in self.ROUTES:
@@ -7831,7 +8112,10 @@ class Api:
 
     def index(self):
         c = self.config
-        return {"name": "gpuqueue", "version": __version__,
+        return {"name": "gpuqueue", "service": "gpuqueue", "version": __version__,
+                "endpoints": [{"method": method,
+                               "path": re.sub(r"<(?:path:)?(\w+)>", r"{\1}", path)}
+                              for method, path, _ in self.ROUTES],
                 "nodes": len(c.nodes),
                 "queue_length": self.scheduler.queue_length(), "docs": "/docs",
                 "limits": {"max_upload_bytes": c.max_upload_bytes,
@@ -7842,6 +8126,7 @@ class Api:
 
     def submit(self):
         req = bottle.request
+        wait = self._wait_asked()
         if not req.content_type.lower().startswith("multipart/form-data"):
             raise HttpError(415, "send multipart/form-data with parts 'code' and 'config_file'")
         if req.content_length < 0:  # waitress refuses bodies over max_upload_bytes itself
@@ -7869,9 +8154,61 @@ class Api:
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
         if array is not None:
+            if wait:
+                return self._not_waited(dict(array, status="pending"), "a submit waits for "
+                                        f"one job; follow the array with GET /api/arrays/"
+                                        f"{array['array_id']}")
             return {**array, "status": "pending"}
-        return {"job_id": job.id, "node_id": job.node_id, "status": "pending",
-                "queue_position": position, "estimated_start": isotime(start)}
+        answer = {"job_id": job.id, "node_id": job.node_id, "status": "pending",
+                  "queue_position": position, "estimated_start": isotime(start)}
+        return self._wait(job, answer, start) if wait else answer
+
+    def _wait_asked(self):
+        """The query of a submit: ``wait`` alone, checked before anything is queued."""
+        query = bottle.request.query
+        if set(query) - {"wait"} or len(query.getall("wait")) > 1:
+            raise BadRequest("the one query parameter of submit is wait (1 or true: answer "
+                             "when the job has ended)")
+        value = query.get("wait", "0").lower()
+        if value not in ("0", "1", "true", "false"):
+            raise BadRequest("wait must be 1 or true (answer when the job has ended), or 0 "
+                             "or false")
+        return value in ("1", "true")
+
+    def _not_waited(self, answer, why):
+        """202: the job is queued, but this submit does not wait for it."""
+        bottle.response.status = 202
+        return dict(answer, message=f"not waited for: {why}; poll GET /api/results/"
+                                    f"{answer.get('job_id', '<id>')}"
+                    if "job_id" in answer else f"not waited for: {why}")
+
+    def _wait(self, job, answer, start):
+        """A submit with ?wait=1: the job's results once it ends (Waiters), and meanwhile
+        headers and keep-alive whitespace; or 202 at once, when its worst end (its
+        estimated start, plus its time limit) is past max_wait_seconds or too many
+        submits are waiting already."""
+        limit, most = self.config.max_wait_seconds, self.config.time_limit(job.expected_time)
+        defer = bottle.request.environ.get("gpuqueue.defer")
+        if defer is None:
+            return self._not_waited(answer, "this server cannot hold an answer open")
+        if not self.waiters.room():
+            return self._not_waited(answer, f"{MAX_WAITERS} submits are waiting already")
+        if (start or time.time()) + most - time.time() > limit:
+            return self._not_waited(answer, "it may end after max_wait_seconds "
+                                    f"({limit:g} s; its time limit is {most:g} s)")
+        res = bottle.response
+        res.status = 200
+        res.content_type = "application/json"
+        res.set_header("Cache-Control", "no-store")
+        res.set_header("X-Accel-Buffering", "no")  # (a proxy in front: pass it on at once)
+        res.set_header("X-Gpuqueue-Job-Id", job.id)
+        res.set_header("X-Gpuqueue-Node-Id", str(job.node_id))
+        res.set_header("X-Gpuqueue-Expected-Time", f"{job.expected_time:g}")
+        res.set_header("X-Gpuqueue-Time-Limit", f"{most:g}")
+        if answer["queue_position"] is not None:
+            res.set_header("X-Gpuqueue-Queue-Position", str(answer["queue_position"]))
+        self.waiters.add(job.id, defer())
+        return ""
 
     def status(self, job_id):
         return self.scheduler.shown(self._job(job_id, self._user()))
@@ -8277,14 +8614,60 @@ def _server_class():
                     "a request may not carry both Content-Length and Transfer-Encoding")
 
 
-    class _Channel(waitress.channel.HTTPChannel):
-        """waitress's channel, with JSON errors and the clock of its request's start,
-        for _Server's deadlines."""
+    class _Task(waitress.task.WSGITask):
+        """waitress's task, able to defer its answer: a route that calls
+        environ["gpuqueue.defer"]() gets a Deferred and returns an empty body; the
+        headers go out then, with no length (the answer is chunked, or ended by
+        closing), and the thread is free.  The Deferred writes the rest."""
 
+        deferred = None
+
+        def get_environment(self):
+            environ = super().get_environment()  # (waitress keeps it after the first call)
+            environ["gpuqueue.defer"] = self._defer
+            return environ
+
+        def _defer(self):
+            if self.deferred is None:
+                self.deferred = Deferred(self)
+            return self.deferred
+
+        def service(self):
+            try:
+                super().service()
+            finally:
+                if self.deferred is not None and not self.deferred.started:
+                    self.deferred.abandon()  # the route failed, or the client left
+
+        def finish(self):
+            d = self.deferred
+            if d is None or self.wrote_header or not self.complete:
+                return super().finish()
+            channel = self.channel
+            with channel.requests_lock:
+                channel.request = None  # nothing pipelined behind it is served
+            self.content_length = None  # (bottle said 0, for the empty body)
+            self.remove_content_length_header()
+            self.set_close_on_finish()
+            with d.lock:
+                self.write(b"")  # the status line and headers
+                with channel.outbuf_lock:
+                    channel.deferred = d  # from here the event loop serves it as deferred
+                d.start()
+
+
+    class _Channel(waitress.channel.HTTPChannel):
+        """waitress's channel, with JSON errors, the clock of its request's start, for
+        _Server's deadlines, and deferred answers (_Task): while one is open the
+        channel reads only to see the client hang up, and closes once it is sent."""
+
+        task_class = _Task
         error_task_class = _JsonErrorTask
         parser_class = _Parser
         began = None  # when the request being read began to arrive
         got = 0       # bytes of it so far
+        deferred = None        # the Deferred being answered: no other request follows
+        deferred_done = False  # its last byte is queued (set under outbuf_lock)
 
         def __init__(self, server, sock, addr, adj, map=None):
             super().__init__(server, sock, addr, adj, map)
@@ -8293,14 +8676,63 @@ def _server_class():
                 self.will_close = True  # closed at once: this address has enough open
 
         def received(self, data):
+            if self.deferred is not None:
+                return False  # after a deferred answer the connection closes: dropped
             if self.request is None:
                 self.began, self.got = time.monotonic(), 0
             self.got += len(data)
             return super().received(data)
 
+        def deferred_append(self, items, end):
+            """(any thread) Queue outbuf items of the deferred answer.  Never waits on
+            the client, as write_soon does over outbuf_high_watermark."""
+            import waitress.buffers
+            with self.outbuf_lock:
+                ok = self.connected and not self.will_close
+                if ok:
+                    for item in items:
+                        if isinstance(item, bytes):
+                            self.outbufs[-1].append(item)
+                            self.current_outbuf_count += len(item)
+                        else:  # a file: its own outbuf, then a fresh one after it
+                            self.outbufs += [item, waitress.buffers.OverflowableBuffer(
+                                self.adj.outbuf_overflow)]
+                            self.current_outbuf_count = 0
+                        self.total_outbufs_len += len(item)
+                    self.deferred_done = self.deferred_done or end
+            if not ok:
+                _close_parts(items)
+            return ok
+
+        def readable(self):
+            if self.deferred is None:
+                return super().readable()
+            return not self.will_close  # to see the client hang up (recv() gives b"")
+
+        def writable(self):
+            if self.deferred is None:
+                return super().writable()
+            return bool(self.total_outbufs_len or self.will_close or self.deferred_done)
+
+        def handle_write(self):
+            # Under outbuf_lock (an RLock, which waitress's flush takes again): the
+            # Waiters thread may append at any time, and waitress flushes without it
+            # once the channel has no request.
+            with self.outbuf_lock:
+                if self.deferred is None:
+                    return super().handle_write()
+                if not self.connected:
+                    return  # closed by handle_read in this same round
+                self._flush_exception(self._flush_some)
+                if self.connected and (self.will_close or (
+                        self.deferred_done and not self.total_outbufs_len)):
+                    self.handle_close()
+
         def handle_close(self):
             self.server.release(self)
             super().handle_close()
+            if self.deferred is not None:
+                self.deferred.gone()
 
 
     class _Server(waitress.server.TcpWSGIServer):
@@ -8466,6 +8898,16 @@ def openapi(config):
                                            "exit_code": {"type": "integer", "nullable": True},
                                            "error": nullable_str,
                                            "attempt": {"type": "integer"}}},
+                "Waited": {"allOf": [ref("Results"), {
+                    "type": "object", "required": ["node_id", "submitted_at", "started_at",
+                                                   "finished_at"],
+                    "properties": {"node_id": {"type": "integer"}, "submitted_at": time_,
+                                   "started_at": time_, "finished_at": time_}}]},
+                "NotWaited": {"type": "object", "required": ["status", "message"],
+                              "properties": {"job_id": {"type": "string"},
+                                             "array_id": {"type": "string"},
+                                             "status": status,
+                                             "message": {"type": "string"}}},
                 "Node": {"type": "object",
                          "required": ["id", "host", "state", "drained", "error", "running_job",
                                       "queued_jobs", "queued_seconds", "completed", "failed",
@@ -8507,10 +8949,16 @@ def openapi(config):
             }},
         "paths": {
             "/": {"get": {"summary": "Service info", "responses": {"200": {
-                "description": "name, version, node count and queue length",
+                "description": "name, version, routes, node count and queue length",
                 "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["name", "version", "nodes", "queue_length"],
+                    "type": "object", "required": ["name", "service", "version", "endpoints",
+                                                   "nodes", "queue_length"],
                     "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                   "service": {"type": "string"},
+                                   "endpoints": {"type": "array", "items": {
+                                       "type": "object", "required": ["method", "path"],
+                                       "properties": {"method": {"type": "string"},
+                                                      "path": {"type": "string"}}}},
                                    "nodes": {"type": "integer"},
                                    "queue_length": {"type": "integer"},
                                    "docs": {"type": "string"},
@@ -8523,11 +8971,21 @@ def openapi(config):
                                "that, from the config's `token` key.  The config: see the "
                                "JobConfig schema.  With an Idempotency-Key, the same key "
                                "from the same user within 24 hours answers as the first "
-                               "submit did (Idempotent-Replayed: true) and queues nothing.",
+                               "submit did (Idempotent-Replayed: true) and queues nothing."
+                               "  With wait=1 (or true) the answer comes when the job has "
+                               "ended: 200 and its results, the connection kept alive "
+                               "meanwhile with whitespace before the JSON (a space while "
+                               "the job is pending, a newline while it runs); 202 at once "
+                               "when it may end after max_wait_seconds "
+                               f"({config.max_wait_seconds:g} s) or too many submits "
+                               "wait already.  A job that overruns max_wait_seconds all "
+                               "the same ends its 200 with the job's status and a message.",
                 "security": secured + [{}],
                 "parameters": [{"name": "Idempotency-Key", "in": "header",
                                 "schema": {"type": "string", "minLength": 1,
-                                           "maxLength": 255}}],
+                                           "maxLength": 255}},
+                               {"name": "wait", "in": "query", "schema": {
+                                   "type": "string", "enum": ["1", "true", "0", "false"]}}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["code", "config_file"],
                     "properties": {
@@ -8545,6 +9003,14 @@ def openapi(config):
                                                      for k, v in JOB_KEYS.items()))
                                         + f"; priority from {lo} to {hi}"}}}}}},
                 "responses": {"201": answer("queued", "Submitted"),
+                              "200": {"description": "(wait=1) the job ended: its results; "
+                                      "or, past max_wait_seconds, its status and a message",
+                                      "content": {"application/json": {"schema": {
+                                          "anyOf": [ref("Waited"), {"allOf": [
+                                              ref("JobStatus"), {"type": "object",
+                                                                 "required": ["message"]}]}]}}}},
+                              "202": answer("(wait=1) queued, not waited for: the message "
+                                            "says why", "NotWaited"),
                               "400": answer("bad upload or config"), **errors,
                               "403": answer("user_id is not the token's user"),
                               "404": answer("a job in after or after_any does not exist, "
@@ -9610,10 +10076,23 @@ class Client:
                            f"({r.headers.get('Content-Type', 'no type')}: {exc}); is it "
                            "the server's root URL?")
 
-    def call(self, method, path, body=None, headers=None):
-        with self._open(self._request(method, path, body, headers)) as r:
+    def call(self, method, path, body=None, headers=None, news=None):
+        """The JSON object the server answers.  ``news``: for a waiting submit, called
+        with the answer's headers and then with each keep-alive byte ahead of the JSON
+        (a space: the job is pending; a newline: it runs)."""
+        timeout = 60 if news is None else FOLLOW_SILENCE
+        with self._open(self._request(method, path, body, headers), timeout) as r:
             try:
-                answer = json.load(r)
+                if news is not None and r.status == 200:
+                    news(r.headers)
+                    while (byte := r.read(1)) in (b" ", b"\n", b"\r", b"\t"):
+                        news(byte)
+                    answer = json.loads(byte + r.read())
+                else:
+                    answer = json.load(r)
+            except TimeoutError:
+                raise Unavailable(f"{self.server} sent nothing for {FOLLOW_SILENCE} s") \
+                    from None
             except (ValueError, OSError, http.client.HTTPException) as exc:
                 raise self._not_ours(r, exc) from None
         if not isinstance(answer, dict):
@@ -9637,9 +10116,11 @@ class Client:
             except (OSError, ValueError, http.client.HTTPException) as exc:
                 raise Unavailable(f"the stream from {self.server} broke: {exc}") from None
 
-    def submit(self, script, config, array=None):
+    def submit(self, script, config, array=None, news=None):
         """Submit a script, or a folder (packed by pack_project, within the
-        server's limits, which GET / tells); ``array``: as config.yaml's ``array``."""
+        server's limits, which GET / tells); ``array``: as config.yaml's ``array``.
+        With ``news`` (see call) the submit waits for its job: the answer is then
+        its results, or (the server did not wait) its record and a ``message``."""
         if os.path.isdir(script):
             code, filename = pack_project(script, self.call("GET", "/")["limits"]), \
                 "project.tar.gz"
@@ -9660,13 +10141,14 @@ class Client:
         # again, and the server queues it once, however many times it arrived.
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
                    "Idempotency-Key": secrets.token_hex(16)}
-        for wait in SUBMIT_RETRIES:
-            try:
-                return self.call("POST", "/api/submit", body, headers)
+        path = "/api/submit" if news is None else "/api/submit?wait=1"
+        for wait in SUBMIT_RETRIES:  # (a waiting submit is sent again with the same key,
+            try:                     # and waits again for the one job)
+                return self.call("POST", path, body, headers, news)
             except Unavailable as exc:
                 print(f"gpuqueue: {exc.message}; trying again in {wait} s", file=sys.stderr)
                 time.sleep(wait)
-        return self.call("POST", "/api/submit", body, headers)
+        return self.call("POST", path, body, headers, news)
 
     def job_path(self, what, job_id):
         return f"/api/{what}/{urllib.parse.quote(job_id, safe='')}"
@@ -9884,8 +10366,7 @@ def _watch(client, job):
                 _copy_output(client, job["job_id"], offsets, progress)
             if job["status"] in FINAL_STATES:
                 _copy_output(client, job["job_id"], offsets, progress)  # what came last
-                outcome = job["error"] or f"exit code {job['exit_code']}"
-                progress.end(f"gpuqueue: job {job['job_id']} {job['status']}: {outcome}")
+                progress.end(_ended_line(job))
                 return job
             progress.show(*_progress_line(job))
             time.sleep(WAIT_POLL)  # a client's poll; the server holds nothing open for it
@@ -9907,10 +10388,62 @@ def _stopped_waiting(job):
             f"'{_me()} cancel {job['job_id']}'")
 
 
+class _Waiting:
+    """What a waiting submit (``submit --wait``) hears before its job's results: the
+    answer's headers (the job, its node, its place in line), then a keep-alive byte
+    every few seconds, a newline once the job runs; shown as a progress line on
+    stderr (none with --json)."""
+
+    def __init__(self, quiet):
+        self.progress = None if quiet else _Progress(sys.stderr)
+        self.job = None    # {"job_id", "status"} once the headers came
+        self.place = None  # its place in line when submitted
+        self.since = None  # when it was seen to start running
+        self.times = ""    # its expected time and limit, in words
+
+    def news(self, what):
+        if not isinstance(what, bytes):  # the headers
+            self.job = {"job_id": what["X-Gpuqueue-Job-Id"], "status": "pending"}
+            self.place = what.get("X-Gpuqueue-Queue-Position")
+            with contextlib.suppress(TypeError, ValueError):
+                self.times = (f" of {duration(float(what['X-Gpuqueue-Expected-Time']))} "
+                              "expected, killed after "
+                              f"{duration(float(what['X-Gpuqueue-Time-Limit']))}")
+            if self.progress:
+                job_id = self.job["job_id"]
+                self.progress.output(sys.stderr, f"job {job_id} queued on node "
+                                     f"{what['X-Gpuqueue-Node-Id']}; its output as it comes: "
+                                     f"'{_me()} logs -f {job_id}'\n")
+        elif what == b"\n" and self.since is None:
+            self.job["status"], self.since = "running", time.monotonic()
+        if not self.progress:
+            return
+        if self.since is None:
+            place = f", {_in_line(int(self.place))} when submitted" if self.place else ""
+            self.progress.show(f"pending{place}", ("pending",))
+        else:
+            self.progress.show(f"running: {duration(time.monotonic() - self.since)}"
+                               + self.times, ("running",))
+
+    def end(self, text):
+        if self.progress:
+            self.progress.end(text)
+        else:
+            print(text, file=sys.stderr)
+
+
 def cli_submit(args, client):
     if args.outputs and not args.wait:
         raise BadRequest("-o/--outputs downloads the job's files once it ends: add --wait")
-    job = client.submit(args.script, args.job_config, args.array)
+    waiting = _Waiting(args.json) if args.wait else None
+    try:
+        job = client.submit(args.script, args.job_config, args.array,
+                            news=waiting and waiting.news)
+    except KeyboardInterrupt:
+        if waiting is None or waiting.job is None:
+            raise
+        waiting.end(_stopped_waiting(waiting.job))
+        return 130
     if "array_id" in job:  # an array: its jobs are followed with jobs --array
         print(json.dumps(job, indent=1) if args.json else
               f"array {job['array_id']}: {len(job['job_ids'])} jobs pending; follow them with "
@@ -9927,24 +10460,44 @@ def cli_submit(args, client):
             print(job["job_id"])
             print(f"gpuqueue: job {job['job_id']} {where}", file=sys.stderr)
         return 0
-    if args.json:  # for scripts: no progress, the results at the end
-        try:
-            while client.call("GET", client.job_path("status", job["job_id"]))["status"] \
-                    not in FINAL_STATES:
-                time.sleep(WAIT_POLL)
-        except KeyboardInterrupt:
-            print(_stopped_waiting(job), file=sys.stderr)
+    if "stdout" in job:  # the server waited: the job's results
+        results = job
+        if not args.json:
+            for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                if results[stream]:
+                    waiting.progress.output(out, results[stream])
+            waiting.end(_ended_line(job))
+    else:  # it did not wait (see its message): follow the job by polling
+        print(f"gpuqueue: {job['message']}", file=sys.stderr)
+        results = _poll(client, job, args.json)
+        if results is None:
             return 130
-        results = client.call("GET", client.job_path("results", job["job_id"]))
-        if args.outputs:
-            _download_outputs(client, job["job_id"], args.outputs, quiet=True)
+    if args.outputs:
+        _download_outputs(client, job["job_id"], args.outputs, quiet=args.json)
+    if args.json:
         _print_results(results, as_json=True)
-        return _exit_status(results)
-    print(f"job {job['job_id']} queued on node {job['node_id']}", file=sys.stderr)
-    job = _watch(client, job)
-    if job is not None and args.outputs:
-        _download_outputs(client, job["job_id"], args.outputs)
-    return 130 if job is None else _exit_status(job)
+    return _exit_status(results)
+
+
+def _ended_line(job):
+    outcome = job["error"] or f"exit code {job['exit_code']}"
+    return f"gpuqueue: job {job['job_id']} {job['status']}: {outcome}"
+
+
+def _poll(client, job, as_json):
+    """A job followed by polling, for a submit the server did not wait for: its
+    results (printed already unless ``as_json``), or None after a Ctrl-C."""
+    if not as_json:
+        job = _watch(client, job)
+        return job and client.call("GET", client.job_path("results", job["job_id"]))
+    try:
+        while client.call("GET", client.job_path("status", job["job_id"]))["status"] \
+                not in FINAL_STATES:
+            time.sleep(WAIT_POLL)
+    except KeyboardInterrupt:
+        print(_stopped_waiting(job), file=sys.stderr)
+        return None
+    return client.call("GET", client.job_path("results", job["job_id"]))
 
 
 def _download_outputs(client, job_id, folder, quiet=False):
@@ -10109,8 +10662,9 @@ def client_parser():
     p.add_argument("script", metavar="SCRIPT|DIR")
     p.add_argument("-c", "--config", dest="job_config", required=True, help="The job's config.yaml.")
     p.add_argument("--wait", action="store_true",
-                   help="Follow the job: its output as it is written, how long it has run "
-                        "against its expected time and limit; exit with its exit code.")
+                   help="Wait for the job (one request the server holds open): how long "
+                        "it has run against its expected time and limit, then its output; "
+                        "exit with its exit code.")
     p.add_argument("-o", "--outputs", metavar="DIR",
                    help="With --wait: download the job's files ($GPUQUEUE_OUTPUT_DIR) into DIR "
                         "once it ends.")
@@ -10184,14 +10738,16 @@ def cli_serve(config, host, port):
     tokens = Tokens(config.tokens)
     scheduler = Scheduler(config, spool, tokens)
     try:
-        server = _http_server(logged(Api(scheduler).app), host, port, config)
+        api = Api(scheduler)
+        server = _http_server(logged(api.app), host, port, config)
     except OSError as exc:
         spool.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                           "stop what uses it, or choose another with --port") from None
     control = Control(scheduler)
     _logged_step(control.scan)  # requests left from before a restart: before any job starts
-    scheduler.start(("watch", functools.partial(watch, Incoming(scheduler), control)))
+    scheduler.start(("watch", functools.partial(watch, Incoming(scheduler), control)),
+                    ("waiters", api.waiters.run))
     _banner(config, server, tokens)
 
     def stop(signum, frame):  # systemd stops a service so: end as Ctrl-C does

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import arrays
+import cpu
 import dispatch
 import drain
 import fairness
@@ -14,6 +15,7 @@ import outputs
 import scale
 import slowclients
 import submit
+import waiters
 from common import machine
 
 HERE = Path(__file__).resolve().parent
@@ -26,7 +28,7 @@ def main():
                          ("scale", scale), ("makespan", makespan),
                          ("fairness", fairness), ("idle", idle),
                          ("slowclients", slowclients), ("gpus", gpus), ("outputs", outputs),
-                         ("arrays", arrays)):
+                         ("arrays", arrays), ("cpu", cpu), ("waiters", waiters)):
         if not only or name in only:
             rows += module.run()
     if only:

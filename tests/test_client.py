@@ -41,7 +41,7 @@ def test_submit_wait_prints_output_and_exits_with_the_jobs_code(make_server, tmp
     r = client(server, "submit", script, "-c", config, "--wait")
     assert r.returncode == 3, r.stderr
     assert r.stdout == "first\nsecond é\n"
-    assert "oops" in r.stderr and "queued on node 0" in r.stderr and "running on node 0" in r.stderr
+    assert "oops" in r.stderr and "queued on node 0" in r.stderr and "running: " in r.stderr
     assert "exit code 3" in r.stderr
 
 

@@ -793,7 +793,7 @@ def test_ctrl_c_during_submit_wait_leaves_the_job_running_and_says_how_to_reach_
         out, err = Lines(waiting.stdout), Lines(waiting.stderr)
         job_id = wait_for(lambda: next(iter(running() - before), None), "the job to run",
                           timeout=60)
-        out.wait("started", timeout=60)  # the client follows it
+        err.wait("running: ", timeout=60)  # the client waits for it
         assert main_server.status(job_id)["status"] == "running"
         waiting.send_signal(signal.SIGINT)
         assert waiting.wait(30) == 130
