@@ -169,7 +169,7 @@ bottle = _OnFirstUse("bottle")
 filelock = _OnFirstUse("filelock")
 yaml = _OnFirstUse("yaml")
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger("gpuqueue")
 
