@@ -1981,7 +1981,8 @@ class Job:
     gpu_ids: tuple = job_field(
         {"type": "array", "items": {"type": "string"}, "nullable": True}, (),
         doc="the GPUs it got (CUDA_VISIBLE_DEVICES), once started", key="gpu_indices",
-        show=lambda job: list(job.gpu_ids) if job.gpu_ids else None)
+        show=lambda job: list(job.gpu_ids) if job.gpu_ids and job.shown_status != "pending"
+        else None)
     started_at: float | None = job_field(
         _TIME, None, show=lambda job: None if job.shown_status == "pending"
         else isotime(job.started_at))
@@ -1992,6 +1993,10 @@ class Job:
     #: Claimed by a node and made ready there, to start as soon as the job it follows
     #: has ended (GpuWorker.prepare): it shows as pending until it has started.
     prepared: bool = job_field({"type": "boolean"}, False, key=None, show=lambda job: {},
+                               shown_schema={})
+    #: Running, but the job prepared to follow it has started on its GPUs: it has
+    #: ended, and is not recorded yet.  /api/nodes shows its successor on them.
+    followed: bool = job_field({"type": "boolean"}, False, key=None, show=lambda job: {},
                                shown_schema={})
     #: Once it has ended: where its files stand (OUTPUT_STATES).
     outputs: str | None = job_field(
@@ -2848,8 +2853,9 @@ class Spool:
                                 if JOB_ID_RE.match(name))
         found = self._done_index.load(self._done_ids)
         if found is None:
-            log.info("recovery: the index of done/ is missing or stale; it is made again "
-                     "from %d finished jobs", len(self._done_ids))
+            if self._done_ids:  # (a new spool has neither: nothing to say)
+                log.info("recovery: the index of done/ is missing or stale; it is made "
+                         "again from %d finished jobs", len(self._done_ids))
             self._done_index.rebuild(map(self._read_final, self._done_ids))
             found = self._done_index.load(self._done_ids)
         counts, collecting = found
@@ -3264,10 +3270,13 @@ class Spool:
         with self._lock:
             return list(self._running[node_id].values())
 
-    def launched(self, job):
-        """A prepared job has started on its node (now)."""
+    def launched(self, job, after):
+        """A prepared job has started on its node (now), on the GPUs of the job
+        ``after`` (an id), which has therefore ended."""
         with self._lock:
             job.prepared, job.started_at = False, time.time()
+            if (followed := self._running[job.node_id].get(after)) is not None:
+                followed.followed = True
             self._on_change(job.id, "running")
 
     def note_slurm(self, job, **fields):
@@ -4861,10 +4870,16 @@ class SshLink(Link):
         conn = self.conn
         if conn is None or not conn.is_connected:
             raise NodeError(f"node {self.node.id} is not connected")
-        try:
-            sftp = conn.client.open_sftp()
-            sftp.get_channel().settimeout(self.config.node_timeout)
+        import paramiko
+        channel = None
+        try:  # every step bounded: the SFTP handshake too, which open_sftp would wait
+            channel = conn.transport.open_session(timeout=SSH_TIMEOUT)  # on unbounded
+            channel.settimeout(self.config.node_timeout)
+            channel.invoke_subsystem("sftp")
+            sftp = paramiko.SFTPClient(channel)
         except Exception as exc:
+            if channel is not None:
+                channel.close()
             raise NodeError(self.reason(exc)) from None
         other = copy.copy(self)
         other.sftp, other._side = sftp, True
@@ -5859,8 +5874,11 @@ class Collector:
             keep = True
             self._lost(job_id, f"node {self.node.id} stayed unreachable: {exc}; they are left "
                        f"on it at {self.executor.link.describe(at)}")
-        except FileNotFoundError:
-            return  # the job is gone (retention): nothing to bring back for
+        except FileNotFoundError as exc:
+            if not self.spool.done_folder(job_id).has_result():
+                return  # the job is gone (retention): nothing to bring back for
+            keep = True  # (something of them went while they were read)
+            self._lost(job_id, f"they went while they were brought back: {exc}")
         except Exception as exc:
             log.exception("node %s: the files of job %s could not be brought back",
                           self.node.id, job_id)
@@ -6355,7 +6373,7 @@ class GpuWorker(Worker):
                 if after in self.runs:
                     self.runs[after].followed = True  # its GPUs are this one's now
                 self._quiet_until = time.monotonic() + QUIET_AFTER_START
-                self.spool.launched(job)
+                self.spool.launched(job, after)
                 run.wrapper_pid = int(news["wrapper"])
                 self.runs[job.id] = run
                 self.started += 1
@@ -6681,8 +6699,9 @@ class GpuWorker(Worker):
     def gpu_slots(self, state):
         """Each GPU of the node: busy (and the job on it), held for a big job, used
         outside the queue, or free."""
-        on = {g: job.id for job in sorted(state.running, key=lambda j: not j.prepared)
-              for g in self.assigned(job)}  # the job that runs there, not the one to follow
+        on = {g: job.id for job in state.running if not (job.prepared or job.followed)
+              for g in self.assigned(job)}  # the job that runs there: not the one to
+        #                                     follow it, nor one that was followed
         holding = state.holding
         return [{"gpu": g, "job": on.get(g),
                  "state": ("busy" if g in on else "foreign" if g in state.foreign
@@ -6691,7 +6710,8 @@ class GpuWorker(Worker):
 
     def info(self, state):
         info = super().info(state)
-        info["running_jobs"] = [j.id for j in state.running if not j.prepared]
+        info["running_jobs"] = [j.id for j in state.running
+                                if not (j.prepared or j.followed)]
         info["running_job"] = info["running_jobs"][0] if info["running_jobs"] else None
         info["prepared_jobs"] = [j.id for j in state.running if j.prepared]
         info["gpu_slots"] = self.gpu_slots(state)
