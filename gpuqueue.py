@@ -38,6 +38,7 @@ The spool directory is the only state.  Its layout::
       nodes/<n>/work/           a local node's workdir, unless its config names one
       done/<id>/                finished: completed, failed or cancelled (removed
                                 after keep_finished_days, through tmp/<id>.expired)
+      done.index                what start-up needs of done/, derived from it (DoneIndex)
       corrupt/<name>.<x>/       what could not be understood; <name>.<x>.REASON says why
                                 (removed after keep_finished_days too)
       incoming/                 drop folders (see the Drop folders section)
@@ -98,7 +99,10 @@ that does it:
                                              receipt written, its results delivered as
                                              its jobs end (Incoming.recover); a name in
                                              incoming/ that looks like a claim and is
-                                             none of these is left alone
+                                             none of these is left alone; a claim whose
+                                             folder is gone, dropped (Incoming._queue)
+    done.index missing, cut short, or not    made again from each finished job's
+    the ids in done/ (count and sum)         result.json (Spool._load_done)
 
 A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
 it starts the job, and recovery claims the same name before requeueing one; a
@@ -714,12 +718,16 @@ def write_file(path, data, mode=0o644, sync_dir=True):
 def private_lock(path):
     """A file lock at ``path`` that no other user can take: its file is this user's
     own, mode 0600, so a job (running as another user) cannot even open it, and an
-    open file is all flock needs.  A lock file that is not so (left by an older
-    release, or planted) is removed first: whoever holds it then holds nothing."""
+    open file is all flock needs.  One of this user's own that others may open (left
+    by an older release, which may still hold it) is made 0600; one that is not this
+    user's, or no regular file (planted), is removed first: whoever holds it then
+    holds nothing."""
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.unlink(path)
+        elif st.st_mode & 0o077:
+            os.chmod(path, 0o600)
     return filelock.FileLock(str(path), mode=0o600)
 
 
@@ -781,9 +789,11 @@ def isotime(ts):
 #   check {environments}                      -> checked {environments}: each one's python
 #                                                started (with its setup), or why not
 #
-# The server never opens a file a job could have replaced on the node itself: the
-# agent reads them (open_regular), so that a FIFO, a link or a device planted by a
-# job is named, never waited on or followed.
+# The server reads a job's output and results on the node through the agent
+# (open_regular), so that a FIFO, a link or a device planted by a job is named, never
+# waited on or followed.  Its listings and copies of a job's files (LocalLink, SshLink)
+# walk without following a link and take regular files alone, each read bounded by
+# node_timeout.
 #
 # A job's wrapper is forked from the agent into a session of its own, in the
 # job's folder (NodeFiles).  It refuses a start past its ``deadline`` (the
@@ -1606,25 +1616,28 @@ def job_path(path):
 
 class Wrapper:
     """A wrapper the agent forked (fork_wrapper): its pid, its start command, the read
-    end of its ``ended`` pipe, and, while it is a prepared start, the write end of its
-    ``go`` pipe and the read end of the pipe it answers its claim on."""
+    end of its ``ended`` pipe and of the pipe it answers its claim on (until it has),
+    and, while it is a prepared start, the write end of its ``go`` pipe."""
 
     def __init__(self, pid, cmd, ended, go=None, claim=None):
         self.pid, self.cmd, self.ended, self.go, self.claim = pid, cmd, ended, go, claim
         self.claimed = None
 
     def take_claim(self):
-        """Whether the wrapper claimed the launch (it says so at once)."""
+        """Whether the wrapper claimed the launch (a started one says so at once; a
+        prepared one once it has its go and all is ready: its project unpacked)."""
         self.claimed = os.read(self.claim, 1) == b"1"
         os.close(self.claim)
+        self.claim = None
         return self.claimed
 
     def drop(self):
         """A prepared start that must never start: its go pipe closes, so it ends."""
         for fd in (self.go, self.claim):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.go = None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.go = self.claim = None
 
 
 class Agent:
@@ -1665,6 +1678,9 @@ class Agent:
                     while b"\n" in pending:
                         line, pending = pending.split(b"\n", 1)
                         self.obey(json.loads(line))
+                elif key.data[0] == "claim":  # a prepared wrapper answered its go
+                    self.sel.unregister(key.fd)
+                    self.launched(key.data[1], key.data[1].take_claim())
                 else:  # a job's process ended (one byte), or its wrapper did (EOF)
                     with contextlib.suppress(OSError):
                         os.read(key.fd, 1)
@@ -1682,6 +1698,9 @@ class Agent:
                 if not os.waitpid(pid, os.WNOHANG)[0]:
                     continue
             w = self.wrappers.pop(pid)
+            if w.claimed is None and w.go is None and w.claim is not None:
+                self.sel.unregister(w.claim)  # it had its go: its answer is there now
+                self.launched(w, w.take_claim())
             if w.claimed:  # launched: its end is reported
                 self.ended(w.cmd["id"])
                 say("exited", id=w.cmd["id"], **exit_report(w.cmd))
@@ -1715,7 +1734,9 @@ class Agent:
             return
         os.close(w.go)
         w.go = None
-        self.launched(w, w.take_claim())
+        # Its answer comes once it is ready (a project still unpacking takes a while):
+        # the loop reads it, and goes on serving meanwhile.
+        self.sel.register(w.claim, selectors.EVENT_READ, ("claim", w))
 
     def launched(self, w, claimed):
         if claimed:
@@ -1745,13 +1766,13 @@ class Agent:
         elif op == "renew":
             for w in self.prepared.values():
                 w.cmd["deadline"] = cmd["deadline"]
-        elif op == "drop":
-            for after, w in list(self.prepared.items()):
+        elif op == "drop":  # (said only of one really dropped: it may have started,
+            for after, w in list(self.prepared.items()):  # or dropped itself, already)
                 if w.cmd["id"] == cmd["id"]:
                     del self.prepared[after]
                     w.drop()
                     shutil.rmtree(w.cmd["dir"], ignore_errors=True)
-            say("dropped", id=cmd["id"])
+                    say("dropped", id=cmd["id"])
         elif op == "cancel":
             try:
                 os.kill(int(cmd["wrapper"]), signal.SIGTERM)
@@ -1991,7 +2012,7 @@ class Job:
     error: str | None = job_field(_NULLABLE_STR, None)
     cancel_requested: bool = job_field({"type": "boolean"}, False)
     #: Claimed by a node and made ready there, to start as soon as the job it follows
-    #: has ended (GpuWorker.prepare): it shows as pending until it has started.
+    #: has ended (GpuWorker._prepare): it shows as pending until it has started.
     prepared: bool = job_field({"type": "boolean"}, False, key=None, show=lambda job: {},
                                shown_schema={})
     #: Running, but the job prepared to follow it has started on its GPUs: it has
@@ -2596,9 +2617,18 @@ class DoneIndex:
         os.replace(tmp, self.path)
 
     def _append(self, text):
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        write_all(self._fd, text.encode())
+        """One line more.  The index is derived: a line that cannot be written (a full
+        disk) makes it stale instead, and the next start makes it again; the job's
+        move to done/, which it follows, stands."""
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            write_all(self._fd, text.encode())
+        except OSError as exc:
+            log.warning("done.index: %s; it is made again at the next start", exc)
+            self.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def add(self, job_id, node_id, status, collecting):
         self._append(f"+ {job_id} {node_id} {status} {'c' if collecting else '-'}\n")
@@ -3197,7 +3227,7 @@ class Spool:
         cannot change meanwhile.  Without one, the rule of an idle node of one GPU:
         the first job in turn of its own queue or of a node that is busy or drained.
         A ``prepared`` job is claimed to start once the job it follows has ended
-        (GpuWorker.prepare): it shows as pending until ``launched``."""
+        (GpuWorker._prepare): it shows as pending until ``launched``."""
         if choose is None:
             def choose(candidates, states):
                 return next(((job, n, ()) for job, n in candidates if n == node_id
@@ -3828,6 +3858,7 @@ class Spool:
             self._array_left(job)
             job.status, job.started_at, job.gpu_ids = "pending", None, ()
             job.attempt, job.slurm, job.cancel_requested = job.attempt + 1, None, False
+            job.prepared = job.followed = False
             self._index(job)
             self._changed.notify_all()
         self._sync_queue(job.node_id)
@@ -4247,6 +4278,12 @@ class _Agent:
         data = message(COMMANDS, op, **fields)
         with self._send_lock:  # the scheduler and the GPU telemetry both send
             self.channel.sendall(data)
+
+    def forget(self, job_id):
+        """Drop what the agent said of a job's former start (a new one is sent)."""
+        with self._cond:
+            for op in ("started", "prepared", "dropped"):
+                self._replies.pop((op, job_id), None)
 
     def reply(self, key, timeout):
         """The report called ``key`` (e.g. ("started", job id)), or None."""
@@ -4871,16 +4908,21 @@ class SshLink(Link):
         if conn is None or not conn.is_connected:
             raise NodeError(f"node {self.node.id} is not connected")
         import paramiko
-        channel = None
-        try:  # every step bounded: the SFTP handshake too, which open_sftp would wait
-            channel = conn.transport.open_session(timeout=SSH_TIMEOUT)  # on unbounded
-            channel.settimeout(self.config.node_timeout)
+        channel = timer = None
+        try:  # every step bounded: open_sftp would wait unbounded on a stalled node for
+            channel = conn.transport.open_session(timeout=SSH_TIMEOUT)  # the subsystem
+            channel.settimeout(self.config.node_timeout)  # and the SFTP handshake
+            timer = threading.Timer(SSH_TIMEOUT, channel.close)  # (a closed channel
+            timer.start()                                         # ends both waits)
             channel.invoke_subsystem("sftp")
             sftp = paramiko.SFTPClient(channel)
         except Exception as exc:
             if channel is not None:
                 channel.close()
             raise NodeError(self.reason(exc)) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         other = copy.copy(self)
         other.sftp, other._side = sftp, True
         try:
@@ -5234,6 +5276,7 @@ class AgentExecutor:
                 raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
             raise
         run = Run(job, job.id, on_exit)
+        self._agent.forget(job.id)  # what it said of an earlier try is not this one's
         env = job_env(self.node, job)
         owner = getattr(self.link, "owner", None)
         if owner is not None:
@@ -6795,11 +6838,7 @@ class SlurmWorker(Worker):
 
     def _fill(self):
         while len(self.spool.running_on(self.node.id)) < self.node.slurm["max_jobs"]:
-            try:
-                job = self.spool.claim(self.node.id, self.choose)
-            except DiskFull as exc:
-                self._no_room(exc)
-                return
+            job = self.spool.claim(self.node.id, self.choose)
             if job is None:
                 return
             self._job_step(self._submit, job)
@@ -6996,12 +7035,15 @@ def send_notices(spool, webhooks):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
     senders = {}  # receiving host -> the thread sending its notices now
     while True:
+        # The hosts with a sender at work, before the outbox is read: what it reads
+        # for the others is what no sender can have delivered meanwhile.
+        busy = {host for host, sender in senders.items() if sender.is_alive()}
         due, wait = spool.notices_due()
         hosts = collections.defaultdict(list)
         for job_id, notice in due:
             hosts[urllib.parse.urlsplit(notice["url"]).netloc.lower()].append((job_id, notice))
         for host, notices in hosts.items():
-            if host not in senders or not senders[host].is_alive():
+            if host not in busy:
                 senders[host] = _thread(f"notices {host}", functools.partial(
                     _send_notices, spool, webhooks, opener, notices))
         # A sender that ends wakes this thread: what its host has due next goes then.
@@ -8021,8 +8063,12 @@ class Waiters:
             try:
                 f = self.scheduler.answer(job)
                 f.seek(1)  # after its "{"
-            except GpuqueueError as exc:
-                d.finish(json.dumps({"job_id": job_id, "error": exc.message}).encode())
+            except Exception as exc:  # (each waiter is answered, whatever one meets)
+                if not isinstance(exc, GpuqueueError):
+                    log.exception("job %s: its results could not be sent", job_id)
+                message = exc.message if isinstance(exc, GpuqueueError) else \
+                    f"its results cannot be read now ({exc}); GET /api/results/{job_id}"
+                d.finish(json.dumps({"job_id": job_id, "error": message}).encode())
                 continue
             d.finish(head.encode(), f)
         log.info("job %s: results sent to %d waiting submit(s)", job_id, len(waiting))
@@ -8391,8 +8437,8 @@ class Api:
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
         bottle.response.set_header("Accept-Ranges", "bytes")
         bottle.response.set_header("Content-Length", str(end - start))
-        if isinstance(f, io.BufferedReader):  # in the spool: sent from the file by the
-            f.seek(start)                     # event loop (wsgi.file_wrapper), no thread
+        if job.status in FINAL_STATES:  # a file in the spool: sent from it by the event
+            f.seek(start)               # loop (wsgi.file_wrapper), holding no thread
             stack.pop_all()
             return f
 
@@ -9594,7 +9640,11 @@ class Incoming:
         claim_id = new_job_id()
         claim = {"name": name, "job_ids": None}
         write_json(self.claims / f"{claim_id}.json", claim)  # the server's claim, first
-        os.rename(path, self.dir / f"{name}.{claim_id}.accepted")
+        try:
+            os.rename(path, self.dir / f"{name}.{claim_id}.accepted")
+        except OSError:  # (taken away meanwhile): no claim on it is left behind
+            (self.claims / f"{claim_id}.json").unlink()
+            raise
         fsync_dir(self.dir)
         self.open[claim_id] = claim
         self._advance(claim_id, claim)
@@ -9631,6 +9681,12 @@ class Incoming:
                              "job_ids": self.scheduler.array(claim_id)["job_ids"]}
                     job, position, start = self.scheduler.job(array["job_ids"][0]), None, None
                 except NotFound:
+                    if not os.path.lexists(path):  # a crash came between the claim and
+                        log.warning("incoming: %r was claimed but is gone; the claim is "
+                                    "dropped", name)  # the rename, or it was taken away
+                        (self.claims / f"{claim_id}.json").unlink()
+                        del self.open[claim_id]
+                        return False
                     script, config = self._files(path)
                     job, position, start, _, array = self.scheduler.submit(script, config,
                                                                            job_id=claim_id)

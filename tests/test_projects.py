@@ -435,6 +435,13 @@ def test_outputs_access_pending_and_another_users_job(make_server, tmp_path):
         assert r.status_code == 404, r.text
     r = server.get(f"/api/outputs/{running['job_id']}", server.token("root", admin=True))
     assert r.status_code == 200 and r.json()["state"] == "running"
+    # A file of the running job downloads from its node, whole or from a byte on.
+    data = SMALL["a.txt"]
+    r = server.get(f"/api/outputs/{running['job_id']}/a.txt", server.token())
+    assert r.status_code == 200 and r.content == data, (r.status_code, r.text[:300])
+    r = requests.get(file_url(server, running["job_id"], "a.txt"), timeout=30,
+                     headers={"Authorization": f"Bearer {server.token()}", "Range": "bytes=2-"})
+    assert r.status_code == 206 and r.content == data[2:], (r.status_code, r.text[:300])
     server.post(f"/api/cancel/{running['job_id']}", server.token())
     wait_outputs(server, running["job_id"])
     wait_outputs(server, pending["job_id"])
