@@ -2723,6 +2723,10 @@ class Spool:
         #: as their ``after`` dependency did not complete (cancel_doomed).
         self._waiters = collections.defaultdict(set)
         self._doomed = []
+        #: Prepared jobs (not started yet): the turn each was chosen in, and the ticket
+        #: its claim took (FairQueue), so that one that a job came ahead of in turn
+        #: since is found (ahead_in_turn), and a requeue gives its user the turn back.
+        self._turns = {}
         #: Called (under the lock) with a node's id when one of its jobs stops waiting,
         #: and with a job's id and status when it starts running or finishes (None).
         self._on_ready = lambda node_id: None
@@ -3247,9 +3251,13 @@ class Spool:
             os.rename(self.pending_dir(donor) / job.id, self.running_dir(node_id) / job.id)
             self._unindex(job)
             job.node_id, job.status, job.started_at = node_id, "running", time.time()
-            job.gpu_ids, job.prepared = tuple(gpus), prepared
+            job.gpu_ids, job.prepared, job.followed = tuple(gpus), prepared, False
             self._running[node_id][job.id] = job
-            self._served[job.priority, job.user_id] = next(self._tickets)
+            key = (job.priority, job.user_id)
+            turn, ticket = (-job.priority, self._served.get(key, 0), job.id), next(self._tickets)
+            self._served[key] = ticket
+            if prepared:  # the turn it was chosen in, and the ticket its claim took
+                self._turns[job.id] = (turn, ticket)
             if job.array_limit:
                 self._array_running[job.array_id] += 1
             if not prepared:
@@ -3305,6 +3313,7 @@ class Spool:
         ``after`` (an id), which has therefore ended."""
         with self._lock:
             job.prepared, job.started_at = False, time.time()
+            self._turns.pop(job.id, None)
             if (followed := self._running[job.node_id].get(after)) is not None:
                 followed.followed = True
             self._on_change(job.id, "running")
@@ -3322,6 +3331,7 @@ class Spool:
             if self._running[job.node_id].pop(job.id, None) is not None:
                 self._array_left(job)
             self._active.pop(job.id, None)
+            self._turns.pop(job.id, None)
             self._changed.notify_all()
 
     def finish(self, job, outcome):
@@ -3378,6 +3388,7 @@ class Spool:
                 del self._array_open[job.array_id]
                 self._notices.set()  # its notice, if it asked for one, is due
         del self._active[job.id]
+        self._turns.pop(job.id, None)
         job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
         job.finished_at = finished_at
         job.outputs = "collecting" if outcome.outputs_at else outcome.outputs
@@ -3725,6 +3736,23 @@ class Spool:
         with self._changed:
             return self._changed.wait_for(lambda: job_id not in self._active, timeout)
 
+    def ahead_in_turn(self, job_id, fits):
+        """Has a pending job come ahead in turn of the prepared job ``job_id`` (another
+        user's, or of a higher priority, since it was chosen), one that ``fits(job,
+        its queue's node)`` (called under the lock: it must not take it)?"""
+        with self._lock:
+            turn = self._turns.get(job_id)
+            if turn is None:
+                return False
+            orders = [q.order(n) for n, q in self._queues.items() if len(q)]
+            for seen, (t, other, n) in enumerate(heapq.merge(*orders)):
+                if seen == CLAIM_DEPTH or t >= turn[0]:
+                    return False
+                job = self._active[other]
+                if self._may_start(job) and fits(job, n):
+                    return True
+        return False
+
     def statuses(self, job_ids):
         """Each job's status as shown (None: finished or gone), under one lock."""
         with self._lock:
@@ -3874,7 +3902,12 @@ class Spool:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
             del self._running[job.node_id][job.id]
             self._array_left(job)
-            job.status, job.started_at, job.gpu_ids, job.prepared = "pending", None, (), False
+            job.status, job.started_at, job.gpu_ids = "pending", None, ()
+            job.prepared = job.followed = False
+            turn = self._turns.pop(job.id, None)
+            key = (job.priority, job.user_id)
+            if turn is not None and self._served.get(key) == turn[1]:
+                self._served[key] = turn[0][1]  # it never ran: its user's turn is back
             self._index(job)
         self._sync_queue(job.node_id)
         fsync_dir(self.running_dir(job.node_id))
@@ -6277,25 +6310,23 @@ class GpuWorker(Worker):
         try:
             self._reap()
             self._news()
+            self._reconsider()
             self._pass_cancels()
             self._renew()
         except NodeError as exc:
             self._lost(exc)
             return
-        try:
-            job = self.spool.claim(self.node.id, self.choose)
-            if job is not None:
-                self._guarded(job, self._execute, job)
-                if self.free_gpus(self.spool.node_state(self.node.id)):
-                    return  # look again at once: another job may fit beside it
-            elif self.spool.is_drained(self.node.id):
-                self._shed()
-            else:
-                self._ask_back()
-            self._prepare_successors()
-        except DiskFull as exc:
-            self._no_room(exc)
-            return
+        job = None if self._ask_back(overdue=True) else \
+            self.spool.claim(self.node.id, self.choose)
+        if job is not None:
+            self._guarded(job, self._execute, job)
+            if self.free_gpus(self.spool.node_state(self.node.id)):
+                return  # look again at once: another job may fit beside it
+        elif self.spool.is_drained(self.node.id):
+            self._shed()
+        else:
+            self._ask_back()
+        self._prepare_successors()
         if not self.wake.wait(self._rest()) and not self.executor.healthy():
             self._lost(NodeError(f"node {self.node.id} did not answer within "
                                  f"{self.config.node_timeout:g} s"))
@@ -6343,16 +6374,24 @@ class GpuWorker(Worker):
                 return
             self._guarded(job, self._prepare, job, after)
 
+    @staticmethod
+    def _held_from(state, gpus):
+        """The Holding that keeps ``gpus`` for a job waiting for more GPUs than they
+        are, or None (a job they are enough for waits for its turn like any other)."""
+        holding = state.holding
+        if holding and set(gpus) & set(holding.gpus) and len(holding.gpus) > len(gpus):
+            return holding
+        return None
+
     def choose_successor(self, after, candidates, states):
         """The job to prepare to follow ``after`` on its GPUs (Spool.claim's rule, as
         choose): the first in turn that fits them and that no node could start now.
-        GPUs held for a big job (Holding) go to that job alone: it is prepared when
-        ``after``'s GPUs are enough for it, and nothing else takes them."""
+        GPUs held for a job that needs more than ``after`` frees (Holding) are kept
+        for it: nothing is prepared on them, and it starts once enough are free."""
         state = states[self.node.id]
         room = self._rooms(states)
         gpus = self.assigned(after)
-        held = state.holding if state.holding and set(gpus) & set(state.holding.gpus) \
-            else None
+        held = self._held_from(state, gpus)
         now = time.time()
         self._given_back = {j: t for j, t in self._given_back.items() if t > now}
         for seen, (job, n) in enumerate(candidates):
@@ -6385,23 +6424,54 @@ class GpuWorker(Worker):
         if not self._renewed:
             self._renewed = time.time()
 
-    def _ask_back(self):
-        """GPUs free here and nothing in turn to start: a job that another node has
-        prepared to follow one of its running jobs, and that could start here now,
-        is asked back (dropped there and queued again), so that it starts here
-        rather than wait behind a job that may run long."""
+    def _ask_back(self, overdue=False):
+        """GPUs free here: a job that another node has prepared to follow one of its
+        running jobs, and that could start here now, is asked back (dropped there and
+        queued again), so that it starts here rather than wait behind a job that may
+        run long.  Asked when nothing else is in turn here; and with ``overdue``,
+        before anything here is started, when the job it waits for has run past its
+        expected time: it was in turn before whatever waits here.  True when one was."""
         free = self.free_gpus(self.spool.node_state(self.node.id))
         if not free:
-            return
+            return False
+        now = time.time()
         for peer in self.peers.values():
             if peer is self or not isinstance(peer, GpuWorker) or not peer.online:
                 continue
-            for run in list(peer.prepared.values()):
+            for after, run in list(peer.prepared.items()):
+                before = peer.runs.get(after)
+                if overdue and (before is None or now < (before.job.started_at or now)
+                                + before.job.expected_time):
+                    continue
                 if run.job.gpus <= len(free) and self.has(run.job) \
                         and run.job.id not in peer.asked_back:
                     peer.asked_back[run.job.id] = self.node.id
                     peer.wake.set()
-                    return
+                    return True
+        return False
+
+    def _reconsider(self):
+        """A prepared job that a pending one has come ahead of in turn since it was
+        chosen (another user's, or of a higher priority) is given back, and the one
+        in turn is prepared instead: preparing ahead never reorders the turns."""
+        if not self.prepared:
+            return
+        states = self.spool.node_states()
+        room, state = self._rooms(states), states[self.node.id]
+        for after, run in list(self.prepared.items()):
+            job = run.job
+            gpus = self.assigned(self.runs[after].job) if after in self.runs else job.gpu_ids
+            if run.wrapper_pid is None or run.cancel_sent or job.id in self.asked_back or (
+                    (held := self._held_from(state, gpus)) and held.job_id == job.id):
+                continue
+
+            def fits(other, n, gpus=gpus):
+                return other.gpus <= len(gpus) and self.has(other) and not (
+                    n != self.node.id and self.peers[n].could_start(other, dict(room)))
+            if self.spool.ahead_in_turn(job.id, fits):
+                log.info("job %s: prepared on node %s, given back: another job is in turn "
+                         "before it", job.id, self.node.id)
+                self.asked_back[job.id] = self.node.id
 
     def _news(self):
         """Prepared starts that started (they are runs now) or were dropped (back to
@@ -6422,14 +6492,17 @@ class GpuWorker(Worker):
                 self.started += 1
                 log.info("job %s user=%s node=%s running on GPU %s (prepared)", job.id,
                          job.user_id, self.node.id, ",".join(job.gpu_ids))
-            elif job.cancel_requested:
-                self._record(job, Outcome("cancelled", error="cancelled before it started"))
             else:
-                log.info("job %s: its prepared start on node %s was dropped: queued again",
-                         job.id, self.node.id)
-                self.spool.requeue(job)
+                with contextlib.suppress(NodeError):  # it never started: nothing in its
+                    self.executor.remove_folder(job.id)  # folder there is anyone's
+                if job.cancel_requested:
+                    self._record(job, Outcome("cancelled", error="cancelled before it started"))
+                else:
+                    log.info("job %s: its prepared start on node %s was dropped: queued "
+                             "again", job.id, self.node.id)
+                    self.spool.requeue(job)
             asker = self.asked_back.pop(job.id, None)
-            if asker is not None:
+            if asker is not None and asker != self.node.id:  # (not when out of turn here)
                 self._given_back[job.id] = time.time() + GIVEN_BACK
                 self.peers[asker].wake.set()
         if not self.prepared:
