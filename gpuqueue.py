@@ -3760,14 +3760,31 @@ class Spool:
                     for i in job_ids}
 
     def job_ids(self, before=None):
-        """Job ids newest first, only those older than ``before`` when it is given."""
+        """Job ids newest first, only those older than ``before`` when it is given.
+        Finished ones are taken a few hundred at a time, as they are read, so that a
+        page costs what it shows, not the size of done/; a job that finished
+        meanwhile, seen among both, is given once."""
         with self._lock:
             active = sorted(self._active)
-            done = self._done_ids[:bisect.bisect_left(self._done_ids, before)] if before \
-                else self._done_ids[:]
         if before:
             active = active[:bisect.bisect_left(active, before)]
-        return heapq.merge(reversed(active), reversed(done), reverse=True)
+        last = None
+        for job_id in heapq.merge(reversed(active), self._done_newest_first(before),
+                                  reverse=True):
+            if job_id != last:
+                yield job_id
+            last = job_id
+
+    def _done_newest_first(self, before):
+        while True:
+            with self._lock:
+                end = bisect.bisect_left(self._done_ids, before) if before \
+                    else len(self._done_ids)
+                chunk = self._done_ids[max(0, end - 256):end]
+            if not chunk:
+                return
+            yield from reversed(chunk)
+            before = chunk[0]
 
     def find(self, user=None, status=None, limit=100, before=None, among=None):
         """Up to ``limit`` jobs (copies), newest first, of ``user`` and in ``status``
