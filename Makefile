@@ -11,7 +11,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.dev-installed sshd chromium slurm
 	$(PY) -m pytest -q tests
 
-# Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (~6 minutes).
+# Not part of `make test`: measures, asserts nothing, writes bench/RESULTS.md (20-40 minutes).
 bench: $(VENV)/.dev-installed sshd tsp
 	cd bench && ../$(PY) run_all.py
 
