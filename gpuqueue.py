@@ -5459,25 +5459,24 @@ class AgentExecutor:
             return b""
         if kind != "file":
             return not_regular_note(stream, kind)
-        half = limit // 2 if size > limit else size  # (a file that shrank: reads end early)
-        pieces, at = [data[:half]], len(data[:half])
-        while at < half:
-            piece, kind, _ = self.read(rel, at, half - at)
-            if kind != "file" or not piece:
-                break
-            pieces.append(piece)
-            at += len(piece)
+        half = limit // 2 if size > limit else size
+        pieces = [data[:half]]
+        self._read_span(rel, len(pieces[0]), half, pieces)
         if size <= limit:
             return b"".join(pieces)
         pieces.append(cut_note(size - 2 * half, size, limit))
-        at = size - half
-        while at < size:
-            piece, kind, _ = self.read(rel, at, size - at)
+        self._read_span(rel, size - half, size, pieces)
+        return b"".join(pieces)
+
+    def _read_span(self, rel, at, end, pieces):
+        """Bytes ``at`` to ``end`` of a job's file, appended to ``pieces`` as they come;
+        it stops early where the file shrank or stopped being a file."""
+        while at < end:
+            piece, kind, _ = self.read(rel, at, end - at)
             if kind != "file" or not piece:
-                break
+                return
             pieces.append(piece)
             at += len(piece)
-        return b"".join(pieces)
 
     def remove_folder(self, rel):
         """Remove a finished job's folder on the node, once its outcome and files are
