@@ -10658,7 +10658,7 @@ def _poll(client, job, as_json):
     try:
         while client.call("GET", client.job_path("status", job["job_id"]))["status"] \
                 not in FINAL_STATES:
-            time.sleep(WAIT_POLL)
+            time.sleep(WAIT_POLL)  # the server said to poll (202): it holds nothing for us
     except KeyboardInterrupt:
         print(_stopped_waiting(job), file=sys.stderr)
         return None
