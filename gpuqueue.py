@@ -3739,17 +3739,19 @@ class Spool:
     def ahead_in_turn(self, job_id, fits):
         """Has a pending job come ahead in turn of the prepared job ``job_id`` (another
         user's, or of a higher priority, since it was chosen), one that ``fits(job,
-        its queue's node)`` (called under the lock: it must not take it)?"""
+        its queue's node, every node's NodeState)`` (called under the lock: it must
+        not take it)?"""
         with self._lock:
             turn = self._turns.get(job_id)
             if turn is None:
                 return False
             orders = [q.order(n) for n, q in self._queues.items() if len(q)]
+            states = _States(self._state)
             for seen, (t, other, n) in enumerate(heapq.merge(*orders)):
                 if seen == CLAIM_DEPTH or t >= turn[0]:
                     return False
                 job = self._active[other]
-                if self._may_start(job) and fits(job, n):
+                if self._may_start(job) and fits(job, n, states):
                     return True
         return False
 
@@ -3931,7 +3933,8 @@ class Spool:
 
 
 class _States(dict):
-    """Every node's NodeState, each made when first asked for (inside claim)."""
+    """Every node's NodeState (inside claim), or its room (Worker._rooms), each
+    made when first asked for."""
 
     def __init__(self, make):
         super().__init__()
@@ -6131,14 +6134,16 @@ class Worker:
         """Would this node start ``job`` now, given the room left (``room``, a dict
         of every node's)?  If so, the room is taken, as its own scheduler would."""
         n = self.node.id
-        if job.gpus <= len(self.node.gpus) and self.has(job) and self.cost(job) <= room.get(n, 0):
+        if job.gpus <= len(self.node.gpus) and self.has(job) and self.cost(job) <= room[n]:
             room[n] -= self.cost(job)
             return True
         return False
 
     def _rooms(self, states):
-        return {n: w.room(states[n]) if w.online else 0
-                for n, w in self.peers.items() if n != self.node.id}
+        """Every other node's room, each worked out when first asked for (most
+        choices look at few other nodes' jobs, or none)."""
+        return _States(lambda n: self.peers[n].room(states[n])
+                       if self.peers[n].online and n != self.node.id else 0)
 
     # -- a job's end -------------------------------------------------------------
 
@@ -6447,9 +6452,7 @@ class GpuWorker(Worker):
         run long.  Asked when nothing else is in turn here; and with ``overdue``,
         before anything here is started, when the job it waits for has run past its
         expected time: it was in turn before whatever waits here.  True when one was."""
-        free = self.free_gpus(self.spool.node_state(self.node.id))
-        if not free:
-            return False
+        free = None  # this node's free GPUs: looked at once a job could be asked back
         now = time.time()
         for peer in self.peers.values():
             if peer is self or not isinstance(peer, GpuWorker) or not peer.online:
@@ -6457,10 +6460,13 @@ class GpuWorker(Worker):
             for after, run in list(peer.prepared.items()):
                 before = peer.runs.get(after)
                 if overdue and (before is None or now < (before.job.started_at or now)
-                                + before.job.expected_time):
+                                + before.job.expected_time) or run.job.id in peer.asked_back:
                     continue
-                if run.job.gpus <= len(free) and self.has(run.job) \
-                        and run.job.id not in peer.asked_back:
+                if free is None:
+                    free = self.free_gpus(self.spool.node_state(self.node.id))
+                if not free:
+                    return False
+                if run.job.gpus <= len(free) and self.has(run.job):
                     peer.asked_back[run.job.id] = self.node.id
                     peer.wake.set()
                     return True
@@ -6472,8 +6478,7 @@ class GpuWorker(Worker):
         in turn is prepared instead: preparing ahead never reorders the turns."""
         if not self.prepared:
             return
-        states = self.spool.node_states()
-        room, state = self._rooms(states), states[self.node.id]
+        state = self.spool.node_state(self.node.id)
         for after, run in list(self.prepared.items()):
             job = run.job
             gpus = self.assigned(self.runs[after].job) if after in self.runs else job.gpu_ids
@@ -6481,9 +6486,9 @@ class GpuWorker(Worker):
                     (held := self._held_from(state, gpus)) and held.job_id == job.id):
                 continue
 
-            def fits(other, n, gpus=gpus):
+            def fits(other, n, states, gpus=gpus):
                 return other.gpus <= len(gpus) and self.has(other) and not (
-                    n != self.node.id and self.peers[n].could_start(other, dict(room)))
+                    n != self.node.id and self.peers[n].could_start(other, self._rooms(states)))
             if self.spool.ahead_in_turn(job.id, fits):
                 log.info("job %s: prepared on node %s, given back: another job is in turn "
                          "before it", job.id, self.node.id)
@@ -6573,6 +6578,8 @@ class GpuWorker(Worker):
         for seen, (job, n) in enumerate(candidates):
             if seen == CLAIM_DEPTH:
                 break
+            if not free and n != self.node.id:
+                continue  # no GPU free: only the Holding is to be found, from this queue
             if n != self.node.id and self.peers[n].could_start(job, room):
                 continue
             if job.gpus > len(self.node.gpus) or not self.has(job):
