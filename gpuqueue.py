@@ -7246,6 +7246,8 @@ class Scheduler:
         self._key_locks = [threading.Lock() for _ in range(64)]
         self._node_reads = threading.BoundedSemaphore(NODE_READERS)
         self._workers = {}
+        #: Which starving node a submit wakes next (_enqueue): they take turns.
+        self._starving_turn = itertools.count()
         self.serving = serving
         spool.call_when_ready(self._ready)
         if serving:
@@ -7478,15 +7480,20 @@ class Scheduler:
         position, start = self._spool.enqueue(job, staged, online,
                                               self.config.max_pending_per_user, able, ended)
         # One node that may start a job now is enough (it takes the first in turn): its
-        # own, else another with room; and those that hold GPUs for a big job, which may
-        # fit it beside.  A busy node looks for itself when one of its jobs ends.
+        # own, else another with room; else one whose running job has no successor
+        # prepared (``starving``), in turns, so that a burst of submits spreads over
+        # them; and those that hold GPUs for a job and have some free, which may fit
+        # it beside.  A busy node looks for itself when one of its jobs ends.
         states = self._spool.node_states()
         fits = [n for n, w in self._workers.items() if w.online and w.has(job)
                 and job.gpus <= len(w.node.gpus) and w.room(states[n]) >= w.cost(job)]
-        first = job.node_id if job.node_id in fits else fits[:1]
-        self._wake({*([first] if isinstance(first, int) else first),
-                    *(n for n, w in self._workers.items()
-                      if states[n].holding or getattr(w, "starving", False))})
+        first = [job.node_id] if job.node_id in fits else fits[:1]
+        if not first and (starving := [
+                n for n, w in self._workers.items() if getattr(w, "starving", False)
+                and w.has(job) and job.gpus <= len(w.node.gpus)]):
+            first = [starving[next(self._starving_turn) % len(starving)]]
+        self._wake({*first, *(n for n, w in self._workers.items()
+                              if states[n].holding and w.free_gpus(states[n]))})
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         self._spool.cancel_doomed()  # it needed a job that had failed already
         return job, position, start
