@@ -6254,6 +6254,11 @@ class Worker:
                 "running_jobs": [j.id for j in state.running],
                 "environments": dict(self.executor.environments)}
 
+    def prepared_behind(self, job):
+        """Has this node prepared a job that ``job`` may come ahead of in turn (see
+        GpuWorker)?  None can be here."""
+        return False
+
     def has(self, job):
         """Has this node the environment ``job`` asks for, in working order (as far
         as its last check knows)?"""
@@ -6471,6 +6476,13 @@ class GpuWorker(Worker):
                     peer.wake.set()
                     return True
         return False
+
+    def prepared_behind(self, job):
+        """Has this node prepared a job that ``job``, new in its queue, may come ahead
+        of in turn: another user's, or one of a lower priority?  (A user's own jobs
+        of one priority keep their order.)  Then it is to look again (_reconsider)."""
+        return any(run.job.user_id != job.user_id or run.job.priority < job.priority
+                   for run in list(self.prepared.values()))
 
     def _reconsider(self):
         """A prepared job that a pending one has come ahead of in turn since it was
@@ -7482,8 +7494,9 @@ class Scheduler:
         # One node that may start a job now is enough (it takes the first in turn): its
         # own, else another with room; else one whose running job has no successor
         # prepared (``starving``), in turns, so that a burst of submits spreads over
-        # them; and those that hold GPUs for a job and have some free, which may fit
-        # it beside.  A busy node looks for itself when one of its jobs ends.
+        # them; those that hold GPUs for a job and have some free, which may fit it
+        # beside; and those that prepared a job it may come ahead of in turn.  A busy
+        # node looks for itself when one of its jobs ends.
         states = self._spool.node_states()
         fits = [n for n, w in self._workers.items() if w.online and w.has(job)
                 and job.gpus <= len(w.node.gpus) and w.room(states[n]) >= w.cost(job)]
@@ -7492,8 +7505,8 @@ class Scheduler:
                 n for n, w in self._workers.items() if getattr(w, "starving", False)
                 and w.has(job) and job.gpus <= len(w.node.gpus)]):
             first = [starving[next(self._starving_turn) % len(starving)]]
-        self._wake({*first, *(n for n, w in self._workers.items()
-                              if states[n].holding and w.free_gpus(states[n]))})
+        self._wake({*first, *(n for n, w in self._workers.items() if w.prepared_behind(job)
+                              or states[n].holding and w.free_gpus(states[n]))})
         log.info("job %s user=%s node=%s pending", job.id, job.user_id, job.node_id)
         self._spool.cancel_doomed()  # it needed a job that had failed already
         return job, position, start

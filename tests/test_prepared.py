@@ -125,9 +125,11 @@ def test_an_idle_node_asks_back_a_job_prepared_behind_a_long_one(make_server, tm
 
 def test_a_job_that_comes_ahead_in_turn_takes_the_place_of_a_prepared_one(make_server, tmp_path):
     """Both nodes busy, each with one of alice's jobs prepared to follow: bob's job,
-    submitted after, is in turn before them (alice has had her turns), so one of them
-    is given back and bob's is prepared instead; it starts with the first free GPU."""
-    server = make_server(nodes=2, timeout_multiplier=100)
+    submitted after, is in turn before them (alice has had her turns), so its submit
+    wakes them, one of alice's is given back and bob's is prepared instead; it starts
+    with the first free GPU."""
+    # Leases renewed every 50 s: only the submit wakes a node to look again in time.
+    server = make_server(nodes=2, timeout_multiplier=100, node_timeout=200)
     gate = tmp_path / "gate"
     gated = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n"
     for _ in range(2):
@@ -138,7 +140,7 @@ def test_a_job_that_comes_ahead_in_turn_takes_the_place_of_a_prepared_one(make_s
              "alice's two jobs to be prepared, one on each node")
     bob = server.submit_ok("print('b')\n", user="bob", expected_time=5)["job_id"]
     wait_for(lambda: bob in [j for n in server.get("/api/nodes").json()["nodes"]
-                             for j in n["prepared_jobs"]], "bob's job to be prepared", timeout=30)
+                             for j in n["prepared_jobs"]], "bob's job to be prepared", timeout=20)
     assert "given back: another job is in turn before it" in server.log()
     gate.touch()
     for job_id in alice + [bob]:
