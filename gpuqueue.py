@@ -7503,7 +7503,7 @@ class Scheduler:
         first = [job.node_id] if job.node_id in fits else fits[:1]
         if not first and (starving := [
                 n for n, w in self._workers.items() if getattr(w, "starving", False)
-                and w.has(job) and job.gpus <= len(w.node.gpus)]):
+                and w.online and w.has(job) and job.gpus <= len(w.node.gpus)]):
             first = [starving[next(self._starving_turn) % len(starving)]]
         self._wake({*first, *(n for n, w in self._workers.items() if w.prepared_behind(job)
                               or states[n].holding and w.free_gpus(states[n]))})
