@@ -715,6 +715,31 @@ def write_file(path, data, mode=0o644, sync_dir=True):
         fsync_dir(path.parent)
 
 
+def write_files(folder, files):
+    """Publish several files in ``folder`` (name -> data), each atomically as
+    write_file does, renamed in the order given: all are written before any is
+    fsynced, so that one journal commit can carry them all, and the folder is
+    fsynced once."""
+    folder, staged = Path(folder), []
+    try:
+        for name, data in files.items():
+            tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+            staged.append((os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp, name))
+            write_all(staged[-1][0], data if isinstance(data, bytes) else data.encode())
+        for fd, _, _ in staged:
+            os.fsync(fd)
+        for fd, tmp, name in staged:
+            os.rename(tmp, folder / name)
+    except BaseException:
+        for _, tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for fd, _, _ in staged:
+            os.close(fd)
+    fsync_dir(folder)
+
+
 def private_lock(path):
     """A file lock at ``path`` that no other user can take: its file is this user's
     own, mode 0600, so a job (running as another user) cannot even open it, and an
@@ -731,8 +756,13 @@ def private_lock(path):
     return filelock.FileLock(str(path), mode=0o600)
 
 
+def json_record(obj):
+    """A record as the spool keeps it: JSON, a key a line, sorted."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_json(path, obj):
-    write_file(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    write_file(path, json_record(obj))
 
 
 def read_json(path):
@@ -1231,16 +1261,18 @@ def open_nofollow(path, mode="rb"):
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), mode)
 
 
-def publish(name, obj):
+def publish(name, obj, durable=True):
     """Write JSON to ``name`` in the current folder: a fresh temporary name (O_EXCL, so
-    nothing planted there is followed), fsync, rename.  A folder the job planted at
-    ``name`` (a rename cannot replace it) is moved aside first."""
+    nothing planted there is followed), fsync (unless not ``durable``), rename.  A
+    folder the job planted at ``name`` (a rename cannot replace it) is moved aside
+    first."""
     tmp = ".%s.%d.tmp" % (name, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     try:
         os.rename(tmp, name)
     except IsADirectoryError:
@@ -1435,7 +1467,10 @@ def wrap(cmd, report, ended, go=None):
         publish(NodeFiles.RESULT, {"exit_code": None, "reason": "not started",
                                    "detail": why_not})
         return 0
-    publish(NodeFiles.PIDS, {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL})
+    # Only while the wrapper lives is its pids of use, and a power cut ends it: so no
+    # fsync (one read as missing or torn after a crash is as a dead wrapper's).
+    publish(NodeFiles.PIDS, {"wrapper": os.getpid(), "job": job.pid, "protocol": PROTOCOL},
+            durable=False)
     deadline = time.monotonic() + limit
     reason = status = drain_until = None
     while True:
@@ -2451,9 +2486,8 @@ class JobFolder:
     def write_result(self, result, outcome):
         """The record of how the job ended (``result``) and what it left (``outcome``),
         output first: result.json is the mark of a finished job."""
-        for name in self.STREAMS:
-            write_file(self.path / name, outcome.stream(name), sync_dir=False)
-        write_json(self.path / self.RESULT, result)
+        write_files(self.path, {**{name: outcome.stream(name) for name in self.STREAMS},
+                                self.RESULT: json_record(result)})
 
     def read_result(self):
         return read_json(self.path / self.RESULT)
@@ -2674,6 +2708,8 @@ class Spool:
     def __init__(self, root, node_ids, gpu_counts=None):
         self._root = Path(root)
         self._node_ids = tuple(node_ids)
+        self._node_dirs = {}  # (node, name) -> its folder (_node_dir)
+        self._done_dir = self._root / "done"
         #: GPUs per node (1 unless told): work is planned in GPU-seconds per GPU.
         self._gpu_count = {n: (gpu_counts or {}).get(n, 1) for n in self._node_ids}
         self._lock = threading.Lock()
@@ -2754,15 +2790,23 @@ class Spool:
 
     # -- layout --------------------------------------------------------------
 
+    def _node_dir(self, node_id, name):
+        """nodes/<node>/<name>, made once: each job's moves ask for these."""
+        try:
+            return self._node_dirs[node_id, name]
+        except KeyError:
+            return self._node_dirs.setdefault((node_id, name),
+                                              self._root / "nodes" / str(node_id) / name)
+
     def pending_dir(self, node_id):
-        return self._root / "nodes" / str(node_id) / "pending"
+        return self._node_dir(node_id, "pending")
 
     def running_dir(self, node_id):
-        return self._root / "nodes" / str(node_id) / "running"
+        return self._node_dir(node_id, "running")
 
     def work_dir(self, node_id):
         """Where a local node's agent runs its jobs (a node's workdir by default)."""
-        return self._root / "nodes" / str(node_id) / "work"
+        return self._node_dir(node_id, "work")
 
     def incoming_dir(self):
         """Drop folders (see the Drop folders section)."""
@@ -2789,7 +2833,7 @@ class Spool:
         return JobFolder(d(job.node_id) / job.id)
 
     def done_folder(self, job_id):
-        return JobFolder(self._root / "done" / job_id)
+        return JobFolder(self._done_dir / job_id)
 
     def folder_of(self, job_id):
         """The job's folder wherever it is now (its queue, running/ or done/), for
