@@ -2,8 +2,10 @@
 over a real pipe, and wrappers of other protocols met while re-attaching."""
 import ast
 import base64
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +201,42 @@ def test_agent_reports_ready_answers_ping_and_runs_a_job(tmp_path):
         assert agent.read()["op"] == "started"
         assert agent.read() == {"op": "exited", "id": job_id}  # no second result
         assert json.loads((tmp_path / job_id / "result.json").read_text())["exit_code"] == 4
+    finally:
+        agent.close()
+
+
+def test_agent_makes_a_jobs_folder_afresh_and_refuses_any_other(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    agent = Agent(work)
+    try:
+        assert agent.read()["op"] == "ready"
+        job_id = gpuqueue.new_job_id()
+        (work / job_id).mkdir()
+        (work / job_id / "left").write_text("by an attempt that never launched")
+        code = "print('made')\n".encode()
+        agent.send(op="make", id="1", dir=job_id, files={"code.py": base64.b64encode(code).decode()})
+        assert agent.read() == {"op": "made", "id": "1"}
+        assert sorted(os.listdir(work / job_id)) == ["code.py"]
+        assert (work / job_id / "code.py").read_bytes() == code
+        # It then runs as a job made over SFTP would.
+        agent.send(op="start", id=job_id, dir=job_id, env={}, limit=30, grace=1, inline=65536,
+                   launch=LAUNCH)
+        assert agent.read()["op"] == "started"
+        assert base64.b64decode(agent.read()["stdout"]) == b"made\n"
+        # Only a job's folder, directly in the workdir, and only plain names in it.
+        for n, (folder, files) in enumerate(((".", {}), ("../x", {}),
+                                             (gpuqueue.new_job_id(), {"../x": ""}),
+                                             (gpuqueue.new_job_id(), {".hidden": ""}))):
+            agent.send(op="make", id=f"r{n}", dir=folder, files=files)
+            made = agent.read()
+            assert made["op"] == "made" and made["id"] == f"r{n}"
+            assert made["errno"] == errno.EINVAL and made["error"]
+        assert not (tmp_path / "x").exists()
+        # A workdir removed under it (a job can): ENOENT, which the server heals.
+        shutil.rmtree(work)
+        agent.send(op="make", id="2", dir=gpuqueue.new_job_id(), files={})
+        assert agent.read()["errno"] == errno.ENOENT
     finally:
         agent.close()
 
