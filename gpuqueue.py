@@ -810,9 +810,10 @@ def isotime(ts):
 #   drop {id}                                 -> dropped {id}: a prepared start never starts
 #   watch {id, dir, wrapper}                  -> exited {id}: follow a wrapper launched before
 #   cancel {wrapper}                          SIGTERM: the wrapper kills its job's group
-#   make {id, dir, files}                     -> made {id, errno?, error?}: a job's fresh
+#   make {id, dir, files, deadline}           -> made {id, errno?, error?}: a job's fresh
 #                                                folder holding ``files`` (name -> base64),
-#                                                or why not; ``id`` the request's own
+#                                                or why not (none past ``deadline``, its
+#                                                lease); ``id`` the request's own
 #   remove {dir}                              a finished job's folder
 #   read {id, path, offset, limit}            -> data {id, kind, size, data?}: up to limit
 #                                                bytes of a job's file (read_piece), its
@@ -859,7 +860,7 @@ COMMANDS = {
     "drop": ("id",),
     "watch": ("id", "dir", "wrapper"),
     "cancel": ("wrapper",),
-    "make": ("id", "dir", "files"),
+    "make": ("id", "dir", "files", "deadline"),
     "remove": ("dir",),
     "read": ("id", "path", "offset", "limit"),
     "gpus": (),
@@ -1851,8 +1852,10 @@ class Agent:
                 self.running.add(cmd["id"])
             else:
                 say("exited", id=cmd["id"])
-        elif op == "make":
-            say("made", id=cmd["id"], **make_folder(cmd["dir"], cmd["files"]))
+        elif op == "make":  # never past its lease: the server may have given up on it,
+            say("made", id=cmd["id"], **(  # and made the folder again for another try
+                make_folder(cmd["dir"], cmd["files"]) if time.time() <= cmd["deadline"] else
+                {"errno": errno.ETIMEDOUT, "error": "its lease is over"}))
         elif op == "remove":
             shutil.rmtree(cmd["dir"], ignore_errors=True)
         elif op == "read":
@@ -5400,18 +5403,24 @@ class AgentExecutor:
         missing folder as proof that the job never launched."""
         if not self.link.agent_makes_folders or sum(map(len, files.values())) > AGENT_FOLDER_MAX:
             return self.link.new_folder(rel, files)
+        lease = time.time() + self.config.node_timeout
         try:
             made = self._agent.request(
-                "make", "made", self.config.node_timeout, dir=rel,
+                "make", "made", self.config.node_timeout, dir=rel, deadline=lease,
                 files={name: base64.b64encode(data).decode() for name, data in files.items()})
         except (OSError, EOFError) as exc:
             made, why = None, f"lost the link to node {self.node.id}: {exc}"
         else:
             why = f"node {self.node.id} did not answer in time"
-        if made is None or made.get("errno") not in (None, errno.ENOENT):
+        if made is None:
+            # The agent may still make it, within the lease: the folder may only be
+            # made again, for another try, once the agent would refuse this one.
+            self.close()
+            time.sleep(max(0.0, lease + LEASE_MARGIN - time.time()))
+            raise NodeError(why)
+        if made.get("errno") not in (None, errno.ENOENT):
             self.close()  # as a failed step over SFTP does
-            raise NodeError(why if made is None else
-                            f"node {self.node.id}: cannot make {rel}: {made.get('error')}")
+            raise NodeError(f"node {self.node.id}: cannot make {rel}: {made.get('error')}")
         if made.get("errno") is not None:
             raise FileNotFoundError(errno.ENOENT, made.get("error"))
 

@@ -215,7 +215,9 @@ def test_agent_makes_a_jobs_folder_afresh_and_refuses_any_other(tmp_path):
         (work / job_id).mkdir()
         (work / job_id / "left").write_text("by an attempt that never launched")
         code = "print('made')\n".encode()
-        agent.send(op="make", id="1", dir=job_id, files={"code.py": base64.b64encode(code).decode()})
+        lease = time.time() + 60
+        agent.send(op="make", id="1", dir=job_id, files={"code.py": base64.b64encode(code).decode()},
+                   deadline=lease)
         assert agent.read() == {"op": "made", "id": "1"}
         assert sorted(os.listdir(work / job_id)) == ["code.py"]
         assert (work / job_id / "code.py").read_bytes() == code
@@ -228,14 +230,19 @@ def test_agent_makes_a_jobs_folder_afresh_and_refuses_any_other(tmp_path):
         for n, (folder, files) in enumerate(((".", {}), ("../x", {}),
                                              (gpuqueue.new_job_id(), {"../x": ""}),
                                              (gpuqueue.new_job_id(), {".hidden": ""}))):
-            agent.send(op="make", id=f"r{n}", dir=folder, files=files)
+            agent.send(op="make", id=f"r{n}", dir=folder, files=files, deadline=lease)
             made = agent.read()
             assert made["op"] == "made" and made["id"] == f"r{n}"
             assert made["errno"] == errno.EINVAL and made["error"]
         assert not (tmp_path / "x").exists()
+        # Past its lease it touches nothing: the server may have made the folder again.
+        agent.send(op="make", id="3", dir=job_id, files={}, deadline=time.time() - 1)
+        assert agent.read() == {"op": "made", "id": "3", "errno": errno.ETIMEDOUT,
+                                "error": "its lease is over"}
+        assert (work / job_id / "code.py").read_bytes() == code
         # A workdir removed under it (a job can): ENOENT, which the server heals.
         shutil.rmtree(work)
-        agent.send(op="make", id="2", dir=gpuqueue.new_job_id(), files={})
+        agent.send(op="make", id="2", dir=gpuqueue.new_job_id(), files={}, deadline=lease)
         assert agent.read()["errno"] == errno.ENOENT
     finally:
         agent.close()
