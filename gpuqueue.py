@@ -700,22 +700,10 @@ def write_file(path, data, mode=0o644, sync_dir=True):
     ``sync_dir=False`` leaves the directory's fsync to a later write in the same folder.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data if isinstance(data, bytes) else data.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    write_files(path.parent, {path.name: data}, mode, sync_dir)
 
 
-def write_files(folder, files):
+def write_files(folder, files, mode=0o644, sync_dir=True):
     """Publish several files in ``folder`` (name -> data), each atomically as
     write_file does, renamed in the order given: all are written before any is
     fsynced, so that one journal commit can carry them all, and the folder is
@@ -724,7 +712,7 @@ def write_files(folder, files):
     try:
         for name, data in files.items():
             tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
-            staged.append((os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp, name))
+            staged.append((os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp, name))
             write_all(staged[-1][0], data if isinstance(data, bytes) else data.encode())
         for fd, _, _ in staged:
             os.fsync(fd)
@@ -737,7 +725,8 @@ def write_files(folder, files):
     finally:
         for fd, _, _ in staged:
             os.close(fd)
-    fsync_dir(folder)
+    if sync_dir:
+        fsync_dir(folder)
 
 
 def private_lock(path):
