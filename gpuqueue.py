@@ -9696,7 +9696,7 @@ async function refresh() {
     if (!token) return showError(refused || "Enter your token to see your jobs.");
     await (JOB === null ? refreshJobs() : refreshJob());
     showError("");
-  } catch (e) { showError(e.message); }
+  } catch (e) { showError(!token && refused ? refused : e.message); }  // a dropped token says why at once
 }
 $("login").addEventListener("submit", ev => {
   ev.preventDefault();
