@@ -9692,8 +9692,9 @@ async function refresh() {
   $("token").hidden = $("save").hidden = !!token;
   $("forget").hidden = !token;
   try {
+    if (!token) showError(refused || "Enter your token to see your jobs.");  // before any wait
     if (JOB === null) await refreshNodes();
-    if (!token) return showError(refused || "Enter your token to see your jobs.");
+    if (!token) return;
     await (JOB === null ? refreshJobs() : refreshJob());
     showError("");
   } catch (e) { showError(!token && refused ? refused : e.message); }  // a dropped token says why at once
