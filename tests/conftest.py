@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GPUQUEUE = ROOT / "gpuqueue.py"
 FINAL = ("completed", "failed", "cancelled")
 
+# A suite started in the background by a script (``cmd &``, nohup) inherits SIGINT
+# ignored, and so would every server, agent, job and client it starts: the tests that
+# press Ctrl-C would find it pressed in vain.  A handler here is reset to the default
+# in each program the suite starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def job_config(user="alice", expected_time=30, **extra):
     cfg = {"competition_id": "comp123", "project_id": "proj456", "user_id": user,
