@@ -9540,13 +9540,20 @@ const JOB = {{!json_job_id}};
 let token = localStorage.getItem("gpuqueue.token") || "";
 let refused = "";  // why the last token was dropped
 function showError(text) { $("error").textContent = text || ""; }
+function showLogin() {
+  $("who").textContent = token ? "token set" : "no token";
+  $("token").hidden = $("save").hidden = !!token;
+  $("forget").hidden = !token;
+}
 async function api(path, options) {
-  const r = await fetch(path, Object.assign({headers: {"Authorization": "Bearer " + token}}, options || {}));
+  const sent = token;
+  const r = await fetch(path, Object.assign({headers: {"Authorization": "Bearer " + sent}}, options || {}));
   const body = await r.json().catch(() => ({error: "HTTP " + r.status}));
-  if (r.status === 401 && token) {  // expired or revoked: stop presenting it, ask anew
-    token = "";
+  if (r.status === 401 && sent && sent === token) {  // expired or revoked: stop presenting it, ask anew
+    token = "";                                      // (not one entered since this request left)
     localStorage.removeItem("gpuqueue.token");
     refused = (body.error || "token refused") + ": enter a new token.";
+    showLogin();
   }
   if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
   return body;
@@ -9687,10 +9694,15 @@ async function refreshJob() {
   }
   await refreshFiles(j.status);
 }
-async function refresh() {
-  $("who").textContent = token ? "token set" : "no token";
-  $("token").hidden = $("save").hidden = !!token;
-  $("forget").hidden = !token;
+let refreshing = false, again = false;
+async function refresh() {  // one at a time: two at once would append the same output twice
+  if (refreshing) { again = true; return; }
+  refreshing = true;
+  try { await render(); } finally { refreshing = false; }
+  if (again) { again = false; refresh(); }
+}
+async function render() {
+  showLogin();
   try {
     if (!token) showError(refused || "Enter your token to see your jobs.");  // before any wait
     if (JOB === null) await refreshNodes();
@@ -9705,9 +9717,12 @@ $("login").addEventListener("submit", ev => {
   refused = "";
   $("token").value = "";
   localStorage.setItem("gpuqueue.token", token);
+  showLogin();
   refresh();
 });
-$("forget").addEventListener("click", () => { token = ""; localStorage.removeItem("gpuqueue.token"); refresh(); });
+$("forget").addEventListener("click", () => {
+  token = ""; localStorage.removeItem("gpuqueue.token"); showLogin(); refresh();
+});
 if (JOB !== null) $("cancel").addEventListener("click", async () => {
   try { await api("/api/cancel/" + JOB, {method: "POST"}); } catch (e) { showError(e.message); }
   refresh();

@@ -5,7 +5,7 @@ import json
 import re
 import time
 
-from conftest import job_config
+from conftest import job_config, wait_for
 
 
 def gate_job(tmp_path, name, text="done"):
@@ -65,8 +65,10 @@ def test_token_once_then_watch_a_job_go_pending_running_completed(make_server, b
 def test_job_page_shows_live_output_and_cancels(make_server, browser, tmp_path):
     server = make_server(nodes=1)
     hostile = "<img src=x onerror=\"document.title='owned'\">"
-    sub = server.submit_ok(f"import time\nprint({hostile!r}, flush=True)\ntime.sleep(120)\n",
-                           expected_time=300)
+    gate = tmp_path / "more.gate"
+    sub = server.submit_ok(f"import os, time\nprint({hostile!r}, flush=True)\n"
+                           f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.02)\n"
+                           "print('more', flush=True)\ntime.sleep(120)\n", expected_time=300)
     server.wait(sub["job_id"], ("running",))
     browser.open(server.url + f"/ui/job/{sub['job_id']}")
     browser.type("#token", server.token())
@@ -77,6 +79,13 @@ def test_job_page_shows_live_output_and_cancels(make_server, browser, tmp_path):
     browser.wait(f"document.querySelector('#stdout').textContent === {json.dumps(hostile + chr(10))}")
     assert browser.eval("document.querySelector('#stdout img')") is None
     assert browser.eval("document.title") != "owned"
+    # Refreshes that overlap (a click beside the timer, a slow server) add new output once.
+    gate.write_text("go")
+    wait_for(lambda: "more" in server.get(f"/api/logs/{sub['job_id']}", server.token()).json()["data"],
+             what="the second line")
+    browser.eval("Promise.all([refresh(), refresh(), refresh()]).then(() => true)")
+    browser.wait("document.querySelector('#stdout').textContent.endsWith('more\\n')")
+    assert browser.text("#stdout") == hostile + "\nmore\n"
 
     browser.click("#cancel")
     browser.wait("document.querySelector('#job-status').textContent === 'cancelled'")
@@ -90,8 +99,10 @@ def test_a_wrong_token_and_someone_elses_job_show_errors(make_server, browser):
     browser.open(server.url + f"/ui/job/{sub['job_id']}")
     browser.type("#token", "not-a-real-token-0123456789")
     browser.click("#save")
-    browser.wait("document.querySelector('#error').textContent.includes('token')")
-    browser.click("#forget")
+    # Refused: the page forgets the token at once and asks for another.
+    browser.wait("document.querySelector('#error').textContent.includes('enter a new token')")
+    assert browser.eval("document.querySelector('#forget').hidden") is True
+    assert browser.text("#who") == "no token"
     browser.type("#token", server.token("alice"))
     browser.click("#save")
     browser.wait("document.querySelector('#error').textContent === 'no such job'")
