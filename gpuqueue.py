@@ -3750,13 +3750,17 @@ class Spool:
             return self._position(live) if live is not None else (None, None)
 
     def _position(self, job):
+        """Jobs prepared on the node come first: they are claimed already, to start
+        as the jobs they follow end (their time is in the running load)."""
         if job.status != "pending":
             return None, None
         ahead = self._queues[job.node_id].ahead(job)
         if ahead is None:
             return None, None
         n = job.node_id
-        return ahead[0], time.time() + self._running_load(n) + ahead[1] / self._gpu_count[n]
+        prepared = sum(1 for j in self._running[n].values() if j.prepared)
+        return (ahead[0] + prepared,
+                time.time() + self._running_load(n) + ahead[1] / self._gpu_count[n])
 
     def request_cancel(self, job_id, why=None):
         """Cancel a pending job now (``why``: not by a user, but because...), or mark a

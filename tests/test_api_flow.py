@@ -1,7 +1,7 @@
 """The original README's flow and the job lifecycle, over real HTTP against a real server."""
 import time
 
-from conftest import GRANDCHILD, alive, job_pids, job_config
+from conftest import GRANDCHILD, alive, job_pids, job_config, wait_for
 
 
 HELLO = 'import time\nprint("Hello from GPU!")\ntime.sleep(0.2)\nprint("Job complete!")\n'
@@ -90,6 +90,10 @@ def test_placement_prefers_least_queued_time(make_server):
     assert long["node_id"] == 0
     assert [s["node_id"] for s in short] == [1, 1, 1]
     server.wait(short[0]["job_id"], ("running",))
+    # Due to end within PREPARE_AHEAD, it has the next made ready behind it on node 1:
+    # that one is next, and the one after it still has one job ahead.
+    wait_for(lambda: "ready on node 1" in (server.status(short[1]["job_id"]).get("waiting") or ""),
+             what="the next job prepared")
     assert [server.status(s["job_id"])["queue_position"] for s in short[1:]] == [0, 1]
 
 
@@ -197,14 +201,17 @@ def test_second_server_on_same_spool_refuses(server):
     assert server.get("/").status_code == 200
 
 
-def test_an_idle_node_takes_work_waiting_behind_a_busy_one(make_server):
+def test_an_idle_node_takes_work_waiting_behind_a_busy_one(make_server, tmp_path):
     server = make_server(nodes=2)
-    # Estimates are wrong both ways: X says 100 s and ends at once, Y says 1 s and runs on.
-    x = server.submit_ok("import time\ntime.sleep(0.5)\n", expected_time=100)
+    # Estimates are wrong both ways: X says 100 s and ends soon, Y says 1 s and runs on.
+    gate = tmp_path / "x-ends"
+    x = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                         "    time.sleep(0.05)\n", expected_time=100)
     y = server.submit_ok("import time\ntime.sleep(60)\n", expected_time=1)
     server.wait(y["job_id"], ("running",))
     z = server.submit_ok("print('z')\n", expected_time=1)
     assert (x["node_id"], y["node_id"], z["node_id"]) == (0, 1, 1)  # planned behind Y
+    gate.touch()
     st = server.wait(z["job_id"], timeout=30)
     assert st["status"] == "completed" and st["node_id"] == 0  # node 0 took it
     assert server.status(y["job_id"])["status"] == "running"
