@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from conftest import GPUQUEUE, job_config
+from conftest import GPUQUEUE, job_config, wait_for
 
 SLOW = ("import sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
         "time.sleep({})\nprint('second é')\nsys.exit(3)\n")
@@ -91,14 +91,14 @@ def test_logs_read_live_output_by_offset_then_the_stored_output(server):
     token = server.token()
     path = f"/api/logs/{sub['job_id']}"
     server.wait(sub["job_id"], ("running",))
-    for _ in range(200):  # the job prints its first line soon after it starts
-        part = server.get(path, token).json()
-        if part["data"].endswith("\n"):  # live output may be seen mid-line
-            break
+    # The job prints its first line soon after it starts; live output may be seen mid-line.
+    part = wait_for(lambda: (p := server.get(path, token).json())["data"].endswith("\n") and p,
+                    what="the first line")
     assert part == {"job_id": sub["job_id"], "status": "running", "stream": "stdout", "offset": 0,
                     "next_offset": 6, "data": "first\n", "complete": False}
     assert server.get(path + "?offset=6", token).json()["data"] == ""
-    assert server.get(path + "?stream=stderr", token).json()["data"] == "oops\n"
+    wait_for(lambda: server.get(path + "?stream=stderr", token).json()["data"] == "oops\n",
+             what="the line on stderr, written after the first")
     server.post(f"/api/cancel/{sub['job_id']}", token)
     server.wait(sub["job_id"])
     done = server.get(path + "?offset=6", token).json()

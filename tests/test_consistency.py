@@ -310,13 +310,16 @@ def go_foreign(fake, outsider, phase):
     fake.write()
 
 
-def drive(server, fake, outsider, ids, gpus_of, problems, until):
+def drive(server, fake, outsider, ids, gpus_of, problems, seen, until):
     """Submit jobs of 1, 2 and 4 GPUs while few wait, cancel one now and then, and
-    change which GPUs are used outside the queue, until ``until``."""
+    change which GPUs are used outside the queue, until ``until``, and on (for at
+    most as long again) until a reader has seen a GPU used outside the queue: the
+    nodes read their GPUs every few seconds, which a slow machine may stretch."""
     rnd = random.Random(1234)
     token = server.token()
     began, phase = time.monotonic(), None
-    while time.monotonic() < until:
+    while time.monotonic() < until or (
+            "foreign" not in seen and time.monotonic() < until + HAMMER_SECONDS):
         if phase != (now := int((time.monotonic() - began) // FOREIGN_PHASE)):
             phase = now
             go_foreign(fake, outsider, phase)
@@ -360,7 +363,7 @@ def test_readers_never_see_an_error_or_a_torn_value_while_the_queue_moves(make_s
         for t in readers:
             t.start()
         guarded(problems, "driver", lambda: drive(server, fake, outsider, ids, gpus_of,
-                                                  problems, time.monotonic() + HAMMER_SECONDS))
+                                                  problems, seen, time.monotonic() + HAMMER_SECONDS))
     finally:
         stop.set()
         for t in readers:

@@ -150,8 +150,9 @@ def test_a_full_spool_disk_degrades_and_recovers_by_itself(make_server, tmpfs, t
     assert len(out) < 1024 * 1024 + 300 and "output truncated" in out and out.endswith("399999\n")
 
     # A running job, then submits until the disk is too full to take more.
-    marker = tmp_path / "ran"
-    running = server.submit_ok(f"import time\ntime.sleep(4)\nopen({str(marker)!r}, 'a').write('A')\n"
+    marker, gate = tmp_path / "ran", tmp_path / "end-now"
+    running = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                               f"    time.sleep(0.05)\nopen({str(marker)!r}, 'a').write('A')\n"
                                "print('A done')\n", expected_time=60)
     server.wait(running["job_id"], ("running",))
     padding = "#" * (512 * 1024) + "\n"
@@ -165,6 +166,7 @@ def test_a_full_spool_disk_degrades_and_recovers_by_itself(make_server, tmpfs, t
         accepted.append(r.json()["job_id"])
     assert accepted and refused is not None and "disk" in refused.json()["error"]
     fill(disk / "junk")                     # and now not a byte more
+    gate.touch()                            # the job ends only on the full disk
     wait_for(lambda: marker.exists(), what="the running job to end on its node")
     time.sleep(1)
     assert server.status(running["job_id"])["status"] == "running"  # not recorded yet, not lost

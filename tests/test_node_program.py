@@ -420,7 +420,8 @@ def test_a_local_job_of_a_release_before_protocol_2_is_stopped_with_a_reason(mak
     assert st["status"] == "failed" and "older gpuqueue release" in st["error"], st
     assert server.results(job.id)["stdout"] == "half\n"
     assert old.wait(10) == -signal.SIGTERM
-    assert not (server.dir / "spool" / "done" / job.id / "work").exists()
+    wait_for(lambda: not (server.dir / "spool" / "done" / job.id / "work").exists(),
+             what="the old work folder removed, after the outcome is recorded")
 
 
 def test_a_finished_local_job_of_a_release_before_protocol_2_is_collected(make_server):

@@ -518,6 +518,7 @@ def test_an_array_sends_one_notice_once_all_its_jobs_have_ended(hooked):
 
 def test_a_sweep_of_one_user_takes_turns_with_another_users_single_job(make_server):
     server = make_server(nodes=2)
+    server.token("bob")  # made now: the CLI's start would otherwise delay bob's submit
     arr = server.submit("import time\ntime.sleep(0.2)\n", config=job_config(array=40)).json()
     single = server.submit_ok("print('mine')\n", user="bob",
                               config=job_config("bob"))["job_id"]

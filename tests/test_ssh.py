@@ -78,7 +78,8 @@ def test_remote_folders_are_removed_after_the_job(ssh_server, cluster):
     sub = server.submit_ok("print('hi')\n")
     assert server.wait(sub["job_id"])["status"] == "completed"
     workdir = cluster.root / "work" / f"node{sub['node_id']}"
-    assert not (workdir / sub["job_id"]).exists()
+    # Removed once the outcome is recorded, so that a crash between the two loses nothing.
+    wait_for(lambda: not (workdir / sub["job_id"]).exists(), what="the job's folder removed")
     assert server.results(sub["job_id"])["stdout"] == "hi\n"
 
 
