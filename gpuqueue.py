@@ -8223,10 +8223,12 @@ class Waiters:
             self._wake.wait(max(0.0, beat - time.monotonic()))
             self._wake.clear()
             with self._lock:
-                ended, self._ended = self._ended, set()
-                answer = {j: self._take(j) for j in ended}
+                # (Started first: a job may start and end between two passes, and
+                # its waiters still hear that it ran before its results.)
                 started = {j: [d for d, _ in self._waiting.get(j, ())] for j in self._started}
                 self._started = set()
+                ended, self._ended = self._ended, set()
+                answer = {j: self._take(j) for j in ended}
                 now = time.monotonic()
                 late = {}
                 for job_id, waiting in list(self._waiting.items()):
@@ -8245,13 +8247,13 @@ class Waiters:
                 if now >= beat:
                     live, beat = {j: [d for d, _ in w] for j, w in self._waiting.items()}, \
                         now + WAIT_KEEPALIVE
+            for waiting in started.values():
+                for d in waiting:
+                    d.send(b"\n")
             for job_id, waiting in answer.items():
                 self._answer(job_id, waiting)
             for job_id, waiting in late.items():
                 self._give_up(job_id, waiting)
-            for waiting in started.values():
-                for d in waiting:
-                    d.send(b"\n")
             if live:
                 for job_id, status in self.scheduler.statuses(list(live)).items():
                     for d in live[job_id]:
