@@ -1706,6 +1706,13 @@ class Agent:
         self.sel = selectors.DefaultSelector()
 
     def run(self):
+        # A server started in the background (nohup, '&' in a script) hands a local
+        # agent SIGINT and SIGQUIT ignored, and every job would inherit that, unlike
+        # a job over SSH: back to what a login gives.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
