@@ -1706,13 +1706,14 @@ class Agent:
         self.sel = selectors.DefaultSelector()
 
     def run(self):
-        # A server started in the background (nohup, '&' in a script) hands a local
-        # agent SIGINT and SIGQUIT ignored, and every job would inherit that, unlike
-        # a job over SSH: back to what a login gives.
+        # A server started by '&' in a script hands a local agent SIGINT and SIGQUIT
+        # ignored, and nohup SIGHUP; every job would inherit that, unlike a job over
+        # SSH: back to what a login gives (the agent has no terminal to hang up).
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
-            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        for sig in (signal.SIGQUIT, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # wrappers inherit it
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -3748,17 +3749,18 @@ class Spool:
             return self._queues[node_id].ids()
 
     def queue_position(self, job):
-        """(jobs ahead of it in its node's queue, estimated start time), or
-        (None, None) when the job is not pending.  The estimate adds the expected
-        times of the running job's rest and of those ahead; work taken by idle
-        nodes can only make it earlier."""
+        """(jobs ahead of it: those prepared on its node, then those before it in its
+        node's queue; estimated start time), or (None, None) when the job is not
+        pending (a prepared one included: Scheduler.shown gives it 0).  The estimate
+        adds the expected times of the running jobs' rest and of those ahead; work
+        taken by idle nodes can only make it earlier."""
         with self._lock:
             live = self._active.get(job.id)
             return self._position(live) if live is not None else (None, None)
 
     def _position(self, job):
         """Jobs prepared on the node come first: they are claimed already, to start
-        as the jobs they follow end (their time is in the running load)."""
+        as the jobs they follow end (their time is in the running load, roughly)."""
         if job.status != "pending":
             return None, None
         ahead = self._queues[job.node_id].ahead(job)
@@ -9552,6 +9554,7 @@ const $ = id => document.getElementById(id);
 const JOB = {{!json_job_id}};
 let token = localStorage.getItem("gpuqueue.token") || "";
 let refused = "";  // why the last token was dropped
+const WAIT_MS = 30000;  // a request that never settles (a half-open link) must not stop the refreshes
 function showError(text) { $("error").textContent = text || ""; }
 function showLogin() {
   $("who").textContent = token ? "token set" : "no token";
@@ -9560,7 +9563,8 @@ function showLogin() {
 }
 async function api(path, options) {
   const sent = token;
-  const r = await fetch(path, Object.assign({headers: {"Authorization": "Bearer " + sent}}, options || {}));
+  const r = await fetch(path, Object.assign({headers: {"Authorization": "Bearer " + sent},
+                                             signal: AbortSignal.timeout(WAIT_MS)}, options || {}));
   const body = await r.json().catch(() => ({error: "HTTP " + r.status}));
   if (r.status === 401 && sent && sent === token) {  // expired or revoked: stop presenting it, ask anew
     token = "";                                      // (not one entered since this request left)
@@ -9597,7 +9601,7 @@ function gpuText(n) {
 }
 const envText = n => Object.entries(n.environments || {}).map(([name, why]) => why ? name + " (not working: " + why + ")" : name).join(", ") || "–";
 async function refreshNodes() {
-  const r = await fetch("/api/nodes");
+  const r = await fetch("/api/nodes", {signal: AbortSignal.timeout(WAIT_MS)});
   const {nodes} = await r.json();
   $("nodes").tBodies[0].replaceChildren(...nodes.map(n => row([
     [n.id], [n.host], [n.state + (n.drained ? " (drained)" : ""), n.state],
@@ -10252,7 +10256,7 @@ class Control:
             raise BadRequest("limit must be a whole number above 0")
         found, _ = self.scheduler.find(user, status, limit)
         return {"ok": True, "jobs": [{**job.public(), "queue_position":
-                                      self.scheduler.queue_position(job)[0]}
+                                      self.scheduler.shown(job).get("queue_position")}
                                      for job in found]}
 
     def _cancel(self, job_id):

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GPUQUEUE = ROOT / "gpuqueue.py"
 FINAL = ("completed", "failed", "cancelled")
 
-# A suite started in the background by a script (``cmd &``, nohup) inherits SIGINT
+# A suite started in the background by a script (``cmd &``) inherits SIGINT
 # ignored, and so would every server, agent, job and client it starts: the tests that
 # press Ctrl-C would find it pressed in vain.  A handler here is reset to the default
 # in each program the suite starts.

@@ -5,7 +5,7 @@ import json
 import re
 import time
 
-from conftest import job_config, wait_for
+from conftest import job_config
 
 
 def gate_job(tmp_path, name, text="done"):
@@ -79,12 +79,15 @@ def test_job_page_shows_live_output_and_cancels(make_server, browser, tmp_path):
     browser.wait(f"document.querySelector('#stdout').textContent === {json.dumps(hostile + chr(10))}")
     assert browser.eval("document.querySelector('#stdout img')") is None
     assert browser.eval("document.title") != "owned"
-    # Refreshes that overlap (a click beside the timer, a slow server) add new output once.
+    # Refreshes that overlap (a click beside the timer, a slow server) add new output once:
+    # with every request slowed, three asked for at once would each read the same offset.
+    browser.eval("window.realFetch = window.fetch; window.fetch = (...a) => new Promise("
+                 "r => setTimeout(r, 700)).then(() => window.realFetch(...a)); true")
+    browser.eval("refresh(); refresh(); refresh(); true")
     gate.write_text("go")
-    wait_for(lambda: "more" in server.get(f"/api/logs/{sub['job_id']}", server.token()).json()["data"],
-             what="the second line")
-    browser.eval("Promise.all([refresh(), refresh(), refresh()]).then(() => true)")
     browser.wait("document.querySelector('#stdout').textContent.endsWith('more\\n')")
+    browser.eval("new Promise(r => setTimeout(() => r(true), 1500))")  # what else was under way
+    browser.eval("window.fetch = window.realFetch; true")
     assert browser.text("#stdout") == hostile + "\nmore\n"
 
     browser.click("#cancel")

@@ -452,11 +452,13 @@ def test_a_job_json_of_wrong_types_is_quarantined_not_fatal(make_server, field, 
     assert server.get("/api/nodes").json()["nodes"][0]["queued_jobs"] == 0
 
 
-def test_a_server_started_in_the_background_still_gives_jobs_sigint_and_sigquit(make_server):
-    """A script's 'gpuqueue.py serve &' starts the server with SIGINT and SIGQUIT
-    ignored; its local jobs get them at their defaults all the same, as over SSH."""
+def test_a_server_started_in_the_background_gives_jobs_their_signals_at_the_defaults(make_server):
+    """A script's 'nohup gpuqueue.py serve &' starts the server with SIGINT, SIGQUIT
+    and SIGHUP ignored; its local jobs get them at their defaults all the same, as
+    over SSH."""
     server = make_server(nodes=1, start=False)
-    before = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    before = {s: signal.signal(s, signal.SIG_IGN)
+              for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)}
     try:
         server.start()
     finally:
@@ -464,6 +466,7 @@ def test_a_server_started_in_the_background_still_gives_jobs_sigint_and_sigquit(
             signal.signal(s, handler)
     sub = server.submit_ok("import signal\n"
                            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
-                           "      signal.getsignal(signal.SIGQUIT) is signal.SIG_DFL)\n")
+                           "      signal.getsignal(signal.SIGQUIT) is signal.SIG_DFL,\n"
+                           "      signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)\n")
     assert server.wait(sub["job_id"])["status"] == "completed"
-    assert server.results(sub["job_id"])["stdout"] == "True True\n"
+    assert server.results(sub["job_id"])["stdout"] == "True True True\n"
