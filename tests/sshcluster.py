@@ -70,7 +70,7 @@ class Sshd:
             "UsePAM no", "StrictModes no", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
             "PermitRootLogin yes", "AllowTcpForwarding yes", "PermitTunnel no",
-            "MaxStartups 200", "MaxSessions 200", "LogLevel ERROR", "UseDNS no",
+            "MaxStartups 200", "MaxSessions 200", "LogLevel INFO", "UseDNS no",
             "Subsystem sftp internal-sftp", "",
         ]))
         self.proc = None
