@@ -210,7 +210,11 @@ def node_user():
 
 def open_to_nodes(path, writable=True):
     """Let the nodes' user reach ``path``: every folder above it traversable, and the
-    folder itself writable to all when ``writable`` (jobs leave marker files there)."""
+    folder itself writable to all when ``writable`` (jobs leave marker files there).
+    A second pytest session started meanwhile makes /tmp/pytest-of-<user> private
+    again (pytest does so at each start), and from then on the nodes' logins fail
+    ("Could not open user 'gqnode' authorized keys": Permission denied, in each
+    sshd.log): run one session at a time."""
     path = Path(path).resolve()
     for folder in [path, *path.parents]:
         mode = os.stat(folder).st_mode
