@@ -9571,6 +9571,7 @@ async function api(path, options) {
     localStorage.removeItem("gpuqueue.token");
     refused = (body.error || "token refused") + ": enter a new token.";
     showLogin();
+    throw new Error(refused);  // the reason it was dropped, shown at once
   }
   if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
   return body;
@@ -9726,7 +9727,7 @@ async function render() {
     if (!token) return;
     await (JOB === null ? refreshJobs() : refreshJob());
     showError("");
-  } catch (e) { showError(!token && refused ? refused : e.message); }  // a dropped token says why at once
+  } catch (e) { showError(e.message); }
 }
 $("login").addEventListener("submit", ev => {
   ev.preventDefault();
