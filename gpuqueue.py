@@ -392,12 +392,22 @@ def url_allowed(url, allow):
     return False
 
 
-@functools.cache
+#: Held while the machine's python3 is looked for: every node's thread asks at its
+#: first job, at the same moment, and a launcher started by each would hold up all.
+_SYSTEM_PYTHON_LOCK = threading.Lock()
+
+
 def system_python():
     """The python3 a user of this machine gets: the first on PATH outside the
     server's own virtualenv, so that jobs never run inside it.  Asked once which
     interpreter it is: a launcher (a pyenv shim, say) would cost every job's start
     its own start-up."""
+    with _SYSTEM_PYTHON_LOCK:
+        return _system_python()
+
+
+@functools.cache
+def _system_python():
     venv = os.path.realpath(sys.prefix) if sys.prefix != sys.base_prefix else None
     for folder in os.environ.get("PATH", "").split(os.pathsep):
         if not folder or venv and os.path.realpath(folder).startswith(venv + os.sep):

@@ -628,6 +628,30 @@ def test_environments_by_name_per_node_and_the_default_python(make_server, tmp_p
     assert not ran.exists()
 
 
+def test_a_python3_launcher_is_asked_once_when_every_node_starts_its_first_job(
+        make_server, tmp_path, monkeypatch):
+    """A launcher first on PATH (a pyenv shim, say) is asked once which interpreter it
+    is, not once by each node's thread: all eight ask at their first job, together.
+    The launcher here takes a second to answer, so that every node asks meanwhile."""
+    real = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+    asked = tmp_path / "asked"
+    launcher = tmp_path / "launcher"
+    launcher.mkdir()
+    (launcher / "python3").write_text(
+        f'#!/bin/sh\nif [ "$1" = -c ]; then echo asked >> {asked}; sleep 1; fi\n'
+        f'exec {real} "$@"\n')
+    (launcher / "python3").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{launcher}:{os.environ['PATH']}")
+    server = make_server(nodes=8)
+    arr = server.submit_ok("import os, sys\nprint(os.path.realpath(sys.executable))\n",
+                           config=job_config(array=8))
+    for job_id in arr["job_ids"]:
+        assert server.wait(job_id)["status"] == "completed"
+        assert server.results(job_id)["stdout"] == f"{real}\n"
+    assert asked.read_text() == "asked\n"
+    assert len({server.status(j)["node_id"] for j in arr["job_ids"]}) > 1  # asked together
+
+
 # -- 8. the client ------------------------------------------------------------------------
 
 BARE_PYTHON = "/usr/bin/python3"
