@@ -5441,6 +5441,7 @@ class AgentExecutor:
         send ``op`` (start or prepare) with its lease: (its Run, the lease)."""
         self.connect()
         code = folder.code()
+        launch = job_run(self.node, self.config, job, code)  # (may ask which python3 first)
         try:
             try:
                 self._new_folder(job.id, node_files(job, code))
@@ -5467,7 +5468,7 @@ class AgentExecutor:
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
                    output_limit=self.config.output_limit_bytes, deadline=lease,
                    inline=min(INLINE_OUTPUT, self.config.output_limit_bytes),
-                   launch=job_run(self.node, self.config, job, code), **more)
+                   launch=launch, **more)
         return run, lease
 
     def reattach(self, job, folder, on_exit):
