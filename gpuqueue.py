@@ -902,7 +902,8 @@ class NodeFiles:
     OUTPUTS = "outputs"       # in the folder the job runs in: its files, brought back
     LAUNCHED = "launched"     # claimed (O_EXCL) by the one wrapper that starts the job,
     #                           or by a recovering server, so that none ever will
-    PIDS = "pids"             # {wrapper, job, protocol}: written once the job runs
+    PIDS = "pids"             # {wrapper, job, protocol}: written once the job runs,
+    #                           a started project's first (job null) before its unpack
     STREAMS = ("stdout", "stderr")  # the job's output, capped as it is written
     RESULT = "result.json"    # {exit_code, reason}: written last
     WRAPPER_LOG = "wrapper.log"  # what the wrapper itself wrote to stderr
@@ -1436,6 +1437,10 @@ def wrap(cmd, report, ended, go=None):
     run = cmd["launch"]
     here, why_not = os.getcwd(), None
     if run.get("archive"):  # unpacked as the job's user, in a process of its own
+        if go is None:  # claimed already, and an unpack may take a while: a restarted
+            # server finds this wrapper by its pids meanwhile, not a job lost.
+            publish(NodeFiles.PIDS, {"wrapper": os.getpid(), "job": None,
+                                     "protocol": PROTOCOL}, durable=False)
         p = run["archive"]
         r = subprocess.run([run["python"], cmd["program"], "unpack", p["kind"],
                             NodeFiles.PROJECT_ARCHIVE, NodeFiles.PROJECT, str(p["max_bytes"]),

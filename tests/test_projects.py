@@ -652,6 +652,48 @@ def test_a_python3_launcher_is_asked_once_when_every_node_starts_its_first_job(
     assert len({server.status(j)["node_id"] for j in arr["job_ids"]}) > 1  # asked together
 
 
+
+# -- a project that takes a while to unpack ------------------------------------------------
+
+def slow_unpacker(tmp_path, seconds):
+    """An environment's python3 that waits ``seconds`` before it unpacks a project (a
+    wrapper runs ``python3 <node program> unpack ...``) and is the machine's python3
+    otherwise; the waiting shell names its own file, so a test can find it."""
+    real = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+    path = tmp_path / "slow-python3"
+    path.write_text(f'#!/bin/sh\nif [ "$2" = unpack ]; then sleep {seconds}; fi\n'
+                    f'exec {real} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def slow_server(make_server, tmp_path, seconds):
+    python = slow_unpacker(tmp_path, seconds)
+    return make_server(nodes=[{"id": 0, "host": "local", "environments": ["slow"]}],
+                       environments={"slow": {"python": str(python)}})
+
+
+def test_a_restart_while_a_started_project_unpacks_follows_it_to_its_end(make_server, tmp_path):
+    """A project's wrapper claims the launch, then unpacks.  A server killed (-9) in
+    between and started again must find that wrapper and follow it: the job runs once
+    and completes, never called lost while it goes on."""
+    server = slow_server(make_server, tmp_path, 6)
+    ran = tmp_path / "ran"
+    archive = tar_of([("main.py", f"open({str(ran)!r}, 'a').write('x')\nprint('done')\n"
+                      .encode())])
+    job_id = submit_project_ok(server, archive, entrypoint="main.py",
+                               environment="slow")["job_id"]
+    work = server.dir / "spool" / "nodes" / "0" / "work" / job_id
+    wait_for((work / "launched").exists, "the launch to be claimed")
+    assert not (work / "project").exists()  # still waiting to unpack
+    server.kill()
+    server.start()
+    st = server.wait(job_id)
+    assert st["status"] == "completed", (st, server.results(job_id))
+    assert server.results(job_id)["stdout"] == "done\n"
+    assert ran.read_text() == "x"
+
+
 # -- 8. the client ------------------------------------------------------------------------
 
 BARE_PYTHON = "/usr/bin/python3"
