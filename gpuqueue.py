@@ -6655,6 +6655,7 @@ class GpuWorker(Worker):
                 self._quiet_until = time.monotonic() + QUIET_AFTER_START
                 self.spool.launched(job, after)
                 run.wrapper_pid = int(news["wrapper"])
+                run.cancel_sent = False  # a drop sent meanwhile came after its go
                 self.runs[job.id] = run
                 self.started += 1
                 log.info("job %s user=%s node=%s running on GPU %s (prepared)", job.id,

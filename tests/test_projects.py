@@ -694,6 +694,30 @@ def test_a_restart_while_a_started_project_unpacks_follows_it_to_its_end(make_se
     assert ran.read_text() == "x"
 
 
+def test_a_cancel_after_a_prepared_project_got_its_go_still_stops_it(make_server, tmp_path):
+    """A prepared project unpacks before it waits for its go.  When the job before it
+    ends first, the go comes mid-unpack, and a cancel then finds nothing prepared to
+    drop on the node: the job must be stopped once it starts, not run to its end."""
+    server = slow_server(make_server, tmp_path, 4)
+    gate = tmp_path / "gate"
+    first = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                             "    time.sleep(0.05)\n", expected_time=5)["job_id"]
+    server.wait(first, ("running",))
+    marker = tmp_path / "ran-to-its-end"
+    archive = tar_of([("main.py", f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w')"
+                      ".write('x')\n".encode())])
+    second = submit_project_ok(server, archive, entrypoint="main.py", environment="slow",
+                               expected_time=5)["job_id"]
+    wait_for(lambda: server.get("/api/nodes").json()["nodes"][0]["prepared_jobs"] == [second],
+             "the project to be prepared")
+    gate.touch()
+    assert server.wait(first)["status"] == "completed"  # its end gave the go, mid-unpack
+    r = server.post(f"/api/cancel/{second}", server.token())
+    assert r.status_code == 200, r.text
+    assert server.wait(second, timeout=90)["status"] == "cancelled"
+    assert not marker.exists(), "a cancelled job ran to its end"
+
+
 # -- 8. the client ------------------------------------------------------------------------
 
 BARE_PYTHON = "/usr/bin/python3"
