@@ -1699,13 +1699,20 @@ class Wrapper:
         self.claim = None
         return self.claimed
 
-    def drop(self):
-        """A prepared start that must never start: its go pipe closes, so it ends."""
+    def drop(self, kill=False):
+        """A prepared start that must never start: its go pipe closes, so it ends.
+        ``kill`` (only while it is not reaped) ends it at once, with the unpack it may
+        be running, which would go on filling the folder removed next.  Without a go
+        nothing of the job runs there."""
         for fd in (self.go, self.claim):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.go = self.claim = None
+        if kill:
+            for end in (os.killpg, os.kill):  # (no group of its own before its setsid)
+                with contextlib.suppress(OSError):
+                    end(self.pid, signal.SIGKILL)
 
 
 class Agent:
@@ -1757,12 +1764,17 @@ class Agent:
                 elif key.data[0] == "claim":  # a prepared wrapper answered its go
                     self.sel.unregister(key.fd)
                     self.launched(key.data[1], key.data[1].take_claim())
-                else:  # a job's process ended (one byte), or its wrapper did (EOF)
+                else:  # a job's process ended ("e"), or its wrapper did (EOF)
+                    byte = b""
                     with contextlib.suppress(OSError):
-                        os.read(key.fd, 1)
+                        byte = os.read(key.fd, 1)
                     self.sel.unregister(key.fd)
                     os.close(key.fd)
-                    self.ended(key.data[1])
+                    # A wrapper that ends without a job is no job's end: a dropped one
+                    # may end after the same job started here again.  A claimed one's
+                    # end reap() tells.
+                    if byte == b"e":
+                        self.ended(key.data[1])
             self.reap()
 
     def reap(self):
@@ -1805,7 +1817,7 @@ class Agent:
                 raise TimeoutError("its lease is over")
             os.write(w.go, b"g")
         except OSError:  # (or the wrapper is gone already)
-            w.drop()
+            w.drop(kill=True)
             say("dropped", id=w.cmd["id"])
             return
         os.close(w.go)
@@ -1849,7 +1861,7 @@ class Agent:
             for after, w in list(self.prepared.items()):  # or dropped itself, already)
                 if w.cmd["id"] == cmd["id"]:
                     del self.prepared[after]
-                    w.drop()
+                    w.drop(kill=True)
                     shutil.rmtree(w.cmd["dir"], ignore_errors=True)
                     say("dropped", id=cmd["id"])
         elif op == "cancel":

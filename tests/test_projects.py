@@ -2,6 +2,7 @@
 with its entrypoint, what a job leaves in $GPUQUEUE_OUTPUT_DIR comes back whatever the
 end, hostile archives are refused fast without a byte on the spool, and the client and
 the drop folder do both ends.  A real server over real HTTP, every wait a condition."""
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,7 +27,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import FINAL, GPUQUEUE, ROOT, Server, job_config, kill_processes_under, wait_for
+from conftest import (FINAL, GPUQUEUE, ROOT, Server, alive, job_config,
+                      kill_processes_under, wait_for)
 
 OUTPUT_FINAL = ("complete", "truncated", "lost")
 MiB = 1024 * 1024
@@ -673,6 +675,17 @@ def slow_server(make_server, tmp_path, seconds):
                        environments={"slow": {"python": str(python)}})
 
 
+def unpacking(python):
+    """The pids of processes still running ``python``'s wait before an unpack."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if str(python).encode() in Path(f"/proc/{pid}/cmdline").read_bytes() \
+                    and alive(int(pid)):
+                found.append(int(pid))
+    return found
+
+
 def test_a_restart_while_a_started_project_unpacks_follows_it_to_its_end(make_server, tmp_path):
     """A project's wrapper claims the launch, then unpacks.  A server killed (-9) in
     between and started again must find that wrapper and follow it: the job runs once
@@ -716,6 +729,31 @@ def test_a_cancel_after_a_prepared_project_got_its_go_still_stops_it(make_server
     assert r.status_code == 200, r.text
     assert server.wait(second, timeout=90)["status"] == "cancelled"
     assert not marker.exists(), "a cancelled job ran to its end"
+
+
+def test_a_dropped_prepared_project_stops_unpacking_and_leaves_no_folder(make_server, tmp_path):
+    """A prepared project cancelled while it unpacks: its wrapper and unpack end at once
+    (an unpack left going would fill the folder being removed), and its folder goes."""
+    server = slow_server(make_server, tmp_path, 60)
+    gate = tmp_path / "gate"
+    first = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                             "    time.sleep(0.05)\n", expected_time=5)["job_id"]
+    server.wait(first, ("running",))
+    second = submit_project_ok(server, tar_of([("main.py", b"print(1)\n")]),
+                               entrypoint="main.py", environment="slow",
+                               expected_time=5)["job_id"]
+    wait_for(lambda: server.get("/api/nodes").json()["nodes"][0]["prepared_jobs"] == [second],
+             "the project to be prepared")
+    python = tmp_path / "slow-python3"
+    wait_for(lambda: unpacking(python), "its unpack to begin")
+    r = server.post(f"/api/cancel/{second}", server.token())
+    assert r.status_code == 200, r.text
+    assert server.wait(second)["status"] == "cancelled"
+    wait_for(lambda: not unpacking(python), "the unpack to end", timeout=15)
+    work = server.dir / "spool" / "nodes" / "0" / "work" / second
+    wait_for(lambda: not work.exists(), "its folder to be removed", timeout=15)
+    gate.touch()
+    assert server.wait(first)["status"] == "completed"
 
 
 # -- 8. the client ------------------------------------------------------------------------
