@@ -1864,11 +1864,9 @@ class Agent:
                     w.drop(kill=True)
                     shutil.rmtree(w.cmd["dir"], ignore_errors=True)
                     say("dropped", id=cmd["id"])
-        elif op == "cancel":
-            try:
+        elif op == "cancel":  # (a wrapper gone already, its pid reused by another user)
+            with contextlib.suppress(OSError):
                 os.kill(int(cmd["wrapper"]), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         elif op == "watch":
             pid = int(cmd["wrapper"])
             if is_wrapper_of(pid, cmd["dir"]):
