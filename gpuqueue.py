@@ -6834,8 +6834,11 @@ class GpuWorker(Worker):
 
     def _lost(self, exc):
         """The link to the node broke: follow every run again once it answers (each
-        re-attached, queued again, or failed after ``unreachable_grace``)."""
+        re-attached, queued again, or failed after ``unreachable_grace``).  The agent
+        is let go even if it lives (a read it did not answer in time): one that stayed
+        would keep the starts prepared there, which the server forgets here."""
         self._set_offline(str(exc))
+        self.executor.close()
         running = {run.job.id: run.job for run in self.runs.values()}
         todo = [(job, None) for job in running.values()] + [
             (run.job, running.get(after)) for after, run in self.prepared.items()]
