@@ -4011,7 +4011,9 @@ class Spool:
             del self._running[job.node_id][job.id]
             self._array_left(job)
             job.status, job.started_at, job.gpu_ids = "pending", None, ()
-            job.attempt, job.slurm, job.cancel_requested = job.attempt + 1, None, False
+            # (A cancel that came since the attempt ended stays: its mark moved with the
+            # folder, and the next claim records it.)
+            job.attempt, job.slurm = job.attempt + 1, None
             job.prepared = job.followed = False
             self._index(job)
             self._changed.notify_all()
