@@ -10086,14 +10086,21 @@ class Incoming:
         self._publish(f"{base}.reason.txt", f"refused: {reason}\n".encode())
         log.warning("incoming: refused %r: %s", name or current, reason)
 
-    @staticmethod
-    def _quiet(path):
-        """Has nothing in the folder changed for INCOMING_QUIET seconds?"""
+    def _quiet(self, path):
+        """Has nothing in the folder, at any depth, changed for INCOMING_QUIET seconds?
+        (A project copied in place grows deep down, where no time above it moves.)  One
+        with more entries than a project may have is taken at once, to be refused."""
         newest = os.lstat(path).st_mtime
         if stat.S_ISDIR(os.lstat(path).st_mode):
-            for entry in os.scandir(path):
-                st = entry.stat(follow_symlinks=False)
-                newest = max(newest, st.st_mtime, st.st_ctime)
+            left = self.scheduler.config.max_project_files
+            for top, dirs, names in os.walk(path):  # (links are not followed)
+                for n in dirs + names:
+                    left -= 1
+                    if left < 0:
+                        return True
+                    with contextlib.suppress(FileNotFoundError):
+                        st = os.lstat(os.path.join(top, n))
+                        newest = max(newest, st.st_mtime, st.st_ctime)
         return time.time() - newest >= INCOMING_QUIET
 
     def _files(self, path):

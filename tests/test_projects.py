@@ -868,6 +868,33 @@ def test_client_refuses_a_folder_over_the_servers_limit_before_sending(make_serv
 # -- 9. the drop folder ------------------------------------------------------------------
 
 
+def test_a_project_copied_into_incoming_is_not_taken_while_it_grows_deep_down(make_server):
+    """Copied straight in (no dot-name), a project's big file is still being written two
+    folders down, where neither the folder's time nor its entries' move: it must not
+    be taken until that file is whole."""
+    server = make_server(nodes=1)
+    incoming = server.dir / "spool" / "incoming"
+    folder = incoming / "growing"
+    write_tree(folder, {"config.yaml": job_config("alice", 30, token=server.token(),
+                                                  entrypoint="run.py"),
+                        "run.py": "import os\nprint(os.path.getsize('data/deep/big.bin'))\n",
+                        "data/deep/big.bin": ""})
+    big = folder / "data" / "deep" / "big.bin"
+    with open(big, "ab") as f:
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:  # as a slow copy writes it
+            f.write(b"x" * 1000)
+            f.flush()
+            assert folder.exists(), "taken while it was still being written"
+            time.sleep(0.1)
+    size = big.stat().st_size
+    receipt = wait_for(lambda: next(incoming.glob("growing.*.receipt.json"), None)
+                       or next(incoming.glob("growing.*.reason.txt"), None), "the receipt")
+    assert receipt.name.endswith(".receipt.json"), receipt.read_text()
+    job_id = json.loads(receipt.read_text())["job_id"]
+    assert server.wait(job_id)["status"] == "completed"
+    assert server.results(job_id)["stdout"] == f"{size}\n"
+
 def test_a_dropped_project_runs_and_its_outputs_land_before_the_result(make_server):
     server = make_server(nodes=1)
     incoming = server.dir / "spool" / "incoming"
