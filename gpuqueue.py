@@ -2681,7 +2681,8 @@ class DoneIndex:
         if total != len(ids) or got != want:
             return None
         if lines > 2 * total + 1000:
-            self._compact()
+            with contextlib.suppress(OSError):  # (no room: it stays long, and right)
+                self._compact()
         return counts, collecting
 
     def _compact(self):
@@ -2702,11 +2703,25 @@ class DoneIndex:
         os.replace(tmp, self.path)
 
     def rebuild(self, entries):
-        """Write the index afresh from (id, node, status, collecting) of every job."""
+        """Write the index afresh from (id, node, status, collecting) of every job, and
+        say what load would of it.  Without room for it (a full disk removed it) it is
+        left missing, for the next start to make: nothing but start-up's speed needs it."""
+        entries = list(entries)
+        counts = collections.defaultdict(collections.Counter)
+        for _, node, status, _ in entries:
+            counts[node][status] += 1
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as out:
-            out.writelines(f"+ {i} {n} {st} {'c' if c else '-'}\n" for i, n, st, c in entries)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as out:
+                out.writelines(f"+ {i} {n} {st} {'c' if c else '-'}\n"
+                               for i, n, st, c in entries)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("done.index: %s; it is made again at the next start", exc)
+            for name in (tmp, self.path):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        return counts, {i for i, _, _, c in entries if c}
 
     def _append(self, text):
         """One line more.  The index is derived: a line that cannot be written (a full
@@ -2992,8 +3007,7 @@ class Spool:
             if self._done_ids:  # (a new spool has neither: nothing to say)
                 log.info("recovery: the index of done/ is missing or stale; it is made "
                          "again from %d finished jobs", len(self._done_ids))
-            self._done_index.rebuild(map(self._read_final, self._done_ids))
-            found = self._done_index.load(self._done_ids)
+            found = self._done_index.rebuild(map(self._read_final, self._done_ids))
         counts, collecting = found
         for node, by_status in counts.items():
             if node in self._final_counts:

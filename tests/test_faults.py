@@ -184,6 +184,30 @@ def test_a_full_spool_disk_degrades_and_recovers_by_itself(make_server, tmpfs, t
     assert marker.read_text() == "A"
 
 
+
+def test_a_restart_on_a_full_disk_without_the_index_of_done_starts(make_server, tmpfs, tmp_path):
+    """done.index is derived: a full disk removes it when a line cannot be added.  A
+    restart with no room to write it again must still start, from the jobs' own
+    records, and make it at a later start that has room."""
+    disk = tmpfs("disk", size="16m")
+    server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(tmp_path / "work")}],
+                         spool=str(disk / "spool"), min_free_bytes=0)
+    job_id = server.submit_ok("print('kept')\n")["job_id"]
+    assert server.wait(job_id)["status"] == "completed"
+    server.kill()
+    index = disk / "spool" / "done.index"
+    index.unlink()
+    fill(disk / "junk")
+    server.start()
+    st = server.status(job_id)
+    assert st["status"] == "completed" and server.results(job_id)["stdout"] == "kept\n", st
+    assert not index.exists()
+    server.kill()
+    (disk / "junk").unlink()
+    server.start()
+    assert server.status(job_id)["status"] == "completed"
+    assert index.read_text().split()[:2] == ["+", job_id]
+
 # -- hung nodes ------------------------------------------------------------------------
 
 
