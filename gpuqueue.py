@@ -6113,7 +6113,14 @@ class Collector:
                 if not self._todo or self._todo[0][0] > time.time():
                     continue
                 _, job_id, at, give_up, backoff = heapq.heappop(self._todo)
-            self._collect(job_id, at, give_up, backoff)
+            try:
+                self._collect(job_id, at, give_up, backoff)
+            except Exception:  # (even the lost listing could not be written: a full disk)
+                log.exception("node %s: the files of job %s could not be recorded; tried "
+                              "again in %g s", self.node.id, job_id, backoff)
+                with self._cond:
+                    heapq.heappush(self._todo, (time.time() + backoff, job_id, at, give_up,
+                                                min(backoff * 2, 60.0)))
 
     def _collect(self, job_id, at, give_up, backoff):
         keep = False
@@ -6163,6 +6170,8 @@ class Collector:
             try:
                 entries, more = link.list_tree(at, 2 * c.max_output_files + 100)
             except FileNotFoundError:
+                if link.exists(at):  # a folder in it went, or became a link, meanwhile:
+                    raise  # never "complete" with its files missing
                 entries, more = [], False  # it wrote nothing (or never ran)
             room, count, need = c.max_output_files_bytes, 0, 0
             for e in entries:
