@@ -3153,7 +3153,13 @@ class Spool:
                 if not self._doomed:
                     return
                 job_id, why = self._doomed.pop(0)
-            self.request_cancel(job_id, why)
+            try:
+                self.request_cancel(job_id, why)
+            except Exception:  # (a full disk): the next job's end tries again; the one
+                with self._lock:  # whose end this follows is recorded whatever comes
+                    self._doomed.insert(0, (job_id, why))
+                log.exception("job %s: its cancel (%s) could not be recorded yet", job_id, why)
+                return
 
     def quarantine(self, path, reason):
         """Set aside what cannot be understood, never delete it; the reason goes beside it."""
