@@ -7702,7 +7702,7 @@ class Scheduler:
                 except NotFound:
                     with contextlib.suppress(NotFound):
                         cfg[key] = sorted(set(cfg[key]) - {dep}
-                                          | set(self.array(dep, user)["job_ids"]))
+                                          | set(self.array(dep, user, counts=False)["job_ids"]))
         deps = set(cfg.get("after") or ()) | set(cfg.get("after_any") or ())
         if len(deps) > MAX_DEPENDENCIES:
             raise BadRequest(f"config_file: a job may wait for at most {MAX_DEPENDENCIES} "
@@ -7801,14 +7801,17 @@ class Scheduler:
     def find(self, user=None, status=None, limit=100, before=None, among=None):
         return self._spool.find(user, status, limit, before, among)
 
-    def array(self, array_id, user=None):
-        """An array's record with the count of its jobs in each state, if ``user`` may
-        see it; NotFound as for a job."""
+    def array(self, array_id, user=None, counts=True):
+        """An array's record (its user, its job ids) with the count of its jobs in each
+        state, if ``user`` may see it; NotFound as for a job.  Not ``counts``: the
+        record alone, for what needs only the ids (counting reads every job)."""
         record = self._spool.array(array_id) if isinstance(array_id, str) and \
             JOB_ID_RE.match(array_id) else None
         if record is None or not (user is None or user["admin"]
                                   or record["user_id"] == user["user"]):
             raise NotFound("no such array")
+        if not counts:
+            return record
         counts = dict.fromkeys(STATES, 0)
         for job_id in record["job_ids"]:
             job = self._spool.get(job_id)
@@ -7818,7 +7821,7 @@ class Scheduler:
 
     def cancel_array(self, array_id, user=None):
         """Cancel every job of an array that has not finished: how many."""
-        record = self.array(array_id, user)
+        record = self.array(array_id, user, counts=False)
         cancelled = 0
         for job_id in reversed(record["job_ids"]):  # the last first: none starts meanwhile
             if self._spool.request_cancel(job_id, "its array was cancelled"):
@@ -8631,7 +8634,7 @@ class Api:
             owner = user["user"]
         array = query.get("array")
         if array is not None:
-            ids = self.scheduler.array(array, user)["job_ids"]
+            ids = self.scheduler.array(array, user, counts=False)["job_ids"]
             found, next_cursor = self.scheduler.find(owner, status, limit, cursor, among=ids)
         else:
             found, next_cursor = self.scheduler.find(owner, status, limit, cursor)
@@ -9994,7 +9997,7 @@ class Incoming:
             try:
                 try:  # an array queued before a crash: its id is the claim's
                     array = {"array_id": claim_id,
-                             "job_ids": self.scheduler.array(claim_id)["job_ids"]}
+                             "job_ids": self.scheduler.array(claim_id, counts=False)["job_ids"]}
                     job, position, start = self.scheduler.job(array["job_ids"][0]), None, None
                 except NotFound:
                     if not os.path.lexists(path):  # a crash came between the claim and
