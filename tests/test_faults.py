@@ -184,7 +184,6 @@ def test_a_full_spool_disk_degrades_and_recovers_by_itself(make_server, tmpfs, t
     assert marker.read_text() == "A"
 
 
-
 def test_a_restart_on_a_full_disk_without_the_index_of_done_starts(make_server, tmpfs, tmp_path):
     """done.index is derived: a full disk removes it when a line cannot be added.  A
     restart with no room to write it again must still start, from the jobs' own
@@ -207,6 +206,7 @@ def test_a_restart_on_a_full_disk_without_the_index_of_done_starts(make_server, 
     server.start()
     assert server.status(job_id)["status"] == "completed"
     assert index.read_text().split()[:2] == ["+", job_id]
+
 
 # -- hung nodes ------------------------------------------------------------------------
 

@@ -654,8 +654,8 @@ def test_a_python3_launcher_is_asked_once_when_every_node_starts_its_first_job(
     assert len({server.status(j)["node_id"] for j in arr["job_ids"]}) > 1  # asked together
 
 
-
 # -- a project that takes a while to unpack ------------------------------------------------
+
 
 def slow_unpacker(tmp_path, seconds):
     """An environment's python3 that waits ``seconds`` before it unpacks a project (a
@@ -886,7 +886,7 @@ def test_a_project_copied_into_incoming_is_not_taken_while_it_grows_deep_down(ma
             f.write(b"x" * 1000)
             f.flush()
             assert folder.exists(), "taken while it was still being written"
-            time.sleep(0.1)
+            time.sleep(0.05)
     size = big.stat().st_size
     receipt = wait_for(lambda: next(incoming.glob("growing.*.receipt.json"), None)
                        or next(incoming.glob("growing.*.reason.txt"), None), "the receipt")
@@ -894,6 +894,7 @@ def test_a_project_copied_into_incoming_is_not_taken_while_it_grows_deep_down(ma
     job_id = json.loads(receipt.read_text())["job_id"]
     assert server.wait(job_id)["status"] == "completed"
     assert server.results(job_id)["stdout"] == f"{size}\n"
+
 
 def test_a_dropped_project_runs_and_its_outputs_land_before_the_result(make_server):
     server = make_server(nodes=1)
