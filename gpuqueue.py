@@ -3841,6 +3841,11 @@ class Spool:
                 folder.mark_cancel()
             except FileNotFoundError:
                 continue  # it ended, or went back to its queue, meanwhile: look again
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"no room on the spool's disk for the cancel: "
+                                   f"{exc.strerror}") from None
+                raise
             with self._lock:
                 job.cancel_requested = True
             return True
@@ -3848,10 +3853,13 @@ class Spool:
                           else "cancelled while pending")
         try:
             finished_at = self._write_result(job, folder, outcome)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 job.cancel_requested = False
                 self._index(job)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no room on the spool's disk for the cancel: "
+                               f"{exc.strerror}") from None
             raise
         with self._lock:
             self._retire(job, folder, outcome, finished_at)
@@ -9409,7 +9417,9 @@ def openapi(config):
                                "shows cancel_requested until its node has stopped it.",
                 "responses": {"200": answer("the job after the cancel", "JobStatus"), **errors,
                               "404": answer("no such job (or not yours)"),
-                              "409": answer("the job had already finished")}}},
+                              "409": answer("the job had already finished"),
+                              "507": answer("no room on the spool's disk to record the "
+                                            "cancel; nothing changed")}}},
             "/api/nodes": {"get": {
                 "summary": "Node statistics (no token needed)",
                 "responses": {"200": {"description": "every node", "content": {

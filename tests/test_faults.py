@@ -208,6 +208,30 @@ def test_a_restart_on_a_full_disk_without_the_index_of_done_starts(make_server, 
     assert index.read_text().split()[:2] == ["+", job_id]
 
 
+
+def test_a_cancel_on_a_full_disk_is_a_507_and_changes_nothing(make_server, tmpfs, tmp_path):
+    """Cancelling a queued job writes its record: with no room for it the answer says
+    so (507, as a submit's), the job stays queued, and the same cancel with room again
+    goes through."""
+    disk = tmpfs("disk", size="16m")
+    server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(tmp_path / "work")}],
+                         spool=str(disk / "spool"), min_free_bytes=0)
+    gate = tmp_path / "gate"
+    first = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                             "    time.sleep(0.05)\n", expected_time=600)["job_id"]
+    server.wait(first, ("running",))
+    queued = server.submit_ok("print('never')\n", expected_time=600)["job_id"]
+    fill(disk / "junk")
+    r = server.post(f"/api/cancel/{queued}", server.token())
+    assert r.status_code == 507 and "disk" in r.json()["error"], r.text
+    assert server.status(queued)["status"] == "pending"
+    (disk / "junk").unlink()
+    r = server.post(f"/api/cancel/{queued}", server.token())
+    assert r.status_code == 200, r.text
+    assert server.wait(queued)["status"] == "cancelled"
+    gate.touch()
+    assert server.wait(first)["status"] == "completed"
+
 # -- hung nodes ------------------------------------------------------------------------
 
 
