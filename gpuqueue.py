@@ -6132,9 +6132,13 @@ class Collector:
             except Exception:  # (even the lost listing could not be written: a full disk)
                 log.exception("node %s: the files of job %s could not be recorded; tried "
                               "again in %g s", self.node.id, job_id, backoff)
-                with self._cond:
-                    heapq.heappush(self._todo, (time.time() + backoff, job_id, at, give_up,
-                                                min(backoff * 2, 60.0)))
+                self._again(job_id, at, give_up, backoff)
+
+    def _again(self, job_id, at, give_up, backoff):
+        """Try a job's files again after ``backoff`` seconds, twice as long the next time."""
+        with self._cond:
+            heapq.heappush(self._todo, (time.time() + backoff, job_id, at, give_up,
+                                        min(backoff * 2, 60.0)))
 
     def _collect(self, job_id, at, give_up, backoff):
         keep = False
@@ -6143,9 +6147,7 @@ class Collector:
                 keep = self._store(job_id, link, at)
         except NodeError as exc:
             if time.time() < give_up:
-                with self._cond:
-                    heapq.heappush(self._todo, (time.time() + backoff, job_id, at, give_up,
-                                                min(backoff * 2, 60.0)))
+                self._again(job_id, at, give_up, backoff)
                 return
             keep = True
             self._lost(job_id, f"node {self.node.id} stayed unreachable: {exc}; they are left "
