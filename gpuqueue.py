@@ -4578,15 +4578,28 @@ class _PipeChannel:
 @dataclasses.dataclass(frozen=True)
 class TreeEntry:
     """One entry of a folder tree on a node: its path below the tree's top ('/'
-    between names), what it is ("file", "dir", "link" or "other"), a file's size."""
+    between names; a name that is not UTF-8 as the filesystem's surrogateescape
+    decodes it), what it is ("file", "dir", "link", "other", or "unnamed": a name
+    that is not UTF-8, which no URL or JSON listing can carry), a file's size."""
     path: str
     kind: str
     size: int = 0
 
 
-def _kind(mode):
+def _kind(name, mode):
+    if not _is_utf8(name):
+        return "unnamed"
     return ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
             else "link" if stat.S_ISLNK(mode) else "other")
+
+
+def _is_utf8(name):
+    """Whether a name decoded with surrogateescape was UTF-8 to begin with."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Link(abc.ABC):
@@ -4695,7 +4708,7 @@ class Link(abc.ABC):
                 for name, mode, size in sorted(self._entries(f"{rel}/{sub}".rstrip("/"))):
                     if len(found) == most:
                         return found, True
-                    entry = TreeEntry(f"{sub}{name}", _kind(mode),
+                    entry = TreeEntry(f"{sub}{name}", _kind(name, mode),
                                       size if stat.S_ISREG(mode) else 0)
                     found.append(entry)
                     if entry.kind == "dir":
@@ -5252,8 +5265,8 @@ class SshLink(Link):
         self.guard(lambda: _rmtree(self.sftp, self.path(rel)))
 
     def _entries(self, rel):
-        return [(a.filename, a.st_mode, a.st_size)
-                for a in self.sftp.listdir_attr(self.path(rel))]  # lstat's figures
+        return [(name, a.st_mode, a.st_size)
+                for name, a in _sftp_listing(self.sftp, self.path(rel))]  # lstat's figures
 
     def _open_file(self, rel):
         """The file as SFTP opens it, which follows links: on an SSH node a job runs
@@ -5864,18 +5877,47 @@ def _mkdirs(sftp, path):
             sftp.mkdir(sub)
 
 
+def _sftp_listing(sftp, path):
+    """(name, SFTPAttributes) of each entry of a remote folder, links not followed.
+    paramiko's listdir_attr fails the whole folder on a name that is not UTF-8,
+    which a job may write: here such a name decodes as a local one does
+    (surrogateescape), and os.fsencode gives its bytes back for a path."""
+    from paramiko import sftp as proto
+    from paramiko.sftp_attr import SFTPAttributes
+    kind, msg = sftp._request(proto.CMD_OPENDIR, sftp._adjust_cwd(os.fsencode(path)))
+    if kind != proto.CMD_HANDLE:
+        raise proto.SFTPError("Expected handle")
+    handle, found = msg.get_binary(), []
+    try:
+        while True:
+            try:
+                kind, msg = sftp._request(proto.CMD_READDIR, handle)
+            except EOFError:
+                return found
+            if kind != proto.CMD_NAME:
+                raise proto.SFTPError("Expected name response")
+            for _ in range(msg.get_int()):
+                name = msg.get_string().decode("utf-8", "surrogateescape")
+                msg.get_string()  # ls -l's line, with the name in it
+                attr = SFTPAttributes._from_msg(msg)
+                if name not in (".", ".."):
+                    found.append((name, attr))
+    finally:
+        sftp._request(proto.CMD_CLOSE, handle)
+
+
 def _rmtree(sftp, path):
     """Remove a remote folder tree (links in it are removed, not followed)."""
     try:
-        entries = sftp.listdir_attr(path)
+        entries = _sftp_listing(sftp, path)
     except FileNotFoundError:
         return
-    for a in entries:
+    for name, a in entries:
         if stat.S_ISDIR(a.st_mode):
-            _rmtree(sftp, f"{path}/{a.filename}")
+            _rmtree(sftp, f"{path}/{name}")
         else:
-            sftp.remove(f"{path}/{a.filename}")
-    sftp.rmdir(path)
+            sftp.remove(os.fsencode(f"{path}/{name}"))
+    sftp.rmdir(os.fsencode(path))
 
 
 def workdir_problem(node, exc):
@@ -6220,6 +6262,10 @@ class Collector:
                 left.append(e)
         wanted = {e.path for e in kept}
         for top, dirs, names in os.walk(dest):
+            for d in [d for d in dirs if not _is_utf8(d)]:
+                dirs.remove(d)  # unnamed: left out, with all it holds
+                path = os.path.join(top, d)
+                (os.unlink if os.path.islink(path) else shutil.rmtree)(path)
             for n in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
                 path = os.path.join(top, n)
                 if os.path.relpath(path, dest).replace(os.sep, "/") not in wanted:
@@ -6230,6 +6276,19 @@ class Collector:
 #: The listing of files that were not brought back (``error`` says why).
 OUTPUTS_LOST = {"state": "lost", "files": [], "skipped": [], "truncated": False, "cut": None,
                 "error": None}
+
+
+#: What is listed as skipped rather than brought back, and why; ``path`` shows a
+#: name that is not UTF-8 with its bytes escaped (caf\xe9.txt).
+SKIPPED = {"link": "a symbolic link: not followed", "other": "not a regular file",
+           "unnamed": "a name that is not UTF-8 text, which no listing or URL can carry"}
+
+
+def skipped_of(entries):
+    """A listing's ``skipped``: the TreeEntries left out for what they are."""
+    return [{"path": e.path.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                   "backslashreplace"),
+             "reason": SKIPPED[e.kind]} for e in entries if e.kind in SKIPPED]
 
 
 def outputs_listing(dest, copied, left, more, config):
@@ -6246,8 +6305,7 @@ def outputs_listing(dest, copied, left, more, config):
         files.append({"path": e.path, "size": e.size, "sha256": digest.hexdigest()})
     for top, _, _ in os.walk(dest):
         fsync_dir(top)
-    skipped = [{"path": e.path, "reason": "a symbolic link: not followed" if e.kind == "link"
-                else "not a regular file"} for e in left if e.kind in ("link", "other")]
+    skipped = skipped_of(left)
     cut = [e for e in left if e.kind == "file"]
     truncated = bool(cut) or more
     note = None
@@ -7958,8 +8016,7 @@ class Scheduler:
             listing = dict(base, state="running", truncated=more,
                            files=[{"path": e.path, "size": e.size, "sha256": None}
                                   for e in files],
-                           skipped=[{"path": e.path, "reason": "not a regular file"}
-                                    for e in entries if e.kind in ("link", "other")])
+                           skipped=skipped_of(entries))
             return listing, {e.path: (e.size, functools.partial(
                 _node_file, link, f"{at}/{e.path}", self._node_read)) for e in files}
         stored, folder = self._spool.outputs(job.id)

@@ -102,11 +102,53 @@ def test_a_project_runs_on_ssh_nodes_and_its_files_come_back(ssh_server, cluster
 # -- the Slurm node kind -----------------------------------------------------------------
 
 
+#: A job that leaves files whose names are not UTF-8 (any bytes but '/' make a Linux
+#: name), a folder of them among them, beside one ordinary file.
+UNNAMED = ("import os\nout = os.fsencode(os.environ['GPUQUEUE_OUTPUT_DIR'])\n"
+           "open(os.path.join(out, b'caf\\xe9.txt'), 'wb').write(b'x')\n"
+           "os.mkdir(os.path.join(out, b'd\\xff'))\n"
+           "open(os.path.join(out, b'd\\xff', b'in.txt'), 'wb').write(b'y')\n"
+           "open(os.path.join(out, b'ok.txt'), 'wb').write(b'ok')\n")
+
+
+def check_unnamed(server, job_id, folder):
+    """Each name that is not UTF-8 is listed as skipped, escaped, and left out; the rest
+    comes back; the job's folder on its node still goes."""
+    st = wait_outputs(server, job_id, timeout=90)
+    assert (st["status"], st["outputs"]) == ("completed", "complete"), \
+        (st, listing(server, job_id))
+    out = check_files(server, job_id, {"ok.txt": b"ok"})
+    reason = "a name that is not UTF-8 text, which no listing or URL can carry"
+    assert out["skipped"] == [{"path": "caf\\xe9.txt", "reason": reason},
+                              {"path": "d\\xff", "reason": reason}], out
+    wait_for(lambda: not folder.exists(), f"{folder} to be removed", timeout=60)
+
+
+def test_names_that_are_not_utf8_are_skipped_on_ssh_nodes(ssh_server, cluster):
+    server = ssh_server()
+    sub = server.submit_ok(UNNAMED, expected_time=30)
+    check_unnamed(server, sub["job_id"],
+                  cluster.root / "work" / f"node{sub['node_id']}" / sub["job_id"])
+
+
+def test_names_that_are_not_utf8_are_skipped_on_local_nodes(make_server):
+    server = make_server(nodes=1)
+    sub = server.submit_ok(UNNAMED, expected_time=30)
+    check_unnamed(server, sub["job_id"],
+                  server.dir / "spool" / "nodes" / "0" / "work" / sub["job_id"])
+
+
 def test_a_project_runs_in_slurm_and_its_files_come_back(slurm_server):  # noqa: F811
     server = slurm_server()
     sub = submit_project_ok(server, project(), entrypoint="train.py", expected_time=60)
     st = check_remote_job(server, sub["job_id"], timeout=180)
     assert st["slurm_state"] == "COMPLETED", st
+
+
+def test_names_that_are_not_utf8_are_skipped_in_slurm(slurm_server, tmp_path):  # noqa: F811
+    server = slurm_server()
+    sub = server.submit_ok(UNNAMED, expected_time=30)
+    check_unnamed(server, sub["job_id"], tmp_path / "slurm-work" / sub["job_id"])
 
 
 # -- kill -9 while the files come back -----------------------------------------------------
