@@ -67,8 +67,9 @@ that does it:
     running/<id> without ``launching``       back to pending/: nothing reached the node
     (nor start.json, of a release before     (Spool._load)
     0.3)
-    running/<id>, node folder not launched   the launch claimed here, back to pending/
-                                             (AgentExecutor.reattach -> Spool.requeue)
+    running/<id>, node folder not launched,  the launch claimed here (``launched`` a link
+    or ``launched`` a link to ``void``: a    to ``void``), back to pending/
+    recovery cut short after its claim       (AgentExecutor.reattach -> Spool.requeue)
     running/<id>, prepared, never started    back to pending/: its launch is claimed here,
                                              and its wrapper, which waited for its agent's
                                              word, ended with that agent
@@ -105,8 +106,9 @@ that does it:
     the ids in done/ (count and sum)         result.json (Spool._load_done)
 
 A job is never launched twice: the wrapper claims ``launched`` with O_EXCL before
-it starts the job, and recovery claims the same name before requeueing one; a
-Slurm job is looked up by name before it is submitted again.
+it starts the job, and recovery claims the same name (as a link, which an O_EXCL
+create fails on, so that a later recovery tells its claim from a wrapper's) before
+requeueing one; a Slurm job is looked up by name before it is submitted again.
 """
 
 from __future__ import annotations
@@ -901,7 +903,8 @@ class NodeFiles:
     PROJECT = "project"       # unpacked here; the job then runs in this folder
     OUTPUTS = "outputs"       # in the folder the job runs in: its files, brought back
     LAUNCHED = "launched"     # claimed (O_EXCL) by the one wrapper that starts the job,
-    #                           or by a recovering server, so that none ever will
+    #                           or by a recovering server, so that none ever will: as a
+    VOID = "void"             # link to this, which says the job never started there
     PIDS = "pids"             # {wrapper, job, protocol}: written once the job runs,
     #                           a started project's first (job null) before its unpack
     STREAMS = ("stdout", "stderr")  # the job's output, capped as it is written
@@ -4658,9 +4661,11 @@ class Link(abc.ABC):
         """A fresh folder ``rel`` holding ``files`` (name -> bytes)."""
 
     @abc.abstractmethod
-    def create_once(self, rel):
-        """Create ``rel`` unless it exists: True when this call made it, or when its
-        folder is gone (so nothing there can make it any more)."""
+    def claim_void(self, rel):
+        """Claim a job's ``launched`` at ``rel`` for a start that never happened: a
+        link to ``void``, made at once or not at all, on which a wrapper's O_EXCL
+        claim fails.  True when the job never launched there: this call claimed it,
+        a recovery cut short before its requeue did, or its folder is gone."""
 
     @abc.abstractmethod
     def exists(self, rel):
@@ -4834,11 +4839,12 @@ class LocalLink(Link):
         for p in [path, *(path / name for name in files)]:
             self._own(p)
 
-    def create_once(self, rel):
+    def claim_void(self, rel):
+        path = self.root / rel
         try:
-            os.close(os.open(self.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            os.symlink(NodeFiles.VOID, path)
         except FileExistsError:
-            return False
+            return os.path.islink(path)
         except FileNotFoundError:
             return True
         return True
@@ -5203,19 +5209,22 @@ class SshLink(Link):
                     f.write(data)
         self.guard(make)
 
-    def create_once(self, rel):
-        def make():
-            folder = self.path(rel).rsplit("/", 1)[0]
+    def claim_void(self, rel):
+        def claim():
+            path = self.path(rel)
             try:
-                self.sftp.stat(folder)
+                self.sftp.stat(path.rsplit("/", 1)[0])
             except FileNotFoundError:
                 return True
             try:
-                self.sftp.open(self.path(rel), "x").close()
+                self.sftp.symlink(NodeFiles.VOID, path)
                 return True
-            except OSError:
-                return False
-        return self.guard(make)
+            except OSError:  # (SFTP says no more than "Failure" for a name taken)
+                try:
+                    return stat.S_ISLNK(self.sftp.lstat(path).st_mode)
+                except OSError:
+                    return False
+        return self.guard(claim)
 
     def read_capped(self, rel, limit):
         """An output file's bytes (read_capped's), for a Slurm node, which has no agent
@@ -5537,7 +5546,7 @@ class AgentExecutor:
             return self._old_local_run(job, old, on_exit)
         self.connect()  # its files are read through the agent
         launched = f"{job.id}/{NodeFiles.LAUNCHED}"
-        if folder.launched_where() is None or self.link.create_once(launched):
+        if folder.launched_where() is None or self.link.claim_void(launched):
             return None
         run = Run(job, job.id, on_exit)
         pids = self._wrapper_pids(job.id)

@@ -49,27 +49,30 @@ def digests(root):
 
 def round_trip(link, on_node, tmp_path):
     """Put a project on the node, plant a link and a FIFO beside it there (as a job
-    could), and fetch the tree back: what comes back is the project, whole."""
+    could), and a name that is not UTF-8, and fetch the tree back: what comes back
+    is the project, whole.  And a recovering server's claim of a launch."""
     src = project(tmp_path / "src")
     link.new_folder("0" * 24, {})
     link.put_tree(src, f"{'0' * 24}/proj")
     assert not (on_node / "proj" / "passwd").exists(), "put_tree followed a link"
     os.symlink("/etc/shadow", on_node / "proj" / "shadow")
     os.mkfifo(on_node / "proj" / "pipe")
+    (on_node / "proj" / os.fsdecode(b"caf\xe9")).write_bytes(b"x")
 
     entries, more = link.list_tree("0" * 24, 100)
     kinds = {e.path: e.kind for e in entries}
     assert not more and kinds == {
         "proj": "dir", "proj/main.py": "file", "proj/pkg": "dir", "proj/empty": "dir",
         "proj/pkg/__init__.py": "file", "proj/pkg/data": "dir",
-        "proj/pkg/data/blob.bin": "file", "proj/shadow": "link", "proj/pipe": "other"}
+        "proj/pkg/data/blob.bin": "file", "proj/shadow": "link", "proj/pipe": "other",
+        "proj/caf\udce9": "unnamed"}
     paths = [e.path for e in entries]
     assert paths.index("proj/pkg") < paths.index("proj/pkg/data/blob.bin")  # parents first
     assert link.list_tree("0" * 24, 3) == (entries[:3], True)
 
     copied, left = link.fetch_tree("0" * 24, tmp_path / "back", 100, 10 ** 9)
     assert digests(tmp_path / "back" / "proj") == digests(src)
-    assert {e.path for e in left} == {"proj/shadow", "proj/pipe"}
+    assert {e.path for e in left} == {"proj/shadow", "proj/pipe", "proj/caf\udce9"}
     assert sum(e.size for e in copied) == sum(p.stat().st_size for p in src.rglob("*")
                                               if p.is_file() and not p.is_symlink())
     assert not (tmp_path / "back" / "proj" / "shadow").exists()
@@ -78,6 +81,15 @@ def round_trip(link, on_node, tmp_path):
     copied, left = link.fetch_tree("0" * 24, tmp_path / "small", 100, 1000)
     assert "proj/pkg/data/blob.bin" in {e.path for e in left}
     assert "proj/main.py" in {e.path for e in copied}
+
+    # A launch claimed for a start that never happened: again (a recovery cut short
+    # and run again), it is still this claim; a wrapper's claim is not; no folder, none.
+    assert link.claim_void(f"{'0' * 24}/launched") is True
+    assert os.readlink(on_node / "launched") == gpuqueue.NodeFiles.VOID
+    assert link.claim_void(f"{'0' * 24}/launched") is True
+    (on_node / "taken").touch()
+    assert link.claim_void(f"{'0' * 24}/taken") is False
+    assert link.claim_void(f"{'9' * 24}/launched") is True
 
     link.remove("0" * 24)
     assert not link.exists("0" * 24) and not on_node.exists()

@@ -525,6 +525,26 @@ def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_p
     assert ran.read_text() == "x\n"
 
 
+def test_a_recovery_cut_short_after_its_claim_runs_the_job_once(make_server, tmp_path):
+    """A recovering server had claimed the launch of a job that never started (so
+    that no wrapper ever will), and was killed before it queued the job again: the
+    next recovery tells its claim from a wrapper's and queues it, not a job failed
+    that never ran."""
+    ran = tmp_path / "ran"
+    code = f"open({str(ran)!r}, 'a').write('x\\n')\nprint('ran')\n"
+    server, job, folder = prepared_server(make_server, code)
+    work = node_work(server, job)
+    work.mkdir(parents=True)
+    (work / "code.py").write_text(code)
+    mark_launching(folder, work)
+    os.symlink(gpuqueue.NodeFiles.VOID, work / "launched")  # the cut-short recovery's claim
+    server.start()
+    st = server.wait(job.id)
+    assert st["status"] == "completed" and st["exit_code"] == 0, st
+    assert server.results(job.id)["stdout"] == "ran\n"
+    assert ran.read_text() == "x\n"
+
+
 def launched_by_a_dead_wrapper(server, job, folder):
     """A job's folder on its node as a wrapper leaves it once launched, that wrapper now gone."""
     work = node_work(server, job)
