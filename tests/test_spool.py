@@ -509,20 +509,29 @@ def node_work(server, job):
     return server.dir / "spool" / "nodes" / "0" / "work" / job.id
 
 
-def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_path):
-    """The executor had made the job's folder on the node and marked the job as
-    launching, but its wrapper had not claimed ``launched`` when the server died."""
-    ran = tmp_path / "ran"
-    code = f"open({str(ran)!r}, 'a').write('x\\n')\n"
+def half_started(make_server, tmp_path, claim=None):
+    """A server (not started) whose one job was marked launching and its folder made
+    on node 0 (with a ``launched`` link to ``claim``), but which never started: its
+    code appends a line to the file ``ran``."""
+    code = f"open({str(tmp_path / 'ran')!r}, 'a').write('x\\n')\nprint('ran')\n"
     server, job, folder = prepared_server(make_server, code)
     work = node_work(server, job)
     work.mkdir(parents=True)
     (work / "code.py").write_text(code)
     mark_launching(folder, work)
+    if claim is not None:
+        os.symlink(claim, work / "launched")
+    return server, job
+
+
+def test_claimed_with_half_made_work_folder_runs_exactly_once(make_server, tmp_path):
+    """The executor had made the job's folder on the node and marked the job as
+    launching, but its wrapper had not claimed ``launched`` when the server died."""
+    server, job = half_started(make_server, tmp_path)
     server.start()
     assert server.wait(job.id)["status"] == "completed"
     time.sleep(0.5)
-    assert ran.read_text() == "x\n"
+    assert (tmp_path / "ran").read_text() == "x\n"
 
 
 def test_a_recovery_cut_short_after_its_claim_runs_the_job_once(make_server, tmp_path):
@@ -530,19 +539,12 @@ def test_a_recovery_cut_short_after_its_claim_runs_the_job_once(make_server, tmp
     that no wrapper ever will), and was killed before it queued the job again: the
     next recovery tells its claim from a wrapper's and queues it, not a job failed
     that never ran."""
-    ran = tmp_path / "ran"
-    code = f"open({str(ran)!r}, 'a').write('x\\n')\nprint('ran')\n"
-    server, job, folder = prepared_server(make_server, code)
-    work = node_work(server, job)
-    work.mkdir(parents=True)
-    (work / "code.py").write_text(code)
-    mark_launching(folder, work)
-    os.symlink(gpuqueue.NodeFiles.VOID, work / "launched")  # the cut-short recovery's claim
+    server, job = half_started(make_server, tmp_path, claim=gpuqueue.NodeFiles.VOID)
     server.start()
     st = server.wait(job.id)
     assert st["status"] == "completed" and st["exit_code"] == 0, st
     assert server.results(job.id)["stdout"] == "ran\n"
-    assert ran.read_text() == "x\n"
+    assert (tmp_path / "ran").read_text() == "x\n"
 
 
 def launched_by_a_dead_wrapper(server, job, folder):
