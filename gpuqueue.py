@@ -815,7 +815,8 @@ def isotime(ts):
 #                                                folder holding ``files`` (name -> base64),
 #                                                or why not (none past ``deadline``, its
 #                                                lease); ``id`` the request's own
-#   remove {dir}                              a finished job's folder
+#   remove {dir}                              a finished job's folder: renamed out of the
+#                                                way at once, removed beside the loop
 #   read {id, path, offset, limit}            -> data {id, kind, size, data?}: up to limit
 #                                                bytes of a job's file (read_piece), its
 #                                                ``id`` the request's own
@@ -1290,11 +1291,11 @@ def publish(name, obj, durable=True):
 
 
 def make_folder(path, files):
-    """A job's fresh folder ``path`` holding ``files`` (name -> base64), as an SSH
+    """A job's fresh folder ``path`` (the agent took one an attempt that never
+    launched left out of the way) holding ``files`` (name -> base64), as an SSH
     node's SFTP would make it (the umask applies); {} or, when it cannot be made,
     {errno, error}."""
     try:
-        shutil.rmtree(path, ignore_errors=True)  # left by an attempt that never launched
         os.mkdir(path, 0o777)
         for name, data in files.items():
             if not name or "/" in name or name.startswith("."):
@@ -1629,6 +1630,9 @@ def exit_report(cmd):
 
 #: One report at a time on the channel: a GPU reading is taken beside the loop.
 SAYING = threading.Lock()
+#: The start of the name in the workdir of a folder the agent is removing (discard):
+#: no job's id, so nothing else there is ever taken for it.
+GONE = ".gone."
 
 
 def check_environments(environments):
@@ -1729,6 +1733,42 @@ class Agent:
         self.prepared = {}  # job id -> the Wrapper prepared to start once it has ended
         self.running = set()  # ids of the jobs whose process may still run here
         self.sel = selectors.DefaultSelector()
+        self.trash = []  # folders out of the way, for the remover thread (discard)
+        self.trash_lock = threading.Lock()
+        self.remover = None  # that thread, while it has work
+        self.discarded = 0
+
+    def discard(self, name):
+        """Take a folder in the workdir out of the way at once (a rename), and remove
+        it beside the loop: a job may leave a million files, and pings, starts and
+        prepared jobs' go would wait on their removal.  What an agent that ended
+        left half removed goes at the next one's start (run)."""
+        self.discarded += 1
+        gone = "%s%d.%d.%s" % (GONE, os.getpid(), self.discarded, name)
+        try:
+            os.rename(name, gone)
+        except FileNotFoundError:
+            return
+        except OSError:  # (what stands at that name must go before it is made again)
+            shutil.rmtree(name, ignore_errors=True)
+            return
+        self._remove(gone)
+
+    def _remove(self, gone):
+        with self.trash_lock:
+            self.trash.append(gone)
+            if self.remover is None:
+                self.remover = threading.Thread(target=self._empty_trash, daemon=True)
+                self.remover.start()
+
+    def _empty_trash(self):
+        while True:
+            with self.trash_lock:
+                if not self.trash:
+                    self.remover = None
+                    return
+                gone = self.trash.pop()
+            shutil.rmtree(gone, ignore_errors=True)
 
     def run(self):
         # A server started by '&' in a script hands a local agent SIGINT and SIGQUIT
@@ -1747,6 +1787,9 @@ class Agent:
         signal.set_wakeup_fd(wake_w)
         self.sel.register(0, selectors.EVENT_READ, "command")
         self.sel.register(wake_r, selectors.EVENT_READ, "child")
+        for name in os.listdir("."):
+            if name.startswith(GONE):
+                self._remove(name)
         pending = b""
         say("ready", protocol=PROTOCOL, python=sys.version.split()[0])
         while True:
@@ -1865,7 +1908,7 @@ class Agent:
                 if w.cmd["id"] == cmd["id"]:
                     del self.prepared[after]
                     w.drop(kill=True)
-                    shutil.rmtree(w.cmd["dir"], ignore_errors=True)
+                    self.discard(w.cmd["dir"])
                     say("dropped", id=cmd["id"])
         elif op == "cancel":  # (a wrapper gone already, its pid reused by another user)
             with contextlib.suppress(OSError):
@@ -1878,11 +1921,13 @@ class Agent:
             else:
                 say("exited", id=cmd["id"])
         elif op == "make":  # never past its lease: the server may have given up on it,
-            say("made", id=cmd["id"], **(  # and made the folder again for another try
-                make_folder(cmd["dir"], cmd["files"]) if time.time() <= cmd["deadline"] else
-                {"errno": errno.ETIMEDOUT, "error": "its lease is over"}))
+            if time.time() <= cmd["deadline"]:  # and made the folder again for another try
+                self.discard(cmd["dir"])  # left by an attempt that never launched
+                say("made", id=cmd["id"], **make_folder(cmd["dir"], cmd["files"]))
+            else:
+                say("made", id=cmd["id"], errno=errno.ETIMEDOUT, error="its lease is over")
         elif op == "remove":
-            shutil.rmtree(cmd["dir"], ignore_errors=True)
+            self.discard(cmd["dir"])
         elif op == "read":
             path = job_path(cmd["path"])
             say("data", id=cmd["id"], **(read_piece(path, int(cmd["offset"]),

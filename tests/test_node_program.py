@@ -205,6 +205,33 @@ def test_agent_reports_ready_answers_ping_and_runs_a_job(tmp_path):
         agent.close()
 
 
+def test_a_folder_of_many_files_goes_beside_the_loop_which_goes_on_answering(tmp_path):
+    """A job may leave a huge tree behind: its folder is renamed out of the way at once
+    and removed by a thread, so a ping sent after the remove is answered while its
+    files are still going (inline, 30,000 of them held the loop for a good part of a
+    second); and what an agent that ended left half removed goes at the next start."""
+    def gone():
+        return [n for n in os.listdir(tmp_path) if n.startswith(gpuqueue.GONE)]
+    leftover = tmp_path / f"{gpuqueue.GONE}1.1.{gpuqueue.new_job_id()}"
+    leftover.mkdir()
+    (leftover / "x").write_text("half removed by an agent that ended")
+    job_id = gpuqueue.new_job_id()
+    (tmp_path / job_id / "outputs").mkdir(parents=True)
+    for i in range(30_000):
+        os.close(os.open(tmp_path / job_id / "outputs" / str(i), os.O_CREAT | os.O_WRONLY))
+    agent = Agent(tmp_path)
+    try:
+        assert agent.read()["op"] == "ready"
+        wait_for(lambda: not leftover.exists(), "the leftover to be removed")
+        agent.send(op="remove", dir=job_id)
+        agent.send(op="ping")
+        assert agent.read() == {"op": "pong"}
+        assert not (tmp_path / job_id).exists() and gone(), "removed before the ping's answer"
+        wait_for(lambda: not gone(), "the folder to be removed")
+    finally:
+        agent.close()
+
+
 def test_agent_makes_a_jobs_folder_afresh_and_refuses_any_other(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
