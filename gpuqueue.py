@@ -3581,10 +3581,13 @@ class Spool:
         """Remove finished jobs that finished before ``before`` (a Unix time), and
         what was quarantined before it; returns how many of each.  Only a job
         submitted before then can have finished before then, and ids begin with
-        the submit time, so the candidates are the head of the done ids."""
+        the submit time, so the candidates are the head of the done ids.  One that an
+        unfinished job names in ``after`` stays: a restart reads its status again, and
+        one gone would cancel that job (_waiting_on)."""
         with self._lock:
             head = self._done_ids[:bisect.bisect_left(self._done_ids,
                                                       f"{int(before * 1e6):014x}")]
+            needed = {dep for job in self._active.values() for dep in job.after or ()}
         jobs = 0
         for job_id in head:
             folder = self.done_folder(job_id)
@@ -3596,8 +3599,8 @@ class Spool:
             if finished >= before:
                 continue
             with self._lock:
-                if job_id in self._kept:
-                    continue  # being read: at the next sweep
+                if job_id in self._kept or job_id in needed:
+                    continue  # being read, or needed: at a later sweep
                 del self._done_ids[bisect.bisect_left(self._done_ids, job_id)]
                 counted = self._final_counts.get(node)
                 if counted is not None and counted.get(status, 0) > 0:

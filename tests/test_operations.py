@@ -43,6 +43,30 @@ def test_finished_jobs_and_quarantined_folders_expire(make_server):
     assert server.get(f"/api/results/{new['job_id']}", server.token()).json()["stdout"] == "new\n"
 
 
+def test_a_finished_job_that_a_pending_one_needs_stays_across_a_restart(make_server, tmp_path):
+    """Retention keeps a job that an unfinished one names in ``after``: a restart reads
+    its status again, and had it gone, the job waiting on it would be cancelled."""
+    server = make_server(nodes=1, keep_finished_days=3 / 86400)
+    first = server.submit_ok("print('first')\n")["job_id"]
+    other = server.submit_ok("print('other')\n")["job_id"]  # needed by none
+    server.wait(first)
+    server.wait(other)
+    flag = tmp_path / "go-on"
+    blocker = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n"
+                               "    time.sleep(0.05)\n", expected_time=120)["job_id"]
+    server.wait(blocker, ("running",))
+    second = server.submit_ok("print('second')\n", config=job_config(after=[first]))["job_id"]
+    wait_for(lambda: not (server.dir / "spool" / "done" / other).exists(), "a sweep",
+             timeout=30)
+    assert (server.dir / "spool" / "done" / first).is_dir()  # kept: second needs it
+    server.kill()
+    server.start()
+    flag.touch()
+    st = server.wait(second, timeout=60)
+    assert st["status"] == "completed", st
+    assert server.results(second)["stdout"] == "second\n"
+
+
 def test_keep_forever_with_zero(make_server):
     server = make_server(nodes=1, keep_finished_days=0)
     job = server.submit_ok("print(1)\n")
