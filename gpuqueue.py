@@ -6349,17 +6349,19 @@ def skipped_of(entries):
 
 
 def outputs_listing(dest, copied, left, more, config):
-    """outputs.json for the files brought back into ``dest``: each with its sha256;
+    """outputs.json for the files brought back into ``dest``: each with its size and
+    sha256 as stored (a file that shrank while it was copied is listed as it came);
     links and special files skipped; what did not fit counted as cut.  Every file
     and folder is synced first: the listing, once written, says they are whole."""
     files = []
     for e in copied:
-        digest = hashlib.sha256()
+        digest, size = hashlib.sha256(), 0
         with open(os.path.join(dest, e.path), "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
+                size += len(chunk)
             os.fsync(f.fileno())
-        files.append({"path": e.path, "size": e.size, "sha256": digest.hexdigest()})
+        files.append({"path": e.path, "size": size, "sha256": digest.hexdigest()})
     for top, _, _ in os.walk(dest):
         fsync_dir(top)
     skipped = skipped_of(left)

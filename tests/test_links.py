@@ -132,3 +132,20 @@ def test_an_ssh_link_moves_a_tree_both_ways(tmp_path):
             link.close()
     finally:
         cluster.stop()
+
+
+def test_a_file_that_shrinks_after_its_listing_is_listed_as_it_came(tmp_path):
+    """A process the job left behind may still change its files: one that shrank
+    between the listing and the copy is listed with the size and digest of what was
+    stored, never with the size it was listed at."""
+    link = gpuqueue.LocalLink(gpuqueue.load_config().nodes[0], tmp_path / "work")
+    link.connect()
+    job = "2" * 24
+    link.new_folder(job, {"f.bin": b"x" * 10})
+    entries, _ = link.list_tree(job, 10)
+    (tmp_path / "work" / job / "f.bin").write_bytes(b"four")
+    copied, left = link.fetch_tree(job, tmp_path / "back", 10, 1000, entries=entries)
+    listing = gpuqueue.outputs_listing(tmp_path / "back", copied, left, False,
+                                       gpuqueue.load_config())
+    assert listing["files"] == [{"path": "f.bin", "size": 4,
+                                 "sha256": hashlib.sha256(b"four").hexdigest()}], listing
