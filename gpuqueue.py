@@ -816,7 +816,8 @@ def isotime(ts):
 #                                                or why not (none past ``deadline``, its
 #                                                lease); ``id`` the request's own
 #   remove {dir}                              a finished job's folder: renamed out of the
-#                                                way at once, removed beside the loop
+#                                                way at once, a large one removed beside
+#                                                the loop
 #   read {id, path, offset, limit}            -> data {id, kind, size, data?}: up to limit
 #                                                bytes of a job's file (read_piece), its
 #                                                ``id`` the request's own
@@ -1633,6 +1634,8 @@ SAYING = threading.Lock()
 #: The start of the name in the workdir of a folder the agent is removing (discard):
 #: no job's id, so nothing else there is ever taken for it.
 GONE = ".gone."
+#: Entries of a folder that the agent removes in its loop; one with more goes beside it.
+SMALL_TREE = 1000
 
 
 def check_environments(environments):
@@ -1740,9 +1743,10 @@ class Agent:
 
     def discard(self, name):
         """Take a folder in the workdir out of the way at once (a rename), and remove
-        it beside the loop: a job may leave a million files, and pings, starts and
-        prepared jobs' go would wait on their removal.  What an agent that ended
-        left half removed goes at the next one's start (run)."""
+        it: here when it is small, as most are, else beside the loop, since a job
+        may leave a million files and pings, starts and prepared jobs' go would wait
+        on their removal.  What an agent that ended left half removed goes at the
+        next one's start (run)."""
         self.discarded += 1
         gone = "%s%d.%d.%s" % (GONE, os.getpid(), self.discarded, name)
         try:
@@ -1752,7 +1756,13 @@ class Agent:
         except OSError:  # (what stands at that name must go before it is made again)
             shutil.rmtree(name, ignore_errors=True)
             return
-        self._remove(gone)
+        entries = 0
+        for _, dirs, names in os.walk(gone):
+            entries += len(dirs) + len(names)
+            if entries > SMALL_TREE:
+                self._remove(gone)
+                return
+        shutil.rmtree(gone, ignore_errors=True)
 
     def _remove(self, gone):
         with self.trash_lock:
