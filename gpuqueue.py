@@ -1314,6 +1314,24 @@ def make_folder(path, files):
     return {}
 
 
+def larger_than(path, most):
+    """Does the folder tree at ``path`` hold more than ``most`` entries?  Read no
+    further than that: one folder of a million names is not read whole."""
+    todo, seen = [path], 0
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for e in entries:
+                    seen += 1
+                    if seen > most:
+                        return True
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(e.path)
+        except OSError:
+            pass  # (what cannot be read cannot be removed at length either)
+    return False
+
+
 def proc_state(pid):
     """(state letter, process group) of a process, or None when it is gone."""
     try:
@@ -1756,13 +1774,10 @@ class Agent:
         except OSError:  # (what stands at that name must go before it is made again)
             shutil.rmtree(name, ignore_errors=True)
             return
-        entries = 0
-        for _, dirs, names in os.walk(gone):
-            entries += len(dirs) + len(names)
-            if entries > SMALL_TREE:
-                self._remove(gone)
-                return
-        shutil.rmtree(gone, ignore_errors=True)
+        if larger_than(gone, SMALL_TREE):
+            self._remove(gone)
+        else:
+            shutil.rmtree(gone, ignore_errors=True)
 
     def _remove(self, gone):
         with self.trash_lock:
@@ -2890,6 +2905,9 @@ class Spool:
         #: as their ``after`` dependency did not complete (cancel_doomed).
         self._waiters = collections.defaultdict(set)
         self._doomed = []
+        #: How many unfinished jobs name each id in ``after``: retention leaves those
+        #: finished jobs, as a restart reads their status again (_waiting_on).
+        self._needed = collections.Counter()
         #: Prepared jobs (not started yet): the turn each was chosen in, and the ticket
         #: its claim took (FairQueue), so that one that a job came ahead of in turn
         #: since is found (ahead_in_turn), and a requeue gives its user the turn back.
@@ -3038,7 +3056,7 @@ class Spool:
                         continue
                     if job is None:
                         continue
-                    self._active[job.id] = job
+                    self._activate(job)
                     if job.array_id:
                         self._array_open[job.array_id] += 1
                     if job.status == "pending":
@@ -3153,17 +3171,32 @@ class Spool:
             self._pending_seconds[job.node_id] -= job.expected_time * job.gpus
         self._pending_per_user[job.user_id] -= 1
 
+    def _activate(self, job):
+        """A job is known unfinished (under the lock)."""
+        self._active[job.id] = job
+        self._needed.update(job.after or ())
+
+    def _deactivate(self, job):
+        """A job is finished, or no longer known (under the lock)."""
+        if self._active.pop(job.id, None) is not None:
+            for dep in job.after or ():
+                self._needed[dep] -= 1
+                if not self._needed[dep]:
+                    del self._needed[dep]
+
     def _waiting_on(self, job, ended):
         """Which of a pending job's dependencies have not ended (under the lock), and
         adds to ``_doomed`` a job whose ``after`` dependency did not complete.
         ``ended``: id -> status of dependencies read beforehand; one that ended
-        since is read now."""
+        since, or that retention removed since, is read now."""
         waiting = set()
         for dep in set(job.after or ()) | set(job.after_any or ()):
             if dep in self._active:
                 waiting.add(dep)
                 continue
-            status = ended.get(dep) or self._ended_status(dep)
+            i = bisect.bisect_left(self._done_ids, dep)
+            kept = i < len(self._done_ids) and self._done_ids[i] == dep
+            status = (ended.get(dep) if kept else None) or self._ended_status(dep)
             if dep in (job.after or ()) and status != "completed":
                 self._doomed.append((job.id, f"its dependency {dep} "
                                      + (f"{status}" if status else "no longer exists")))
@@ -3288,7 +3321,7 @@ class Spool:
         candidates = [n for n in open_ if n in online] or open_ or big
         job.node_id = min(candidates, key=lambda n: (loads[n], n))
         os.rename(path, self.pending_dir(job.node_id) / job.id)
-        self._active[job.id] = job
+        self._activate(job)
         if job.array_id:
             self._array_open[job.array_id] += 1
         job.waiting_on = self._waiting_on(job, ended or {})
@@ -3510,7 +3543,7 @@ class Spool:
         with self._lock:
             if self._running[job.node_id].pop(job.id, None) is not None:
                 self._array_left(job)
-            self._active.pop(job.id, None)
+            self._deactivate(job)
             self._turns.pop(job.id, None)
             self._changed.notify_all()
 
@@ -3567,7 +3600,7 @@ class Spool:
             if not self._array_open[job.array_id]:
                 del self._array_open[job.array_id]
                 self._notices.set()  # its notice, if it asked for one, is due
-        del self._active[job.id]
+        self._deactivate(job)
         self._turns.pop(job.id, None)
         job.status, job.exit_code, job.error = outcome.status, outcome.exit_code, outcome.error
         job.finished_at = finished_at
@@ -3597,7 +3630,6 @@ class Spool:
         with self._lock:
             head = self._done_ids[:bisect.bisect_left(self._done_ids,
                                                       f"{int(before * 1e6):014x}")]
-            needed = {dep for job in self._active.values() for dep in job.after or ()}
         jobs = 0
         for job_id in head:
             folder = self.done_folder(job_id)
@@ -3609,7 +3641,7 @@ class Spool:
             if finished >= before:
                 continue
             with self._lock:
-                if job_id in self._kept or job_id in needed:
+                if self._kept[job_id] or self._needed[job_id]:
                     continue  # being read, or needed: at a later sweep
                 del self._done_ids[bisect.bisect_left(self._done_ids, job_id)]
                 counted = self._final_counts.get(node)
@@ -4898,11 +4930,15 @@ class LocalLink(Link):
             self._own(p)
 
     def claim_void(self, rel):
+        """(A ``run_as`` job owns its folder, and could put a link there in place of
+        its wrapper's claim: only a link of the server's own counts.)"""
         path = self.root / rel
         try:
             os.symlink(NodeFiles.VOID, path)
         except FileExistsError:
-            return os.path.islink(path)
+            st = os.lstat(path)
+            return stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and \
+                os.readlink(path) == NodeFiles.VOID
         except FileNotFoundError:
             return True
         return True
@@ -5268,20 +5304,26 @@ class SshLink(Link):
         self.guard(make)
 
     def claim_void(self, rel):
+        """(SFTP says no more than "Failure" whatever stops a link: what stands at the
+        name after the try tells.  A name with nothing there is a claim that did not
+        take: a NodeError, tried again later, never a job taken for launched.)"""
         def claim():
             path = self.path(rel)
-            try:
-                self.sftp.stat(path.rsplit("/", 1)[0])
-            except FileNotFoundError:
-                return True
-            try:
+            with contextlib.suppress(OSError):
                 self.sftp.symlink(NodeFiles.VOID, path)
-                return True
-            except OSError:  # (SFTP says no more than "Failure" for a name taken)
+            try:
+                st = self.sftp.lstat(path)
+            except FileNotFoundError:
                 try:
-                    return stat.S_ISLNK(self.sftp.lstat(path).st_mode)
-                except OSError:
-                    return False
+                    self.sftp.stat(path.rsplit("/", 1)[0])
+                except FileNotFoundError:
+                    return True  # no folder: nothing can launch the job there
+                raise NodeError(f"cannot claim the launch of job {rel.split('/')[0]} on "
+                                f"node {self.node.id}") from None
+            try:
+                return stat.S_ISLNK(st.st_mode) and self.sftp.readlink(path) == NodeFiles.VOID
+            except (OSError, UnicodeDecodeError):  # (a link the job made, to any bytes)
+                return False
         return self.guard(claim)
 
     def read_capped(self, rel, limit):
@@ -5948,10 +5990,11 @@ def _sftp_listing(sftp, path):
     """(name, SFTPAttributes) of each entry of a remote folder, links not followed.
     paramiko's listdir_attr fails the whole folder on a name that is not UTF-8,
     which a job may write: here such a name decodes as a local one does
-    (surrogateescape), and os.fsencode gives its bytes back for a path."""
+    (surrogateescape), and encodes back the same way for a path."""
     from paramiko import sftp as proto
     from paramiko.sftp_attr import SFTPAttributes
-    kind, msg = sftp._request(proto.CMD_OPENDIR, sftp._adjust_cwd(os.fsencode(path)))
+    kind, msg = sftp._request(proto.CMD_OPENDIR,
+                              sftp._adjust_cwd(path.encode("utf-8", "surrogateescape")))
     if kind != proto.CMD_HANDLE:
         raise proto.SFTPError("Expected handle")
     handle, found = msg.get_binary(), []
@@ -5983,8 +6026,8 @@ def _rmtree(sftp, path):
         if stat.S_ISDIR(a.st_mode):
             _rmtree(sftp, f"{path}/{name}")
         else:
-            sftp.remove(os.fsencode(f"{path}/{name}"))
-    sftp.rmdir(os.fsencode(path))
+            sftp.remove(f"{path}/{name}".encode("utf-8", "surrogateescape"))
+    sftp.rmdir(path.encode("utf-8", "surrogateescape"))
 
 
 def workdir_problem(node, exc):
@@ -6332,11 +6375,15 @@ class Collector:
             for d in [d for d in dirs if not _is_utf8(d)]:
                 dirs.remove(d)  # unnamed: left out, with all it holds
                 path = os.path.join(top, d)
-                (os.unlink if os.path.islink(path) else shutil.rmtree)(path)
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:  # (what cannot go, a folder the job made read-only, stays unlisted)
+                    shutil.rmtree(path, ignore_errors=True)
             for n in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
                 path = os.path.join(top, n)
                 if os.path.relpath(path, dest).replace(os.sep, "/") not in wanted:
-                    os.unlink(path)  # a link is removed, never followed
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)  # a link is removed, never followed
         return outputs_listing(dest, kept, left, more, c)
 
 

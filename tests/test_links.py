@@ -102,6 +102,18 @@ def test_a_local_link_moves_a_tree_both_ways(tmp_path):
     round_trip(link, tmp_path / "work" / ("0" * 24), tmp_path)
 
 
+def test_a_link_a_run_as_job_planted_is_no_recovery_claim(tmp_path):
+    """Under run_as a job owns its folder, and could swap its wrapper's claim for a
+    link to void: only a link of the server's own says that the job never started."""
+    link = gpuqueue.LocalLink(gpuqueue.load_config().nodes[0], tmp_path / "work")
+    link.connect()
+    link.new_folder("3" * 24, {})
+    planted = tmp_path / "work" / ("3" * 24) / "launched"
+    os.symlink(gpuqueue.NodeFiles.VOID, planted)
+    os.lchown(planted, 4321, 4321)  # the job's user's (the tests run as root)
+    assert link.claim_void(f"{'3' * 24}/launched") is False
+
+
 def test_a_local_link_never_reads_through_a_swapped_folder(tmp_path):
     """A job that makes a folder of its tree a link after it was listed (its folder
     is its own under run_as) gets no file from where the link points."""
@@ -128,6 +140,12 @@ def test_an_ssh_link_moves_a_tree_both_ways(tmp_path):
         link.connect()
         try:
             round_trip(link, Path(config.nodes[0].workdir) / ("0" * 24), tmp_path)
+            # A claim that did not take (the login may not write there) leaves nothing
+            # at the name: no proof the job launched, so tried again, not taken for one.
+            root_owned = Path(config.nodes[0].workdir) / ("4" * 24)
+            root_owned.mkdir(mode=0o755)
+            with pytest.raises(gpuqueue.NodeError):
+                link.claim_void(f"{'4' * 24}/launched")
         finally:
             link.close()
     finally:

@@ -223,8 +223,10 @@ def test_a_folder_of_many_files_goes_beside_the_loop_which_goes_on_answering(tmp
     try:
         assert agent.read()["op"] == "ready"
         wait_for(lambda: not leftover.exists(), "the leftover to be removed")
-        agent.send(op="remove", dir=job_id)
-        agent.send(op="ping")
+        # Both in one write: the agent obeys the ping straight after the remove.
+        agent.proc.stdin.write(f'{{"op": "remove", "dir": "{job_id}"}}\n{{"op": "ping"}}\n'
+                               .encode())
+        agent.proc.stdin.flush()
         assert agent.read() == {"op": "pong"}
         assert not (tmp_path / job_id).exists() and gone(), "removed before the ping's answer"
         wait_for(lambda: not gone(), "the folder to be removed")

@@ -47,21 +47,25 @@ def test_a_finished_job_that_a_pending_one_needs_stays_across_a_restart(make_ser
     """Retention keeps a job that an unfinished one names in ``after``: a restart reads
     its status again, and had it gone, the job waiting on it would be cancelled."""
     server = make_server(nodes=1, keep_finished_days=3 / 86400)
-    first = server.submit_ok("print('first')\n")["job_id"]
-    other = server.submit_ok("print('other')\n")["job_id"]  # needed by none
-    server.wait(first)
-    server.wait(other)
-    flag = tmp_path / "go-on"
-    blocker = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n"
-                               "    time.sleep(0.05)\n", expected_time=120)["job_id"]
-    server.wait(blocker, ("running",))
+
+    def gated(flag):
+        return (f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n"
+                "    time.sleep(0.05)\n")
+    first = server.submit_ok(gated(tmp_path / "first"), expected_time=120)["job_id"]
+    blocker = server.submit_ok(gated(tmp_path / "blocker"), expected_time=120)["job_id"]
     second = server.submit_ok("print('second')\n", config=job_config(after=[first]))["job_id"]
-    wait_for(lambda: not (server.dir / "spool" / "done" / other).exists(), "a sweep",
-             timeout=30)
+    (tmp_path / "first").touch()
+    server.wait(first)
+    server.wait(blocker, ("running",))  # (in turn before second, which stays pending)
+    # A sweep that removes what was put aside after first finished has looked at first.
+    junk = server.dir / "spool" / "corrupt" / "junk.abc123"
+    junk.mkdir()
+    wait_for(lambda: not junk.exists(), "a sweep", timeout=30)
     assert (server.dir / "spool" / "done" / first).is_dir()  # kept: second needs it
+    assert server.status(second)["status"] == "pending"
     server.kill()
     server.start()
-    flag.touch()
+    (tmp_path / "blocker").touch()
     st = server.wait(second, timeout=60)
     assert st["status"] == "completed", st
     assert server.results(second)["stdout"] == "second\n"
