@@ -690,6 +690,18 @@ def load_config(path=None):
 ###############################################################################
 
 
+def no_room(exc):
+    """Does ``exc`` say that the disk has no room (ENOSPC, EDQUOT)?"""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc, why):
+    """What to raise for ``exc``: DiskFull (``why``, then the system's words: a 507
+    for a client, a wait for the scheduler) when it says the disk has no room, else
+    ``exc`` itself."""
+    return DiskFull(f"{why}: {exc.strerror}") if no_room(exc) else exc
+
+
 def fsync_dir(path):
     """Make a rename or create inside ``path`` survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -2680,7 +2692,7 @@ class JobFolder:
         try:
             write_file(path, b"".join(body) + b"}", sync_dir=False)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not no_room(exc):
                 raise
             return io.BytesIO(b"".join(body) + b"}")  # no room to keep it: sent from memory
         return open(path, "rb")
@@ -3285,9 +3297,7 @@ class Spool:
             return JobFolder.create(path, job, code, config_data)
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull("the server's spool disk is full; try again later") from None
-            raise
+            raise disk_full(exc, "the server's spool disk is full (try again later)") from None
 
     def enqueue(self, job, staged, online, max_pending, able=None, ended=None):
         """Queue a staged job on the least-loaded node (of ``able``, those that can run
@@ -3344,9 +3354,7 @@ class Spool:
             fsync_dir(base)
         except OSError as exc:
             shutil.rmtree(base, ignore_errors=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull("the server's spool disk is full; try again later") from None
-            raise
+            raise disk_full(exc, "the server's spool disk is full (try again later)") from None
         return base
 
     def enqueue_array(self, array_id, jobs, base, online, max_pending, able, ended):
@@ -3564,9 +3572,7 @@ class Spool:
                 os.rename(staged.path, folder.path)
             finished_at = self._write_result(job, folder, outcome)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no room on the spool's disk: {exc.strerror}") from None
-            raise
+            raise disk_full(exc, "no room on the spool's disk") from None
         with self._lock:
             del self._running[job.node_id][job.id]
             self._retire(job, folder, outcome, finished_at)
@@ -3935,10 +3941,7 @@ class Spool:
             except FileNotFoundError:
                 continue  # it ended, or went back to its queue, meanwhile: look again
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFull(f"no room on the spool's disk for the cancel: "
-                                   f"{exc.strerror}") from None
-                raise
+                raise disk_full(exc, "no room on the spool's disk for the cancel") from None
             with self._lock:
                 job.cancel_requested = True
             return True
@@ -3950,10 +3953,7 @@ class Spool:
             with self._lock:
                 job.cancel_requested = False
                 self._index(job)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no room on the spool's disk for the cancel: "
-                               f"{exc.strerror}") from None
-            raise
+            raise disk_full(exc, "no room on the spool's disk for the cancel") from None
         with self._lock:
             self._retire(job, folder, outcome, finished_at)
         self._synced_final(job, folder, outcome)
@@ -4124,9 +4124,7 @@ class Spool:
         try:
             folder.keep_attempt(job.attempt, outcome)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no room on the spool's disk: {exc.strerror}") from None
-            raise
+            raise disk_full(exc, "no room on the spool's disk") from None
         with self._lock:
             os.rename(folder.path, self.pending_dir(job.node_id) / job.id)
             del self._running[job.node_id][job.id]
@@ -5621,9 +5619,7 @@ class AgentExecutor:
             lease = time.time() + self.config.node_timeout
             folder.mark_launching(self.link.describe(job.id), job)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
-            raise
+            raise disk_full(exc, f"no room for job {job.id}'s start") from None
         run = Run(job, job.id, on_exit)
         self._agent.forget(job.id)  # what it said of an earlier try is not this one's
         env = job_env(self.node, job)
@@ -5886,9 +5882,7 @@ class SlurmExecutor:
         try:
             folder.mark_launching(self.link.describe(job.id), job)  # from here on Slurm may have it
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no room for job {job.id}'s start: {exc.strerror}") from None
-            raise
+            raise disk_full(exc, f"no room for job {job.id}'s start") from None
         limit = math.ceil(self.config.time_limit(job.expected_time))
         days, rest = divmod(limit, 86400)
         argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
