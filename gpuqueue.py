@@ -4822,12 +4822,15 @@ class Link(abc.ABC):
         copied, left, room = [], [], most_bytes
 
         def copy_one(entry):
-            with self._open_file(f"{rel}/{entry.path}") as src, \
-                    open(os.path.join(dest, entry.path), "xb") as out:
-                todo = entry.size
-                while todo and (chunk := src.read(min(todo, 1 << 20))):
-                    out.write(chunk)
-                    todo -= len(chunk)
+            try:
+                with self._open_file(f"{rel}/{entry.path}") as src, \
+                        open(os.path.join(dest, entry.path), "xb") as out:
+                    todo = entry.size
+                    while todo and (chunk := src.read(min(todo, 1 << 20))):
+                        out.write(chunk)
+                        todo -= len(chunk)
+            except OSError as exc:  # (a full disk here is no fault of the link's)
+                raise disk_full(exc, "no room on the spool's disk for them") from None
         for entry in entries:
             if entry.kind == "dir":
                 os.mkdir(os.path.join(dest, entry.path), 0o700)
@@ -6242,10 +6245,11 @@ class Collector:
     """One node's finished jobs' files ($GPUQUEUE_OUTPUT_DIR), brought back to the
     spool in a thread of its own, so that the node's next job never waits for a
     copy.  Over the node's link as a side() (an SFTP channel of its own on the
-    connection already held; no new login).  A node that is away is tried again
-    with backoff, for ``unreachable_grace``; then the files are marked lost, with
-    the reason, and left where they are.  Each job's folder on its node goes once
-    its files are safe in the spool."""
+    connection already held; no new login).  A node that is away, or a spool with
+    no room for the files (the disk may heal), is tried again with backoff, for
+    ``unreachable_grace``; then the files are marked lost, with the reason, and
+    left where they are.  Each job's folder on its node goes once its files are
+    safe in the spool."""
 
     def __init__(self, node, spool, executor, config):
         self.node = node
@@ -6290,7 +6294,7 @@ class Collector:
         keep = False
         try:
             with self.executor.link.side() as link:
-                keep = self._store(job_id, link, at)
+                self._store(job_id, link, at)
         except NodeError as exc:
             if time.time() < give_up:
                 self._again(job_id, at, give_up, backoff)
@@ -6304,10 +6308,20 @@ class Collector:
             keep = True  # (something of them went while they were read)
             self._lost(job_id, f"they went while they were brought back: {exc}")
         except Exception as exc:
-            log.exception("node %s: the files of job %s could not be brought back",
-                          self.node.id, job_id)
+            exc = disk_full(exc, "no room on the spool's disk for them")
+            if isinstance(exc, DiskFull) and time.time() < give_up:
+                log.warning("job %s: no room for its files yet (%s); tried again in %g s",
+                            job_id, exc.message, backoff)
+                self._again(job_id, at, give_up, backoff)
+                return
             keep = True
-            self._lost(job_id, f"internal error: {exc}")
+            if isinstance(exc, DiskFull):
+                self._lost(job_id, f"{exc.message}; they are left on node {self.node.id} at "
+                           f"{self.executor.link.describe(at)}")
+            else:
+                log.exception("node %s: the files of job %s could not be brought back",
+                              self.node.id, job_id)
+                self._lost(job_id, f"internal error: {exc}")
         if not keep:
             try:
                 self.executor.remove_folder(at.split("/")[0])
@@ -6320,10 +6334,8 @@ class Collector:
         log.warning("job %s: its files were not brought back: %s", job_id, why)
 
     def _store(self, job_id, link, at):
-        """Copy the job's files into the spool; True when they must stay on the node
-        (the spool had no room for them)."""
+        """Copy the job's files into the spool; DiskFull when it has no room for them."""
         c = self.config
-        keep = []
 
         def fetch(dest):
             if link.move_tree(at, dest):
@@ -6340,16 +6352,14 @@ class Collector:
                 if e.kind == "file" and e.size <= room and count < c.max_output_files:
                     room, count, need = room - e.size, count + 1, need + e.size
             try:
-                self.spool.admit(need, c.min_free_bytes)
+                if need:  # (no file, no room needed: nothing to wait for)
+                    self.spool.admit(need, c.min_free_bytes)
             except DiskFull as exc:
-                keep.append(True)
-                return dict(OUTPUTS_LOST, error=f"{exc.message} ({need} bytes); they are left "
-                            f"on node {self.node.id} at {link.describe(at)}")
+                raise DiskFull(f"{exc.message} ({need} bytes)") from None
             copied, left = link.fetch_tree(at, dest, None, c.max_output_files_bytes,
                                            entries=entries, most_files=c.max_output_files)
             return outputs_listing(dest, copied, left, more, c)
         self.spool.store_outputs(job_id, fetch)
-        return bool(keep)
 
     def _taken(self, dest):
         """The listing of files moved into ``dest`` whole: past the limits, and what

@@ -184,6 +184,37 @@ def test_a_full_spool_disk_degrades_and_recovers_by_itself(make_server, tmpfs, t
     assert marker.read_text() == "A"
 
 
+def test_a_jobs_files_wait_for_room_and_come_back_once_the_disk_heals(make_server, tmpfs,
+                                                                     tmp_path):
+    """Files that find no room in the spool when their job ends are tried again while
+    the disk may heal (unreachable_grace), not marked lost at once: once room comes
+    back they come back whole."""
+    disk = tmpfs("disk", size="24m")
+    # The node's workdir is elsewhere: the files are copied into the spool, not moved.
+    server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(tmp_path / "work")}],
+                         spool=str(disk / "spool"), min_free_bytes=4 * 1024 * 1024)
+    gate = tmp_path / "end-now"
+    checkpoint = bytes(range(256)) * 32768  # 8 MiB
+    job_id = server.submit_ok(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n"
+        "open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'ckpt.bin'), 'wb')"
+        ".write(bytes(range(256)) * 32768)\n", expected_time=60)["job_id"]
+    server.wait(job_id, ("running",))
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "ballast", "wb") as f:  # room for records, none for 8 MiB past the 4
+        f.write(bytes(free - 6 * 1024 * 1024))
+    gate.touch()
+    wait_for(lambda: "no room for its files yet" in server.log(), "a try that found no room")
+    assert server.status(job_id)["status"] == "completed"
+    assert server.status(job_id)["outputs"] == "collecting"
+    (disk / "ballast").unlink()
+    st = wait_for(lambda: (st := server.status(job_id))["outputs"] != "collecting" and st,
+                  "the files to come back", timeout=90)
+    assert st["outputs"] == "complete", st
+    r = server.get(f"/api/outputs/{job_id}/ckpt.bin", server.token())
+    assert r.status_code == 200 and r.content == checkpoint
+
+
 def test_a_restart_on_a_full_disk_without_the_index_of_done_starts(make_server, tmpfs, tmp_path):
     """done.index is derived: a full disk removes it when a line cannot be added.  A
     restart with no room to write it again must still start, from the jobs' own

@@ -963,7 +963,7 @@ def test_files_the_spool_has_no_room_for_leave_the_result_and_stay_on_the_node(m
     # the spool.
     workdir = Path("/dev/shm") / f"gq-{uuid.uuid4().hex}"
     server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(workdir)}],
-                         min_free_bytes=free - 100 * MiB)
+                         min_free_bytes=free - 100 * MiB, unreachable_grace=2)
     assert os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev
     code = ("import os\nwith open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'big.bin'),"
             " 'wb') as f:\n    f.write(bytes(200 << 20))\nprint('wrote')\n")
