@@ -6356,9 +6356,15 @@ class Collector:
                     self.spool.admit(need, c.min_free_bytes)
             except DiskFull as exc:
                 raise DiskFull(f"{exc.message} ({need} bytes)") from None
-            copied, left = link.fetch_tree(at, dest, None, c.max_output_files_bytes,
-                                           entries=entries, most_files=c.max_output_files)
-            return outputs_listing(dest, copied, left, more, c)
+            try:
+                copied, left = link.fetch_tree(at, dest, None, c.max_output_files_bytes,
+                                               entries=entries, most_files=c.max_output_files)
+                return outputs_listing(dest, copied, left, more, c)
+            except BaseException:
+                # A copy cut short (a full disk) holds no room while it waits, and is never
+                # taken later for files moved in whole (move_tree would find it there).
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
         self.spool.store_outputs(job_id, fetch)
 
     def _taken(self, dest):
