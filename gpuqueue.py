@@ -4684,6 +4684,11 @@ def _kind(name, mode):
             else "link" if stat.S_ISLNK(mode) else "other")
 
 
+def raw_name(name):
+    """A name's bytes as the filesystem holds them (undoing surrogateescape)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
 def _is_utf8(name):
     """Whether a name decoded with surrogateescape was UTF-8 to begin with."""
     try:
@@ -5987,11 +5992,10 @@ def _sftp_listing(sftp, path):
     """(name, SFTPAttributes) of each entry of a remote folder, links not followed.
     paramiko's listdir_attr fails the whole folder on a name that is not UTF-8,
     which a job may write: here such a name decodes as a local one does
-    (surrogateescape), and encodes back the same way for a path."""
+    (surrogateescape), and raw_name gives its bytes back for a path."""
     from paramiko import sftp as proto
     from paramiko.sftp_attr import SFTPAttributes
-    kind, msg = sftp._request(proto.CMD_OPENDIR,
-                              sftp._adjust_cwd(path.encode("utf-8", "surrogateescape")))
+    kind, msg = sftp._request(proto.CMD_OPENDIR, sftp._adjust_cwd(raw_name(path)))
     if kind != proto.CMD_HANDLE:
         raise proto.SFTPError("Expected handle")
     handle, found = msg.get_binary(), []
@@ -6023,8 +6027,8 @@ def _rmtree(sftp, path):
         if stat.S_ISDIR(a.st_mode):
             _rmtree(sftp, f"{path}/{name}")
         else:
-            sftp.remove(f"{path}/{name}".encode("utf-8", "surrogateescape"))
-    sftp.rmdir(path.encode("utf-8", "surrogateescape"))
+            sftp.remove(raw_name(f"{path}/{name}"))
+    sftp.rmdir(raw_name(path))
 
 
 def workdir_problem(node, exc):
@@ -6410,8 +6414,7 @@ SKIPPED = {"link": "a symbolic link: not followed", "other": "not a regular file
 
 def skipped_of(entries):
     """A listing's ``skipped``: the TreeEntries left out for what they are."""
-    return [{"path": e.path.encode("utf-8", "surrogateescape").decode("utf-8",
-                                                                   "backslashreplace"),
+    return [{"path": raw_name(e.path).decode("utf-8", "backslashreplace"),
              "reason": SKIPPED[e.kind]} for e in entries if e.kind in SKIPPED]
 
 
