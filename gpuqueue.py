@@ -4968,6 +4968,8 @@ class LocalLink(Link):
         try:
             os.rename(self.root / rel, dest)
         except FileNotFoundError:
+            if not os.path.isdir(self.root / rel.split("/")[0]):
+                return False  # its job's folder is gone: the copy says so
             os.mkdir(dest, 0o700)  # it wrote nothing
         except OSError as exc:
             if exc.errno == errno.EXDEV:  # a workdir on another disk
@@ -6252,8 +6254,14 @@ class Collector:
     connection already held; no new login).  A node that is away, or a spool with
     no room for the files (the disk may heal), is tried again with backoff, for
     ``unreachable_grace``; then the files are marked lost, with the reason, and
-    left where they are.  Each job's folder on its node goes once its files are
-    safe in the spool."""
+    left where they are.  Files moved in whole (a local node's) are in the spool
+    already and hold nothing on the node: their listing waits for room as long as
+    it takes.  Each job's folder on its node goes once its files are safe in the
+    spool."""
+
+    class Gone(Exception):
+        """The finished job's folder is no longer on its node (removed by hand, or a
+        workdir a reboot cleared): what it made there is lost, never "none made"."""
 
     def __init__(self, node, spool, executor, config):
         self.node = node
@@ -6295,10 +6303,10 @@ class Collector:
                                         min(backoff * 2, 60.0)))
 
     def _collect(self, job_id, at, give_up, backoff):
-        keep = False
+        keep, moved = False, []
         try:
             with self.executor.link.side() as link:
-                self._store(job_id, link, at)
+                self._store(job_id, link, at, moved)
         except NodeError as exc:
             if time.time() < give_up:
                 self._again(job_id, at, give_up, backoff)
@@ -6311,9 +6319,13 @@ class Collector:
                 return  # the job is gone (retention): nothing to bring back for
             keep = True  # (something of them went while they were read)
             self._lost(job_id, f"they went while they were brought back: {exc}")
+        except self.Gone as exc:
+            keep = True  # (nothing there to remove)
+            self._lost(job_id, str(exc))
         except Exception as exc:
             exc = disk_full(exc, "no room on the spool's disk for them")
-            if isinstance(exc, DiskFull) and time.time() < give_up:
+            # Files moved in whole hold nothing on the node: they wait for their listing.
+            if isinstance(exc, DiskFull) and (time.time() < give_up or moved):
                 log.warning("job %s: no room for its files yet (%s); tried again in %g s",
                             job_id, exc.message, backoff)
                 self._again(job_id, at, give_up, backoff)
@@ -6337,12 +6349,14 @@ class Collector:
             self.spool.store_outputs(job_id, lambda folder: dict(OUTPUTS_LOST, error=why))
         log.warning("job %s: its files were not brought back: %s", job_id, why)
 
-    def _store(self, job_id, link, at):
-        """Copy the job's files into the spool; DiskFull when it has no room for them."""
+    def _store(self, job_id, link, at, moved):
+        """Copy the job's files into the spool; DiskFull when it has no room for them.
+        ``moved`` is told when they were moved in whole (they are in the spool)."""
         c = self.config
 
         def fetch(dest):
             if link.move_tree(at, dest):
+                moved.append(dest)
                 return self._taken(dest)
             shutil.rmtree(dest, ignore_errors=True)  # a cut-short copy: copied afresh
             try:
@@ -6350,6 +6364,10 @@ class Collector:
             except FileNotFoundError:
                 if link.exists(at):  # a folder in it went, or became a link, meanwhile:
                     raise  # never "complete" with its files missing
+                top = at.split("/")[0]
+                if not link.exists(top):
+                    raise self.Gone(f"the job's folder is gone from node {self.node.id} "
+                                    f"({link.describe(top)})") from None
                 entries, more = [], False  # it wrote nothing (or never ran)
             room, count, need = c.max_output_files_bytes, 0, 0
             for e in entries:

@@ -215,6 +215,74 @@ def test_a_jobs_files_wait_for_room_and_come_back_once_the_disk_heals(make_serve
     assert r.status_code == 200 and r.content == checkpoint
 
 
+def test_files_moved_in_whole_wait_for_room_for_their_listing_past_the_grace(
+        make_server, tmpfs):
+    """A local node's files are moved into the spool, not copied: when their listing
+    finds no room they are there all the same, and nothing of them is left on the
+    node.  They are never marked lost (as "left on the node") while they wait, however
+    long the disk stays full, and once it heals they are listed whole."""
+    disk = tmpfs("disk", size="24m")
+    server = make_server(nodes=1, spool=str(disk / "spool"), min_free_bytes=0,
+                         unreachable_grace=1)
+    gate = disk / "end-now"
+    # 900 files: a listing of about 100 KB, where a lost one takes a few hundred bytes.
+    job_id = server.submit_ok(
+        "import os, time\nout = os.environ['GPUQUEUE_OUTPUT_DIR']\nfor i in range(900):\n"
+        "    open(os.path.join(out, 'f%04d' % i), 'w').write(str(i))\n"
+        f"open({str(disk / 'written')!r}, 'w').close()\n"
+        f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n",
+        expected_time=60)["job_id"]
+    wait_for(lambda: (disk / "written").exists(), "the job's files")
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "ballast", "wb") as f:  # room for the job's records, not its listing
+        f.write(bytes(free - 48 * 1024))
+    gate.touch()
+    wait_for(lambda: server.status(job_id)["status"] == "completed", "the job's end")
+    st = wait_for(lambda: (server.log().count("no room for its files yet") >= 3
+                           or server.status(job_id)["outputs"] != "collecting")
+                  and server.status(job_id), "tries past the grace", timeout=60)
+    lst = server.get(f"/api/outputs/{job_id}", server.token()).json()
+    assert st["outputs"] == "collecting", (lst["state"], lst["error"])
+    (disk / "ballast").unlink()
+    st = wait_for(lambda: (st := server.status(job_id))["outputs"] != "collecting" and st,
+                  "the listing", timeout=90)
+    assert st["outputs"] == "complete", st
+    r = server.get(f"/api/outputs/{job_id}", server.token())
+    assert len(r.json()["files"]) == 900, r.text
+    r = server.get(f"/api/outputs/{job_id}/f0899", server.token())
+    assert r.status_code == 200 and r.content == b"899"
+
+
+def test_a_jobs_files_whose_folder_went_from_the_node_meanwhile_are_lost_not_none(
+        make_server, tmpfs, tmp_path):
+    """A job's folder that goes from its node while its files wait (removed by hand,
+    a workdir a reboot cleared) takes its files with it: they are lost, and the
+    listing says why, never "complete" with no files as if the job had made none."""
+    disk = tmpfs("disk", size="24m")
+    work = tmp_path / "work"
+    server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(work)}],
+                         spool=str(disk / "spool"), min_free_bytes=4 * 1024 * 1024)
+    gate = tmp_path / "end-now"
+    job_id = server.submit_ok(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n"
+        "open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'ckpt.bin'), 'wb')"
+        ".write(bytes(8 << 20))\n", expected_time=60)["job_id"]
+    server.wait(job_id, ("running",))
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "ballast", "wb") as f:
+        f.write(bytes(free - 6 * 1024 * 1024))
+    gate.touch()
+    wait_for(lambda: "no room for its files yet" in server.log(), "a try that found no room")
+    subprocess.run(["rm", "-rf", str(work / job_id)], check=True)
+    (disk / "ballast").unlink()
+    st = wait_for(lambda: (st := server.status(job_id))["outputs"] != "collecting" and st,
+                  "the next try", timeout=90)
+    assert st["status"] == "completed" and st["outputs"] == "lost", st
+    r = server.get(f"/api/outputs/{job_id}", server.token())
+    assert r.status_code == 200, r.text
+    assert r.json()["files"] == [] and "folder is gone from node 0" in r.json()["error"], r.text
+
+
 def test_a_restart_on_a_full_disk_without_the_index_of_done_starts(make_server, tmpfs, tmp_path):
     """done.index is derived: a full disk removes it when a line cannot be added.  A
     restart with no room to write it again must still start, from the jobs' own

@@ -102,6 +102,19 @@ def test_a_local_link_moves_a_tree_both_ways(tmp_path):
     round_trip(link, tmp_path / "work" / ("0" * 24), tmp_path)
 
 
+def test_a_local_move_takes_no_outputs_folder_for_none_only_beside_its_jobs_folder(tmp_path):
+    """A job that made no outputs folder made no files: an empty one is moved in.  A
+    job whose whole folder is gone from the node is not moved (the copy that follows
+    says it is gone): its files are lost, not none."""
+    link = gpuqueue.LocalLink(gpuqueue.load_config().nodes[0], tmp_path / "work")
+    link.connect()
+    link.new_folder("4" * 24, {})
+    assert link.move_tree(f"{'4' * 24}/outputs", tmp_path / "made-none") is True
+    assert list((tmp_path / "made-none").iterdir()) == []
+    assert link.move_tree(f"{'5' * 24}/outputs", tmp_path / "gone") is False
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_link_a_run_as_job_planted_is_no_recovery_claim(tmp_path):
     """Under run_as a job owns its folder, and could swap its wrapper's claim for a
     link to void: only a link of the server's own says that the job never started."""
