@@ -46,6 +46,23 @@ def test_a_job_that_fails_once_then_succeeds_is_retried(server, tmp_path):
     assert server.get(f"/api/results/{job_id}?attempt=2", server.token()).status_code == 404
 
 
+def test_each_attempt_starts_with_an_empty_output_folder_and_the_last_ones_files_come_back(
+        server, tmp_path):
+    """As the README says: what a retried attempt left in its output folder goes with
+    its folder on the node; the next attempt finds none of it, and the job's files
+    are its last attempt's alone."""
+    code = FLAKY.format(folder=str(tmp_path)).replace(
+        "if not os.path.exists(marker):",
+        "out = os.environ['GPUQUEUE_OUTPUT_DIR']\nprint(sorted(os.listdir(out)))\n"
+        "open(os.path.join(out, 'try%d' % len(os.listdir(out))), 'w').write('x')\n"
+        "if not os.path.exists(marker):")
+    job_id = server.submit_ok(code, config=job_config(retries=1))["job_id"]
+    assert server.wait(job_id)["status"] == "completed"
+    assert server.results(job_id)["stdout"] == "[]\nsecond try\n"
+    listing = server.get(f"/api/outputs/{job_id}", server.token()).json()
+    assert [f["path"] for f in listing["files"]] == ["try0"], listing
+
+
 @pytest.mark.parametrize("extra, attempts, status", [
     ({}, 1, "failed"),                                  # no retries asked for
     ({"retries": 2}, 3, "failed"),                      # every attempt fails
