@@ -3177,7 +3177,10 @@ class Spool:
         """Take a pending job out of its node's queue (under the lock)."""
         if job.waiting_on:
             for dep in job.waiting_on:
-                self._waiters[dep].discard(job.id)
+                waiters = self._waiters.get(dep, set())
+                waiters.discard(job.id)
+                if not waiters:
+                    self._waiters.pop(dep, None)
         else:
             self._queues[job.node_id].remove(job)
             self._pending_seconds[job.node_id] -= job.expected_time * job.gpus
@@ -3198,9 +3201,11 @@ class Spool:
 
     def _waiting_on(self, job, ended):
         """Which of a pending job's dependencies have not ended (under the lock), and
-        adds to ``_doomed`` a job whose ``after`` dependency did not complete.
-        ``ended``: id -> status of dependencies read beforehand; one that ended
-        since, or that retention removed since, is read now."""
+        adds to ``_doomed`` a job whose ``after`` dependency did not complete: that
+        one is counted as waited for too, so that the job waits in no queue, where a
+        node could claim it, until cancel_doomed cancels it.  ``ended``: id -> status
+        of dependencies read beforehand; one that ended since, or that retention
+        removed since, is read now."""
         waiting = set()
         for dep in set(job.after or ()) | set(job.after_any or ()):
             if dep in self._active:
@@ -3210,6 +3215,7 @@ class Spool:
             kept = i < len(self._done_ids) and self._done_ids[i] == dep
             status = (ended.get(dep) if kept else None) or self._ended_status(dep)
             if dep in (job.after or ()) and status != "completed":
+                waiting.add(dep)
                 self._doomed.append((job.id, f"its dependency {dep} "
                                      + (f"{status}" if status else "no longer exists")))
         return frozenset(waiting)

@@ -157,6 +157,26 @@ def test_a_chain_runs_in_order_and_a_failed_link_cancels_the_rest(server, tmp_pa
     assert server.wait(late)["status"] == "cancelled"
 
 
+def test_jobs_submitted_after_a_failed_dependency_never_start(server, tmp_path):
+    """A job whose ``after`` dependency failed before it was submitted is cancelled at
+    once, naming the dependency; it is never queued meanwhile, where an idle node
+    could start it first.  Arrays too, whose jobs are cancelled one by one."""
+    bad = server.submit_ok("import sys\nsys.exit(5)\n")["job_id"]
+    assert server.wait(bad)["status"] == "failed"
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    code = f"import os\nopen(os.path.join({str(ran)!r}, os.environ['GPUQUEUE_JOB_ID']), 'w')\n"
+    ids = []
+    for _ in range(3):
+        ids.append(server.submit_ok(code, config=job_config(after=[bad]))["job_id"])
+        ids += server.submit_ok(code, config=job_config(after=[bad], array=8))["job_ids"]
+    for job_id in ids:
+        st = server.wait(job_id)
+        assert st["status"] == "cancelled" and st["started_at"] is None, st
+        assert st["error"] == f"cancelled while pending: its dependency {bad} failed", st
+    assert list(ran.iterdir()) == []
+
+
 def test_a_dependency_must_be_a_job_the_user_may_see(server):
     alices = server.submit_ok("print(1)\n")["job_id"]
     r = server.submit("print(2)\n", config=job_config("bob", after=[alices]), user="bob")
