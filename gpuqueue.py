@@ -3375,16 +3375,25 @@ class Spool:
             shutil.rmtree(base)
             raise TooMany(f"{user} has {waiting} pending jobs; {len(jobs)} more would pass "
                           f"the most allowed ({max_pending}): the array is refused whole")
-        if jobs[0].notify:  # due once every job of it has ended (notices_due)
-            (self._root / "outbox").mkdir(exist_ok=True)
-            write_json(self._root / "outbox" / f"{array_id}.json", {
-                "url": jobs[0].notify, "array_id": array_id, "body": None, "tries": 0,
-                "next": 0, "since": None, "error": None})
-        self.commit_array(array_id, jobs)
-        with self._lock:
-            loads = self._loads()
-            for job in jobs:
-                self._place(job, base / job.id, loads, online, able, ended)
+        with self._lock:  # held open while it is queued: its notice is not due yet
+            self._array_open[array_id] += 1
+        try:
+            if jobs[0].notify:  # due once every job of it has ended (notices_due)
+                (self._root / "outbox").mkdir(exist_ok=True)
+                write_json(self._root / "outbox" / f"{array_id}.json", {
+                    "url": jobs[0].notify, "array_id": array_id, "body": None, "tries": 0,
+                    "next": 0, "since": None, "error": None})
+            self.commit_array(array_id, jobs)
+            with self._lock:
+                loads = self._loads()
+                for job in jobs:
+                    self._place(job, base / job.id, loads, online, able, ended)
+        finally:
+            with self._lock:
+                self._array_open[array_id] -= 1
+                if not self._array_open[array_id]:
+                    del self._array_open[array_id]
+                    self._notices.set()  # (every job of it ended already)
         for n in {job.node_id for job in jobs}:
             self._sync_queue(n)
         shutil.rmtree(base)  # its code stays, linked from each job's folder

@@ -511,6 +511,38 @@ def test_recovery_queues_a_committed_array_whole_and_drops_an_uncommitted_one(tm
         again.close()
 
 
+def test_an_arrays_notice_is_not_due_while_the_array_is_being_queued(tmp_path):
+    """The notices thread may look at the outbox at any moment: between the array's
+    notice entry and its record it must not take the array for one that never was
+    (dropping its notice), nor, before its jobs are placed, for one whose jobs have
+    all ended (sending counts of nothing, and nothing when they really end)."""
+    spool = gpuqueue.Spool(tmp_path / "spool", [0, 1])
+    spool.open()
+    try:
+        array_id = gpuqueue.new_job_id()
+        jobs = [gpuqueue.Job(id=gpuqueue.new_job_id(), user_id="alice", competition_id="c",
+                             project_id="p", expected_time=5.0, submitted_at=time.time(),
+                             node_id=-1, array_id=array_id, array_index=i, array_size=3,
+                             notify="http://127.0.0.1:9/notice")
+                for i in range(3)]
+        base = spool.stage_array(array_id, jobs, b"print(1)\n", b"x: 1\n")
+        seen, commit = [], spool.commit_array
+
+        def commit_looked_at(*args):
+            seen.append(spool.notices_due()[0])
+            commit(*args)
+            seen.append(spool.notices_due()[0])
+        spool.commit_array = commit_looked_at
+        spool.enqueue_array(array_id, jobs, base, {0, 1}, 100, None, {})
+        assert seen == [[], []]
+        assert spool.notices_due()[0] == []
+        outbox = json.loads((tmp_path / "spool" / "outbox" / f"{array_id}.json").read_text())
+        assert outbox["body"] is None  # due once its three jobs have ended
+        assert sum(len(spool.pending_ids(n)) for n in (0, 1)) == 3
+    finally:
+        spool.close()
+
+
 def test_the_client_submits_lists_and_cancels_an_array(server, tmp_path):
     script = tmp_path / "a.py"
     script.write_text("import time\ntime.sleep(60)\n")
