@@ -3371,12 +3371,14 @@ class Spool:
         user = jobs[0].user_id
         with self._lock:
             waiting = self._pending_per_user[user]
-        if waiting + len(jobs) > max_pending:
+            fits = waiting + len(jobs) <= max_pending
+            if fits:  # held while it is queued: its room under the cap, and the array
+                self._pending_per_user[user] += len(jobs)  # open (its notice not due)
+                self._array_open[array_id] += 1
+        if not fits:
             shutil.rmtree(base)
             raise TooMany(f"{user} has {waiting} pending jobs; {len(jobs)} more would pass "
                           f"the most allowed ({max_pending}): the array is refused whole")
-        with self._lock:  # held open while it is queued: its notice is not due yet
-            self._array_open[array_id] += 1
         try:
             if jobs[0].notify:  # due once every job of it has ended (notices_due)
                 (self._root / "outbox").mkdir(exist_ok=True)
@@ -3390,6 +3392,7 @@ class Spool:
                     self._place(job, base / job.id, loads, online, able, ended)
         finally:
             with self._lock:
+                self._pending_per_user[user] -= len(jobs)
                 self._array_open[array_id] -= 1
                 if not self._array_open[array_id]:
                     del self._array_open[array_id]

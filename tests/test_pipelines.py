@@ -543,6 +543,37 @@ def test_an_arrays_notice_is_not_due_while_the_array_is_being_queued(tmp_path):
         spool.close()
 
 
+def test_two_arrays_submitted_at_once_never_pass_the_pending_cap_together(tmp_path):
+    """An array's room under its user's pending cap is held from the check to its
+    jobs' placing: a second array submitted meanwhile (another HTTP thread) counts
+    it, and is refused whole when both would not fit."""
+    spool = gpuqueue.Spool(tmp_path / "spool", [0])
+    spool.open()
+    try:
+        def array():
+            array_id = gpuqueue.new_job_id()
+            jobs = [gpuqueue.Job(id=gpuqueue.new_job_id(), user_id="alice", competition_id="c",
+                                 project_id="p", expected_time=5.0, submitted_at=time.time(),
+                                 node_id=-1, array_id=array_id, array_index=i, array_size=6)
+                    for i in range(6)]
+            return array_id, jobs, spool.stage_array(array_id, jobs, b"print(1)\n", b"x: 1\n")
+        second, commit, refused = array(), spool.commit_array, []
+
+        def commit_beside_another(*args):
+            spool.commit_array = commit
+            with pytest.raises(gpuqueue.TooMany) as exc:
+                spool.enqueue_array(*second, {0}, 10, None, {})
+            refused.append(str(exc.value))
+            commit(*args)
+        spool.commit_array = commit_beside_another
+        spool.enqueue_array(*array(), {0}, 10, None, {})
+        assert refused and "has 6 pending jobs" in refused[0], refused
+        assert len(spool.pending_ids(0)) == 6
+        assert not (tmp_path / "spool" / "tmp" / second[0]).exists()
+    finally:
+        spool.close()
+
+
 def test_the_client_submits_lists_and_cancels_an_array(server, tmp_path):
     script = tmp_path / "a.py"
     script.write_text("import time\ntime.sleep(60)\n")
