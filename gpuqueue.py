@@ -3970,7 +3970,11 @@ class Spool:
         except BaseException as exc:
             with self._lock:
                 job.cancel_requested = False
+                if job.waiting_on:  # what it waited for may have ended meanwhile
+                    job.waiting_on = self._waiting_on(job, {})
                 self._index(job)
+                if not job.waiting_on:
+                    self._on_ready(job.node_id)
             raise disk_full(exc, "no room on the spool's disk for the cancel") from None
         with self._lock:
             self._retire(job, folder, outcome, finished_at)

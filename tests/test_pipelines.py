@@ -1,6 +1,7 @@
 """Sweeps and pipelines (issue 24): retries, and what else a team running nightly
 sweeps needs.  A real server over real HTTP, every wait a condition."""
 import contextlib
+import errno
 import hashlib
 import hmac
 import http.server
@@ -570,6 +571,39 @@ def test_two_arrays_submitted_at_once_never_pass_the_pending_cap_together(tmp_pa
         assert refused and "has 6 pending jobs" in refused[0], refused
         assert len(spool.pending_ids(0)) == 6
         assert not (tmp_path / "spool" / "tmp" / second[0]).exists()
+    finally:
+        spool.close()
+
+
+def test_a_cancel_that_finds_no_room_leaves_its_job_waiting_on_what_is_left(tmp_path):
+    """A cancel of a waiting job takes it out of the index, then writes its record: with
+    no room for it the job is put back as it was, waiting only on what has not ended
+    since (the end of what it waited for, meanwhile, released it without it)."""
+    spool = gpuqueue.Spool(tmp_path / "spool", [0])
+    spool.open()
+    try:
+        def queued(**deps):
+            job = gpuqueue.Job(id=gpuqueue.new_job_id(), user_id="alice", competition_id="c",
+                               project_id="p", expected_time=5.0, submitted_at=time.time(),
+                               node_id=-1, **deps)
+            spool.enqueue(job, spool.stage(job, b"print(1)\n", b"x: 1\n"), {0}, 100)
+            return job
+        first = queued()
+        then = queued(after_any=[first.id])
+        assert spool.get(then.id).waiting_on == {first.id}
+        write = spool._write_result
+
+        def no_room_for_the_second(job, folder, outcome):
+            if job.id == then.id:
+                spool.request_cancel(first.id)  # the job it waits for ends meanwhile
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(job, folder, outcome)
+        spool._write_result = no_room_for_the_second
+        with pytest.raises(gpuqueue.DiskFull):
+            spool.request_cancel(then.id)
+        assert spool.get(first.id).status == "cancelled"
+        assert spool.get(then.id).waiting_on == frozenset()
+        assert spool.pending_ids(0) == [then.id]  # queued: nothing is left to wait for
     finally:
         spool.close()
 
