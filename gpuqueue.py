@@ -1495,9 +1495,7 @@ def wrap(cmd, report, ended, go=None):
             pass  # the project brought one
         except OSError as exc:
             why_not = "cannot make its outputs folder: %s" % exc
-    argv = [run["python"], run["entry"]]
-    if run.get("setup"):
-        argv = ["/bin/sh", "-c", run["setup"] + '\nexec "$0" "$@"'] + argv
+    argv = after_setup(run.get("setup"), [run["python"], run["entry"]])
     stop = []  # a SIGTERM arrived: a cancel
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     signal.signal(signal.SIGCHLD, lambda *a: None)
@@ -1576,6 +1574,13 @@ def wrap(cmd, report, ended, go=None):
         out.close()
     publish(NodeFiles.RESULT, {"exit_code": exit_code_of(status), "reason": reason})
     return 0
+
+
+def after_setup(setup, argv):
+    """``argv`` run after an environment's ``setup`` shell line, in its shell: a
+    command of it that fails stops there, with its status and message (set -e), so
+    that no job runs in an environment half set up (a module that would not load)."""
+    return ["/bin/sh", "-c", 'set -e\n%s\nexec "$0" "$@"' % setup] + argv if setup else argv
 
 
 def fork_wrapper(cmd, prepared=False):
@@ -1673,13 +1678,12 @@ def check_environments(environments):
     or the reason it does not (what it wrote, or that it hung)."""
     found = {}
     for name, env in environments.items():
-        argv = [env["python"], "-c", "import sys; print(sys.version.split()[0])"]
-        if env.get("setup"):
-            argv = ["/bin/sh", "-c", env["setup"] + '\nexec "$0" "$@"'] + argv
+        argv = after_setup(env.get("setup"),
+                           [env["python"], "-c", "import sys; print(sys.version.split()[0])"])
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
             found[name] = None if r.returncode == 0 else "%s exited with %d: %s" % (
-                env["python"], r.returncode,
+                ("its setup line or " if env.get("setup") else "") + env["python"], r.returncode,
                 r.stderr.decode("utf-8", "replace").strip()[-300:] or "no message")
         except subprocess.TimeoutExpired:
             found[name] = "%s did not start within 60 s" % env["python"]
@@ -5907,7 +5911,8 @@ class SlurmExecutor:
                        f"{NodeFiles.PROJECT_ARCHIVE} {NodeFiles.PROJECT} {p['max_bytes']} "
                        f"{p['max_files']} || exit 125\ncd {NodeFiles.PROJECT} || exit 125\n")
         script += (f"mkdir -p {NodeFiles.OUTPUTS}\nexport GPUQUEUE_OUTPUT_DIR=\"$PWD/"
-                   f"{NodeFiles.OUTPUTS}\"\n" + (f"{run['setup']}\n" if run["setup"] else "")
+                   f"{NodeFiles.OUTPUTS}\"\n"
+                   + (f"set -e\n{run['setup']}\nset +e\n" if run["setup"] else "")
                    + f"exec {q(run['python'])} {q(run['entry'])}\n")
         self.link.new_folder(job.id, {**node_files(job, code),
                                       NodeFiles.SLURM_SCRIPT: script.encode()})

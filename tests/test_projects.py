@@ -630,6 +630,35 @@ def test_environments_by_name_per_node_and_the_default_python(make_server, tmp_p
     assert not ran.exists()
 
 
+def test_a_setup_line_that_fails_part_way_is_a_broken_environment_and_never_runs_a_job(
+        make_server, tmp_path):
+    """A command of an environment's setup that fails (a module that would not load)
+    stops it there, though a later one succeeds: the node's check calls the
+    environment broken, with the message; and a job whose setup fails when it starts
+    fails with it, never run by the interpreter half set up."""
+    flag = tmp_path / "no-module-now"
+    server = make_server(
+        nodes=[{"id": 0, "host": "local", "environments": ["half", "later"]}],
+        environments={
+            "half": {"python": "/usr/bin/python3", "setup": "no-such-module-gq\nexport X=1"},
+            "later": {"python": "/usr/bin/python3",
+                      "setup": f"test ! -e {flag}\nexport GQ_SETUP=set-up"}})
+    node = wait_for(lambda: (ns := server.get("/api/nodes").json()["nodes"])
+                    and ns[0].get("environments", {}).get("later", 0) is None and ns[0],
+                    "the node's check", timeout=60)
+    why = node["environments"]["half"]
+    assert isinstance(why, str) and "its setup line or" in why and "no-such-module-gq" in why
+    job = "import os\nprint(os.environ.get('GQ_SETUP'))\n"
+    sub = server.submit_ok(job, config=job_config(environment="later"))["job_id"]
+    assert server.wait(sub)["status"] == "completed"
+    assert server.results(sub)["stdout"] == "set-up\n"
+    flag.touch()  # the setup fails from now on, after the check
+    sub = server.submit_ok(job, config=job_config(environment="later"))["job_id"]
+    st = server.wait(sub)
+    assert (st["status"], st["exit_code"]) == ("failed", 1), st
+    assert server.results(sub)["stdout"] == ""
+
+
 def test_a_python3_launcher_is_asked_once_when_every_node_starts_its_first_job(
         make_server, tmp_path, monkeypatch):
     """A launcher first on PATH (a pyenv shim, say) is asked once which interpreter it

@@ -280,3 +280,28 @@ def test_jobs_of_several_gpus_become_gres_and_never_share_a_gpu(slurm_server, sl
     assert_never_shared(found)
     r = server.submit("print(1)\n", config=job_config("alice", 5, gpus=3))
     assert r.status_code == 400 and "no node has more than 2" in r.json()["error"]
+
+
+def test_a_setup_line_that_fails_stops_a_slurm_job_before_its_python(make_server, ssh, slurm,
+                                                                     tmp_path):
+    """Slurm's job script runs an environment's setup as the wrapper does: a command of
+    it that fails ends the job there, with its status, never the python half set up."""
+    open_to_nodes(tmp_path)
+    flag = tmp_path / "no-module-now"
+    cfg = ssh.config()
+    cfg["nodes"] = [{**cfg["nodes"][0], "kind": "slurm", "env": slurm.env(),
+                     "workdir": str(tmp_path / "slurm-work"), "partition": "debug",
+                     "environments": ["later"]}]
+    cfg["environments"] = {"later": {"python": "/usr/bin/python3",
+                                     "setup": f"test ! -e {flag}\nexport GQ_SETUP=set-up"}}
+    server = make_server(**cfg)
+    wait_online(server)
+    job = "import os\nprint(os.environ.get('GQ_SETUP'))\n"
+    sub = server.submit_ok(job, config=job_config(environment="later"))["job_id"]
+    assert server.wait(sub, timeout=90)["status"] == "completed"
+    assert server.results(sub)["stdout"] == "set-up\n"
+    flag.touch()
+    sub = server.submit_ok(job, config=job_config(environment="later"))["job_id"]
+    st = server.wait(sub, timeout=90)
+    assert (st["status"], st["exit_code"]) == ("failed", 1), st
+    assert server.results(sub)["stdout"] == ""
