@@ -985,18 +985,72 @@ def _project_path(name, seen, files):
     return path
 
 
+class BoundedStream:
+    """A tar's stream (decompressed) read through bounds, so that a small archive
+    cannot make its reader hold or churn through much: no single read over
+    ``most_read`` (tarfile reads a pax header or a long name whole, at the size it
+    states) and no more than ``most_total`` bytes in all, what is skipped counted."""
+
+    def __init__(self, f, most_read, most_total):
+        self.f, self.most_read, self.left = f, most_read, most_total
+
+    def read(self, n=-1):
+        if n is None or n < 0 or n > self.most_read:
+            raise ProjectRefused("an entry's header (a long name, a pax header) of more "
+                                 "than %d bytes" % self.most_read)
+        data = self.f.read(n)
+        self._spend(len(data))
+        return data
+
+    def seek(self, pos, whence=0):
+        if whence == 0 and pos > self.f.tell():
+            self._spend(pos - self.f.tell())
+        return self.f.seek(pos, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def _spend(self, n):
+        self.left -= n
+        if self.left < 0:
+            raise ProjectRefused("the archive holds more than its files' bytes allow "
+                                 "(max_project_bytes) in headers and data")
+
+
+def tar_reader(fileobj, max_bytes, max_entries):
+    """A tar archive's decompressed stream (gzip, bzip2, xz or none, by its first
+    bytes), bounded (BoundedStream): its files' bytes, and room for its entries'
+    headers."""
+    head = fileobj.read(6)
+    fileobj.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        import gzip
+        fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    elif head[:3] == b"BZh":
+        import bz2
+        fileobj = bz2.BZ2File(fileobj)
+    elif head == b"\xfd7zXZ\x00":
+        import lzma
+        fileobj = lzma.LZMAFile(fileobj)
+    return BoundedStream(fileobj, 1 << 21, max_bytes + max_entries * 4096 + (1 << 22))
+
+
 def unpack_project(fileobj, kind, dest, max_bytes, max_files):
     """Read a project archive (``kind`` from archive_kind) member by member, and with
     ``dest`` write it there: the set of its files' paths.  ProjectRefused for
-    absolute paths, '..', links, special files, duplicates, more than ``max_files``
-    entries, more than ``max_bytes`` unpacked, long paths.  Memory stays bounded:
-    each member is streamed, and nothing is read past a limit."""
+    absolute paths, '..', links, special files, duplicates, a file where a folder
+    is, more than ``max_files`` files and folders, more than ``max_bytes``
+    unpacked, long paths.  Memory and work stay bounded: each member is streamed,
+    nothing is read past a limit, and every entry counts, even one that adds
+    nothing (a folder named again, "./"), against twice ``max_files``."""
     import tarfile
     import zipfile
-    seen, files, total = set(), set(), [0]
+    seen, files, folders, total, entries = set(), set(), set(), [0], [0]
+    most_entries = 2 * max_files + 10
 
     def member(name, kind_of, opener, mode):
-        if len(seen) >= max_files:
+        entries[0] += 1
+        if len(seen) >= max_files or entries[0] > most_entries:
             raise ProjectRefused("%r: the project has more than %d files (max_project_files)"
                                  % (name[:200], max_files))
         if kind_of == "link":
@@ -1010,7 +1064,14 @@ def unpack_project(fileobj, kind, dest, max_bytes, max_files):
             return  # a folder named twice is one folder
         path = _project_path(name, seen, files)
         if not path:
+            if kind_of == "file":
+                raise ProjectRefused("%r: a file with no name" % name[:200])
             return
+        if kind_of == "file" and path in folders:
+            raise ProjectRefused("%r: a file where the project has a folder of that name"
+                                 % name[:200])
+        parts = path.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts) + (kind_of == "dir")))
         target = os.path.join(dest, path) if dest is not None else None
         if kind_of == "dir":
             if target is not None:
@@ -1055,7 +1116,8 @@ def unpack_project(fileobj, kind, dest, max_bytes, max_files):
                            "file" if fmt in (0, stat.S_IFREG) else "special")
                 member(info.filename, kind_of, lambda info=info: zf.open(info), mode)
     else:
-        with tarfile.open(fileobj=fileobj, mode="r:*") as tf:
+        stream = tar_reader(fileobj, max_bytes, most_entries)
+        with tarfile.open(fileobj=stream, mode="r:") as tf:
             while True:
                 info = tf.next()
                 if info is None:

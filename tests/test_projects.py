@@ -59,6 +59,48 @@ def tar_of(entries, mode="w:gz"):
     return buf.getvalue()
 
 
+def repeated_tar_gz(header, count, data=b""):
+    """A tar.gz of main.py, then ``count`` times one member (``header``'s block and
+    ``data``), compressed as it is made: small, however many it holds."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    main = b"print('never')\n"
+    info = tarfile.TarInfo("main.py")
+    info.size = len(main)
+    parts = [c.compress(info.tobuf(tarfile.USTAR_FORMAT) + main + bytes(-len(main) % 512))]
+    one = header.tobuf(tarfile.USTAR_FORMAT) + data
+    for _ in range(count // 1000):
+        parts.append(c.compress(one * 1000))
+    parts.append(c.compress(bytes(1024)))
+    parts.append(c.flush())
+    return b"".join(parts)
+
+
+def pax_bomb_tar_gz(size=1 << 30):
+    """A tar.gz whose first member is a pax header that says it holds ``size`` bytes
+    (zeros, compressed as they are made), then main.py: tarfile reads such a header
+    whole."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, size
+    parts = [c.compress(info.tobuf(tarfile.USTAR_FORMAT))]
+    zeros = bytes(MiB)
+    for _ in range(size // MiB):
+        parts.append(c.compress(zeros))
+    main = b"print('never')\n"
+    info = tarfile.TarInfo("main.py")
+    info.size = len(main)
+    parts.append(c.compress(info.tobuf(tarfile.USTAR_FORMAT) + main + bytes(-len(main) % 512)
+                            + bytes(1024)))
+    parts.append(c.flush())
+    return b"".join(parts)
+
+
+def the_same_folder(name="./"):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
 def special(name, kind, linkname=""):
     """A tar member that is not a regular file."""
     info = tarfile.TarInfo(name)
@@ -492,6 +534,14 @@ ATTACKS = [
     ("tar-many-empty-files", lambda: tar_of([MAIN] + [(f"e/{i:05}", b"") for i in range(20000)]),
      "more than 50 files", None),
     ("tar-name-too-long", lambda: tar_of([MAIN, ("a" * 5000, b"x")]), "longer than", None),
+    # Entries that add nothing still cost reading: they count (100,000 in 100 KB).
+    ("tar-the-same-folder-again", lambda: repeated_tar_gz(the_same_folder(), 100_000),
+     "more than 50 files", None),
+    ("tar-folder-again-by-name", lambda: repeated_tar_gz(the_same_folder("d/"), 100_000),
+     "more than 50 files", None),
+    ("tar-file-over-folder", lambda: tar_of([MAIN, ("a/b", b"x"), ("a", b"y")]),
+     "a folder of that name", "'a'"),
+    ("tar-file-with-no-name", lambda: tar_of([MAIN, ("./", b"data")]), "no name", None),
     ("zip-dotdot", lambda: zip_of([MAIN, (f"../{ESCAPE}", b"x")]), "'..'", f"../{ESCAPE}"),
     ("zip-absolute", lambda: zip_of([MAIN, (EVIL, b"x")]), "absolute path", EVIL),
     ("zip-symlink", lambda: zip_of([MAIN, zip_symlink("innocent.txt", "/etc/passwd")]), "a link",
@@ -500,6 +550,8 @@ ATTACKS = [
      "dup.txt"),
     ("zip-51-files", lambda: zip_of([MAIN] + [(f"f{i:02}.txt", b"x") for i in range(50)]),
      "more than 50 files", None),
+    ("zip-file-over-folder", lambda: zip_of([MAIN, ("a/b", b"x"), ("a", b"y")]),
+     "a folder of that name", "'a'"),
     ("gzip-garbage", lambda: b"\x1f\x8b\x08\x00" + os.urandom(4096), None, None),
 ]
 
@@ -552,6 +604,16 @@ def test_a_bomb_stops_at_max_project_bytes(attack_server, kind):
     rss_before = vm(attack_server.proc.pid, "VmRSS")
     refused_cleanly(attack_server, archive, "max_project_bytes", "big.bin")
     # The peak of the server's memory: nowhere near the gigabyte the bomb holds.
+    assert vm(attack_server.proc.pid, "VmHWM") - rss_before < 300 * MiB
+
+
+def test_a_header_that_claims_a_gigabyte_is_refused_unread(attack_server):
+    """tarfile reads a pax header (or a long name) whole, at the size it states: the
+    stream it reads stops any one read past a bound, before the bytes are held."""
+    archive = pax_bomb_tar_gz()
+    assert len(archive) < 4 * MiB
+    rss_before = vm(attack_server.proc.pid, "VmRSS")
+    refused_cleanly(attack_server, archive, "an entry's header")
     assert vm(attack_server.proc.pid, "VmHWM") - rss_before < 300 * MiB
 
 
