@@ -5225,6 +5225,49 @@ _stderr_lock = threading.Lock()
 SLURM_TIMEOUT = 60
 
 
+class SftpReader:
+    """A file on an SSH node, read ahead a window at a time (paramiko's prefetch of
+    the next WINDOW bytes from where reading is).  A prefetch of the whole file holds
+    whatever arrives until it is read: all of a checkpoint for a client that reads
+    slowly, and everything before the place a Range asked for."""
+
+    WINDOW = 8 << 20
+
+    def __init__(self, f):
+        self.f = f
+        self.ahead = 0  # where the window asked for ends
+        try:
+            self.size = f.stat().st_size
+        except BaseException:
+            f.close()
+            raise
+
+    def read(self, n):
+        pos = self.f.tell()
+        if pos >= self.size:  # (grown since: read as it comes)
+            return self.f.read(n)
+        if pos >= self.ahead:
+            self.ahead = min(self.size, pos + self.WINDOW)
+            self.f.prefetch(self.ahead)
+        return self.f.read(min(n, self.ahead - pos))
+
+    def seek(self, pos):
+        self.f.seek(pos)
+        self.ahead = 0
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class SshLink(Link):
     """A node, or a Slurm login host, over SSH (through the jump host when one is
     configured): one persistent connection, opened once and reused, with an SFTP
@@ -5477,9 +5520,7 @@ class SshLink(Link):
         """The file as SFTP opens it, which follows links: on an SSH node a job runs
         as the login user, so what it could link to, the login reads anyway.  Only
         what was listed as a regular file is opened."""
-        f = self.sftp.open(self.path(rel), "rb")
-        f.prefetch()
-        return f
+        return SftpReader(self.sftp.open(self.path(rel), "rb"))
 
     def _make_dir(self, rel):
         self.sftp.mkdir(self.path(rel), 0o700)

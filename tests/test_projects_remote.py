@@ -6,11 +6,12 @@ import signal
 import time
 
 import pytest
+import requests
 
 from conftest import FINAL, kill_processes_under, wait_for
 from sshcluster import Cluster, open_to_nodes
 from test_projects import (MiB, OUTPUT_FINAL, PKG, check_files, download, listing, sha,
-                           submit_project_ok, tar_of, wait_outputs)
+                           submit_project_ok, tar_of, vm, wait_outputs)
 from test_slurm import slurm, slurm_server, ssh  # noqa: F401  (fixtures)
 from test_ssh import wait_nodes
 
@@ -97,6 +98,31 @@ def test_a_project_runs_on_ssh_nodes_and_its_files_come_back(ssh_server, cluster
         folder = cluster.root / "work" / f"node{sub['node_id']}" / sub["job_id"]
         wait_for(lambda: not folder.exists(), f"{folder} to be removed", timeout=60)
         check_files(server, sub["job_id"], expected_files())
+
+
+def test_a_range_of_a_running_jobs_big_file_on_an_ssh_node_holds_little(ssh_server, tmp_path):
+    """A file of a running job is read over the node's link as it is asked for, a
+    window ahead: a Range far into a gigabyte checkpoint, or one byte of it, never
+    makes the server fetch and hold the bytes before it, or all of it."""
+    server = ssh_server()
+    written, gate = tmp_path / "written", tmp_path / "gate"
+    job_id = server.submit_ok(
+        "import os, time\npath = os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'big.bin')\n"
+        "with open(path, 'wb') as f:\n    f.truncate(1 << 30)\n    f.seek((1 << 30) - 5)\n"
+        f"    f.write(b'tail!')\nopen({str(written)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\nos.remove(path)\n",
+        expected_time=120)["job_id"]
+    wait_for(written.exists, "the job's gigabyte")
+    rss_before = vm(server.proc.pid, "VmRSS")
+    token = {"Authorization": f"Bearer {server.token()}"}
+    url = f"{server.url}/api/outputs/{job_id}/big.bin"
+    r = requests.get(url, headers={**token, "Range": f"bytes={(1 << 30) - 5}-"}, timeout=60)
+    assert (r.status_code, r.content) == (206, b"tail!"), r.text[:300]
+    r = requests.get(url, headers={**token, "Range": "bytes=0-0"}, timeout=60)
+    assert (r.status_code, r.content) == (206, b"\0"), r.text[:300]
+    assert vm(server.proc.pid, "VmHWM") - rss_before < 200 * MiB
+    gate.touch()
+    assert server.wait(job_id, timeout=120)["status"] == "completed"
 
 
 # -- the Slurm node kind -----------------------------------------------------------------
