@@ -5244,12 +5244,15 @@ class SftpReader:
 
     def read(self, n):
         pos = self.f.tell()
-        if pos >= self.size:  # (grown since: read as it comes)
-            return self.f.read(n)
-        if pos >= self.ahead:
-            self.ahead = min(self.size, pos + self.WINDOW)
-            self.f.prefetch(self.ahead)
-        return self.f.read(min(n, self.ahead - pos))
+        try:
+            if pos >= self.size:  # (grown since: read as it comes)
+                return self.f.read(n)
+            if pos >= self.ahead:
+                self.ahead = min(self.size, pos + self.WINDOW)
+                self.f.prefetch(self.ahead)
+            return self.f.read(min(n, self.ahead - pos))
+        except EOFError:  # shorter than it was: a read past its end says so
+            return b""
 
     def seek(self, pos):
         self.f.seek(pos)
@@ -9065,14 +9068,27 @@ class Api:
                 bottle.response.set_header("Content-Range", f"bytes */{size}")
                 raise HttpError(416, f"the file has {size} bytes; the range asks for others")
             start, end = ranges[0]
-            bottle.response.status = 206
-            bottle.response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         stack = contextlib.ExitStack()
         try:
             f = stack.enter_context(opener())
-        except FileNotFoundError:
-            raise NotFound("the file is gone (from the job's node, or the job was removed)") \
-                from None
+            f.seek(start)
+            # A running job's file is read now, first chunk: what goes wrong reading it
+            # (its node, or the job rewriting it) is an answer, not a broken body.
+            first = None if job.status in FINAL_STATES else f.read(min(end - start, FILE_CHUNK))
+            if first == b"" and end > start:
+                raise Unavailable("the file is shorter now than when it was listed (the job "
+                                  "is writing it): ask again")
+        except BaseException as exc:
+            stack.close()
+            if isinstance(exc, FileNotFoundError):
+                raise NotFound("the file is gone (from the job's node, or the job was "
+                               "removed)") from None
+            if isinstance(exc, Exception) and not isinstance(exc, GpuqueueError):
+                raise Unavailable(f"cannot read the job's file now: {exc}") from None
+            raise
+        if header:
+            bottle.response.status = 206
+            bottle.response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         bottle.response.content_type = SHOWN_INLINE.get(
             os.path.splitext(path)[1].lower(), "application/octet-stream")
         if bottle.response.content_type == "application/octet-stream":
@@ -9081,15 +9097,14 @@ class Api:
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
         bottle.response.set_header("Accept-Ranges", "bytes")
         bottle.response.set_header("Content-Length", str(end - start))
-        if job.status in FINAL_STATES:  # a file in the spool: sent from it by the event
-            f.seek(start)               # loop (wsgi.file_wrapper), holding no thread
-            stack.pop_all()
+        if first is None:  # a file in the spool: sent from it by the event loop
+            stack.pop_all()  # (wsgi.file_wrapper), holding no thread
             return f
 
         def body():
             with stack:
-                f.seek(start)
-                todo = end - start
+                yield first
+                todo = end - start - len(first)
                 while todo > 0 and (chunk := f.read(min(todo, FILE_CHUNK))):
                     todo -= len(chunk)
                     yield chunk
