@@ -11198,6 +11198,9 @@ class _Waiting:
 def cli_submit(args, client):
     if args.outputs and not args.wait:
         raise BadRequest("-o/--outputs downloads the job's files once it ends: add --wait")
+    if args.outputs and args.array:
+        raise BadRequest("-o/--outputs downloads one job's files: an array's jobs each have "
+                         f"theirs ('{_me()} outputs JOB -o DIR')")
     waiting = _Waiting(args.json) if args.wait else None
     try:
         job = client.submit(args.script, args.job_config, args.array,
@@ -11208,10 +11211,18 @@ def cli_submit(args, client):
         waiting.end(_stopped_waiting(waiting.job))
         return 130
     if "array_id" in job:  # an array: its jobs are followed with jobs --array
-        print(json.dumps(job, indent=1) if args.json else
-              f"array {job['array_id']}: {len(job['job_ids'])} jobs pending; follow them with "
-              f"'gpuqueue.py jobs --array {job['array_id']}'")
-        return 0
+        if not (args.wait and args.json):  # (then the array's end is the answer)
+            print(json.dumps(job, indent=1) if args.json else
+                  f"array {job['array_id']}: {len(job['job_ids'])} jobs pending; follow them "
+                  f"with '{_me()} jobs --array {job['array_id']}'")
+        if not args.wait:
+            return 0
+        status = _wait_array(client, job["array_id"], args.json)
+        if args.outputs and status != 130:  # (its config.yaml made it an array)
+            print(f"gpuqueue: -o/--outputs downloads one job's files: get each of the array's "
+                  f"with '{_me()} outputs JOB -o DIR'", file=sys.stderr)
+            return 1
+        return status
     if not args.wait:
         where = (f"pending on node {job['node_id']}, {_in_line(job['queue_position'])}, "
                  f"estimated start {job['estimated_start']}")
@@ -11240,6 +11251,27 @@ def cli_submit(args, client):
     if args.json:
         _print_results(results, as_json=True)
     return _exit_status(results)
+
+
+def _wait_array(client, array_id, as_json):
+    """An array waited for, by polling, until none of its jobs is pending or running:
+    0 when every one completed, else 1 (130 after a Ctrl-C), its counts said."""
+    path = client.job_path("arrays", array_id)
+    try:
+        while (got := client.call("GET", path))["counts"]["pending"] \
+                + got["counts"]["running"]:
+            time.sleep(WAIT_POLL)
+    except KeyboardInterrupt:
+        print(f"gpuqueue: stopped waiting; array {array_id} goes on.  Follow it with "
+              f"'{_me()} jobs --array {array_id}'", file=sys.stderr)
+        return 130
+    counts = {k: n for k, n in got["counts"].items() if n}
+    if as_json:
+        print(json.dumps(got, indent=1))
+    else:
+        print(f"gpuqueue: array {array_id} ended: "
+              + ", ".join(f"{n} {state}" for state, n in counts.items()), file=sys.stderr)
+    return 0 if set(counts) <= {"completed"} else 1
 
 
 def _ended_line(job):
@@ -11427,7 +11459,8 @@ def client_parser():
     p.add_argument("--wait", action="store_true",
                    help="Wait for the job (one request the server holds open): how long "
                         "it has run against its expected time and limit, then its output; "
-                        "exit with its exit code.")
+                        "exit with its exit code.  An array is waited for until all its "
+                        "jobs have ended: exit 0 when every one completed, else 1.")
     p.add_argument("-o", "--outputs", metavar="DIR",
                    help="With --wait: download the job's files ($GPUQUEUE_OUTPUT_DIR) into DIR "
                         "once it ends.")

@@ -608,6 +608,34 @@ def test_a_cancel_that_finds_no_room_leaves_its_job_waiting_on_what_is_left(tmp_
         spool.close()
 
 
+def test_the_clients_wait_for_an_array_waits_for_all_its_jobs(server, tmp_path):
+    """'submit --array N --wait' waits until every job of the array has ended, and
+    its status says whether all completed, so that 'submit ... --wait && next' never
+    goes on while they run, nor after one failed."""
+    script = tmp_path / "a.py"
+    script.write_text("import os, sys, time\ntime.sleep(1)\n"
+                      "sys.exit(3 if os.environ['GPUQUEUE_ARRAY_INDEX'] == '1' else 0)\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(job_config(expected_time=30))
+    env = {"GPUQUEUE_URL": server.url, "GPUQUEUE_TOKEN": server.token(), "PATH": "/usr/bin:/bin"}
+
+    def submit(*args):
+        return subprocess.run(["/usr/bin/python3", str(GPUQUEUE), "submit", str(script), "-c",
+                               str(cfg), *args], capture_output=True, text=True, timeout=120,
+                              env=env)
+    r = submit("--array", "0-2", "--wait")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "2 completed, 1 failed" in r.stderr, r.stderr
+    array_id = r.stdout.split()[1].rstrip(":")
+    counts = server.get(f"/api/arrays/{array_id}", server.token()).json()["counts"]
+    assert (counts["completed"], counts["failed"]) == (2, 1), counts
+    r = submit("--array", "1", "--wait", "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["counts"]["completed"] == 1
+    r = submit("--array", "2", "--wait", "-o", str(tmp_path / "out"))
+    assert r.returncode == 1 and "outputs JOB -o DIR" in r.stderr, r.stderr
+
+
 def test_the_client_submits_lists_and_cancels_an_array(server, tmp_path):
     script = tmp_path / "a.py"
     script.write_text("import time\ntime.sleep(60)\n")
