@@ -10918,8 +10918,9 @@ class Client:
 
     def download(self, path, dest, size, sha256=None):
         """A job's file into ``dest``, by way of ``dest``.part: a download cut short
-        resumes from what it holds (HTTP Range); the sha256, when the server has
-        one, is checked before the file takes its name."""
+        (a closed connection, fewer bytes than promised, 60 s of silence) keeps what
+        came and resumes from it (HTTP Range); the sha256, when the server has one,
+        is checked before the file takes its name."""
         part = Path(f"{dest}.part")
         have = part.stat().st_size if part.exists() else 0
         if have > size:
@@ -10927,9 +10928,21 @@ class Client:
             have = 0
         if have < size or not size:
             headers = {"Range": f"bytes={have}-"} if have else {}
-            with self._open(self._request("GET", path, headers=headers), timeout=None) as r, \
+            cut = f"{dest}: the download was cut short (%s); run the command again to resume it"
+            with self._open(self._request("GET", path, headers=headers), timeout=60) as r, \
                     open(part, "ab" if have and r.status == 206 else "wb") as out:
-                shutil.copyfileobj(r, out, 1 << 20)
+                promised, got = r.headers.get("Content-Length"), 0
+                while True:
+                    try:
+                        chunk = r.read(1 << 20)
+                    except (OSError, http.client.HTTPException) as exc:  # (60 s silent too)
+                        raise GpuqueueError(cut % (exc or type(exc).__name__)) from None
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    got += len(chunk)
+                if promised and promised.isdigit() and got < int(promised):
+                    raise GpuqueueError(cut % f"{got} of {promised} bytes came")
         if sha256 is not None:
             digest = hashlib.sha256()
             with open(part, "rb") as f:

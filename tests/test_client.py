@@ -1,9 +1,12 @@
 """For people: the client commands, live output (/api/logs) and /metrics, against a
 real server over real HTTP; the client commands run as real subprocesses."""
+import hashlib
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import requests
@@ -202,3 +205,58 @@ def test_gpu_figures_on_local_nodes(make_server, tmp_path, monkeypatch):
     assert "1: free, NVIDIA A100-SXM4-40GB 0/40960 MiB ?%" in server.get("/ui").text
     assert "gpus" not in nodes[3]
     assert all(n["error"] is None for n in nodes)
+
+
+class _CutServer(http.server.BaseHTTPRequestHandler):
+    """Serves one job's listing (one file of 1000 bytes, with its sha256) and the file:
+    the first time cut after 400 bytes (the connection closed, Content-Length 1000),
+    then whole from where a Range asks."""
+    DATA = bytes(range(250)) * 4
+    cut = [True]
+
+    def do_GET(self):
+        if self.path == "/api/outputs/" + "a" * 24:
+            body = json.dumps({"state": "complete", "error": None, "skipped": [], "files": [
+                {"path": "f.bin", "size": 1000,
+                 "sha256": hashlib.sha256(self.DATA).hexdigest()}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-"))
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(1000 - start))
+        self.end_headers()
+        if self.cut[0]:
+            self.cut[0] = False
+            self.wfile.write(self.DATA[start:400])
+            self.close_connection = True
+            return
+        self.wfile.write(self.DATA[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_short_keeps_what_came_and_resumes(tmp_path):
+    """A connection closed before the promised bytes came is an error that says to run
+    the command again, and keeps what came: the next run asks for the rest alone, and
+    the file takes its name once its sha256 is the server's."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        env = {"GPUQUEUE_URL": f"http://127.0.0.1:{httpd.server_address[1]}",
+               "GPUQUEUE_TOKEN": "t" * 43, "PATH": "/usr/bin:/bin"}
+        argv = ["/usr/bin/python3", str(GPUQUEUE), "outputs", "a" * 24, "-o", str(tmp_path / "o")]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 1 and "cut short" in r.stderr and "Traceback" not in r.stderr, \
+            r.stderr
+        assert (tmp_path / "o" / "f.bin.part").read_bytes() == _CutServer.DATA[:400]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "o" / "f.bin").read_bytes() == _CutServer.DATA
+        assert not (tmp_path / "o" / "f.bin.part").exists()
+    finally:
+        httpd.shutdown()
