@@ -7658,8 +7658,11 @@ def keep_finished(spool, days):
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as it is, never followed: a notice goes where it was
+    allowed to, and a client's token to the server it names, and nowhere else."""
+
     def redirect_request(self, *args):
-        return None  # a notice goes where it was allowed to, and nowhere else
+        return None
 
 
 def send_notices(spool, webhooks):
@@ -10822,8 +10825,13 @@ class Client:
 
     def _open(self, request, timeout=60):
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise GpuqueueError(
+                    f"{self.server} answered with a redirect (HTTP {exc.code}) to "
+                    f"{exc.headers.get('Location')}: if that is the server, give it as "
+                    "--server or GPUQUEUE_URL (nothing, the token least, was sent on)") from None
             try:
                 message = json.loads(exc.read(65536))["error"]
             except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):

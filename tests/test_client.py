@@ -260,3 +260,42 @@ def test_a_download_cut_short_keeps_what_came_and_resumes(tmp_path):
         assert not (tmp_path / "o" / "f.bin.part").exists()
     finally:
         httpd.shutdown()
+
+
+def test_the_client_never_follows_a_redirect_with_its_token(tmp_path):
+    """A server address that answers with a redirect is said to, and nothing is sent
+    on: the token goes to the server the user named alone."""
+    seen = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"jobs": [], "next": null}')
+
+        def log_message(self, *args):
+            pass
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirecting(Elsewhere):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_address[1]}"
+                                         f"{self.path}")
+            self.end_headers()
+    here = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for httpd in (here, elsewhere):
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        r = subprocess.run(["/usr/bin/python3", str(GPUQUEUE), "jobs"], capture_output=True,
+                           text=True, timeout=60,
+                           env={"GPUQUEUE_URL": f"http://127.0.0.1:{here.server_address[1]}",
+                                "GPUQUEUE_TOKEN": "secret-" + "t" * 36, "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 1 and "redirect" in r.stderr and "Traceback" not in r.stderr, \
+            r.stderr
+        assert seen == []
+    finally:
+        here.shutdown()
+        elsewhere.shutdown()
