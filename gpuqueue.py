@@ -6766,6 +6766,10 @@ class Worker:
             return f"node {n} is offline: {self.error}"
         if state.drained:
             return f"node {n} is drained; another node may take it"
+        if not self.has(job):
+            why = self.executor.environments.get(job.environment) or "it lacks it"
+            return (f"its environment {job.environment!r} does not work on node {n} ({why}); "
+                    "a node where it works may take it")
         return "jobs ahead of it start first"
 
     def info(self, state):
@@ -7361,7 +7365,7 @@ class GpuWorker(Worker):
             self.wake.set()
 
     def why_waiting(self, job, state):
-        if not self.online or state.drained:
+        if not self.online or state.drained or not self.has(job):
             return super().why_waiting(job, state)
         n, holding = self.node.id, state.holding
         because = "".join(f"; GPU {d} is {why}" for d, why in state.foreign.items())

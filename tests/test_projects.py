@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import random
 import re
 import shutil
@@ -1112,3 +1113,47 @@ def test_a_crash_while_a_local_jobs_files_are_taken_loses_none_of_them(make_serv
     st = wait_outputs(server, job_id)
     assert st["outputs"] == "complete", st
     check_files(server, job_id, {"d/a.bin": b"a" * 5000})
+
+
+def test_a_job_whose_environment_broke_after_its_submit_says_so_while_it_waits(make_server,
+                                                                               tmp_path):
+    """A job queued while its environment worked, which a later check (its node's
+    reconnect) finds broken, waits for a node where it works, and its status says
+    so, never that it waits for a GPU or for jobs ahead of it."""
+    flag = tmp_path / "broken-now"
+    server = make_server(nodes=[{"id": 0, "host": "local", "environments": ["later"]}],
+                         environments={"later": {"python": "/usr/bin/python3",
+                                                 "setup": f"test ! -e {flag}"}})
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    first = server.submit_ok(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                             "    time.sleep(0.05)\n", expected_time=60)["job_id"]
+    server.wait(first, ("running",))
+    job_id = server.submit_ok(f"open({str(ran)!r}, 'w')\n",
+                              config=job_config(environment="later"))["job_id"]
+    assert "environment" not in server.status(job_id)["waiting"]  # (it works, so far)
+    flag.touch()
+    agent = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                 and _parent(pid) == server.proc.pid and b"gq_node-" in _cmdline(pid))
+    os.kill(agent, signal.SIGKILL)  # its node reconnects, and checks again
+    st = wait_for(lambda: "environment" in ((st := server.status(job_id)).get("waiting") or "")
+                  and st, "the reason it waits", timeout=60)
+    assert st["status"] == "pending" and "'later' does not work on node 0" in st["waiting"], st
+    gate.touch()
+    assert server.wait(first)["status"] == "completed"
+    assert server.status(job_id)["status"] == "pending" and not ran.exists()
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
