@@ -880,7 +880,7 @@ COMMANDS = {
     "read": ("id", "path", "offset", "limit"),
     "gpus": (),
     "ping": (),
-    "check": ("environments",),
+    "check": ("environments", "run_as"),
 }
 #: What the agent reports: each report's fields ("?": may be absent).
 REPORTS = {
@@ -1735,15 +1735,19 @@ GONE = ".gone."
 SMALL_TREE = 1000
 
 
-def check_environments(environments):
-    """Whether each environment's python starts, with its setup line: name -> None,
-    or the reason it does not (what it wrote, or that it hung)."""
+def check_environments(environments, run_as=None):
+    """Whether each environment's python starts, with its setup line, as the jobs
+    will run it (as ``run_as``, [uid, gid], when the node has one): name -> None, or
+    the reason it does not (what it wrote, or that it hung)."""
     found = {}
+    who = {} if run_as is None else dict(user=run_as[0], group=run_as[1], extra_groups=[],
+                                         cwd="/")
     for name, env in environments.items():
         argv = after_setup(env.get("setup"),
                            [env["python"], "-c", "import sys; print(sys.version.split()[0])"])
         try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+                               **who)
             found[name] = None if r.returncode == 0 else "%s exited with %d: %s" % (
                 ("its setup line or " if env.get("setup") else "") + env["python"], r.returncode,
                 r.stderr.decode("utf-8", "replace").strip()[-300:] or "no message")
@@ -2043,7 +2047,7 @@ class Agent:
             say("pong")
         elif op == "check":  # in a thread: a setup line may take seconds
             threading.Thread(target=lambda: say("checked", environments=check_environments(
-                cmd["environments"])), daemon=True).start()
+                cmd["environments"], cmd["run_as"])), daemon=True).start()
 
 
 ###############################################################################
@@ -5621,7 +5625,8 @@ class AgentExecutor:
         that do not show in /api/nodes with the reason and take no job."""
         envs = {n: {"python": e.python, "setup": e.setup}
                 for n, e in self.config.environments.items() if n in self.node.environments}
-        reply = self._agent.ask("check", ENVIRONMENT_CHECK_TIMEOUT, environments=envs)
+        reply = self._agent.ask("check", ENVIRONMENT_CHECK_TIMEOUT, environments=envs,
+                                run_as=getattr(self.link, "run_as", None))
         found = (reply or {}).get("environments")
         if not isinstance(found, dict):
             found = dict.fromkeys(envs, "the node did not answer its check")

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import job_config
+from conftest import job_config, wait_for
 from sshcluster import open_to_nodes
 
 JOB_USER = "gqjob"
@@ -144,3 +144,27 @@ def test_a_run_as_project_unpacks_as_the_job_user_and_its_links_are_never_follow
     assert set(owners.values()) == {job_user.pw_uid}, owners
     tar = server.get(f"/api/outputs/{job_id}?archive=tar", token).content
     assert b"sha256" not in tar and secret.read_bytes()[:40] not in tar
+
+
+def test_environments_are_checked_as_the_run_as_user(make_server, tmp_path, job_user):
+    """A node's check of its environments runs each as its jobs will, as the run_as
+    user: an interpreter only the server's user may reach shows as broken, with the
+    reason, rather than as working and then failing every job."""
+    open_to_nodes(tmp_path, writable=False)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # root's alone, as a pyenv under /root would be
+    (private / "python3").write_text('#!/bin/sh\nexec /usr/bin/python3 "$@"\n')
+    (private / "python3").chmod(0o755)
+    server = make_server(
+        nodes=[{"id": 0, "host": "local", "run_as": JOB_USER, "python": "/usr/bin/python3",
+                "environments": ["sys", "private"]}],
+        environments={"sys": {"python": "/usr/bin/python3", "setup": "export X=1"},
+                      "private": {"python": str(private / "python3")}})
+    node = wait_for(lambda: (ns := server.get("/api/nodes").json()["nodes"])
+                    and ns[0].get("environments", {}).get("sys", 0) is None and ns[0],
+                    "the node's check", timeout=60)
+    why = node["environments"]["private"]
+    assert isinstance(why, str) and str(private / "python3") in why, node
+    sub = server.submit_ok("import os\nprint(os.getuid())\n", config=job_config(environment="sys"))
+    assert server.wait(sub["job_id"])["status"] == "completed"
+    assert server.results(sub["job_id"])["stdout"] == f"{job_user.pw_uid}\n"
