@@ -835,8 +835,9 @@ def isotime(ts):
 #                                                ``id`` the request's own
 #   gpus {}                                   -> gpus {reading}: gpu_reading(), or null
 #   ping {}                                   -> pong {}, at once: proof the node is alive
-#   check {environments}                      -> checked {environments}: each one's python
-#                                                started (with its setup), or why not
+#   check {environments, run_as}              -> checked {environments}: each one's python
+#                                                started (with its setup, as the jobs'
+#                                                run_as user), or why not
 #
 # The server reads a job's output and results on the node through the agent
 # (open_regular), so that a FIFO, a link or a device planted by a job is named, never
