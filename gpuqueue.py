@@ -10248,6 +10248,11 @@ def _logged_step(step):
         log.exception("%s failed", step.__qualname__)
 
 
+#: The longest name of a dropped folder, in bytes: NAME.<job id>.result.json must fit
+#: in a file name (255 bytes).
+MAX_DROP_NAME = 200
+
+
 class Incoming:
     """spool/incoming/: a folder dropped there holding one ``.py`` script and a
     ``config.yaml`` (same keys as an upload, token included) becomes a job; so does
@@ -10324,6 +10329,11 @@ class Incoming:
     def _take(self, name):
         path = self.dir / name
         if not self._quiet(path):
+            return
+        if len(os.fsencode(name)) > MAX_DROP_NAME:  # (its outcomes' names would not fit)
+            self._refuse(name, path, f"its name is longer than {MAX_DROP_NAME} bytes, which "
+                         "leaves no room for the names of what comes back; it is set aside "
+                         "under its name cut short", os.fsdecode(os.fsencode(name)[:150]))
             return
         try:
             self._files(path)
@@ -10517,7 +10527,7 @@ class Incoming:
         if not stat.S_ISDIR(st.st_mode):
             raise BadRequest("not a folder; drop a folder holding one .py script and config.yaml")
         if self._is_project(path):
-            return self._project(path), _read_nofollow(path / "config.yaml")
+            return self._project(path), _read_nofollow(path / "config.yaml", MAX_CONFIG_BYTES)
         scripts, total = [], 0
         names = sorted(os.listdir(path))
         for n in names:
@@ -10539,13 +10549,14 @@ class Incoming:
                                "and config.yaml")
         if len(scripts) != 1 or "config.yaml" not in names:
             raise BadRequest("a drop folder holds exactly one .py script and one config.yaml")
-        return _read_nofollow(path / scripts[0]), _read_nofollow(path / "config.yaml")
+        return (_read_nofollow(path / scripts[0], self.max_bytes),
+                _read_nofollow(path / "config.yaml", MAX_CONFIG_BYTES))
 
     @staticmethod
     def _is_project(path):
         """Does the folder's config.yaml name an entrypoint (then it is a project)?"""
         try:
-            cfg = yaml.safe_load(_read_nofollow(path / "config.yaml")[:MAX_CONFIG_BYTES])
+            cfg = yaml.safe_load(_read_nofollow(path / "config.yaml", MAX_CONFIG_BYTES))
         except (OSError, BadRequest, yaml.YAMLError, ValueError):
             return False  # _files says what is wrong with it
         return isinstance(cfg, dict) and "entrypoint" in cfg
@@ -10572,25 +10583,26 @@ class Incoming:
                                          "(max_project_files)")
                     if rel == "config.yaml" or stat.S_ISDIR(st.st_mode):
                         continue
-                    total += st.st_size
-                    if total > c.max_project_bytes:
-                        raise BadRequest(f"larger than {c.max_project_bytes} bytes in all "
-                                         "(max_project_bytes)")
-                    data = _read_nofollow(Path(top) / n)
+                    data = _read_nofollow(Path(top) / n, c.max_project_bytes - total)
+                    total += len(data)
                     info = tarfile.TarInfo(rel)
                     info.size, info.mode = len(data), st.st_mode & 0o755
                     tf.addfile(info, io.BytesIO(data))
         return buf.getvalue()
 
 
-def _read_nofollow(path):
-    """A file's bytes, refusing a symbolic link swapped in after it was checked."""
+def _read_nofollow(path, most):
+    """A dropped file's bytes, ``most`` at most: a link swapped in after it was
+    checked is not followed, nor a FIFO waited for (open_regular), and a file that
+    holds more (one that grew since it was looked at) is refused, never read whole."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise BadRequest(f"cannot read {path.name!r}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
+        with open_regular(path) as f:
+            data = f.read(most + 1)
+    except OSError as exc:  # (NotRegular says what stands there)
+        raise BadRequest(f"cannot read {path.name!r}: {exc.strerror or exc}") from None
+    if len(data) > most:
+        raise BadRequest(f"{path.name!r} holds more than {most} bytes")
+    return data
 
 
 ###############################################################################

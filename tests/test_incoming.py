@@ -200,3 +200,49 @@ def test_a_dropped_array_gets_one_receipt_and_each_job_its_results(server):
             time.sleep(0.05)
         assert json.loads(result.read_text())["status"] == "completed"
         assert (incoming / f"sweep.{job_id}.stdout").read_text() == f"index {i}\n"
+
+
+def test_a_config_yaml_that_is_a_fifo_or_huge_never_jams_the_drop_folder(make_server):
+    """The folder's config.yaml is read before its other files are looked at (to tell
+    a project): a FIFO there is not waited on, nor a sparse terabyte read, so the
+    thread that watches incoming/ (and the admin commands' control/) goes on."""
+    server = make_server(nodes=1)
+    cfg = job_config("alice", 5, token=server.token("alice"))
+    incoming = server.dir / "spool" / "incoming"
+    tmp = incoming / ".fifo"
+    tmp.mkdir()
+    (tmp / "a.py").write_text("print(1)\n")
+    os.mkfifo(tmp / "config.yaml")
+    os.rename(tmp, incoming / "fifo")
+    tmp = incoming / ".sparse"
+    tmp.mkdir()
+    (tmp / "a.py").write_text("print(1)\n")
+    with open(tmp / "config.yaml", "wb") as f:
+        f.truncate(1 << 40)
+    os.rename(tmp, incoming / "sparse")
+    drop(server, "good", {"a.py": "print('good')\n", "config.yaml": cfg})
+    for name in ("fifo", "sparse"):
+        assert outcome(incoming, name).name.endswith(".reason.txt"), name
+    r = json.loads(outcome(incoming, "good").read_text())
+    assert server.wait(r["job_id"])["status"] == "completed"
+    assert server.cli("nodes", "list").returncode == 0
+
+
+def test_a_folder_whose_name_leaves_no_room_for_its_outcomes_is_refused(server):
+    """NAME.<job id>.result.json must fit in a file name: a longer NAME is refused under
+    its name cut short, with the reason, rather than tried again and again; one just
+    short enough is taken and gets its results."""
+    cfg = job_config("alice", 5, token=server.token("alice"))
+    incoming = drop(server, "a" * 230, {"a.py": "print(1)\n", "config.yaml": cfg})
+    found = outcome(incoming, "a" * 150)
+    assert found.name.endswith(".reason.txt") and "longer than 200 bytes" in found.read_text()
+    assert not (incoming / ("a" * 230)).exists()
+    drop(server, "b" * 200, {"a.py": "print('long')\n", "config.yaml": cfg})
+    receipt = json.loads(outcome(incoming, "b" * 200).read_text())
+    assert server.wait(receipt["job_id"])["status"] == "completed"
+    result = incoming / f"{'b' * 200}.{receipt['job_id']}.result.json"
+    deadline = time.monotonic() + 30
+    while not result.exists():
+        assert time.monotonic() < deadline, sorted(os.listdir(incoming))
+        time.sleep(0.05)
+    assert (incoming / f"{'b' * 200}.{receipt['job_id']}.stdout").read_text() == "long\n"
