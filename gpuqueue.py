@@ -753,6 +753,13 @@ def write_files(folder, files, mode=0o644, sync_dir=True):
         fsync_dir(folder)
 
 
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def private_lock(path):
     """A file lock at ``path`` that no other user can take: its file is this user's
     own, mode 0600, so a job (running as another user) cannot even open it, and an
@@ -3080,8 +3087,15 @@ class Spool:
     # -- opening and recovery ------------------------------------------------
 
     def open(self):
-        """Take the spool for this server (or raise SpoolBusy), then recover it."""
+        """Take the spool for this server (or raise SpoolBusy), then recover it.  Only
+        the spool's own user may: another (an admin's sudo) would take a live server's
+        lock for a job's planted one, and leave files that server cannot read."""
         self._root.mkdir(parents=True, exist_ok=True)
+        owner = os.stat(self._root).st_uid
+        if owner != os.geteuid():
+            name = _user_name(owner)
+            raise ConfigError(f"the spool {self._root} belongs to user {name}: run gpuqueue's "
+                              f"commands as that user (sudo -u {name} ...)")
         self._server_lock = private_lock(self._root / "server.lock")
         try:
             self._server_lock.acquire(timeout=0)
@@ -4322,16 +4336,18 @@ class Tokens:
         self._seen = None
         self._looked = -math.inf
         self._records = []
-        self._broken = None  # why the file could not be read, while it cannot
+        self.unreadable = None  # why the file could not be read, while it cannot
 
     def _read(self):
         try:
             data = yaml.safe_load(self.path.read_text()) or {}
         except FileNotFoundError:
             return []
+        except (yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(f"{self.path} is not readable YAML: {exc}") from None
         records = data.get("tokens", []) if isinstance(data, dict) else None
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{self.path} is not a gpuqueue token file")
+            raise ConfigError(f"{self.path} is not a gpuqueue token file")
         return records
 
     def records(self, fresh=True):
@@ -4351,11 +4367,11 @@ class Tokens:
             if seen != self._seen:
                 try:
                     self._records = self._read()
-                except (OSError, ValueError, yaml.YAMLError) as exc:
+                except (OSError, ConfigError) as exc:
                     log.error("token file unreadable, refusing every token: %s", exc)
-                    self._records, self._broken = [], str(exc)
+                    self._records, self.unreadable = [], str(exc)
                 else:
-                    self._broken = None
+                    self.unreadable = None
                 self._seen = seen
             return self._records
 
@@ -4367,7 +4383,7 @@ class Tokens:
                                "admin gave you")
         digest = token_hash(token)
         match = self._find(digest, self.records(fresh=False)) or self._find(digest, self.records())
-        if match is None and self._broken:
+        if match is None and self.unreadable:
             raise Unavailable("the server cannot read its token file now; try again later")
         if match is None:
             raise Unauthorized("invalid token", guess=True)
@@ -11640,8 +11656,11 @@ def cli_tokens_create(config, user, token, days, admin):
 
 def cli_tokens_list(config):
     tokens = admin_tokens(config)
+    records = tokens.records()
+    if tokens.unreadable:
+        raise ConfigError(f"cannot read the token file: {tokens.unreadable}")
     print(f"{'FINGERPRINT':<13} {'USER':<20} {'ADMIN':<5} {'CREATED':<25} {'EXPIRES':<25} REVOKED")
-    for r in tokens.records():
+    for r in records:
         print(f"{fingerprint(str(r.get('sha256'))):<13} {r.get('user', '?'):<20} "
               f"{'yes' if r.get('admin') else 'no':<5} {r.get('created', ''):<25} "
               f"{r.get('expires', ''):<25} {r.get('revoked') or '-'}")

@@ -11,6 +11,8 @@ import signal
 import sys
 import time
 
+import pytest
+
 from conftest import GRANDCHILD, ROOT, alive, job_config, job_pids, wait_for
 
 if str(ROOT) not in sys.path:
@@ -664,3 +666,35 @@ def test_own_negative_priority_job_runs_after_priority_zero_jobs(make_server, tm
     order = log.read_text().split()
     assert order[-1] == "low" and sorted(order[:2]) == ["a", "b"]
     assert order == sorted(positions, key=positions.get)
+
+
+@pytest.mark.parametrize("text", ["tokens: [\n", "tokens: 5\n"])
+def test_a_damaged_token_file_is_one_line_from_every_tokens_command(make_server, text):
+    """The token commands on a file that is not YAML, or not a token file, say so in one
+    line and fail: never a traceback, never an empty list that reads as 'no tokens'."""
+    server = make_server(nodes=1, start=False)
+    (server.dir / "tokens.yaml").write_text(text)
+    for args in (("create", "bob"), ("list",), ("revoke", "0" * 12)):
+        r = server.cli("tokens", *args, check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "tokens.yaml" in r.stderr, (args, r.stderr)
+    assert (server.dir / "tokens.yaml").read_text() == text
+
+
+def test_an_admin_command_run_as_another_user_than_the_spools_is_refused(make_server):
+    """An admin command run as a user other than the spool's (root's sudo beside a
+    server of its own user) is refused, saying as whom to run it: it would take the
+    live server's lock for one a job planted, and act on the spool behind its back."""
+    server = make_server(nodes=2)
+    spool = server.dir / "spool"
+    for path in (spool, spool / "server.lock"):  # as if the server ran as another user
+        os.chown(path, 4321, 4321)
+    try:
+        r = server.cli("nodes", "drain", "1", check=False)
+        assert r.returncode != 0 and "belongs to user 4321" in r.stderr, r.stderr
+        assert (spool / "server.lock").exists()
+        nodes = server.get("/api/nodes").json()["nodes"]
+        assert not nodes[1]["drained"], nodes
+    finally:
+        for path in (spool, spool / "server.lock"):
+            os.chown(path, os.geteuid(), os.getegid())
