@@ -7976,9 +7976,11 @@ class Scheduler:
         if record is not None and "answer" in record:
             a = record["answer"]
             job = self._spool.get(a["job_id"])
-            if job is not None:
-                return Submitted(job, a["queue_position"], a["estimated_start"], True,
-                                 a.get("array"))
+            if job is None:  # (never queued again: it ran once)
+                raise Conflict("what this Idempotency-Key submitted has ended and been removed "
+                               "(keep_finished_days); send a new key to submit it again")
+            return Submitted(job, a["queue_position"], a["estimated_start"], True,
+                             a.get("array"))
         job_id = record["job_id"] if record is not None else new_job_id()
         if record is None:  # the id is kept before the job is queued
             self._spool.remember_key(user["user"], key, {"request": digest, "job_id": job_id,

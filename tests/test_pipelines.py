@@ -246,6 +246,29 @@ def test_the_same_submit_twice_with_one_key_queues_one_job(make_server):
     assert r.status_code == 400, r.text
 
 
+def test_a_key_whose_job_retention_removed_never_runs_it_again(make_server):
+    """A key is kept a day; retention may remove its job sooner (keep_finished_days).
+    The same submit with that key then says so (409) and queues nothing: the job ran
+    once.  An array's key too, never a 500."""
+    server = make_server(nodes=1, keep_finished_days=3 / 86400)
+    token = server.token()
+    for key, cfg in (("k-job", job_config()), ("k-array", job_config(array=2))):
+        files = {"code": ("j.py", "print('once')\n"), "config_file": ("c.yaml", cfg)}
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
+        first = requests.post(server.url + "/api/submit", files=files, headers=headers,
+                              timeout=30)
+        assert first.status_code == 201, first.text
+        ids = first.json().get("job_ids") or [first.json()["job_id"]]
+        for job_id in ids:
+            server.wait(job_id)
+        wait_for(lambda: all(server.get(f"/api/status/{j}", token).status_code == 404
+                             for j in ids), "retention to remove them", timeout=30)
+        again = requests.post(server.url + "/api/submit", files=files, headers=headers,
+                              timeout=30)
+        assert again.status_code == 409 and "new key" in again.json()["error"], again.text
+        assert server.get("/api/jobs", token).json()["jobs"] == []
+
+
 class DroppingProxy:
     """A loopback TCP proxy that passes requests on to the server but, on its first
     connection, drops the server's answer: a submit that reached the server whose
