@@ -90,7 +90,8 @@ that does it:
                                              (GpuWorker._reattach)
     running/<id>, Slurm, slurm.json          followed in Slurm by that id
                                              (SlurmWorker._recover)
-    running/<id>, Slurm, launching, no id    looked up in Slurm by name (gq-<id>): followed
+    running/<id>, Slurm, launching, no id    looked up in Slurm by its attempt's name
+                                             (slurm_name: gq-<id>[.<attempt>]): followed
                                              if found; failed if it ran and Slurm forgot
                                              it; else back to pending/
                                              (SlurmWorker._recover)
@@ -5997,8 +5998,8 @@ class SlurmExecutor:
     """A Slurm cluster's login host, over an SshLink (no agent: Slurm runs the
     jobs).  Each job gets a folder in the workdir, which the compute nodes must
     share (a home folder usually is), holding code.py and job.sh;
-    ``sbatch --job-name gq-<id>`` queues it, so that it can be found by
-    gpuqueue's id after a crash between sbatch and recording Slurm's id.  Every
+    ``sbatch --job-name gq-<id>`` (slurm_name) queues it, so that it can be found
+    by gpuqueue's id after a crash between sbatch and recording Slurm's id.  Every
     value on a command line is quoted.
     """
 
@@ -6050,7 +6051,7 @@ class SlurmExecutor:
             raise disk_full(exc, f"no room for job {job.id}'s start") from None
         limit = math.ceil(self.config.time_limit(job.expected_time))
         days, rest = divmod(limit, 86400)
-        argv = ["sbatch", "--parsable", f"--job-name=gq-{job.id}", f"--chdir={remote}",
+        argv = ["sbatch", "--parsable", f"--job-name={slurm_name(job)}", f"--chdir={remote}",
                 f"--output={remote}/{NodeFiles.STREAMS[0]}",
                 f"--error={remote}/{NodeFiles.STREAMS[1]}",
                 f"--time={days}-{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"]
@@ -6065,22 +6066,27 @@ class SlurmExecutor:
             raise SlurmRefused(err.strip() or out.strip() or f"sbatch exited with {code}")
         return slurm_id
 
-    def states(self, job_ids):
-        """What Slurm says of gpuqueue's jobs, found by name: {gpuqueue id: (Slurm id,
-        state, reason, exit code)}.  A job Slurm no longer remembers is missing."""
+    def states(self, jobs):
+        """What Slurm says of gpuqueue's jobs, each found by its attempt's name
+        (slurm_name), the newest where one shows twice: {gpuqueue id: (Slurm id, state,
+        reason, exit code)}.  A job Slurm no longer remembers is missing."""
         found = {}
-        for i in range(0, len(job_ids), 200):  # keep the command line short
-            names = ",".join(f"gq-{j}" for j in job_ids[i:i + 200])
-            code, out, err = self.link.run("squeue", "-h", "-t", "all", f"--name={names}",
+        for i in range(0, len(jobs), 200):  # keep the command line short
+            named = {slurm_name(j): j.id for j in jobs[i:i + 200]}
+            code, out, err = self.link.run("squeue", "-h", "-t", "all",
+                                           f"--name={','.join(named)}",
                                            "-O", "JobID:|,Name:|,State:|,Reason:|,exit_code:|")
             if code != 0:
                 raise NodeError(f"squeue failed on {self.node.host}: {err.strip()[:300]}")
             for line in out.splitlines():
                 f = [x.strip() for x in line.split("|")]
-                if len(f) >= 5 and f[1].startswith("gq-") and f[0].isdigit():
+                if len(f) >= 5 and f[1] in named and f[0].isdigit():
+                    job_id = named[f[1]]
+                    if job_id in found and int(found[job_id][0]) > int(f[0]):
+                        continue
                     wait = int(f[4]) if f[4].lstrip("-").isdigit() else 0
-                    found[f[1][3:]] = (f[0], f[2].split()[0] if f[2] else "", f[3],
-                                       exit_code_of(wait))
+                    found[job_id] = (f[0], f[2].split()[0] if f[2] else "", f[3],
+                                     exit_code_of(wait))
         return found
 
     def accounting(self, slurm_id):
@@ -6124,6 +6130,13 @@ class SlurmExecutor:
         if not self.config.keep_remote_dirs:
             with self.link.side() as side:
                 side.remove(rel)
+
+
+def slurm_name(job):
+    """The name a job's attempt has in Slurm: gq-<id>, and gq-<id>.<n> for its n-th
+    attempt, so that a retry is never taken for the attempt before it, which Slurm
+    keeps listing for a while (MinJobAge)."""
+    return f"gq-{job.id}" if job.attempt <= 1 else f"gq-{job.id}.{job.attempt}"
 
 
 def _sftp_path(path):
@@ -7466,7 +7479,7 @@ class SlurmWorker(Worker):
 
     A job's Slurm id is recorded in ``slurm.json`` in its folder once sbatch
     answers.  A claimed job without one (a crash or a lost link right around
-    sbatch) is looked up by its name, ``gq-<id>``, before anything is sent again,
+    sbatch) is looked up by its attempt's name (slurm_name) before anything is sent again,
     so it never becomes two Slurm jobs.  Every step's _recover settles the jobs
     found running.
     """
@@ -7558,7 +7571,7 @@ class SlurmWorker(Worker):
                     asked.append(job)
                 else:
                     self._note_slurm_id(job, slurm_id)
-        found = self.executor.states([j.id for j in asked]) if asked else {}
+        found = self.executor.states(asked) if asked else {}
         for job in asked:
             if job.id in found:
                 self._note_slurm_id(job, found[job.id][0])
@@ -7577,7 +7590,7 @@ class SlurmWorker(Worker):
             self.executor.cancel([j.slurm["id"] for j in cancel])
             for j in cancel:
                 self.spool.note_slurm(j, scancel_sent=True)
-        found = self.executor.states([j.id for j in jobs]) if jobs else {}
+        found = self.executor.states(jobs) if jobs else {}
         self.counts = collections.Counter("pending" if st in SLURM_WAITING else "running"
                                           for _, st, _, _ in found.values() if st in SLURM_ACTIVE)
         for job in jobs:

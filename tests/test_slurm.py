@@ -305,3 +305,18 @@ def test_a_setup_line_that_fails_stops_a_slurm_job_before_its_python(make_server
     st = server.wait(sub, timeout=90)
     assert (st["status"], st["exit_code"]) == ("failed", 1), st
     assert server.results(sub)["stdout"] == ""
+
+
+def test_a_retried_job_is_never_taken_for_its_earlier_attempt(slurm_server, slurm, tmp_path):
+    """Slurm lists a finished job for a while (MinJobAge): a retry's attempt is found by
+    a name of its own, never by the failed attempt's line beside it."""
+    server = slurm_server()
+    marker = tmp_path / "first-try"
+    code = (f"import os, sys, time\nif not os.path.exists({str(marker)!r}):\n"
+            f"    open({str(marker)!r}, 'w').close()\n    sys.exit(3)\n"
+            "time.sleep(6)\nprint('second')\n")
+    job_id = server.submit_ok(code, config=job_config(expected_time=60, retries=1))["job_id"]
+    st = server.wait(job_id, timeout=120)
+    assert (st["status"], st["attempt"], st["exit_code"]) == ("completed", 2, 0), st
+    assert server.results(job_id)["stdout"] == "second\n"
+    assert [state for _, state in in_slurm(slurm, job_id)] == ["FAILED"]  # the first's
