@@ -184,17 +184,15 @@ def test_a_full_spool_disk_degrades_and_recovers_by_itself(make_server, tmpfs, t
     assert marker.read_text() == "A"
 
 
-def test_a_jobs_files_wait_for_room_and_come_back_once_the_disk_heals(make_server, tmpfs,
-                                                                     tmp_path):
-    """Files that find no room in the spool when their job ends are tried again while
-    the disk may heal (unreachable_grace), not marked lost at once: once room comes
-    back they come back whole."""
+def files_waiting_for_room(make_server, tmpfs, tmp_path):
+    """A server whose spool is on a small disk, its node's workdir elsewhere (the files
+    are copied into the spool, not moved), and a job that left an 8 MiB checkpoint
+    when the disk had room for its records, not for the checkpoint: (server, job id,
+    disk), once a try has found no room."""
     disk = tmpfs("disk", size="24m")
-    # The node's workdir is elsewhere: the files are copied into the spool, not moved.
     server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(tmp_path / "work")}],
                          spool=str(disk / "spool"), min_free_bytes=4 * 1024 * 1024)
     gate = tmp_path / "end-now"
-    checkpoint = bytes(range(256)) * 32768  # 8 MiB
     job_id = server.submit_ok(
         f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n"
         "open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'ckpt.bin'), 'wb')"
@@ -205,6 +203,15 @@ def test_a_jobs_files_wait_for_room_and_come_back_once_the_disk_heals(make_serve
         f.write(bytes(free - 6 * 1024 * 1024))
     gate.touch()
     wait_for(lambda: "no room for its files yet" in server.log(), "a try that found no room")
+    return server, job_id, disk
+
+
+def test_a_jobs_files_wait_for_room_and_come_back_once_the_disk_heals(make_server, tmpfs,
+                                                                     tmp_path):
+    """Files that find no room in the spool when their job ends are tried again while
+    the disk may heal (unreachable_grace), not marked lost at once: once room comes
+    back they come back whole."""
+    server, job_id, disk = files_waiting_for_room(make_server, tmpfs, tmp_path)
     assert server.status(job_id)["status"] == "completed"
     assert server.status(job_id)["outputs"] == "collecting"
     (disk / "ballast").unlink()
@@ -212,7 +219,7 @@ def test_a_jobs_files_wait_for_room_and_come_back_once_the_disk_heals(make_serve
                   "the files to come back", timeout=90)
     assert st["outputs"] == "complete", st
     r = server.get(f"/api/outputs/{job_id}/ckpt.bin", server.token())
-    assert r.status_code == 200 and r.content == checkpoint
+    assert r.status_code == 200 and r.content == bytes(range(256)) * 32768
 
 
 def test_files_moved_in_whole_wait_for_room_for_their_listing_past_the_grace(
@@ -258,22 +265,8 @@ def test_a_jobs_files_whose_folder_went_from_the_node_meanwhile_are_lost_not_non
     """A job's folder that goes from its node while its files wait (removed by hand,
     a workdir a reboot cleared) takes its files with it: they are lost, and the
     listing says why, never "complete" with no files as if the job had made none."""
-    disk = tmpfs("disk", size="24m")
-    work = tmp_path / "work"
-    server = make_server(nodes=[{"id": 0, "host": "local", "workdir": str(work)}],
-                         spool=str(disk / "spool"), min_free_bytes=4 * 1024 * 1024)
-    gate = tmp_path / "end-now"
-    job_id = server.submit_ok(
-        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n"
-        "open(os.path.join(os.environ['GPUQUEUE_OUTPUT_DIR'], 'ckpt.bin'), 'wb')"
-        ".write(bytes(8 << 20))\n", expected_time=60)["job_id"]
-    server.wait(job_id, ("running",))
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    with open(disk / "ballast", "wb") as f:
-        f.write(bytes(free - 6 * 1024 * 1024))
-    gate.touch()
-    wait_for(lambda: "no room for its files yet" in server.log(), "a try that found no room")
-    subprocess.run(["rm", "-rf", str(work / job_id)], check=True)
+    server, job_id, disk = files_waiting_for_room(make_server, tmpfs, tmp_path)
+    subprocess.run(["rm", "-rf", str(tmp_path / "work" / job_id)], check=True)
     (disk / "ballast").unlink()
     st = wait_for(lambda: (st := server.status(job_id))["outputs"] != "collecting" and st,
                   "the next try", timeout=90)
