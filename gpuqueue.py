@@ -754,11 +754,19 @@ def write_files(folder, files, mode=0o644, sync_dir=True):
         fsync_dir(folder)
 
 
-def _user_name(uid):
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+def only_owner(path, what):
+    """ConfigError unless this process's user owns ``path`` (the spool, the token
+    file), naming the one to run as: an admin's sudo beside a server of its own
+    user would take that server's lock for a job's planted one, act on the spool
+    behind its back, and leave files it cannot read."""
+    owner = os.stat(path).st_uid
+    if owner != os.geteuid():
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise ConfigError(f"{what} {path} belongs to user {name}: run gpuqueue's commands "
+                          f"as that user (sudo -u {name} ...)")
 
 
 def private_lock(path):
@@ -843,9 +851,9 @@ def isotime(ts):
 #                                                ``id`` the request's own
 #   gpus {}                                   -> gpus {reading}: gpu_reading(), or null
 #   ping {}                                   -> pong {}, at once: proof the node is alive
-#   check {environments, run_as}              -> checked {environments}: each one's python
+#   check {environments, run_as, env}         -> checked {environments}: each one's python
 #                                                started (with its setup, as the jobs'
-#                                                run_as user), or why not
+#                                                run_as user, with their base env), or why not
 #
 # The server reads a job's output and results on the node through the agent
 # (open_regular), so that a FIFO, a link or a device planted by a job is named, never
@@ -889,7 +897,7 @@ COMMANDS = {
     "read": ("id", "path", "offset", "limit"),
     "gpus": (),
     "ping": (),
-    "check": ("environments", "run_as"),
+    "check": ("environments", "run_as", "env"),
 }
 #: What the agent reports: each report's fields ("?": may be absent).
 REPORTS = {
@@ -1744,10 +1752,11 @@ GONE = ".gone."
 SMALL_TREE = 1000
 
 
-def check_environments(environments, run_as=None):
+def check_environments(environments, run_as=None, variables=None):
     """Whether each environment's python starts, with its setup line, as the jobs
-    will run it (as ``run_as``, [uid, gid], when the node has one): name -> None, or
-    the reason it does not (what it wrote, or that it hung)."""
+    will run it (as ``run_as``, [uid, gid], when the node has one, with the node's
+    ``variables``: its env, that user's HOME): name -> None, or the reason it does
+    not (what it wrote, that it hung, or what kept it from being tried)."""
     found = {}
     who = {} if run_as is None else dict(user=run_as[0], group=run_as[1], extra_groups=[],
                                          cwd="/")
@@ -1756,7 +1765,7 @@ def check_environments(environments, run_as=None):
                            [env["python"], "-c", "import sys; print(sys.version.split()[0])"])
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                               **who)
+                               env=dict(os.environ, **(variables or {})), **who)
             found[name] = None if r.returncode == 0 else "%s exited with %d: %s" % (
                 ("its setup line or " if env.get("setup") else "") + env["python"], r.returncode,
                 r.stderr.decode("utf-8", "replace").strip()[-300:] or "no message")
@@ -1764,6 +1773,8 @@ def check_environments(environments, run_as=None):
             found[name] = "%s did not start within 60 s" % env["python"]
         except OSError as exc:
             found[name] = "cannot run %s: %s" % (env["python"], exc.strerror or exc)
+        except Exception as exc:  # (an answer all the same: the server waits for one)
+            found[name] = "cannot check %s: %r" % (env["python"], exc)
     return found
 
 
@@ -2056,7 +2067,7 @@ class Agent:
             say("pong")
         elif op == "check":  # in a thread: a setup line may take seconds
             threading.Thread(target=lambda: say("checked", environments=check_environments(
-                cmd["environments"], cmd["run_as"])), daemon=True).start()
+                cmd["environments"], cmd["run_as"], cmd["env"])), daemon=True).start()
 
 
 ###############################################################################
@@ -3088,15 +3099,10 @@ class Spool:
     # -- opening and recovery ------------------------------------------------
 
     def open(self):
-        """Take the spool for this server (or raise SpoolBusy), then recover it.  Only
-        the spool's own user may: another (an admin's sudo) would take a live server's
-        lock for a job's planted one, and leave files that server cannot read."""
+        """Take the spool for this server (or raise SpoolBusy), then recover it: only
+        as the spool's own user (only_owner)."""
         self._root.mkdir(parents=True, exist_ok=True)
-        owner = os.stat(self._root).st_uid
-        if owner != os.geteuid():
-            name = _user_name(owner)
-            raise ConfigError(f"the spool {self._root} belongs to user {name}: run gpuqueue's "
-                              f"commands as that user (sudo -u {name} ...)")
+        only_owner(self._root, "the spool")
         self._server_lock = private_lock(self._root / "server.lock")
         try:
             self._server_lock.acquire(timeout=0)
@@ -3302,8 +3308,9 @@ class Spool:
             status = (ended.get(dep) if kept else None) or self._ended_status(dep)
             if dep in (job.after or ()) and status != "completed":
                 waiting.add(dep)
-                self._doomed.append((job.id, f"its dependency {dep} "
-                                     + (f"{status}" if status else "no longer exists")))
+                if all(doomed != job.id for doomed, _ in self._doomed):
+                    self._doomed.append((job.id, f"its dependency {dep} "
+                                         + (f"{status}" if status else "no longer exists")))
         return frozenset(waiting)
 
     def _ended_status(self, job_id):
@@ -4405,8 +4412,11 @@ class Tokens:
     # -- admin side (CLI) ----------------------------------------------------
 
     def _change(self, edit):
-        """Read, edit and rewrite the file under a lock, so two admins lose nothing."""
+        """Read, edit and rewrite the file under a lock, so two admins lose nothing;
+        only as its own user (only_owner)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            only_owner(self.path, "the token file")
         with private_lock(str(self.path) + ".lock"):
             records = self._read()
             result = edit(records)
@@ -5266,15 +5276,12 @@ class SftpReader:
 
     def read(self, n):
         pos = self.f.tell()
-        try:
-            if pos >= self.size:  # (grown since: read as it comes)
-                return self.f.read(n)
-            if pos >= self.ahead:
-                self.ahead = min(self.size, pos + self.WINDOW)
-                self.f.prefetch(self.ahead)
-            return self.f.read(min(n, self.ahead - pos))
-        except EOFError:  # shorter than it was: a read past its end says so
-            return b""
+        if pos >= self.size:  # (grown since: read as it comes)
+            return self.f.read(n)
+        if pos >= self.ahead:
+            self.ahead = min(self.size, pos + self.WINDOW)
+            self.f.prefetch(self.ahead)
+        return self.f.read(min(n, self.ahead - pos))
 
     def seek(self, pos):
         self.f.seek(pos)
@@ -5638,13 +5645,21 @@ class AgentExecutor:
         if self.node.environments:
             self._check_environments()
 
+    def _owner_env(self):
+        """A run_as user's HOME, USER and LOGNAME, for its jobs and their environments'
+        check (none where the jobs run as the login or the server's user)."""
+        owner = getattr(self.link, "owner", None)
+        return {} if owner is None else dict(HOME=owner.pw_dir, USER=owner.pw_name,
+                                             LOGNAME=owner.pw_name)
+
     def _check_environments(self):
         """Ask the node whether each of its environments' pythons starts; the ones
         that do not show in /api/nodes with the reason and take no job."""
         envs = {n: {"python": e.python, "setup": e.setup}
                 for n, e in self.config.environments.items() if n in self.node.environments}
         reply = self._agent.ask("check", ENVIRONMENT_CHECK_TIMEOUT, environments=envs,
-                                run_as=getattr(self.link, "run_as", None))
+                                run_as=getattr(self.link, "run_as", None),
+                                env={**self.node.env, **self._owner_env()})
         found = (reply or {}).get("environments")
         if not isinstance(found, dict):
             found = dict.fromkeys(envs, "the node did not answer its check")
@@ -5787,10 +5802,7 @@ class AgentExecutor:
             raise disk_full(exc, f"no room for job {job.id}'s start") from None
         run = Run(job, job.id, on_exit)
         self._agent.forget(job.id)  # what it said of an earlier try is not this one's
-        env = job_env(self.node, job)
-        owner = getattr(self.link, "owner", None)
-        if owner is not None:
-            env.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
+        env = {**job_env(self.node, job), **self._owner_env()}
         self._send(run, op, id=job.id, dir=job.id, env=env,
                    run_as=getattr(self.link, "run_as", None),
                    limit=self.config.time_limit(job.expected_time), grace=self.config.kill_grace,
@@ -6067,25 +6079,30 @@ class SlurmExecutor:
         return slurm_id
 
     def states(self, jobs):
-        """What Slurm says of gpuqueue's jobs, each found by its attempt's name
-        (slurm_name), the newest where one shows twice: {gpuqueue id: (Slurm id, state,
-        reason, exit code)}.  A job Slurm no longer remembers is missing."""
+        """What Slurm says of gpuqueue's jobs: {gpuqueue id: (Slurm id, state, reason,
+        exit code)}.  One whose Slurm id is known is found by it; one without (sbatch
+        may or may not have taken it) by its attempt's name (slurm_name), the newest
+        where the name shows twice.  A job Slurm no longer remembers is missing."""
         found = {}
         for i in range(0, len(jobs), 200):  # keep the command line short
-            named = {slurm_name(j): j.id for j in jobs[i:i + 200]}
+            batch = jobs[i:i + 200]
+            names = {slurm_name(j) for j in batch} | {f"gq-{j.id}" for j in batch}
             code, out, err = self.link.run("squeue", "-h", "-t", "all",
-                                           f"--name={','.join(named)}",
+                                           f"--name={','.join(sorted(names))}",
                                            "-O", "JobID:|,Name:|,State:|,Reason:|,exit_code:|")
             if code != 0:
                 raise NodeError(f"squeue failed on {self.node.host}: {err.strip()[:300]}")
-            for line in out.splitlines():
-                f = [x.strip() for x in line.split("|")]
-                if len(f) >= 5 and f[1] in named and f[0].isdigit():
-                    job_id = named[f[1]]
-                    if job_id in found and int(found[job_id][0]) > int(f[0]):
-                        continue
+            lines = [f for f in ([x.strip() for x in line.split("|")]
+                                 for line in out.splitlines())
+                     if len(f) >= 5 and f[1] in names and f[0].isdigit()]
+            for job in batch:
+                known = (job.slurm or {}).get("id")
+                mine = [f for f in lines
+                        if (f[0] == known if known else f[1] == slurm_name(job))]
+                if mine:
+                    f = max(mine, key=lambda f: int(f[0]))
                     wait = int(f[4]) if f[4].lstrip("-").isdigit() else 0
-                    found[job_id] = (f[0], f[2].split()[0] if f[2] else "", f[3],
+                    found[job.id] = (f[0], f[2].split()[0] if f[2] else "", f[3],
                                      exit_code_of(wait))
         return found
 
@@ -7989,6 +8006,8 @@ class Scheduler:
         if record is not None and "answer" in record:
             a = record["answer"]
             job = self._spool.get(a["job_id"])
+            if job is None and a.get("array"):  # its first job removed, maybe not the rest
+                job = next(filter(None, map(self._spool.get, a["array"]["job_ids"])), None)
             if job is None:  # (never queued again: it ran once)
                 raise Conflict("what this Idempotency-Key submitted has ended and been removed "
                                "(keep_finished_days); send a new key to submit it again")
@@ -10614,6 +10633,9 @@ class Incoming:
                                          "(max_project_files)")
                     if rel == "config.yaml" or stat.S_ISDIR(st.st_mode):
                         continue
+                    if total + st.st_size > c.max_project_bytes:
+                        raise BadRequest(f"larger than {c.max_project_bytes} bytes in all "
+                                         "(max_project_bytes)")
                     data = _read_nofollow(Path(top) / n, c.max_project_bytes - total)
                     total += len(data)
                     info = tarfile.TarInfo(rel)
@@ -10989,7 +11011,9 @@ class Client:
             have = 0
         if have < size or not size:
             headers = {"Range": f"bytes={have}-"} if have else {}
-            cut = f"{dest}: the download was cut short (%s); run the command again to resume it"
+            def cut(why):
+                return GpuqueueError(f"{dest}: the download was cut short ({why}); run the "
+                                     "command again to resume it")
             with self._open(self._request("GET", path, headers=headers), timeout=60) as r, \
                     open(part, "ab" if have and r.status == 206 else "wb") as out:
                 promised, got = r.headers.get("Content-Length"), 0
@@ -10997,13 +11021,13 @@ class Client:
                     try:
                         chunk = r.read(1 << 20)
                     except (OSError, http.client.HTTPException) as exc:  # (60 s silent too)
-                        raise GpuqueueError(cut % (exc or type(exc).__name__)) from None
+                        raise cut(exc or type(exc).__name__) from None
                     if not chunk:
                         break
                     out.write(chunk)
                     got += len(chunk)
                 if promised and promised.isdigit() and got < int(promised):
-                    raise GpuqueueError(cut % f"{got} of {promised} bytes came")
+                    raise cut(f"{got} of {promised} bytes came")
         if sha256 is not None:
             digest = hashlib.sha256()
             with open(part, "rb") as f:

@@ -698,3 +698,19 @@ def test_an_admin_command_run_as_another_user_than_the_spools_is_refused(make_se
     finally:
         for path in (spool, spool / "server.lock"):
             os.chown(path, os.geteuid(), os.getegid())
+
+
+def test_a_tokens_command_run_as_another_user_than_the_token_files_is_refused(make_server):
+    """The token file is rewritten whole, mode 0600: written by another user (root's
+    sudo) it would be one the server cannot read, and every token would be refused."""
+    server = make_server(nodes=1)
+    tokens = server.dir / "tokens.yaml"
+    server.token("alice")  # (the file exists)
+    before = tokens.read_bytes()
+    os.chown(tokens, 4321, 4321)
+    try:
+        r = server.cli("tokens", "create", "bob", check=False)
+        assert r.returncode != 0 and "belongs to user 4321" in r.stderr, r.stderr
+        assert tokens.read_bytes() == before and tokens.stat().st_uid == 4321
+    finally:
+        os.chown(tokens, os.geteuid(), os.getegid())

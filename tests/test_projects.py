@@ -707,8 +707,9 @@ def test_a_setup_line_that_fails_part_way_is_a_broken_environment_and_never_runs
             "later": {"python": "/usr/bin/python3",
                       "setup": f"test ! -e {flag}\nexport GQ_SETUP=set-up"}})
     node = wait_for(lambda: (ns := server.get("/api/nodes").json()["nodes"])
-                    and ns[0].get("environments", {}).get("later", 0) is None and ns[0],
+                    and isinstance(ns[0].get("environments", {}).get("half"), str) and ns[0],
                     "the node's check", timeout=60)
+    assert node["environments"]["later"] is None, node
     why = node["environments"]["half"]
     assert isinstance(why, str) and "its setup line or" in why and "no-such-module-gq" in why
     job = "import os\nprint(os.environ.get('GQ_SETUP'))\n"

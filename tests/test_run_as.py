@@ -161,8 +161,9 @@ def test_environments_are_checked_as_the_run_as_user(make_server, tmp_path, job_
         environments={"sys": {"python": "/usr/bin/python3", "setup": "export X=1"},
                       "private": {"python": str(private / "python3")}})
     node = wait_for(lambda: (ns := server.get("/api/nodes").json()["nodes"])
-                    and ns[0].get("environments", {}).get("sys", 0) is None and ns[0],
-                    "the node's check", timeout=60)
+                    and isinstance(ns[0].get("environments", {}).get("private"), str)
+                    and ns[0], "the node's check", timeout=60)
+    assert node["environments"]["sys"] is None, node
     why = node["environments"]["private"]
     assert isinstance(why, str) and str(private / "python3") in why, node
     sub = server.submit_ok("import os\nprint(os.getuid())\n", config=job_config(environment="sys"))
