@@ -11353,7 +11353,9 @@ def cli_submit(args, client):
 
 def _wait_array(client, array_id, as_json):
     """An array waited for, by polling, until none of its jobs is pending or running:
-    0 when every one completed, else 1 (130 after a Ctrl-C), its counts said."""
+    0 when every one completed, else 1 (130 after a Ctrl-C), its counts said.  (The
+    server holds a waiting request for one job alone, as a submit's ?wait=1; an array
+    has none, so one GET of its counts a WAIT_POLL, as _poll after a 202.)"""
     path = client.job_path("arrays", array_id)
     try:
         while (got := client.call("GET", path))["counts"]["pending"] \

@@ -190,6 +190,19 @@ def job_pids(path):
     return [int(p) for p in path.read_text().split()]
 
 
+def agent_pids(workdir):
+    """Pids of node agents working in ``workdir``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if any(b"gq_node-" in c for c in cmd) and os.readlink(f"/proc/{pid}/cwd") == str(workdir):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def alive(pid):
     """True if ``pid`` runs and is not a zombie."""
     try:

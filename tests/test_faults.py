@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import agent_pids, wait_for
 from test_spool import prepared_server
 from test_ssh import cluster, ssh_server, wait_nodes  # noqa: F401  (the sshd cluster fixture)
 
@@ -374,19 +374,6 @@ def test_a_node_that_hangs_mid_job_keeps_the_job_and_sheds_its_queue(ssh_server,
     assert st["status"] == "completed" and server.results(first["job_id"])["stdout"] == "finished\n"
     assert marker.read_text() == "x"          # it ran once, and was never started again
     wait_nodes(server, "online", [0, 1], timeout=60)
-
-
-def agent_pids(workdir):
-    """Pids of node agents working in ``workdir``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            if any(b"gq_node-" in c for c in cmd) and os.readlink(f"/proc/{pid}/cwd") == str(workdir):
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 def test_a_start_the_node_never_confirmed_runs_once_after_its_lease(ssh_server, cluster, tmp_path):

@@ -28,7 +28,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import (FINAL, GPUQUEUE, ROOT, Server, alive, job_config,
+from conftest import (FINAL, GPUQUEUE, ROOT, Server, agent_pids, alive, job_config,
                       kill_processes_under, wait_for)
 
 OUTPUT_FINAL = ("complete", "truncated", "lost")
@@ -1133,8 +1133,7 @@ def test_a_job_whose_environment_broke_after_its_submit_says_so_while_it_waits(m
                               config=job_config(environment="later"))["job_id"]
     assert "environment" not in server.status(job_id)["waiting"]  # (it works, so far)
     flag.touch()
-    agent = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit()
-                 and _parent(pid) == server.proc.pid and b"gq_node-" in _cmdline(pid))
+    agent, = agent_pids(server.dir / "spool" / "nodes" / "0" / "work")
     os.kill(agent, signal.SIGKILL)  # its node reconnects, and checks again
     st = wait_for(lambda: "environment" in ((st := server.status(job_id)).get("waiting") or "")
                   and st, "the reason it waits", timeout=60)
@@ -1143,18 +1142,3 @@ def test_a_job_whose_environment_broke_after_its_submit_says_so_while_it_waits(m
     assert server.wait(first)["status"] == "completed"
     assert server.status(job_id)["status"] == "pending" and not ran.exists()
 
-
-def _parent(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
